@@ -1,0 +1,255 @@
+"""Argument checking shared by every public entry point: one place, before any backend runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fusedkd._options import (
+    DIVERGENCES,
+    REDUCTIONS,
+    KDOptions,
+    check_choice,
+    check_temperature,
+    check_unit_interval,
+    normalize_divergence,
+)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class LinearKDInputs:
+    """Flattened, checked inputs of `fused_linear_kd_loss`: N tokens, heads cut to `vocab_size` rows."""
+
+    student_hidden: torch.Tensor  # [N, H_s]
+    student_weight: torch.Tensor  # [V, H_s] (a view of the first V rows)
+    student_bias: torch.Tensor | None  # [V]
+    teacher_hidden: torch.Tensor  # [N, H_t]
+    teacher_weight: torch.Tensor  # [V, H_t]
+    teacher_bias: torch.Tensor | None  # [V]
+    labels: torch.Tensor | None  # [N] int64
+    leading_shape: torch.Size
+    options: KDOptions
+
+
+def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}"
+        )
+
+
+def check_same_dtype(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype} but {ref_name} has dtype {ref.dtype}; they must match "
+            f"(cast one, e.g. {name}.to({ref.dtype}))"
+        )
+
+
+def check_devices(named: dict[str, torch.Tensor | None]) -> torch.device:
+    present = {k: v for k, v in named.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    first_name, first_device = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first_device:
+            raise ValueError(
+                f"all tensors must be on one device: {first_name} is on {first_device} but {name} is on {device}"
+            )
+    return first_device
+
+
+def check_labels(
+    labels, leading_shape: torch.Size, vocab_size: int, ignore_index: int, *, shape_name: str
+) -> torch.Tensor:
+    labels = check_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(
+            f"labels must have the leading shape of {shape_name}, {tuple(leading_shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    labels = labels.reshape(-1).long()
+    # One reduction (and, on an accelerator, one host sync) so that a bad label is an error, not a NaN.
+    out_of_range = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if labels.numel() and bool(out_of_range.any()):
+        bad = labels[out_of_range][0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {bad}"
+        )
+    return labels
+
+
+def check_options(
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    vocab_size: int,
+    has_labels: bool,
+    divergences: tuple[str, ...] = DIVERGENCES,
+) -> KDOptions:
+    check_choice("divergence", divergence, divergences)
+    check_choice("reduction", reduction, REDUCTIONS)
+    beta = check_unit_interval("beta", beta)
+    alpha = check_unit_interval("alpha", alpha)
+    temperature = check_temperature(temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not has_labels and alpha != 1.0:
+        raise ValueError(
+            f"labels=None means no hard-label cross-entropy, which needs alpha == 1; got alpha={alpha} "
+            "(pass labels, or alpha=1.0)"
+        )
+    return KDOptions(
+        divergence=normalize_divergence(divergence, beta),
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,  # type: ignore[arg-type]
+        vocab_size=vocab_size,
+        has_labels=has_labels,
+    )
+
+
+def resolve_vocab_size(vocab_size: int | None, rows: dict[str, int]) -> int:
+    """The number of vocabulary rows shared by the heads named in `rows` ({name: rows})."""
+    if vocab_size is None:
+        sizes = set(rows.values())
+        if len(sizes) > 1:
+            described = " and ".join(f"{name} has {n} rows" for name, n in rows.items())
+            raise ValueError(
+                f"vocabulary sizes differ: {described}; pass vocab_size= (e.g. vocab_size={min(sizes)}) "
+                "to use the shared first rows of both heads"
+            )
+        return sizes.pop()
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    for name, n in rows.items():
+        if vocab_size > n:
+            raise ValueError(f"vocab_size={vocab_size} is larger than {name}, which has {n} rows")
+    return vocab_size
+
+
+def check_bias(name: str, bias, weight_name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    check_tensor(name, bias, ndim=1)
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"{name} must have one entry per row of {weight_name} ({weight.shape[0]}), got {bias.shape[0]}"
+        )
+    check_same_dtype(name, bias, weight_name, weight)
+    return bias
+
+
+def prepare_linear_kd(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    student_bias,
+    teacher_bias,
+    vocab_size: int | None,
+) -> LinearKDInputs:
+    check_tensor("student_hidden", student_hidden, min_ndim=1)
+    check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
+    check_tensor("student_weight", student_weight, ndim=2)
+    check_tensor("teacher_weight", teacher_weight, ndim=2)
+    for name, t in (
+        ("student_hidden", student_hidden),
+        ("student_weight", student_weight),
+        ("teacher_hidden", teacher_hidden),
+        ("teacher_weight", teacher_weight),
+    ):
+        check_float(name, t)
+    check_same_dtype("student_hidden", student_hidden, "student_weight", student_weight)
+    check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    student_bias = check_bias("student_bias", student_bias, "student_weight", student_weight)
+    teacher_bias = check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
+    if labels is not None:
+        check_tensor("labels", labels)
+    check_devices(
+        {
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+            "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight,
+            "labels": labels,
+            "student_bias": student_bias,
+            "teacher_bias": teacher_bias,
+        }
+    )
+
+    leading_shape = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != leading_shape:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading (token) shape; got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"student_weight must be [vocab, {student_hidden.shape[-1]}] to match student_hidden's hidden "
+            f"size; got {tuple(student_weight.shape)}"
+        )
+    if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(
+            f"teacher_weight must be [vocab, {teacher_hidden.shape[-1]}] to match teacher_hidden's hidden "
+            f"size; got {tuple(teacher_weight.shape)}"
+        )
+    vocab = resolve_vocab_size(
+        vocab_size, {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]}
+    )
+    options = check_options(
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_size=vocab,
+        has_labels=labels is not None,
+    )
+    flat_labels = (
+        None
+        if labels is None
+        else check_labels(labels, leading_shape, vocab, ignore_index, shape_name="student_hidden")
+    )
+    return LinearKDInputs(
+        student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight=student_weight[:vocab],
+        student_bias=None if student_bias is None else student_bias[:vocab],
+        teacher_hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight=teacher_weight[:vocab],
+        teacher_bias=None if teacher_bias is None else teacher_bias[:vocab],
+        labels=flat_labels,
+        leading_shape=leading_shape,
+        options=options,
+    )

@@ -1,0 +1,406 @@
+"""Pure-PyTorch backend (backend="torch"): token-chunked, exact, for CPUs and any device.
+
+Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once, in the compute
+dtype (float32, or float64 for float64 inputs), derives the per-token divergence and cross-entropy and,
+when a gradient is wanted, the tile of G = dloss/dlogits (DESIGN.md §4), which is multiplied straight
+into grad_student_hidden and grad_student_weight. The working set is a handful of `c x V` tiles; no
+tensor with N*V elements is ever allocated. On a CPU, where matmul throughput rather than memory
+bandwidth is the bottleneck, computing each tile once (no recomputation) is the fast choice (§5).
+
+The gradient is computed eagerly, during the forward, for reductions "mean" and "sum" (backward then
+only scales it by grad_output, a scalar). For reduction="none", or when the returned components are
+themselves differentiated, backward recomputes the tiles with the per-token weights it receives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fusedkd._options import KDOptions
+
+# Default working-set target: one `chunk x V` compute-dtype tile of about 16 MiB.
+TILE_BYTES = 16 * 2**20
+MIN_CHUNK, MAX_CHUNK = 8, 4096
+
+
+def default_chunk_size(vocab_size: int, element_size: int = 4) -> int:
+    chunk = TILE_BYTES // max(1, vocab_size * element_size)
+    return int(min(MAX_CHUNK, max(MIN_CHUNK, chunk)))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float accumulates in float32 (DESIGN.md §6)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    return logits if logits.dtype == dtype else logits.to(dtype)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[i, v] b[i, v] without a c x V temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _chunk(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    grad_weights: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One token chunk: (divergence [c], ce [c], G [c, V] or None).
+
+    `labels` here are safe (ignored tokens replaced by any valid id; their weights are 0).
+    `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill * dD/ds + w_ce * dC/ds.
+    """
+    dtype = compute_dtype(student_hidden.dtype)
+    T = options.temperature
+    s = _logits(student_hidden, student_weight, student_bias, dtype)  # becomes log q, then q / G
+    t = _logits(teacher_hidden, teacher_weight, teacher_bias, dtype)  # becomes log p, then scratch
+    rows = torch.arange(s.shape[0], device=s.device)
+
+    # Cross-entropy at T = 1: C = LSE(s) - s_y.
+    label_logit = None if labels is None else s[rows, labels]
+    lse_plain = torch.logsumexp(s, dim=-1) if labels is not None and T != 1.0 else None
+    if T != 1.0:
+        s.mul_(1.0 / T)
+        t.mul_(1.0 / T)
+    lse_student = torch.logsumexp(s, dim=-1)  # LSE(s / T)
+    if lse_plain is None:
+        lse_plain = lse_student
+    ce = torch.zeros_like(lse_student) if labels is None else lse_plain - label_logit
+    s.sub_(lse_student[:, None])  # log q
+    t.sub_(torch.logsumexp(t, dim=-1)[:, None])  # log p
+
+    want_grad = grad_weights is not None
+    w_distill, w_ce = grad_weights if want_grad else (None, None)
+    want_ce_grad = want_grad and labels is not None and w_ce is not None
+    # softmax(s) at T = 1 is exp(T log q + T LSE(s/T) - LSE(s)); when T = 1 it is q itself.
+    plain_probs = None
+
+    def plain_softmax_into(buffer: torch.Tensor) -> torch.Tensor:
+        torch.mul(s, T, out=buffer)
+        buffer.add_((T * lse_student - lse_plain)[:, None])
+        return buffer.exp_()
+
+    if options.divergence == "forward_kl":
+        # D = sum p (log p - log q);  dD/ds = (q - p) / T
+        p = t.exp()
+        t.sub_(s)  # log p - log q
+        divergence = _rowdot(p, t)
+        if not want_grad:
+            return divergence, ce, None
+        if want_ce_grad and T != 1.0:
+            plain_probs = plain_softmax_into(t)  # t is free once D is known
+        s.exp_()  # q
+        if want_ce_grad and T == 1.0:
+            # q is softmax(s): G = (w_D + w_C) q - w_D p - w_C onehot(y)
+            s.mul_((w_distill + w_ce)[:, None]).sub_(p.mul_(w_distill[:, None]))
+            s[rows, labels] -= w_ce
+            return divergence, ce, s
+        s.sub_(p).mul_((w_distill / T)[:, None])
+        grad = s
+    elif options.divergence == "reverse_kl":
+        # D = sum q (log q - log p);  dD/ds = q (log q - log p - D) / T
+        t.neg_().add_(s)  # log q - log p
+        if want_ce_grad and T != 1.0:
+            plain_probs = plain_softmax_into(torch.empty_like(s))
+        s.exp_()  # q
+        divergence = _rowdot(s, t)
+        if not want_grad:
+            return divergence, ce, None
+        if want_ce_grad and T == 1.0:
+            plain_probs = s
+        t.sub_(divergence[:, None]).mul_(s).mul_((w_distill / T)[:, None])
+        grad = t
+    else:
+        # m = beta p + (1 - beta) q;  D = beta KL(p || m) + (1 - beta) KL(q || m)
+        # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T
+        beta = options.beta
+        log_m = torch.add(t, math.log(beta))
+        scratch = torch.add(s, math.log1p(-beta))
+        torch.logaddexp(log_m, scratch, out=log_m)
+        torch.exp(t, out=scratch)  # p
+        t.sub_(log_m)  # log p - log m
+        kl_teacher_mix = _rowdot(scratch, t)
+        torch.sub(s, log_m, out=t)  # log q - log m
+        if want_ce_grad and T != 1.0:
+            plain_probs = plain_softmax_into(log_m)
+        del log_m, scratch
+        s.exp_()  # q
+        kl_student_mix = _rowdot(s, t)
+        divergence = beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix
+        if not want_grad:
+            return divergence, ce, None
+        if want_ce_grad and T == 1.0:
+            plain_probs = s
+        t.sub_(kl_student_mix[:, None]).mul_(s).mul_(((1.0 - beta) / T * w_distill)[:, None])
+        grad = t
+
+    if want_ce_grad:
+        # dC/ds = softmax(s) - onehot(y)
+        grad.addcmul_(plain_probs, w_ce[:, None].to(grad.dtype))
+        grad[rows, labels] -= w_ce.to(grad.dtype)
+    return divergence, ce, grad
+
+
+def _stream(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    chunk_size: int,
+    grad_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_bias_grad: bool = False,
+):
+    """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
+
+    grads = (grad_student_hidden [N, H_s] input dtype, grad_student_weight [V, H_s] float32,
+    grad_student_bias [V] float32 or None), with G weighted per token by `grad_weights`.
+    """
+    n = student_hidden.shape[0]
+    dtype = compute_dtype(student_hidden.dtype)
+    device = student_hidden.device
+    divergence = torch.zeros(n, dtype=dtype, device=device)
+    ce = torch.zeros(n, dtype=dtype, device=device)
+    grads = None
+    if grad_weights is not None:
+        grad_hidden = torch.zeros_like(student_hidden)
+        grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=device)
+        grad_bias = torch.zeros(student_weight.shape[0], dtype=dtype, device=device) if need_bias_grad else None
+        grads = (grad_hidden, grad_weight, grad_bias)
+
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(n, start + chunk_size))
+        chunk_weights = None if grad_weights is None else tuple(
+            None if w is None else w[rows] for w in grad_weights
+        )
+        chunk_divergence, chunk_ce, grad = _chunk(
+            student_hidden[rows],
+            student_weight,
+            student_bias,
+            teacher_hidden[rows],
+            teacher_weight,
+            teacher_bias,
+            None if labels is None else labels[rows],
+            options,
+            chunk_weights,
+        )
+        divergence[rows] = chunk_divergence
+        ce[rows] = chunk_ce
+        if grad is not None:
+            grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
+            grad_weight.addmm_(grad.T, student_hidden[rows].to(dtype))
+            if grad_bias is not None:
+                grad_bias.add_(grad.sum(0))
+        del grad
+    return divergence, ce, grads
+
+
+class _Tokens:
+    """The tokens that count: on a CPU, ignored tokens are dropped before any matmul."""
+
+    def __init__(self, labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):
+        if labels is None:
+            self.valid = torch.ones(n, dtype=torch.bool, device=device)
+        else:
+            self.valid = labels != options.ignore_index
+        self.num_valid = self.valid.sum()
+        # Compaction needs the count on the host: free on a CPU, a sync on an accelerator (skipped there).
+        self.index = self.valid.nonzero().view(-1) if device.type == "cpu" and labels is not None else None
+        self.safe_labels = None if labels is None else torch.where(self.valid, labels, torch.zeros_like(labels))
+
+    def take(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return x if x is None or self.index is None else x.index_select(0, self.index)
+
+    def put(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """Scatter per-compact-token values back to [n, ...], zero where ignored."""
+        if self.index is None:
+            return values
+        out = values.new_zeros((n, *values.shape[1:]))
+        return out.index_copy_(0, self.index, values)
+
+    def reduction_scale(self, options: KDOptions, dtype: torch.dtype) -> torch.Tensor:
+        if options.reduction == "mean":
+            return 1.0 / self.num_valid.clamp(min=1).to(dtype)
+        return torch.ones((), dtype=dtype, device=self.valid.device)
+
+
+def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
+    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
+    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
+
+
+def _reduce(per_token: torch.Tensor, options: KDOptions, scale: torch.Tensor) -> torch.Tensor:
+    if options.reduction == "none":
+        return per_token
+    return per_token.sum() * scale
+
+
+class _LinearKDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        labels,
+        options: KDOptions,
+        chunk_size: int,
+    ):
+        n = student_hidden.shape[0]
+        dtype = compute_dtype(student_hidden.dtype)
+        tokens = _Tokens(labels, options, n, student_hidden.device)
+        scale = tokens.reduction_scale(options, dtype)
+        valid = tokens.valid.to(dtype)
+
+        eager = options.reduction != "none"
+        grad_weights = None
+        if eager:
+            grad_weights = (
+                tokens.take(valid * (options.distill_weight * scale)),
+                tokens.take(valid * (options.ce_weight * scale)) if _has_ce_grad(options, None) else None,
+            )
+        divergence, ce, grads = _stream(
+            tokens.take(student_hidden),
+            student_weight,
+            student_bias,
+            tokens.take(teacher_hidden),
+            teacher_weight,
+            teacher_bias,
+            tokens.take(tokens.safe_labels),
+            options,
+            chunk_size,
+            grad_weights,
+            need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
+        )
+        divergence = tokens.put(divergence, n) * valid
+        ce = tokens.put(ce, n) * valid
+        loss = options.distill_weight * divergence + options.ce_weight * ce
+
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, labels)
+        ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
+        ctx.eager_grads = grads
+        if grads is not None:
+            ctx.eager_grads = (tokens.put(grads[0], n), grads[1], grads[2])
+        return tuple(_reduce(x, options, scale) for x in (loss, divergence, ce))
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_divergence, grad_ce):
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+         labels) = ctx.saved_tensors
+        options: KDOptions = ctx.options
+        wanted = ctx.needs_input_grad
+        if grad_loss is None and grad_divergence is None and grad_ce is None:
+            return (None,) * len(wanted)
+
+        if ctx.eager_grads is not None and grad_divergence is None and grad_ce is None:
+            # Gradients were formed in the forward for grad_output = 1: scale them (once; a second
+            # backward through a retained graph takes the recomputing path below).
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.eager_grads)
+            ctx.eager_grads = None
+        else:
+            grads = _recompute_grads(
+                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, options, ctx.chunk_size, ctx.scale, grad_loss, grad_divergence, grad_ce,
+                need_bias_grad=student_bias is not None and wanted[2],
+            )
+        grad_hidden, grad_weight, grad_bias = grads
+        by_input = {
+            0: grad_hidden,
+            1: None if grad_weight is None else grad_weight.to(student_weight.dtype),
+            2: None if grad_bias is None else grad_bias.to(student_bias.dtype),
+        }
+        return tuple(by_input.get(i) if wanted[i] else None for i in range(len(wanted)))
+
+
+def _recompute_grads(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+    options, chunk_size, scale, grad_loss, grad_divergence, grad_ce, need_bias_grad,
+):
+    """Per-token weights from the output gradients, then one recomputing pass (DESIGN.md §4)."""
+    n = student_hidden.shape[0]
+    dtype = compute_dtype(student_hidden.dtype)
+    tokens = _Tokens(labels, options, n, student_hidden.device)
+    zero = torch.zeros((), dtype=dtype, device=student_hidden.device)
+
+    def as_weight(g):
+        return zero if g is None else g.to(dtype)
+
+    g_loss, g_div, g_ce = (as_weight(g) for g in (grad_loss, grad_divergence, grad_ce))
+    valid = tokens.valid.to(dtype)
+    w_distill = (g_loss * options.distill_weight + g_div) * scale * valid
+    w_ce = (g_loss * options.ce_weight + g_ce) * scale * valid
+    w_distill, w_ce = (tokens.take(w.expand(n).contiguous()) for w in (w_distill, w_ce))
+    if not _has_ce_grad(options, grad_ce):
+        w_ce = None
+    _, _, grads = _stream(
+        tokens.take(student_hidden), student_weight, student_bias, tokens.take(teacher_hidden),
+        teacher_weight, teacher_bias, tokens.take(tokens.safe_labels), options, chunk_size,
+        (w_distill, w_ce), need_bias_grad=need_bias_grad,
+    )
+    return tokens.put(grads[0], n), grads[1], grads[2]
+
+
+def fused_linear_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend entry point: checked, flattened inputs -> (loss, distill, ce), reduced per `options`.
+
+    Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows), [V]
+    biases, [N] int64 labels (or None). Outputs are float32 (float64 for float64 inputs).
+    """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(options.vocab_size, torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
+    )
+    if needs_grad:
+        return _LinearKDFunction.apply(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+            labels, options, chunk_size,
+        )
+    with torch.no_grad():
+        n = student_hidden.shape[0]
+        dtype = compute_dtype(student_hidden.dtype)
+        tokens = _Tokens(labels, options, n, student_hidden.device)
+        divergence, ce, _ = _stream(
+            tokens.take(student_hidden), student_weight, student_bias, tokens.take(teacher_hidden),
+            teacher_weight, teacher_bias, tokens.take(tokens.safe_labels), options, chunk_size,
+        )
+        valid = tokens.valid.to(dtype)
+        divergence = tokens.put(divergence, n) * valid
+        ce = tokens.put(ce, n) * valid
+        loss = options.distill_weight * divergence + options.ce_weight * ce
+        scale = tokens.reduction_scale(options, dtype)
+        return tuple(_reduce(x, options, scale) for x in (loss, divergence, ce))

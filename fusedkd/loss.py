@@ -1,0 +1,210 @@
+"""Public losses: argument checking, backend dispatch and the nn.Module wrappers."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedkd._inputs import prepare_linear_kd
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run on `device`: "torch" or "triton" (raises if the request cannot run)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    from fusedkd import kernels
+
+    if backend == "auto":
+        if device.type == "cuda" and kernels.unavailable_reason(device) is None:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        reason = kernels.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+    return backend
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+    return_components: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Distillation loss of a student against a frozen teacher, from hidden states and lm_head weights.
+
+    Never holds the ``[tokens x vocab]`` logits of either model: the projection, the temperature
+    softmax, the divergence and the cross-entropy are fused and streamed. For every token ``i`` whose
+    label is not ``ignore_index``::
+
+        s = W_s h_s,i + b_s    t = W_t h_t,i + b_t    q = softmax(s / T)    p = softmax(t / T)
+        loss_i = alpha * T^2 * D(p, q) + (1 - alpha) * (-log softmax(s)[y_i])
+
+    with ``D`` the forward KL ``KL(p || q)``, the reverse KL ``KL(q || p)`` or the generalized JSD
+    ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``.
+
+    Args:
+        student_hidden: ``[..., H_s]`` float32 / bfloat16 / float16 final hidden states of the student.
+        student_weight: ``[V_s, H_s]`` student lm_head weight, same dtype; receives a gradient.
+        teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape as ``student_hidden``.
+        teacher_weight: ``[V_t, H_t]`` teacher lm_head weight. The teacher is frozen: no gradient flows
+            to ``teacher_hidden``, ``teacher_weight`` or ``teacher_bias``.
+        labels: ``[...]`` integer targets, already shifted (position i predicts token i+1);
+            ``ignore_index`` marks tokens that count for nothing. ``None``: every token counts and
+            there is no cross-entropy term, which requires ``alpha == 1``.
+        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        beta: JSD mixture weight in [0, 1]; ``beta=0`` is forward KL and ``beta=1`` reverse KL
+            (TRL's GKD convention). Used only by ``"jsd"``.
+        temperature: softmax temperature ``T > 0`` of the distillation term (the cross-entropy uses
+            the plain logits); the divergence is scaled by ``T^2`` so its gradient keeps its size.
+        alpha: weight in [0, 1] of the distillation term; ``1 - alpha`` weights the cross-entropy.
+        ignore_index: label value of ignored tokens (padding, prompt).
+        reduction: ``"mean"`` (sum over valid tokens divided by their number; 0 when none is
+            valid), ``"sum"``, or ``"none"`` (per-token losses of the leading shape, 0 where ignored).
+        student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` lm_head biases.
+        vocab_size: use only the first ``vocab_size`` rows of both heads (padded heads, or heads of
+            different sizes over one tokenizer). Required when ``V_s != V_t``.
+        backend: ``"auto"`` (Triton kernels on CUDA tensors when Triton is importable, else the
+            PyTorch backend), ``"torch"`` (pure PyTorch, token-chunked, any device) or ``"triton"``.
+        return_components: also return the two terms, ``(loss, distill, ce)``, each reduced like
+            ``loss`` and unweighted: ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
+        chunk_size: tokens per chunk of the PyTorch backend (default: sized so that one
+            ``chunk x V`` float32 tile is about 16 MiB). Not accepted by the Triton backend.
+
+    Returns:
+        The loss (a float32 scalar, or ``[...]`` for ``reduction="none"``), or ``(loss, distill, ce)``.
+
+    Example:
+        >>> import torch, fusedkd
+        >>> student_hidden = torch.randn(2, 7, 16, requires_grad=True)
+        >>> student_weight = torch.randn(100, 16, requires_grad=True)
+        >>> teacher_hidden, teacher_weight = torch.randn(2, 7, 32), torch.randn(100, 32)
+        >>> labels = torch.randint(0, 100, (2, 7))
+        >>> labels[:, :2] = -100  # e.g. prompt tokens
+        >>> loss = fusedkd.fused_linear_kd_loss(
+        ...     student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        ...     temperature=2.0, alpha=0.7)
+        >>> loss.backward()
+        >>> student_weight.grad.shape
+        torch.Size([100, 16])
+    """
+    inputs = prepare_linear_kd(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        vocab_size=vocab_size,
+    )
+    chosen = resolve_backend(backend, student_hidden.device)
+    args = (
+        inputs.student_hidden,
+        inputs.student_weight,
+        inputs.student_bias,
+        inputs.teacher_hidden,
+        inputs.teacher_weight,
+        inputs.teacher_bias,
+        inputs.labels,
+        inputs.options,
+    )
+    if chosen == "torch":
+        from fusedkd.chunked import fused_linear_kd
+
+        loss, distill, ce = fused_linear_kd(*args, chunk_size=chunk_size)
+    else:
+        if chunk_size is not None:
+            raise ValueError("chunk_size applies to backend='torch' only; the Triton backend tiles itself")
+        from fusedkd.kernels.fused_linear_kd import fused_linear_kd
+
+        loss, distill, ce = fused_linear_kd(*args)
+    if reduction == "none":
+        loss, distill, ce = (x.reshape(inputs.leading_shape) for x in (loss, distill, ce))
+    return (loss, distill, ce) if return_components else loss
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """`fused_linear_kd_loss` as a module: options at construction, tensors at call.
+
+    Example:
+        >>> import torch, fusedkd
+        >>> criterion = fusedkd.FusedLinearKDLoss(temperature=2.0, alpha=0.5)
+        >>> loss = criterion(torch.randn(5, 8), torch.randn(50, 8), torch.randn(5, 12),
+        ...                  torch.randn(50, 12), torch.randint(0, 50, (5,)))
+        >>> loss.dim()
+        0
+    """
+
+    def __init__(
+        self,
+        *,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        vocab_size: int | None = None,
+        backend: str = "auto",
+        return_components: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            alpha=alpha,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=vocab_size,
+            backend=backend,
+            return_components=return_components,
+            chunk_size=chunk_size,
+        )
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ):
+        return fused_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

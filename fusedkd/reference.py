@@ -1,0 +1,128 @@
+"""Naive, exact distillation losses that materialize the logits: the ground truth of the tests.
+
+These functions take the same arguments and check them the same way as `fusedkd.fused_linear_kd_loss`,
+then compute DESIGN.md §2 literally with PyTorch autograd. Pass float64 tensors for a float64 reference.
+They hold several `[tokens x vocab]` tensors: use them for checking, not for training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fusedkd._inputs import prepare_linear_kd
+from fusedkd._options import KDOptions
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_v a_v (log a_v - log b_v), with 0 log 0 = 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def divergence_from_logits(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, options: KDOptions
+) -> torch.Tensor:
+    """Per-token divergence D of DESIGN.md §2 from [N, V] logits (already in the compute dtype)."""
+    log_q = F.log_softmax(student_logits / options.temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / options.temperature, dim=-1)
+    if options.divergence == "forward_kl":
+        return _plogp_diff(log_p, log_q)
+    if options.divergence == "reverse_kl":
+        return _plogp_diff(log_q, log_p)
+    beta = options.beta
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    return beta * _plogp_diff(log_p, log_m) + (1 - beta) * _plogp_diff(log_q, log_m)
+
+
+def kd_terms_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, distill, ce) of [N, V] logits, reduced as `options.reduction` says."""
+    divergence = divergence_from_logits(student_logits, teacher_logits, options)
+    if labels is None:
+        valid = torch.ones(divergence.shape, dtype=torch.bool, device=divergence.device)
+        ce = torch.zeros_like(divergence)
+    else:
+        valid = labels != options.ignore_index
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = torch.logsumexp(student_logits, dim=-1) - student_logits.gather(-1, safe_labels[:, None])[:, 0]
+    zero = torch.zeros_like(divergence)
+    divergence = torch.where(valid, divergence, zero)
+    ce = torch.where(valid, ce, zero)
+    loss = options.distill_weight * divergence + options.ce_weight * ce
+    if options.reduction == "none":
+        return loss, divergence, ce
+    if options.reduction == "sum":
+        return loss.sum(), divergence.sum(), ce.sum()
+    num_valid = valid.sum().clamp(min=1).to(loss.dtype)
+    return loss.sum() / num_valid, divergence.sum() / num_valid, ce.sum() / num_valid
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits.to(_compute_dtype(hidden.dtype))
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    backend: str = "reference",
+    return_components: bool = False,
+):
+    """Same contract as `fusedkd.fused_linear_kd_loss`, computed naively from full logits.
+
+    The teacher is detached (frozen), as in the fused loss. `backend` is accepted for signature
+    compatibility and must be "reference".
+    """
+    if backend != "reference":
+        raise ValueError(f"fusedkd.reference computes with backend='reference' only; got {backend!r}")
+    inputs = prepare_linear_kd(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        vocab_size=vocab_size,
+    )
+    student_logits = _logits(inputs.student_hidden, inputs.student_weight, inputs.student_bias)
+    teacher_bias_ = None if inputs.teacher_bias is None else inputs.teacher_bias.detach()
+    teacher_logits = _logits(
+        inputs.teacher_hidden.detach(), inputs.teacher_weight.detach(), teacher_bias_
+    )
+    loss, distill, ce = kd_terms_from_logits(student_logits, teacher_logits, inputs.labels, inputs.options)
+    if reduction == "none":
+        loss, distill, ce = (x.reshape(inputs.leading_shape) for x in (loss, distill, ce))
+    return (loss, distill, ce) if return_components else loss
