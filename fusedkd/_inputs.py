@@ -46,9 +46,7 @@ def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | N
 
 def check_float(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
 
 
 def check_same_dtype(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -66,7 +64,8 @@ def check_devices(named: dict[str, torch.Tensor | None]) -> torch.device:
     for name, device in devices.items():
         if device != first_device:
             raise ValueError(
-                f"all tensors must be on one device: {first_name} is on {first_device} but {name} is on {device}"
+                f"all tensors must be on one device: {first_name} is on {first_device} "
+                f"but {name} is on {device}"
             )
     return first_device
 

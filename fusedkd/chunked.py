@@ -67,29 +67,29 @@ def _chunk(
     t = _logits(teacher_hidden, teacher_weight, teacher_bias, dtype)  # becomes log p, then scratch
     rows = torch.arange(s.shape[0], device=s.device)
 
-    # Cross-entropy at T = 1: C = LSE(s) - s_y.
-    label_logit = None if labels is None else s[rows, labels]
-    lse_plain = torch.logsumexp(s, dim=-1) if labels is not None and T != 1.0 else None
-    if T != 1.0:
-        s.mul_(1.0 / T)
-        t.mul_(1.0 / T)
-    lse_student = torch.logsumexp(s, dim=-1)  # LSE(s / T)
-    if lse_plain is None:
-        lse_plain = lse_student
-    ce = torch.zeros_like(lse_student) if labels is None else lse_plain - label_logit
-    s.sub_(lse_student[:, None])  # log q
-    t.sub_(torch.logsumexp(t, dim=-1)[:, None])  # log p
-
     want_grad = grad_weights is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     want_ce_grad = want_grad and labels is not None and w_ce is not None
-    # softmax(s) at T = 1 is exp(T log q + T LSE(s/T) - LSE(s)); when T = 1 it is q itself.
-    plain_probs = None
 
-    def plain_softmax_into(buffer: torch.Tensor) -> torch.Tensor:
-        torch.mul(s, T, out=buffer)
-        buffer.add_((T * lse_student - lse_plain)[:, None])
-        return buffer.exp_()
+    # Work relative to each row's maximum, as log_softmax does: log q = (a - max) - log sum exp(a - max)
+    # keeps the log-probabilities of the likely tokens exact even for logits of magnitude 1e4, where
+    # `a - LSE(a)` would lose them to the rounding of LSE(a) (DESIGN.md §6).
+    s.sub_(s.amax(dim=-1, keepdim=True))
+    t.sub_(t.amax(dim=-1, keepdim=True))
+    # Cross-entropy at T = 1: C = LSE(s) - s_y, both relative to max(s).
+    ce = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
+    plain_probs = None
+    if labels is not None:
+        lse_plain = torch.logsumexp(s, dim=-1)
+        ce = lse_plain - s[rows, labels]
+        if want_ce_grad and T != 1.0:
+            # dC/ds = softmax(s) - onehot(y); when T = 1 softmax(s) is q itself.
+            plain_probs = torch.sub(s, lse_plain[:, None]).exp_()
+    if T != 1.0:
+        s.mul_(1.0 / T)
+        t.mul_(1.0 / T)
+    s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))  # log q
+    t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # log p
 
     if options.divergence == "forward_kl":
         # D = sum p (log p - log q);  dD/ds = (q - p) / T
@@ -98,8 +98,6 @@ def _chunk(
         divergence = _rowdot(p, t)
         if not want_grad:
             return divergence, ce, None
-        if want_ce_grad and T != 1.0:
-            plain_probs = plain_softmax_into(t)  # t is free once D is known
         s.exp_()  # q
         if want_ce_grad and T == 1.0:
             # q is softmax(s): G = (w_D + w_C) q - w_D p - w_C onehot(y)
@@ -111,8 +109,6 @@ def _chunk(
     elif options.divergence == "reverse_kl":
         # D = sum q (log q - log p);  dD/ds = q (log q - log p - D) / T
         t.neg_().add_(s)  # log q - log p
-        if want_ce_grad and T != 1.0:
-            plain_probs = plain_softmax_into(torch.empty_like(s))
         s.exp_()  # q
         divergence = _rowdot(s, t)
         if not want_grad:
@@ -132,8 +128,6 @@ def _chunk(
         t.sub_(log_m)  # log p - log m
         kl_teacher_mix = _rowdot(scratch, t)
         torch.sub(s, log_m, out=t)  # log q - log m
-        if want_ce_grad and T != 1.0:
-            plain_probs = plain_softmax_into(log_m)
         del log_m, scratch
         s.exp_()  # q
         kl_student_mix = _rowdot(s, t)
@@ -179,13 +173,15 @@ def _stream(
     if grad_weights is not None:
         grad_hidden = torch.zeros_like(student_hidden)
         grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=device)
-        grad_bias = torch.zeros(student_weight.shape[0], dtype=dtype, device=device) if need_bias_grad else None
+        grad_bias = (
+            torch.zeros(student_weight.shape[0], dtype=dtype, device=device) if need_bias_grad else None
+        )
         grads = (grad_hidden, grad_weight, grad_bias)
 
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
-        chunk_weights = None if grad_weights is None else tuple(
-            None if w is None else w[rows] for w in grad_weights
+        chunk_weights = (
+            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights)
         )
         chunk_divergence, chunk_ce, grad = _chunk(
             student_hidden[rows],
@@ -220,7 +216,9 @@ class _Tokens:
         self.num_valid = self.valid.sum()
         # Compaction needs the count on the host: free on a CPU, a sync on an accelerator (skipped there).
         self.index = self.valid.nonzero().view(-1) if device.type == "cpu" and labels is not None else None
-        self.safe_labels = None if labels is None else torch.where(self.valid, labels, torch.zeros_like(labels))
+        self.safe_labels = (
+            None if labels is None else torch.where(self.valid, labels, torch.zeros_like(labels))
+        )
 
     def take(self, x: torch.Tensor | None) -> torch.Tensor | None:
         return x if x is None or self.index is None else x.index_select(0, self.index)
@@ -294,8 +292,9 @@ class _LinearKDFunction(torch.autograd.Function):
         loss = options.distill_weight * divergence + options.ce_weight * ce
 
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                              teacher_bias, labels)
+        ctx.save_for_backward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels
+        )
         ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
         ctx.eager_grads = grads
         if grads is not None:
@@ -304,8 +303,15 @@ class _LinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_divergence, grad_ce):
-        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-         labels) = ctx.saved_tensors
+        (
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+        ) = ctx.saved_tensors
         options: KDOptions = ctx.options
         wanted = ctx.needs_input_grad
         if grad_loss is None and grad_divergence is None and grad_ce is None:
@@ -318,8 +324,19 @@ class _LinearKDFunction(torch.autograd.Function):
             ctx.eager_grads = None
         else:
             grads = _recompute_grads(
-                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, options, ctx.chunk_size, ctx.scale, grad_loss, grad_divergence, grad_ce,
+                student_hidden,
+                student_weight,
+                student_bias,
+                teacher_hidden,
+                teacher_weight,
+                teacher_bias,
+                labels,
+                options,
+                ctx.chunk_size,
+                ctx.scale,
+                grad_loss,
+                grad_divergence,
+                grad_ce,
                 need_bias_grad=student_bias is not None and wanted[2],
             )
         grad_hidden, grad_weight, grad_bias = grads
@@ -332,8 +349,20 @@ class _LinearKDFunction(torch.autograd.Function):
 
 
 def _recompute_grads(
-    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-    options, chunk_size, scale, grad_loss, grad_divergence, grad_ce, need_bias_grad,
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    labels,
+    options,
+    chunk_size,
+    scale,
+    grad_loss,
+    grad_divergence,
+    grad_ce,
+    need_bias_grad,
 ):
     """Per-token weights from the output gradients, then one recomputing pass (DESIGN.md §4)."""
     n = student_hidden.shape[0]
@@ -352,9 +381,17 @@ def _recompute_grads(
     if not _has_ce_grad(options, grad_ce):
         w_ce = None
     _, _, grads = _stream(
-        tokens.take(student_hidden), student_weight, student_bias, tokens.take(teacher_hidden),
-        teacher_weight, teacher_bias, tokens.take(tokens.safe_labels), options, chunk_size,
-        (w_distill, w_ce), need_bias_grad=need_bias_grad,
+        tokens.take(student_hidden),
+        student_weight,
+        student_bias,
+        tokens.take(teacher_hidden),
+        teacher_weight,
+        teacher_bias,
+        tokens.take(tokens.safe_labels),
+        options,
+        chunk_size,
+        (w_distill, w_ce),
+        need_bias_grad=need_bias_grad,
     )
     return tokens.put(grads[0], n), grads[1], grads[2]
 
@@ -377,7 +414,9 @@ def fused_linear_kd(
     biases, [N] int64 labels (or None). Outputs are float32 (float64 for float64 inputs).
     """
     if chunk_size is None:
-        chunk_size = default_chunk_size(options.vocab_size, torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8)
+        chunk_size = default_chunk_size(
+            options.vocab_size, torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8
+        )
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
@@ -387,16 +426,30 @@ def fused_linear_kd(
     )
     if needs_grad:
         return _LinearKDFunction.apply(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-            labels, options, chunk_size,
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            options,
+            chunk_size,
         )
     with torch.no_grad():
         n = student_hidden.shape[0]
         dtype = compute_dtype(student_hidden.dtype)
         tokens = _Tokens(labels, options, n, student_hidden.device)
         divergence, ce, _ = _stream(
-            tokens.take(student_hidden), student_weight, student_bias, tokens.take(teacher_hidden),
-            teacher_weight, teacher_bias, tokens.take(tokens.safe_labels), options, chunk_size,
+            tokens.take(student_hidden),
+            student_weight,
+            student_bias,
+            tokens.take(teacher_hidden),
+            teacher_weight,
+            teacher_bias,
+            tokens.take(tokens.safe_labels),
+            options,
+            chunk_size,
         )
         valid = tokens.valid.to(dtype)
         divergence = tokens.put(divergence, n) * valid

@@ -119,9 +119,7 @@ def fused_linear_kd_loss(
     )
     student_logits = _logits(inputs.student_hidden, inputs.student_weight, inputs.student_bias)
     teacher_bias_ = None if inputs.teacher_bias is None else inputs.teacher_bias.detach()
-    teacher_logits = _logits(
-        inputs.teacher_hidden.detach(), inputs.teacher_weight.detach(), teacher_bias_
-    )
+    teacher_logits = _logits(inputs.teacher_hidden.detach(), inputs.teacher_weight.detach(), teacher_bias_)
     loss, distill, ce = kd_terms_from_logits(student_logits, teacher_logits, inputs.labels, inputs.options)
     if reduction == "none":
         loss, distill, ce = (x.reshape(inputs.leading_shape) for x in (loss, distill, ce))

@@ -1,0 +1,22 @@
+"""Test setup: without a GPU, Triton kernels run through Triton's interpreter (DESIGN.md §7).
+
+TRITON_INTERPRET must be set before `triton` is first imported, so this happens at collection time,
+before any test module imports fusedkd's kernels.
+"""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available():
+    raise RuntimeError("TRITON_INTERPRET=1 is set on a machine with CUDA: unset it to test the real kernels")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
