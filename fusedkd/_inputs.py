@@ -161,6 +161,13 @@ def check_bias(name: str, bias, weight_name: str, weight: torch.Tensor) -> torch
     return bias
 
 
+def first_rows(x: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """x[:rows], without an autograd slice node (and its full-size gradient copy) when nothing is cut."""
+    if x is None or x.shape[0] == rows:
+        return x
+    return x[:rows]
+
+
 def prepare_linear_kd(
     student_hidden,
     student_weight,
@@ -243,11 +250,11 @@ def prepare_linear_kd(
     )
     return LinearKDInputs(
         student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
-        student_weight=student_weight[:vocab],
-        student_bias=None if student_bias is None else student_bias[:vocab],
+        student_weight=first_rows(student_weight, vocab),
+        student_bias=first_rows(student_bias, vocab),
         teacher_hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-        teacher_weight=teacher_weight[:vocab],
-        teacher_bias=None if teacher_bias is None else teacher_bias[:vocab],
+        teacher_weight=first_rows(teacher_weight, vocab),
+        teacher_bias=first_rows(teacher_bias, vocab),
         labels=flat_labels,
         leading_shape=leading_shape,
         options=options,

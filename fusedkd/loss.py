@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedkd._inputs import prepare_linear_kd
+from fusedkd._inputs import check_options, prepare_linear_kd, resolve_vocab_size
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -84,7 +84,7 @@ def fused_linear_kd_loss(
         return_components: also return the two terms, ``(loss, distill, ce)``, each reduced like
             ``loss`` and unweighted: ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
         chunk_size: tokens per chunk of the PyTorch backend (default: sized so that one
-            ``chunk x V`` float32 tile is about 16 MiB). Not accepted by the Triton backend.
+            ``chunk x V`` float32 tile is about 32 MiB). Not accepted by the Triton backend.
 
     Returns:
         The loss (a float32 scalar, or ``[...]`` for ``reduction="none"``), or ``(loss, distill, ce)``.
@@ -172,6 +172,21 @@ class FusedLinearKDLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        # Fail at construction, not at the first batch.
+        check_options(
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            alpha=alpha,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=1,
+            has_labels=True,
+        )
+        if vocab_size is not None:
+            resolve_vocab_size(vocab_size, {})
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
         self.options = dict(
             divergence=divergence,
             beta=beta,
