@@ -1,0 +1,161 @@
+"""The autograd.Function of the logits-level KD loss over the Triton kernels (backend="triton").
+
+Forward: kd_logits_forward_kernel, one program per token row, writes the per-row statistics, D and C;
+for reductions "mean" and "sum" it also writes G = dloss/dstudent_logits for an output gradient of 1,
+and backward only scales it. For reduction="none", or when the returned components are themselves
+differentiated, backward runs kd_logits_backward_kernel with per-row weights built from the output
+gradients. The only [N, V] allocation is G, in the student-logits dtype; everything else is O(N).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedkd._options import KDOptions
+from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
+from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
+
+DIVERGENCE_FLAGS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# Fixed launch configuration (autotuning needs a GPU driver, DESIGN.md §7): one row per program,
+# vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
+# per thread and spills nothing (ptxas -v); not yet timed on a GPU.
+MAX_BLOCK_V = 2048
+
+
+def _block_and_warps(vocab_size: int) -> tuple[int, int]:
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    return block_v, 8 if block_v >= 2048 else 4
+
+
+def row_offsets(x: torch.Tensor) -> torch.Tensor:
+    """int64 element offset of the start of every row of a [..., V] tensor, for any leading strides."""
+    offsets = torch.zeros((), dtype=torch.int64, device=x.device)
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        offsets = offsets[..., None] + torch.arange(size, dtype=torch.int64, device=x.device) * stride
+    return offsets.reshape(-1)
+
+
+def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
+    """Arguments shared by both kernels: row addressing, labels, sizes, scalars and flags."""
+    has_labels = labels is not None
+    student_offsets = row_offsets(student_logits)
+    block_v, num_warps = _block_and_warps(options.vocab_size)
+    leading = (
+        student_logits,
+        student_offsets,
+        student_logits.stride(-1),
+        teacher_logits,
+        row_offsets(teacher_logits),
+        teacher_logits.stride(-1),
+        labels if has_labels else student_offsets,  # never read without labels
+        options.ignore_index,
+    )
+    scalars = (options.vocab_size, student_logits.shape[-1], options.temperature, options.beta)
+    flags = dict(
+        DIVERGENCE=DIVERGENCE_FLAGS[options.divergence],
+        HAS_LABELS=has_labels,
+        ACC_DTYPE=_acc_dtype(student_logits.dtype)[1],
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return leading, scalars, flags
+
+
+def _reduce(per_token: torch.Tensor, options: KDOptions, scale: torch.Tensor) -> torch.Tensor:
+    return per_token if options.reduction == "none" else per_token.sum() * scale
+
+
+class KDLogitsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, options: KDOptions):
+        n = student_logits[..., 0].numel()
+        dtype = _acc_dtype(student_logits.dtype)[0]
+        device = student_logits.device
+        leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
+        if labels is None:
+            num_valid = torch.tensor(n, dtype=dtype, device=device)
+        else:
+            num_valid = (labels != options.ignore_index).sum().to(dtype)
+        if options.reduction == "mean":
+            scale = 1.0 / num_valid.clamp(min=1)
+        else:
+            scale = torch.ones((), dtype=dtype, device=device)
+
+        stats = torch.empty(n, NUM_STATS, dtype=dtype, device=device)
+        divergence = torch.empty(n, dtype=dtype, device=device)
+        ce = torch.empty(n, dtype=dtype, device=device)
+        fuse_grad = ctx.needs_input_grad[0] and options.reduction != "none"
+        if fuse_grad:
+            grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=device)
+            w_distill = (options.distill_weight * scale).reshape(1)
+            w_ce = (options.ce_weight * scale).reshape(1)
+        else:
+            grad = w_distill = w_ce = divergence  # never written or read without FUSE_GRAD
+        kd_logits_forward_kernel[(n,)](
+            *leading, stats, divergence, ce, grad, w_distill, w_ce, *scalars, FUSE_GRAD=fuse_grad, **flags
+        )
+        loss = options.distill_weight * divergence + options.ce_weight * ce
+
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(student_logits, teacher_logits, labels, stats, scale)
+        ctx.options = options
+        ctx.eager_grad = grad if fuse_grad else None
+        return tuple(_reduce(x, options, scale) for x in (loss, divergence, ce))
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_divergence, grad_ce):
+        student_logits, teacher_logits, labels, stats, scale = ctx.saved_tensors
+        options: KDOptions = ctx.options
+        no_grads = (None,) * 4
+        if not ctx.needs_input_grad[0] or (grad_loss is None and grad_divergence is None and grad_ce is None):
+            return no_grads
+        if ctx.eager_grad is not None and grad_divergence is None and grad_ce is None:
+            # G was formed in the forward for an output gradient of 1: scale it (once; a second backward
+            # through a retained graph takes the recomputing path below).
+            grad = ctx.eager_grad.mul_(grad_loss.to(ctx.eager_grad.dtype))
+            ctx.eager_grad = None
+            return (grad, *no_grads[1:])
+
+        # Per-row weights: w_distill = (g_loss alpha T^2 + g_distill) * scale, w_ce likewise with 1 - alpha.
+        dtype = stats.dtype
+        zero = torch.zeros((), dtype=dtype, device=stats.device)
+        g_loss, g_div, g_ce = (
+            zero if g is None else g.to(dtype) for g in (grad_loss, grad_divergence, grad_ce)
+        )
+        w_distill = ((g_loss * options.distill_weight + g_div) * scale).reshape(-1).contiguous()
+        w_ce = ((g_loss * options.ce_weight + g_ce) * scale).reshape(-1).contiguous()
+        if w_distill.numel() != w_ce.numel():
+            n = stats.shape[0]
+            w_distill, w_ce = w_distill.expand(n).contiguous(), w_ce.expand(n).contiguous()
+        w_stride = 0 if w_distill.numel() == 1 else 1
+        leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
+        grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+        kd_logits_backward_kernel[(stats.shape[0],)](
+            *leading, stats, grad, w_distill, w_ce, w_stride, *scalars, **flags
+        )
+        return (grad, *no_grads[1:])
+
+
+def kd_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend entry point: checked inputs -> (loss, distill, ce), reduced per `options`, flat for "none".
+
+    `student_logits` [..., V_s] and `teacher_logits` [..., V_t] (same leading shape, any strides, only the
+    first `options.vocab_size` entries used); `labels` flat [N] int64 or None. Outputs are float32
+    (float64 for float64 student logits); the gradient has the student logits' shape and dtype.
+    """
+    teacher_logits = teacher_logits.detach()
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return KDLogitsFunction.apply(student_logits, teacher_logits, labels, options)
+    with torch.no_grad():
+        return KDLogitsFunction.apply(student_logits.detach(), teacher_logits, labels, options)

@@ -1,0 +1,164 @@
+"""Gradient kernel of the logits-level KD loss: G = dloss/dstudent_logits, one program per token row.
+
+Given the per-row statistics of the forward kernel (kd_logits_forward.py), one more pass over the
+vocabulary forms each block of G (DESIGN.md §4) and writes it in the student-logits dtype. With
+a = s / T, b = t / T, q = softmax(a), p = softmax(b):
+
+    forward_kl : dD/ds_v = (q_v - p_v) / T
+    reverse_kl : dD/ds_v = q_v (log q_v - log p_v - D) / T
+    jsd(beta)  : dD/ds_v = (1 - beta) q_v (log q_v - log m_v - KL(q || m)) / T
+    ce         : dC/ds_v = softmax(s)_v - [v == y]
+    G_v        = w_distill dD/ds_v + w_ce dC/ds_v
+
+The weights carry alpha T^2 (resp. 1 - alpha), the reduction scale and the output gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedkd.kernels.kd_logits_math import logaddexp, zero_row
+
+# Values of the DIVERGENCE flag.
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+
+# Columns of the per-row statistics [N, NUM_STATS]. Each log-sum-exp is kept as a shift and a log-sum:
+# c_s = max(s), c_t = max(t) and LSE(s / T) = c_s / T + log Z_a, LSE(t / T) = c_t / T + log Z_b,
+# LSE(s) = c_s + log Z_s. Then log q = (s - c_s) / T - log Z_a is exact for the likely tokens even for
+# logits of magnitude 1e4 (DESIGN.md §6). AUX is D (reverse_kl) or KL(q || m) (jsd).
+STAT_SHIFT_STUDENT = tl.constexpr(0)
+STAT_LOGZ_STUDENT = tl.constexpr(1)
+STAT_SHIFT_TEACHER = tl.constexpr(2)
+STAT_LOGZ_TEACHER = tl.constexpr(3)
+STAT_LOGZ_PLAIN = tl.constexpr(4)
+STAT_AUX = tl.constexpr(5)
+NUM_STATS = tl.constexpr(8)
+
+
+@triton.jit
+def kd_logits_grad_row(
+    student_row,
+    student_stride_v,
+    teacher_row,
+    teacher_stride_v,
+    grad_row,
+    label,
+    shift_student,
+    logz_student,
+    shift_teacher,
+    logz_teacher,
+    logz_plain,
+    aux,
+    w_distill,
+    w_ce,
+    vocab_size,
+    grad_cols,
+    temperature,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Write G for one row: `grad_cols` contiguous entries, zero past `vocab_size` (padded vocabulary).
+
+    `temperature` and `beta` arrive as float32 kernel arguments; logits are divided by T (not multiplied
+    by a rounded 1 / T), so a float64 row is exact whenever T and beta are float32 numbers.
+    """
+    cols = tl.arange(0, BLOCK_V)
+    w_distill_over_t = w_distill / temperature
+    beta_acc = tl.zeros([], ACC_DTYPE) + beta  # works for a float32 argument and a Python float
+    log_beta = tl.log(beta_acc)
+    log1m_beta = tl.log(1.0 - beta_acc)
+    for start in range(0, grad_cols, BLOCK_V):
+        v = start + cols
+        in_vocab = v < vocab_size
+        v64 = v.to(tl.int64)
+        s = tl.load(student_row + v64 * student_stride_v, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
+        t = tl.load(teacher_row + v64 * teacher_stride_v, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
+        log_q = (s - shift_student) / temperature - logz_student
+        log_p = (t - shift_teacher) / temperature - logz_teacher
+        q = tl.exp(log_q)
+        if DIVERGENCE == FORWARD_KL:
+            # dD/ds = (q - p) / T
+            grad = q - tl.exp(log_p)
+        elif DIVERGENCE == REVERSE_KL:
+            # dD/ds = q (log q - log p - D) / T, and 0 where q = 0
+            grad = tl.where(q > 0, q * (log_q - log_p - aux), 0.0)
+        else:
+            # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T, and 0 where q = 0, with
+            # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
+            log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
+            grad = (1.0 - beta_acc) * tl.where(q > 0, q * (log_q - log_m - aux), 0.0)
+        grad = grad * w_distill_over_t
+        if HAS_LABELS:
+            # dC/ds = softmax(s) - onehot(y)
+            plain_probs = tl.exp((s - shift_student) - logz_plain)
+            grad += w_ce * (plain_probs - tl.where(v == label, 1.0, 0.0))
+        tl.store(grad_row + v, grad.to(grad_row.dtype.element_ty), mask=v < grad_cols)
+
+
+@triton.jit
+def kd_logits_backward_kernel(
+    student_ptr,
+    student_row_offsets_ptr,
+    student_stride_v,
+    teacher_ptr,
+    teacher_row_offsets_ptr,
+    teacher_stride_v,
+    labels_ptr,
+    ignore_index,
+    stats_ptr,
+    grad_ptr,
+    w_distill_ptr,
+    w_ce_ptr,
+    w_stride,
+    vocab_size,
+    grad_cols,
+    temperature,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per token row: G from the saved statistics, with per-row weights (w_stride 0 or 1).
+
+    `grad_ptr` is a contiguous [N, grad_cols] tensor; ignored rows get zeros.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    grad_row = grad_ptr + row * grad_cols
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        if label == ignore_index:
+            zero_row(grad_row, grad_cols, BLOCK_V)
+            return
+    stats_row = stats_ptr + row * NUM_STATS
+    kd_logits_grad_row(
+        student_ptr + tl.load(student_row_offsets_ptr + row),
+        student_stride_v,
+        teacher_ptr + tl.load(teacher_row_offsets_ptr + row),
+        teacher_stride_v,
+        grad_row,
+        label,
+        tl.load(stats_row + STAT_SHIFT_STUDENT),
+        tl.load(stats_row + STAT_LOGZ_STUDENT),
+        tl.load(stats_row + STAT_SHIFT_TEACHER),
+        tl.load(stats_row + STAT_LOGZ_TEACHER),
+        tl.load(stats_row + STAT_LOGZ_PLAIN),
+        tl.load(stats_row + STAT_AUX),
+        tl.load(w_distill_ptr + row * w_stride).to(ACC_DTYPE),
+        tl.load(w_ce_ptr + row * w_stride).to(ACC_DTYPE),
+        vocab_size,
+        grad_cols,
+        temperature,
+        beta,
+        DIVERGENCE,
+        HAS_LABELS,
+        ACC_DTYPE,
+        BLOCK_V,
+    )
