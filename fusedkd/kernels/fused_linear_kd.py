@@ -1,0 +1,518 @@
+"""The Triton backend (backend="triton"): the autograd.Function over the fused kernels.
+
+Forward: the statistics pass (statistics.py), and for the JSD its second pass (jsd.py), leave O(N)
+per-token statistics and the per-token divergence and cross-entropy. Backward: the gradient pass
+(gradient.py) recomputes the logit tiles and forms G from those statistics, weighted per token by
+the incoming gradients. Nothing of size N x V is ever allocated; what the passes hold besides the
+inputs and the student's gradients is O(N) floats, a float32 [N, H_s] accumulator for the hidden-state
+gradient (the gradient itself for float32 inputs) and, for 16-bit weights, a float32 scratch of
+(gradient programs) x BLOCK_V x H_s.
+
+Tokens are processed in an order that puts the valid ones (label != ignore_index) first, computed on
+the device without a host sync; blocks of ignored tokens are skipped by the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fusedkd._options import KDOptions
+from fusedkd.kernels import INTERPRETER, unavailable_reason
+from fusedkd.kernels.config import KernelConfig, TileConfig, dot_precision, select_config
+from fusedkd.kernels.gradient import gradient_kernel
+from fusedkd.kernels.jsd import NUM_JSD_FIELDS, jsd_kernel, merge_jsd_kernel
+from fusedkd.kernels.statistics import (
+    NUM_PARTIAL_FIELDS,
+    NUM_STAT_FIELDS,
+    merge_statistics_kernel,
+    statistics_kernel,
+)
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MERGE_BLOCK = 256  # tokens per program of the (cheap, O(N)) merge kernels
+
+
+@dataclass
+class _Problem:
+    """Flattened inputs and the token order shared by every pass."""
+
+    student_hidden: torch.Tensor  # [N, H_s]
+    student_weight: torch.Tensor  # [V, H_s]
+    student_bias: torch.Tensor | None  # [V]
+    teacher_hidden: torch.Tensor  # [N, H_t]
+    teacher_weight: torch.Tensor  # [V, H_t]
+    teacher_bias: torch.Tensor | None  # [V]
+    labels: torch.Tensor | None  # [N] int64
+    token_index: torch.Tensor  # [N] int64: position -> token, valid tokens first
+    num_valid: torch.Tensor  # [1] int64, on the device
+    options: KDOptions
+
+    @property
+    def num_tokens(self) -> int:
+        return self.student_hidden.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.student_weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.student_hidden.device
+
+    @property
+    def separate_ce(self) -> bool:
+        """Whether the cross-entropy softmax (T = 1) differs from the distillation one (T)."""
+        return self.options.has_labels and self.options.temperature != 1.0
+
+    def tile_args(self) -> tuple:
+        """Tensors, sizes and strides in the order the tile kernels take them."""
+        sh, sw, th, tw = self.student_hidden, self.student_weight, self.teacher_hidden, self.teacher_weight
+        # An absent bias is never read (HAS_*_BIAS is False): any pointer will do.
+        return (
+            (sh, sw, sw if self.student_bias is None else self.student_bias),
+            (th, tw, tw if self.teacher_bias is None else self.teacher_bias),
+            (sh.stride(0), sh.stride(1), sw.stride(0), sw.stride(1)),
+            (th.stride(0), th.stride(1), tw.stride(0), tw.stride(1)),
+        )
+
+    def tile_flags(self, tile: TileConfig) -> dict:
+        """Compile-time features shared by the tile kernels."""
+        return dict(
+            HAS_STUDENT_BIAS=self.student_bias is not None,
+            HAS_TEACHER_BIAS=self.teacher_bias is not None,
+            EVEN_STUDENT_DIM=self.student_hidden.shape[1] % tile.block_h == 0,
+            EVEN_TEACHER_DIM=self.teacher_hidden.shape[1] % tile.block_h == 0,
+            # Triton's interpreter computes bf16 dots wrongly: upcast those tiles there (DESIGN.md §7).
+            STUDENT_UPCAST=INTERPRETER and self.student_hidden.dtype == torch.bfloat16,
+            TEACHER_UPCAST=INTERPRETER and self.teacher_hidden.dtype == torch.bfloat16,
+            DOT_PRECISION=dot_precision(),
+            BLOCK_N=tile.block_n,
+            BLOCK_V=tile.block_v,
+            BLOCK_H=tile.block_h,
+            num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
+        )
+
+
+def _token_order(labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):
+    """(token_index [N] int64 with the valid tokens first, num_valid [1] int64): no host sync."""
+    if labels is None:
+        return torch.arange(n, device=device), torch.full((1,), n, dtype=torch.int64, device=device)
+    ignored = labels == options.ignore_index
+    token_index = torch.sort(ignored.to(torch.uint8), stable=True).indices
+    return token_index, (n - ignored.sum()).reshape(1)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _vocab_splits(problem: _Problem, tile: TileConfig) -> tuple[int, int]:
+    """(splits, vocabulary blocks per split) of the statistics grid: enough programs to fill the GPU."""
+    num_vocab_blocks = math.ceil(problem.vocab_size / tile.block_v)
+    num_token_blocks = math.ceil(problem.num_tokens / tile.block_n)
+    wanted = 2 if INTERPRETER else math.ceil(2 * _multiprocessors(problem.device) / num_token_blocks)
+    blocks_per_split = math.ceil(num_vocab_blocks / max(1, min(wanted, num_vocab_blocks)))
+    return math.ceil(num_vocab_blocks / blocks_per_split), blocks_per_split
+
+
+def _statistics(problem: _Problem, config: KernelConfig):
+    """Pass 1 (and the JSD's pass 2): (stats [fields, N], distill [N], ce [N]), float32."""
+    options, n, device = problem.options, problem.num_tokens, problem.device
+    tile = config.statistics
+    student, teacher, student_strides, teacher_strides = problem.tile_args()
+    splits, blocks_per_split = _vocab_splits(problem, tile)
+    grid = (math.ceil(n / tile.block_n) * splits,)
+    if n == 0:  # no token: nothing to launch (an empty grid is not valid everywhere)
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        return torch.zeros((NUM_STAT_FIELDS, 0), dtype=torch.float32, device=device), empty, empty.clone()
+    divergence = DIVERGENCE_CODES[options.divergence]
+    inv_temperature = 1.0 / options.temperature
+    flags = problem.tile_flags(tile)
+    sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
+
+    partial = torch.empty((splits, NUM_PARTIAL_FIELDS, n), dtype=torch.float32, device=device)
+    statistics_kernel[grid](
+        *student,
+        *teacher,
+        problem.token_index if problem.labels is None else problem.labels,
+        problem.token_index,
+        problem.num_valid,
+        partial,
+        *sizes,
+        blocks_per_split,
+        *student_strides,
+        *teacher_strides,
+        inv_temperature,
+        DIVERGENCE=divergence,
+        HAS_LABELS=problem.labels is not None,
+        SEPARATE_CE=problem.separate_ce,
+        **flags,
+    )
+    stats = torch.empty((NUM_STAT_FIELDS, n), dtype=torch.float32, device=device)
+    distill = torch.zeros(n, dtype=torch.float32, device=device)
+    ce = torch.zeros(n, dtype=torch.float32, device=device)
+    merge_grid = (math.ceil(n / MERGE_BLOCK),)
+    merge_statistics_kernel[merge_grid](
+        partial,
+        stats,
+        problem.token_index,
+        problem.num_valid,
+        distill,
+        ce,
+        n,
+        splits,
+        inv_temperature,
+        DIVERGENCE=divergence,
+        HAS_LABELS=problem.labels is not None,
+        SEPARATE_CE=problem.separate_ce,
+        BLOCK=MERGE_BLOCK,
+    )
+    if options.divergence == "jsd":
+        beta = options.beta
+        jsd_partial = torch.empty((splits, NUM_JSD_FIELDS, n), dtype=torch.float32, device=device)
+        jsd_kernel[grid](
+            *student,
+            *teacher,
+            problem.token_index,
+            problem.num_valid,
+            stats,
+            jsd_partial,
+            *sizes,
+            blocks_per_split,
+            *student_strides,
+            *teacher_strides,
+            inv_temperature,
+            math.log(beta),
+            math.log1p(-beta),
+            **flags,
+        )
+        merge_jsd_kernel[merge_grid](
+            jsd_partial,
+            stats,
+            problem.token_index,
+            problem.num_valid,
+            distill,
+            n,
+            splits,
+            beta,
+            BLOCK=MERGE_BLOCK,
+        )
+    return stats, distill, ce
+
+
+def _gradient_programs(problem: _Problem, tile: TileConfig) -> int:
+    num_vocab_blocks = math.ceil(problem.vocab_size / tile.block_v)
+    return min(num_vocab_blocks, 3 if INTERPRETER else _multiprocessors(problem.device))
+
+
+def _gradients(
+    problem: _Problem,
+    config: KernelConfig,
+    stats: torch.Tensor,
+    weight_distill: torch.Tensor,
+    weight_ce: torch.Tensor | None,
+    wanted: tuple[bool, bool, bool],
+):
+    """Pass 2: (grad_student_hidden, grad_student_weight, grad_student_bias), None where not wanted.
+
+    `weight_distill`, `weight_ce`: [N] float32 per-token weights of dD/ds and dC/ds (token order).
+    """
+    options, n, device = problem.options, problem.num_tokens, problem.device
+    want_hidden, want_weight, want_bias = wanted
+    tile = config.gradient
+    hidden, weight = problem.student_hidden, problem.student_weight
+    vocab, student_dim = problem.vocab_size, hidden.shape[1]
+    student, teacher, student_strides, teacher_strides = problem.tile_args()
+    programs = _gradient_programs(problem, tile)
+    f32 = dict(dtype=torch.float32, device=device)
+
+    # float32 accumulators: the outputs themselves for float32 tensors.
+    grad_hidden_acc = torch.zeros((n, student_dim), **f32) if want_hidden else None
+    weight_scratch = want_weight and weight.dtype != torch.float32
+    if not want_weight:
+        grad_weight = grad_weight_acc = None
+    elif weight_scratch:
+        grad_weight = torch.empty((vocab, student_dim), dtype=weight.dtype, device=device)
+        grad_weight_acc = torch.empty((programs * tile.block_v, student_dim), **f32)
+    else:
+        grad_weight = grad_weight_acc = torch.zeros((vocab, student_dim), **f32)
+    grad_bias = torch.empty(vocab, **f32) if want_bias else None
+
+    beta = options.beta if options.divergence == "jsd" else 0.5
+    placeholder = stats  # for the pointers of outputs that are not computed (never touched)
+    gradient_kernel[(programs,)](
+        *student,
+        *teacher,
+        problem.token_index if problem.labels is None else problem.labels,
+        problem.token_index,
+        problem.num_valid,
+        stats,
+        weight_distill,
+        placeholder if weight_ce is None else weight_ce,
+        placeholder if grad_hidden_acc is None else grad_hidden_acc,
+        placeholder if grad_weight_acc is None else grad_weight_acc,
+        placeholder if grad_weight is None else grad_weight,
+        placeholder if grad_bias is None else grad_bias,
+        n,
+        vocab,
+        student_dim,
+        problem.teacher_hidden.shape[1],
+        *student_strides,
+        *teacher_strides,
+        1.0 / options.temperature,
+        beta,
+        math.log(beta),
+        math.log1p(-beta),
+        DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        HAS_CE_GRAD=weight_ce is not None,
+        SEPARATE_CE=problem.separate_ce,
+        GRAD_HIDDEN=want_hidden,
+        GRAD_WEIGHT=want_weight,
+        GRAD_BIAS=want_bias,
+        WEIGHT_SCRATCH=weight_scratch,
+        TOKEN_GROUPS=config.token_groups,
+        **problem.tile_flags(tile),
+    )
+    grad_hidden = None if grad_hidden_acc is None else grad_hidden_acc.to(hidden.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(problem.student_bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _reduction_scale(problem: _Problem) -> torch.Tensor:
+    """1 / max(num_valid, 1) for reduction="mean", else 1 (a device tensor: no host sync)."""
+    if problem.options.reduction == "mean":
+        return 1.0 / problem.num_valid[0].clamp(min=1).to(torch.float32)
+    return torch.ones((), dtype=torch.float32, device=problem.device)
+
+
+def _outputs(problem: _Problem, distill: torch.Tensor, ce: torch.Tensor, scale: torch.Tensor):
+    """(loss, distill, ce) reduced per options.reduction; ignored tokens hold zeros already."""
+    options = problem.options
+    loss = options.distill_weight * distill + options.ce_weight * ce
+    if options.reduction == "none":
+        return loss, distill, ce
+    return tuple(x.sum() * scale for x in (loss, distill, ce))
+
+
+def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
+    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
+    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
+
+
+def _gradient_weights(problem: _Problem, scale: torch.Tensor, grad_loss, grad_distill, grad_ce):
+    """Per-token weights of dD/ds and dC/ds (DESIGN.md §4), [N] float32 in token order.
+
+    w_D = (g_loss alpha T^2 + g_distill) * scale,  w_C = (g_loss (1 - alpha) + g_ce) * scale;
+    ignored tokens are never visited by the kernels, so their weights do not matter.
+    """
+    options, n = problem.options, problem.num_tokens
+    zero = torch.zeros((), dtype=torch.float32, device=problem.device)
+
+    def as_weight(g):
+        return zero if g is None else g.to(torch.float32)
+
+    g_loss, g_distill, g_ce = (as_weight(g) for g in (grad_loss, grad_distill, grad_ce))
+    weight_distill = ((g_loss * options.distill_weight + g_distill) * scale).expand(n).contiguous()
+    weight_ce = None
+    if _has_ce_grad(options, grad_ce):
+        weight_ce = ((g_loss * options.ce_weight + g_ce) * scale).expand(n).contiguous()
+    return weight_distill, weight_ce
+
+
+def _unit_gradients(problem: _Problem, config: KernelConfig, stats: torch.Tensor):
+    """The gradient pass for grad_output = 1 (what autotuning times)."""
+    scale = _reduction_scale(problem)
+    one = torch.ones((), dtype=torch.float32, device=problem.device)
+    weights = _gradient_weights(problem, scale, one, None, None)
+    wanted = (True, True, problem.student_bias is not None)
+    return _gradients(problem, config, stats, *weights, wanted)
+
+
+def _select_config(problem: _Problem) -> KernelConfig:
+    hidden, teacher = problem.student_hidden, problem.teacher_hidden
+    key = (
+        hidden.dtype,
+        teacher.dtype,
+        hidden.shape[1],
+        teacher.shape[1],
+        problem.vocab_size,
+        problem.options.divergence,
+        1 << max(0, problem.num_tokens - 1).bit_length(),  # token count, to the next power of two
+    )
+
+    def run(config: KernelConfig):
+        stats, _, _ = _statistics(problem, config)
+        return _unit_gradients(problem, config, stats)
+
+    return select_config(key, hidden.dtype, problem.device, run)
+
+
+class _FusedLinearKDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        labels,
+        options: KDOptions,
+    ):
+        problem = _make_problem(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            options,
+        )
+        config = _select_config(problem)
+        stats, distill, ce = _statistics(problem, config)
+        scale = _reduction_scale(problem)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            problem.token_index,
+            problem.num_valid,
+            stats,
+            scale,
+        )
+        ctx.options, ctx.config = options, config
+        return _outputs(problem, distill, ce, scale)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_distill, grad_ce):
+        (
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            token_index,
+            num_valid,
+            stats,
+            scale,
+        ) = ctx.saved_tensors
+        wanted = ctx.needs_input_grad
+        if grad_loss is None and grad_distill is None and grad_ce is None:
+            return tuple(None for _ in wanted)
+        problem = _Problem(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            token_index,
+            num_valid,
+            ctx.options,
+        )
+        weight_distill, weight_ce = _gradient_weights(problem, scale, grad_loss, grad_distill, grad_ce)
+        grads = _gradients(
+            problem,
+            ctx.config,
+            stats,
+            weight_distill,
+            weight_ce,
+            (wanted[0], wanted[1], student_bias is not None and wanted[2]),
+        )
+        by_input = dict(enumerate(grads))
+        return tuple(by_input.get(i) if wanted[i] else None for i in range(len(wanted)))
+
+
+def _make_problem(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    labels,
+    options,
+) -> _Problem:
+    token_index, num_valid = _token_order(labels, options, student_hidden.shape[0], student_hidden.device)
+    return _Problem(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        labels,
+        token_index,
+        num_valid,
+        options,
+    )
+
+
+def _check_supported(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> None:
+    reason = unavailable_reason(student_hidden.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+    for name, tensor in (("student", student_hidden), ("teacher", teacher_hidden)):
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"backend='triton' takes float32, bfloat16 or float16 inputs (it accumulates in float32); "
+                f"the {name} tensors are {tensor.dtype}: use backend='torch' for {tensor.dtype}"
+            )
+
+
+def fused_linear_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend entry point: checked, flattened inputs -> (loss, distill, ce), float32, reduced per `options`.
+
+    Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows, any
+    strides), [V] biases, [N] int64 labels (or None), in float32, bfloat16 or float16 (the teacher's
+    dtype may differ from the student's). The teacher gets no gradient. Under torch.no_grad, or when
+    no student tensor requires grad, only the forward passes run and nothing is saved.
+    """
+    _check_supported(student_hidden, teacher_hidden)
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    args = (
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        labels,
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
+    )
+    if needs_grad:
+        return _FusedLinearKDFunction.apply(*args, options)
+    with torch.no_grad():
+        problem = _make_problem(*args, options)
+        _, distill, ce = _statistics(problem, _select_config(problem))
+        return _outputs(problem, distill, ce, _reduction_scale(problem))

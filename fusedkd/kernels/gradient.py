@@ -1,0 +1,287 @@
+"""Pass 2: the gradient kernel. Recomputes the logit tiles, forms the tile of G = dloss/ds from the saved
+per-token statistics (DESIGN.md §4) and multiplies it straight into the student's gradients:
+
+    grad_student_hidden = G W_s      grad_student_weight = G^T h_s      grad_student_bias = sum_i G
+
+No [N, V] buffer exists: each [BLOCK_N, BLOCK_V] tile of G lives in registers only. The logits are
+computed once here, so the pass costs 2 N V (H_t + H_s) for the recomputation plus 4 N V H_s for the
+two gradient products (DESIGN.md §5).
+
+Work split (the choice and its reasons):
+
+* A persistent grid of `num_programs` programs; each owns whole vocabulary blocks (vb = pid, pid + P,
+  ...) and, for each, walks *all* token blocks. grad_student_weight rows of an owned block therefore
+  have a single writer: they are accumulated in float32 by plain read-modify-writes into a per-program
+  scratch of [BLOCK_V, H_s] (L2-resident, P * BLOCK_V * H_s floats in all, independent of N and V),
+  then cast once into the output; with float32 weights the output itself is the accumulator. This
+  makes grad_student_weight and grad_student_bias deterministic and needs no float32 [V, H_s] buffer
+  (for Qwen3-0.6B that buffer alone would be 622 MB), which atomics on the weight side would.
+* grad_student_hidden ([N, H_s], the small one) is accumulated with float32 atomic adds (relaxed
+  ordering: no fences) into a float32 [N, H_s] buffer: each element receives one add per vocabulary
+  block, so its summation order, and its last bits, may vary from run to run. Contention is kept low
+  by starting the programs of different TOKEN_GROUPS at different token blocks (programs of one group
+  walk the tokens in step, so a hidden-state tile read from HBM serves the whole group through L2).
+* The alternative, one pass owning token blocks for grad_student_hidden and one owning vocabulary
+  blocks for grad_student_weight, would be deterministic but recomputes both models' logits twice:
+  2 N V (3 H_t + 5 H_s) FLOPs instead of 2 N V (2 H_t + 4 H_s), +39% at Qwen3-4B -> 0.6B shapes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedkd.kernels.statistics import (
+    STAT_DIVERGENCE,
+    STAT_LOGZ_STUDENT_PLAIN,
+    STAT_LOGZ_STUDENT_T,
+    STAT_LOGZ_TEACHER_T,
+    STAT_M_STUDENT,
+    STAT_M_TEACHER,
+    STAT_TEACHER_AT_TOP,
+)
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, dot, logaddexp, logits_tile
+
+
+@triton.jit
+def gradient_tile(
+    s,
+    t,
+    cols,
+    col_mask,
+    row_mask,
+    labels,
+    stats,
+    num_tokens,
+    weight_distill,
+    weight_ce,
+    inv_temperature,
+    beta,
+    log_beta,
+    log_one_minus_beta,
+    DIVERGENCE: tl.constexpr,
+    HAS_CE_GRAD: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+):
+    """G = w_D dD/ds + w_C dC/ds on one tile (float32), zero outside the valid rows and columns.
+
+    `stats` points at the tile's positions in the [fields, positions] statistics.
+    """
+    m_student = tl.load(stats + STAT_M_STUDENT * num_tokens, mask=row_mask, other=0.0)
+    logz_student = tl.load(stats + STAT_LOGZ_STUDENT_T * num_tokens, mask=row_mask, other=0.0)
+    m_teacher = tl.load(stats + STAT_M_TEACHER * num_tokens, mask=row_mask, other=0.0)
+    logz_teacher = tl.load(stats + STAT_LOGZ_TEACHER_T * num_tokens, mask=row_mask, other=0.0)
+
+    # Padding columns take the row maxima (finite, no overflow); G is zeroed there at the end.
+    s = tl.where(col_mask[None, :], s, m_student[:, None])
+    t = tl.where(col_mask[None, :], t, m_teacher[:, None])
+    # log q = (s - m_s)/T - log Z_a,  log p = (t - m_t)/T - log Z_b: relative to the row maxima, so the
+    # likely tokens' probabilities are exact even for huge logits.
+    student_shifted = s - m_student[:, None]
+    log_q = student_shifted * inv_temperature - logz_student[:, None]
+    q = tl.exp(log_q)
+    if DIVERGENCE == FORWARD_KL:
+        # dD/ds = (q - p) / T
+        log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
+        grad = (q - tl.exp(log_p)) * (weight_distill * inv_temperature)[:, None]
+    elif DIVERGENCE == REVERSE_KL:
+        # dD/ds = q (log q - log p - D) / T = q ((s - m_s)/T - (t - t_*)/T - D_*) / T, relative to the
+        # student's top token (statistics.py): exact where q is large.
+        divergence_top = tl.load(stats + STAT_DIVERGENCE * num_tokens, mask=row_mask, other=0.0)
+        teacher_at_top = tl.load(stats + STAT_TEACHER_AT_TOP * num_tokens, mask=row_mask, other=0.0)
+        log_ratio = student_shifted * inv_temperature - (t - teacher_at_top[:, None]) * inv_temperature
+        grad = q * (log_ratio - divergence_top[:, None]) * (weight_distill * inv_temperature)[:, None]
+    else:
+        log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
+        # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T,  log m = logaddexp(log beta + log p, ...)
+        kl_student_mix = tl.load(stats + STAT_DIVERGENCE * num_tokens, mask=row_mask, other=0.0)
+        log_m = logaddexp(log_beta + log_p, log_one_minus_beta + log_q)
+        weight = weight_distill * ((1.0 - beta) * inv_temperature)
+        grad = q * (log_q - log_m - kl_student_mix[:, None]) * weight[:, None]
+    if HAS_CE_GRAD:
+        # dC/ds = softmax(s) - onehot(y); softmax(s) is q itself when T = 1.
+        if SEPARATE_CE:
+            logz_plain = tl.load(stats + STAT_LOGZ_STUDENT_PLAIN * num_tokens, mask=row_mask, other=0.0)
+            q_plain = tl.exp(student_shifted - logz_plain[:, None])
+        else:
+            q_plain = q
+        onehot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        grad += weight_ce[:, None] * (q_plain - onehot)
+    return tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
+
+
+@triton.jit
+def gradient_kernel(
+    student_hidden_ptr,
+    student_weight_ptr,
+    student_bias_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    teacher_bias_ptr,
+    labels_ptr,
+    token_index_ptr,
+    num_valid_ptr,
+    stats_ptr,
+    weight_distill_ptr,
+    weight_ce_ptr,
+    grad_hidden_ptr,
+    grad_weight_acc_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    num_tokens,
+    vocab_size,
+    student_dim,
+    teacher_dim,
+    stride_student_hidden_n,
+    stride_student_hidden_h,
+    stride_student_weight_v,
+    stride_student_weight_h,
+    stride_teacher_hidden_n,
+    stride_teacher_hidden_h,
+    stride_teacher_weight_v,
+    stride_teacher_weight_h,
+    inv_temperature,
+    beta,
+    log_beta,
+    log_one_minus_beta,
+    DIVERGENCE: tl.constexpr,
+    HAS_CE_GRAD: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    HAS_STUDENT_BIAS: tl.constexpr,
+    HAS_TEACHER_BIAS: tl.constexpr,
+    EVEN_STUDENT_DIM: tl.constexpr,
+    EVEN_TEACHER_DIM: tl.constexpr,
+    STUDENT_UPCAST: tl.constexpr,
+    TEACHER_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GRAD_HIDDEN: tl.constexpr,
+    GRAD_WEIGHT: tl.constexpr,
+    GRAD_BIAS: tl.constexpr,
+    WEIGHT_SCRATCH: tl.constexpr,
+    TOKEN_GROUPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """grad_hidden_ptr: float32 [N, H_s], zeroed (atomics). grad_weight_acc_ptr: float32, the output
+    [V, H_s] itself (WEIGHT_SCRATCH False) or a [num_programs * BLOCK_V, H_s] scratch whose rows are
+    cast into grad_weight_ptr [V, H_s]. grad_bias_ptr: float32 [V]. All gradient buffers contiguous."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_valid = tl.load(num_valid_ptr)
+    num_token_blocks = tl.cdiv(num_valid, BLOCK_N)
+    rotation = ((pid % TOKEN_GROUPS) * num_token_blocks) // TOKEN_GROUPS
+    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_h = tl.arange(0, BLOCK_H)
+    grad_dtype = student_hidden_ptr.dtype.element_ty
+
+    for vocab_block in range(pid, num_vocab_blocks, num_programs):
+        cols = vocab_block * BLOCK_V + offs_v
+        col_mask = cols < vocab_size
+        cols_64 = cols.to(tl.int64)
+        if WEIGHT_SCRATCH:
+            acc_rows = (pid * BLOCK_V + offs_v).to(tl.int64) * student_dim
+        else:
+            acc_rows = cols_64 * student_dim
+        grad_bias = tl.zeros([BLOCK_V], tl.float32)
+
+        for step in range(0, num_token_blocks):
+            token_block = (step + rotation) % num_token_blocks
+            positions = token_block * BLOCK_N + offs_n
+            row_mask = positions < num_valid
+            rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+            student_rows = rows * stride_student_hidden_n
+            s = logits_tile(
+                student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
+                student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+                student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            )  # fmt: skip
+            t = logits_tile(
+                teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
+                teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
+                teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            )  # fmt: skip
+            weight_distill = tl.load(weight_distill_ptr + rows, mask=row_mask, other=0.0)
+            if HAS_CE_GRAD:
+                weight_ce = tl.load(weight_ce_ptr + rows, mask=row_mask, other=0.0)
+                labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+            else:
+                weight_ce = weight_distill
+                labels = rows
+            grad = gradient_tile(
+                s, t, cols, col_mask, row_mask, labels, stats_ptr + positions, num_tokens,
+                weight_distill, weight_ce, inv_temperature, beta, log_beta, log_one_minus_beta,
+                DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
+            )  # fmt: skip
+            if GRAD_BIAS:
+                grad_bias += tl.sum(grad, axis=0)
+            # The gradient products run at the input precision (G rounded to the input dtype, float32
+            # accumulation), as the matmuls of a materialized-logits recipe would.
+            if STUDENT_UPCAST:
+                grad_in = grad
+            else:
+                grad_in = grad.to(grad_dtype)
+            for start in range(0, student_dim, BLOCK_H):
+                h = start + offs_h
+                if EVEN_STUDENT_DIM:
+                    in_h = offs_h < BLOCK_H
+                else:
+                    in_h = h < student_dim
+                if GRAD_WEIGHT:
+                    # grad_W[cols] += G^T h_s  (read-modify-write of this program's own rows; the
+                    # first token block starts from zero)
+                    hidden = tl.load(
+                        student_hidden_ptr + student_rows[:, None] + h[None, :] * stride_student_hidden_h,
+                        mask=row_mask[:, None] & in_h[None, :],
+                        other=0.0,
+                    )
+                    acc_ptrs = grad_weight_acc_ptr + acc_rows[:, None] + h[None, :]
+                    acc_mask = col_mask[:, None] & in_h[None, :]
+                    acc = tl.load(acc_ptrs, mask=acc_mask & (step > 0), other=0.0)
+                    acc = dot(tl.trans(grad_in), hidden, acc, STUDENT_UPCAST, DOT_PRECISION)
+                    tl.store(acc_ptrs, acc, mask=acc_mask)
+                if GRAD_HIDDEN:
+                    # grad_h[rows] += G W_s[cols]
+                    weight = tl.load(
+                        student_weight_ptr
+                        + cols_64[:, None] * stride_student_weight_v
+                        + h[None, :] * stride_student_weight_h,
+                        mask=col_mask[:, None] & in_h[None, :],
+                        other=0.0,
+                    )
+                    partial = dot(
+                        grad_in,
+                        weight,
+                        tl.zeros([BLOCK_N, BLOCK_H], tl.float32),
+                        STUDENT_UPCAST,
+                        DOT_PRECISION,
+                    )
+                    tl.atomic_add(
+                        grad_hidden_ptr + rows[:, None] * student_dim + h[None, :],
+                        partial,
+                        mask=row_mask[:, None] & in_h[None, :],
+                        sem="relaxed",
+                    )
+
+        if GRAD_BIAS:
+            tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
+        if GRAD_WEIGHT and WEIGHT_SCRATCH:
+            # Cast the finished float32 rows into the output (zeros when no token is valid).
+            accumulated_dim = tl.where(num_token_blocks > 0, student_dim, 0)
+            for start in range(0, student_dim, BLOCK_H):
+                h = start + offs_h
+                mask = col_mask[:, None] & (h < student_dim)[None, :]
+                acc = tl.load(
+                    grad_weight_acc_ptr + acc_rows[:, None] + h[None, :],
+                    mask=col_mask[:, None] & (h < accumulated_dim)[None, :],
+                    other=0.0,
+                )
+                tl.store(
+                    grad_weight_ptr + cols_64[:, None] * student_dim + h[None, :],
+                    acc.to(grad_weight_ptr.dtype.element_ty),
+                    mask=mask,
+                )

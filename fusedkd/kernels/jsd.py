@@ -1,0 +1,148 @@
+"""JSD's second pass: with the final log-sum-exps known, sum KL(p || m) and KL(q || m) per token.
+
+log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v) needs the normalized log-probabilities,
+so the JSD cannot come out of the one-pass statistics (DESIGN.md §3): this kernel recomputes the logit
+tiles on the statistics kernel's grid (token blocks x vocabulary splits) and writes per-split partial
+sums; the merge kernel adds the splits in order (deterministic) and finishes
+
+    D = beta KL(p || m) + (1 - beta) KL(q || m)
+
+keeping KL(q || m) for the gradient (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedkd.kernels.statistics import (
+    STAT_DIVERGENCE,
+    STAT_LOGZ_STUDENT_T,
+    STAT_LOGZ_TEACHER_T,
+    STAT_M_STUDENT,
+    STAT_M_TEACHER,
+)
+from fusedkd.kernels.tl_utils import logaddexp, logits_tile
+
+# Fields of a split's partial sums: partial[split, field, position].
+PARTIAL_KL_TEACHER_MIX: tl.constexpr = tl.constexpr(0)  # sum_v p_v (log p_v - log m_v)
+PARTIAL_KL_STUDENT_MIX: tl.constexpr = tl.constexpr(1)  # sum_v q_v (log q_v - log m_v)
+NUM_JSD_FIELDS: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def jsd_kernel(
+    student_hidden_ptr,
+    student_weight_ptr,
+    student_bias_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    teacher_bias_ptr,
+    token_index_ptr,
+    num_valid_ptr,
+    stats_ptr,
+    partial_ptr,
+    num_tokens,
+    vocab_size,
+    student_dim,
+    teacher_dim,
+    blocks_per_split,
+    stride_student_hidden_n,
+    stride_student_hidden_h,
+    stride_student_weight_v,
+    stride_student_weight_h,
+    stride_teacher_hidden_n,
+    stride_teacher_hidden_h,
+    stride_teacher_weight_v,
+    stride_teacher_weight_h,
+    inv_temperature,
+    log_beta,
+    log_one_minus_beta,
+    HAS_STUDENT_BIAS: tl.constexpr,
+    HAS_TEACHER_BIAS: tl.constexpr,
+    EVEN_STUDENT_DIM: tl.constexpr,
+    EVEN_TEACHER_DIM: tl.constexpr,
+    STUDENT_UPCAST: tl.constexpr,
+    TEACHER_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    num_token_blocks = tl.cdiv(num_tokens, BLOCK_N)
+    pid = tl.program_id(0)
+    token_block = pid % num_token_blocks
+    split = pid // num_token_blocks
+    num_valid = tl.load(num_valid_ptr)
+    if token_block * BLOCK_N >= num_valid:
+        return
+
+    positions = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = positions < num_valid
+    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+    m_student = tl.load(stats_ptr + STAT_M_STUDENT * num_tokens + positions, mask=row_mask, other=0.0)
+    logz_student = tl.load(stats_ptr + STAT_LOGZ_STUDENT_T * num_tokens + positions, mask=row_mask, other=0.0)
+    m_teacher = tl.load(stats_ptr + STAT_M_TEACHER * num_tokens + positions, mask=row_mask, other=0.0)
+    logz_teacher = tl.load(stats_ptr + STAT_LOGZ_TEACHER_T * num_tokens + positions, mask=row_mask, other=0.0)
+
+    kl_teacher_mix = tl.zeros([BLOCK_N], tl.float32)
+    kl_student_mix = tl.zeros([BLOCK_N], tl.float32)
+    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, num_vocab_blocks)
+    for vocab_block in range(first_block, last_block):
+        cols = vocab_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < vocab_size
+        s = logits_tile(
+            student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
+            student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+            student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        t = logits_tile(
+            teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
+            teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
+            teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.
+        s = tl.where(col_mask[None, :], s, m_student[:, None])
+        t = tl.where(col_mask[None, :], t, m_teacher[:, None])
+        # log q = (s - m_s)/T - log Z_a,  log p = (t - m_t)/T - log Z_b  (relative to the row maxima)
+        log_q = (s - m_student[:, None]) * inv_temperature - logz_student[:, None]
+        log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
+        # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
+        log_m = logaddexp(log_beta + log_p, log_one_minus_beta + log_q)
+        kl_teacher_mix += tl.sum(tl.where(col_mask[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
+        kl_student_mix += tl.sum(tl.where(col_mask[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+
+    out = partial_ptr + split.to(tl.int64) * NUM_JSD_FIELDS * num_tokens + positions
+    tl.store(out + PARTIAL_KL_TEACHER_MIX * num_tokens, kl_teacher_mix, mask=row_mask)
+    tl.store(out + PARTIAL_KL_STUDENT_MIX * num_tokens, kl_student_mix, mask=row_mask)
+
+
+@triton.jit
+def merge_jsd_kernel(
+    partial_ptr,
+    stats_ptr,
+    token_index_ptr,
+    num_valid_ptr,
+    distill_ptr,
+    num_tokens,
+    num_splits,
+    beta,
+    BLOCK: tl.constexpr,
+):
+    """Sum the splits in order; D = beta KL(p || m) + (1 - beta) KL(q || m); keep KL(q || m)."""
+    positions = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = positions < tl.load(num_valid_ptr)
+    kl_teacher_mix = tl.zeros([BLOCK], tl.float32)
+    kl_student_mix = tl.zeros([BLOCK], tl.float32)
+    for split in range(0, num_splits):
+        part = partial_ptr + split * NUM_JSD_FIELDS * num_tokens + positions
+        kl_teacher_mix += tl.load(part + PARTIAL_KL_TEACHER_MIX * num_tokens, mask=mask, other=0.0)
+        kl_student_mix += tl.load(part + PARTIAL_KL_STUDENT_MIX * num_tokens, mask=mask, other=0.0)
+    divergence = beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix
+    tl.store(stats_ptr + STAT_DIVERGENCE * num_tokens + positions, kl_student_mix, mask=mask)
+    rows = tl.load(token_index_ptr + positions, mask=mask, other=0)
+    tl.store(distill_ptr + rows, divergence, mask=mask)

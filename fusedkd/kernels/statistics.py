@@ -1,0 +1,352 @@
+"""Pass 1: the per-token statistics kernel (lm_head projections + online log-sum-exp + one-pass KL).
+
+Grid: (token blocks) x (vocabulary splits). A program takes one block of BLOCK_N tokens and walks the
+vocabulary blocks of its split; for each (token x vocab) tile it computes the student and the teacher
+logit tiles with `tl.dot` over the hidden dimension (two hidden sizes), in registers, and folds them
+into per-token online states (DESIGN.md §3), all merged exactly across blocks:
+
+    student:  m_s = max_v s_v,  Z_a = sum_v e^((s_v - m_s)/T),  Z_s = sum_v e^(s_v - m_s)  (CE, T != 1)
+    teacher:  m_t = max_v t_v,  Z_b = sum_v e^((t_v - m_t)/T)
+    KL(p||q): A = sum_v e^(b_v - m_b) ((b_v - m_b) - (a_v - m_a))      (a = s/T, b = t/T)
+    KL(q||p): A = sum_v e^(a_v - m_a) ((a_v - m_a) - (b_v - b_*)),   b_* = b at the student's top token
+    CE:       the label logit s_y
+
+Only these O(N) numbers are written, one row per split ([splits, fields, N] float32); the merge kernel
+combines the splits and finishes the per-token divergence and cross-entropy:
+
+    KL(p || q) = A / Z_b - log Z_b + log Z_a        CE = (m_s - s_y) + log Z_s
+    KL(q || p) = D_* + c,  D_* = A / Z_a,  c = (log q - log p)(v*) = log Z_b - log Z_a - (b_* - m_b)
+
+The reverse KL is kept relative to the student's top token v*: its gradient q (log q - log p - D) / T
+cancels almost exactly at v* when q is peaked, so the gradient pass forms it as
+q ((a - m_a) - (b - b_*) - D_*) / T, where both terms vanish at v* exactly and D_* is small and exact.
+
+Splitting the vocabulary keeps the GPU busy when there are few token blocks; the split states are
+merged deterministically (no atomics). Tokens are visited in "position" order: `token_index` lists
+the valid (not ignored) tokens first, and blocks past `num_valid` exit at once, so ignored tokens
+cost nothing and no host sync is needed to know how many there are.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedkd.kernels.tl_utils import (
+    FORWARD_KL,
+    JSD,
+    REVERSE_KL,
+    logits_tile,
+    merge_lse,
+    shift_kl_accumulator,
+)
+
+# Fields of a split's partial state: partial[split, field, position].
+PARTIAL_M_STUDENT: tl.constexpr = tl.constexpr(0)
+PARTIAL_Z_STUDENT_T: tl.constexpr = tl.constexpr(1)
+PARTIAL_Z_STUDENT_PLAIN: tl.constexpr = tl.constexpr(2)
+PARTIAL_M_TEACHER: tl.constexpr = tl.constexpr(3)
+PARTIAL_Z_TEACHER_T: tl.constexpr = tl.constexpr(4)
+PARTIAL_KL_ACC: tl.constexpr = tl.constexpr(5)
+PARTIAL_LABEL_LOGIT: tl.constexpr = tl.constexpr(6)
+PARTIAL_TEACHER_AT_TOP: tl.constexpr = tl.constexpr(7)
+NUM_PARTIAL_FIELDS: tl.constexpr = tl.constexpr(8)
+
+# Fields of the merged statistics saved for the backward: stats[field, position].
+STAT_M_STUDENT: tl.constexpr = tl.constexpr(0)  # max_v s_v
+STAT_LOGZ_STUDENT_T: tl.constexpr = tl.constexpr(1)  # log sum_v e^((s_v - m_s)/T)
+STAT_LOGZ_STUDENT_PLAIN: tl.constexpr = tl.constexpr(2)  # log sum_v e^(s_v - m_s)
+STAT_M_TEACHER: tl.constexpr = tl.constexpr(3)  # max_v t_v
+STAT_LOGZ_TEACHER_T: tl.constexpr = tl.constexpr(4)  # log sum_v e^((t_v - m_t)/T)
+STAT_DIVERGENCE: tl.constexpr = tl.constexpr(5)  # D_* (reverse KL) or KL(q || m) (JSD)
+STAT_TEACHER_AT_TOP: tl.constexpr = tl.constexpr(6)  # t at the student's top token (reverse KL)
+NUM_STAT_FIELDS: tl.constexpr = tl.constexpr(7)
+
+
+@triton.jit
+def statistics_kernel(
+    student_hidden_ptr,
+    student_weight_ptr,
+    student_bias_ptr,
+    teacher_hidden_ptr,
+    teacher_weight_ptr,
+    teacher_bias_ptr,
+    labels_ptr,
+    token_index_ptr,
+    num_valid_ptr,
+    partial_ptr,
+    num_tokens,
+    vocab_size,
+    student_dim,
+    teacher_dim,
+    blocks_per_split,
+    stride_student_hidden_n,
+    stride_student_hidden_h,
+    stride_student_weight_v,
+    stride_student_weight_h,
+    stride_teacher_hidden_n,
+    stride_teacher_hidden_h,
+    stride_teacher_weight_v,
+    stride_teacher_weight_h,
+    inv_temperature,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    HAS_STUDENT_BIAS: tl.constexpr,
+    HAS_TEACHER_BIAS: tl.constexpr,
+    EVEN_STUDENT_DIM: tl.constexpr,
+    EVEN_TEACHER_DIM: tl.constexpr,
+    STUDENT_UPCAST: tl.constexpr,
+    TEACHER_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # Consecutive programs take consecutive token blocks of the same split: the programs running
+    # together stream the same weight tiles, which then come from L2.
+    num_token_blocks = tl.cdiv(num_tokens, BLOCK_N)
+    pid = tl.program_id(0)
+    token_block = pid % num_token_blocks
+    split = pid // num_token_blocks
+    num_valid = tl.load(num_valid_ptr)
+    if token_block * BLOCK_N >= num_valid:
+        return
+
+    positions = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = positions < num_valid
+    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+    student_rows = rows * stride_student_hidden_n
+    teacher_rows = rows * stride_teacher_hidden_n
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+
+    neg_inf = float("-inf")
+    m_student = tl.full([BLOCK_N], neg_inf, tl.float32)
+    z_student_t = tl.zeros([BLOCK_N], tl.float32)
+    z_student_plain = tl.zeros([BLOCK_N], tl.float32)
+    m_teacher = tl.full([BLOCK_N], neg_inf, tl.float32)
+    z_teacher_t = tl.zeros([BLOCK_N], tl.float32)
+    kl_acc = tl.zeros([BLOCK_N], tl.float32)
+    label_logit = tl.zeros([BLOCK_N], tl.float32)
+    teacher_at_top = tl.zeros([BLOCK_N], tl.float32)
+
+    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, num_vocab_blocks)
+    offs_v = tl.arange(0, BLOCK_V)
+    for vocab_block in range(first_block, last_block):
+        cols = vocab_block * BLOCK_V + offs_v
+        col_mask = cols < vocab_size
+        s = logits_tile(
+            student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
+            student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+            student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        t = logits_tile(
+            teacher_hidden_ptr, teacher_rows, row_mask, stride_teacher_hidden_h,
+            teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
+            teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        if HAS_LABELS:
+            # s_y: exactly one tile holds the label column.
+            label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
+        # The tile's own states, relative to the tile maxima: a = (s - max s)/T, b = (t - max t)/T.
+        # Padding columns past vocab_size: excluded from the maxima, a = b = 0 there (finite, so no
+        # 0 * inf anywhere) and e^a = e^b = 0.
+        s_valid = tl.where(col_mask[None, :], s, neg_inf)
+        tile_m_student = tl.max(s_valid, axis=1)
+        tile_m_teacher = tl.max(tl.where(col_mask[None, :], t, neg_inf), axis=1)
+        s = tl.where(col_mask[None, :], s, tile_m_student[:, None])
+        t = tl.where(col_mask[None, :], t, tile_m_teacher[:, None])
+        a = (s - tile_m_student[:, None]) * inv_temperature
+        b = (t - tile_m_teacher[:, None]) * inv_temperature
+        exp_a = tl.where(col_mask[None, :], tl.exp(a), 0.0)
+        exp_b = tl.where(col_mask[None, :], tl.exp(b), 0.0)
+        tile_z_student_t = tl.sum(exp_a, axis=1)
+        tile_z_teacher_t = tl.sum(exp_b, axis=1)
+
+        new_m_student = tl.maximum(m_student, tile_m_student)
+        new_m_teacher = tl.maximum(m_teacher, tile_m_teacher)
+        if DIVERGENCE == FORWARD_KL:
+            # A = sum_v e^(b_v) (b_v - a_v): weighted by the teacher.
+            tile_kl = tl.sum(exp_b * (b - a), axis=1)
+            kl_acc = shift_kl_accumulator(
+                kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
+            ) + shift_kl_accumulator(
+                tile_kl,
+                tile_z_teacher_t,
+                tile_m_teacher,
+                tile_m_student,
+                new_m_teacher,
+                new_m_student,
+                inv_temperature,
+            )
+        elif DIVERGENCE == REVERSE_KL:
+            # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token.
+            tile_top = tl.argmax(s_valid, axis=1)
+            tile_teacher_at_top = tl.sum(tl.where(offs_v[None, :] == tile_top[:, None], t, 0.0), axis=1)
+            tile_kl = tl.sum(exp_a * (a - (t - tile_teacher_at_top[:, None]) * inv_temperature), axis=1)
+            # Ties keep the earlier column, like argmax.
+            new_teacher_at_top = tl.where(tile_m_student > m_student, tile_teacher_at_top, teacher_at_top)
+            kl_acc = shift_kl_accumulator(
+                kl_acc,
+                z_student_t,
+                m_student,
+                teacher_at_top,
+                new_m_student,
+                new_teacher_at_top,
+                inv_temperature,
+            ) + shift_kl_accumulator(
+                tile_kl,
+                tile_z_student_t,
+                tile_m_student,
+                tile_teacher_at_top,
+                new_m_student,
+                new_teacher_at_top,
+                inv_temperature,
+            )
+            teacher_at_top = new_teacher_at_top
+        if SEPARATE_CE:
+            # Cross-entropy softmax at T = 1 (when T != 1): Z_s = sum_v e^(s_v - m_s).
+            tile_z_student_plain = tl.sum(
+                tl.where(col_mask[None, :], tl.exp(s - tile_m_student[:, None]), 0.0), axis=1
+            )
+            _, z_student_plain = merge_lse(
+                m_student, z_student_plain, tile_m_student, tile_z_student_plain, 1.0
+            )
+        _, z_student_t = merge_lse(m_student, z_student_t, tile_m_student, tile_z_student_t, inv_temperature)
+        _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, tile_m_teacher, tile_z_teacher_t, inv_temperature)
+        m_student = new_m_student
+        m_teacher = new_m_teacher
+
+    out = partial_ptr + split.to(tl.int64) * NUM_PARTIAL_FIELDS * num_tokens + positions
+    tl.store(out + PARTIAL_M_STUDENT * num_tokens, m_student, mask=row_mask)
+    tl.store(out + PARTIAL_Z_STUDENT_T * num_tokens, z_student_t, mask=row_mask)
+    tl.store(out + PARTIAL_Z_STUDENT_PLAIN * num_tokens, z_student_plain, mask=row_mask)
+    tl.store(out + PARTIAL_M_TEACHER * num_tokens, m_teacher, mask=row_mask)
+    tl.store(out + PARTIAL_Z_TEACHER_T * num_tokens, z_teacher_t, mask=row_mask)
+    tl.store(out + PARTIAL_KL_ACC * num_tokens, kl_acc, mask=row_mask)
+    tl.store(out + PARTIAL_LABEL_LOGIT * num_tokens, label_logit, mask=row_mask)
+    tl.store(out + PARTIAL_TEACHER_AT_TOP * num_tokens, teacher_at_top, mask=row_mask)
+
+
+@triton.jit
+def merge_statistics_kernel(
+    partial_ptr,
+    stats_ptr,
+    token_index_ptr,
+    num_valid_ptr,
+    distill_ptr,
+    ce_ptr,
+    num_tokens,
+    num_splits,
+    inv_temperature,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Merge the splits' states (in split order: deterministic), finish D (KL) and CE per token.
+
+    Writes the statistics the backward needs ([fields, positions]) and the per-token divergence and
+    cross-entropy at the tokens' original indices (ignored tokens keep their zeros).
+    """
+    positions = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    num_valid = tl.load(num_valid_ptr)
+    mask = positions < num_valid
+    neg_inf = float("-inf")
+    m_student = tl.full([BLOCK], neg_inf, tl.float32)
+    z_student_t = tl.zeros([BLOCK], tl.float32)
+    z_student_plain = tl.zeros([BLOCK], tl.float32)
+    m_teacher = tl.full([BLOCK], neg_inf, tl.float32)
+    z_teacher_t = tl.zeros([BLOCK], tl.float32)
+    kl_acc = tl.zeros([BLOCK], tl.float32)
+    label_logit = tl.zeros([BLOCK], tl.float32)
+    teacher_at_top = tl.zeros([BLOCK], tl.float32)
+    for split in range(0, num_splits):
+        part = partial_ptr + split * NUM_PARTIAL_FIELDS * num_tokens + positions
+        part_m_student = tl.load(part + PARTIAL_M_STUDENT * num_tokens, mask=mask, other=0.0)
+        part_z_student_t = tl.load(part + PARTIAL_Z_STUDENT_T * num_tokens, mask=mask, other=1.0)
+        part_m_teacher = tl.load(part + PARTIAL_M_TEACHER * num_tokens, mask=mask, other=0.0)
+        part_z_teacher_t = tl.load(part + PARTIAL_Z_TEACHER_T * num_tokens, mask=mask, other=1.0)
+        part_kl = tl.load(part + PARTIAL_KL_ACC * num_tokens, mask=mask, other=0.0)
+        new_m_student = tl.maximum(m_student, part_m_student)
+        new_m_teacher = tl.maximum(m_teacher, part_m_teacher)
+        if DIVERGENCE == FORWARD_KL:
+            kl_acc = shift_kl_accumulator(
+                kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
+            ) + shift_kl_accumulator(
+                part_kl,
+                part_z_teacher_t,
+                part_m_teacher,
+                part_m_student,
+                new_m_teacher,
+                new_m_student,
+                inv_temperature,
+            )
+        elif DIVERGENCE == REVERSE_KL:
+            part_teacher_at_top = tl.load(part + PARTIAL_TEACHER_AT_TOP * num_tokens, mask=mask, other=0.0)
+            new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
+            kl_acc = shift_kl_accumulator(
+                kl_acc,
+                z_student_t,
+                m_student,
+                teacher_at_top,
+                new_m_student,
+                new_teacher_at_top,
+                inv_temperature,
+            ) + shift_kl_accumulator(
+                part_kl,
+                part_z_student_t,
+                part_m_student,
+                part_teacher_at_top,
+                new_m_student,
+                new_teacher_at_top,
+                inv_temperature,
+            )
+            teacher_at_top = new_teacher_at_top
+        if SEPARATE_CE:
+            part_z_plain = tl.load(part + PARTIAL_Z_STUDENT_PLAIN * num_tokens, mask=mask, other=1.0)
+            _, z_student_plain = merge_lse(m_student, z_student_plain, part_m_student, part_z_plain, 1.0)
+        if HAS_LABELS:
+            label_logit += tl.load(part + PARTIAL_LABEL_LOGIT * num_tokens, mask=mask, other=0.0)
+        _, z_student_t = merge_lse(m_student, z_student_t, part_m_student, part_z_student_t, inv_temperature)
+        _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, part_m_teacher, part_z_teacher_t, inv_temperature)
+        m_student = new_m_student
+        m_teacher = new_m_teacher
+
+    logz_student_t = tl.log(z_student_t)
+    logz_teacher_t = tl.log(z_teacher_t)
+    if SEPARATE_CE:
+        logz_student_plain = tl.log(z_student_plain)
+    else:
+        logz_student_plain = logz_student_t
+    divergence = tl.zeros([BLOCK], tl.float32)
+    saved_divergence = divergence
+    if DIVERGENCE == FORWARD_KL:
+        # KL(p || q) = A / Z_b - log Z_b + log Z_a
+        divergence = kl_acc / z_teacher_t - logz_teacher_t + logz_student_t
+    elif DIVERGENCE == REVERSE_KL:
+        # KL(q || p) = D_* + c,  D_* = A / Z_a,  c = log Z_b - log Z_a - (t_* - m_t) / T
+        saved_divergence = kl_acc / z_student_t
+        top_log_ratio = (logz_teacher_t - logz_student_t) - (teacher_at_top - m_teacher) * inv_temperature
+        divergence = saved_divergence + top_log_ratio
+
+    stats = stats_ptr + positions
+    tl.store(stats + STAT_M_STUDENT * num_tokens, m_student, mask=mask)
+    tl.store(stats + STAT_LOGZ_STUDENT_T * num_tokens, logz_student_t, mask=mask)
+    tl.store(stats + STAT_LOGZ_STUDENT_PLAIN * num_tokens, logz_student_plain, mask=mask)
+    tl.store(stats + STAT_M_TEACHER * num_tokens, m_teacher, mask=mask)
+    tl.store(stats + STAT_LOGZ_TEACHER_T * num_tokens, logz_teacher_t, mask=mask)
+    tl.store(stats + STAT_DIVERGENCE * num_tokens, saved_divergence, mask=mask)
+    tl.store(stats + STAT_TEACHER_AT_TOP * num_tokens, teacher_at_top, mask=mask)
+
+    rows = tl.load(token_index_ptr + positions, mask=mask, other=0)
+    if DIVERGENCE != JSD:  # the JSD's divergence comes from its own pass (jsd.py)
+        tl.store(distill_ptr + rows, divergence, mask=mask)
+    if HAS_LABELS:
+        # CE = LSE(s) - s_y = (m_s - s_y) + log Z_s
+        tl.store(ce_ptr + rows, (m_student - label_logit) + logz_student_plain, mask=mask)

@@ -1,0 +1,122 @@
+"""Triton helpers shared by the fused linear KD kernels: logit tiles, online log-sum-exp merges.
+
+Conventions (DESIGN.md §3): a running softmax state over a set of vocabulary entries is kept as the
+raw (unscaled) maximum logit `m` and `Z = sum_v exp((x_v - m) * scale)`, where `scale` is 1/T for
+the temperature softmaxes and 1 for the cross-entropy. Keeping the raw maximum means the student's
+T-softmax and T=1 softmax share one maximum, and log-probabilities are formed as
+`(x_v - m) * scale - log Z`: relative to the row maximum, so the likely tokens' log-probabilities stay
+exact even for logits of magnitude 1e4. An empty state is (m = -inf, Z = 0) and merges as the identity.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Divergence codes (the kernels' DIVERGENCE constexpr).
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+JSD: tl.constexpr = tl.constexpr(2)
+
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation.
+
+    UPCAST: compute the product in float32 (bf16 tiles under Triton's interpreter, whose bf16 dot is
+    wrong, DESIGN.md §7). DOT_PRECISION: "ieee", "tf32x3" or "tf32" for float32 tiles (ignored by
+    the hardware for bf16/fp16 tiles), from torch.get_float32_matmul_precision().
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def logits_tile(
+    hidden_ptr,
+    row_offsets,
+    row_mask,
+    stride_hidden_h,
+    weight_ptr,
+    cols,
+    col_mask,
+    stride_weight_v,
+    stride_weight_h,
+    bias_ptr,
+    hidden_dim,
+    HAS_BIAS: tl.constexpr,
+    EVEN_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_V] float32 logits x = h W^T (+ b) of one (token block x vocab block) tile.
+
+    `row_offsets` are int64 element offsets of the rows in `hidden_ptr`; masked rows and columns load
+    zeros (their logits are finite; callers mask them). The loop over the hidden dimension keeps the
+    K-order of every dot fixed, so the gradient kernel recomputes the very same logits.
+    """
+    offs_h = tl.arange(0, BLOCK_H)
+    hidden_ptrs = hidden_ptr + row_offsets[:, None] + offs_h[None, :] * stride_hidden_h
+    # The weight tile is loaded transposed, [BLOCK_H, BLOCK_V], straight from its [V, H] layout.
+    weight_ptrs = (
+        weight_ptr + cols.to(tl.int64)[None, :] * stride_weight_v + offs_h[:, None] * stride_weight_h
+    )
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for start in range(0, hidden_dim, BLOCK_H):
+        if EVEN_H:
+            h = tl.load(hidden_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(weight_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            in_h = (start + offs_h) < hidden_dim
+            h = tl.load(hidden_ptrs, mask=row_mask[:, None] & in_h[None, :], other=0.0)
+            w = tl.load(weight_ptrs, mask=in_h[:, None] & col_mask[None, :], other=0.0)
+        acc = dot(h, w, acc, UPCAST, DOT_PRECISION)
+        hidden_ptrs += BLOCK_H * stride_hidden_h
+        weight_ptrs += BLOCK_H * stride_weight_h
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def rescale(m_old, m_new, scale):
+    """exp((m_old - m_new) * scale): the factor that moves a sum from maximum m_old to m_new (0 if empty)."""
+    return tl.where(m_old == float("-inf"), 0.0, tl.exp((m_old - m_new) * scale))
+
+
+@triton.jit
+def merge_lse(m1, z1, m2, z2, scale):
+    """(m1, Z1) ⊕ (m2, Z2) = (M, Z1 e^((m1-M) s) + Z2 e^((m2-M) s)),  M = max(m1, m2)."""
+    m = tl.maximum(m1, m2)
+    return m, z1 * rescale(m1, m, scale) + z2 * rescale(m2, m, scale)
+
+
+@triton.jit
+def shift_kl_accumulator(acc, z_w, m_w_old, m_o_old, m_w, m_o, scale):
+    """Move the one-pass KL accumulator of a state to new maxima (m_w, m_o).
+
+    A = sum_v e^(w_v - m_w) ((w_v - m_w) - (o_v - m_o)) over the state's entries, in scaled units
+    (w = weighting logits, o = other logits, both times `scale`). With d_w = (m_w - m_w_old) * scale
+    and d_o = (m_o - m_o_old) * scale:  A_new = e^(-d_w) (A + Z_w (d_o - d_w)).
+    An empty state (Z_w = 0, maxima -inf) stays 0: its old maxima are taken as the new ones.
+    """
+    nonempty = z_w > 0.0
+    m_w_old = tl.where(nonempty, m_w_old, m_w)
+    m_o_old = tl.where(nonempty, m_o_old, m_o)
+    moved = acc + z_w * (((m_o - m_o_old) - (m_w - m_w_old)) * scale)
+    return moved * tl.exp((m_w_old - m_w) * scale)
+
+
+@triton.jit
+def logaddexp(x, y):
+    """log(e^x + e^y) for finite x, y."""
+    hi = tl.maximum(x, y)
+    lo = tl.minimum(x, y)
+    return hi + tl.log(1.0 + tl.exp(lo - hi))
