@@ -17,7 +17,7 @@ import torch
 from fusedkd._inputs import check_devices, check_float, check_labels, check_options, check_tensor
 from fusedkd._options import KDOptions
 from fusedkd.chunked import _has_ce_grad, _reduce, _rowdot, _Tokens, compute_dtype, default_chunk_size
-from fusedkd.loss import resolve_backend
+from fusedkd.loss import BACKENDS, resolve_backend
 
 
 @dataclass
@@ -107,86 +107,123 @@ def kd_tile_terms(
 
     `s`, `t` are fresh [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid
     id, their weights are 0). `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill dD/ds +
-    w_ce dC/ds (DESIGN.md §4). Entries of -inf are zero probabilities: a term whose weight is 0 is 0
-    even where its log-ratio is infinite or NaN.
+    w_ce dC/ds (DESIGN.md §4). The arithmetic is that of `fusedkd.chunked` (few c x V passes): with
+    a = (s - max s) / T and b = (t - max t) / T (both <= 0), Eq = exp(a), Ep = exp(b), Zq, Zp their row
+    sums, q = Eq / Zq and p = Ep / Zp. Logits of -inf are tokens of probability 0: a term whose weight is
+    0 is 0 even where its log-ratio is infinite or NaN.
     """
     T = options.temperature
-    rows = torch.arange(s.shape[0], device=s.device)
     want_grad = grad_weights is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     want_ce_grad = want_grad and labels is not None and w_ce is not None
+    need_plain = labels is not None and T != 1.0  # CE is at T = 1: its softmax differs from q
+    rows = torch.arange(s.shape[0], device=s.device)
 
-    def zero_where_unweighted(log_ratio: torch.Tensor) -> torch.Tensor:
-        # -inf (weight 0, finite other side) and NaN (both -inf) become 0; +inf (a true infinite KL) stays.
-        return log_ratio.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
-
-    # Work relative to each row's maximum, as log_softmax does (DESIGN.md §6): log q = (a - max) - log Z.
+    # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
+    # even for logits of magnitude 1e4 (DESIGN.md §6).
     s.sub_(_finite_row_max(s))
     t.sub_(_finite_row_max(t))
-    # Cross-entropy at T = 1: C = LSE(s) - s_y, both relative to max(s).
-    ce = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
-    plain_probs = None
-    if labels is not None:
-        lse_plain = torch.logsumexp(s, dim=-1)
-        ce = lse_plain - s[rows, labels]
-        if want_ce_grad and T != 1.0:
-            # dC/ds = softmax(s) - onehot(y); when T = 1 softmax(s) is q itself.
-            plain_probs = torch.sub(s, lse_plain[:, None]).exp_()
+    label_logit = None if labels is None else s[rows, labels]  # s_y - max s
     if T != 1.0:
-        s.div_(T)
-        t.div_(T)
-    s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))  # log q
-    t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # log p
+        s.div_(T)  # a
+        t.div_(T)  # b
+
+    def plain_exp(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """exp(s - max s) = exp(T a) and its row sum Z1 (softmax(s) = exp(T a) / Z1)."""
+        e = torch.mul(s, T, out=out).exp_()
+        return e, e.sum(-1)
+
+    def cross_entropy(z_plain: torch.Tensor) -> torch.Tensor:
+        # C = LSE(s) - s_y = log Z1 - (s_y - max s)
+        if labels is None:
+            return torch.zeros_like(z_plain)
+        return z_plain.log() - label_logit
 
     if options.divergence == "forward_kl":
-        # D = sum p (log p - log q);  dD/ds = (q - p) / T
-        p = t.exp()
-        zero_where_unweighted(t.sub_(s))  # log p - log q
-        divergence = _rowdot(p, t)
+        # D = sum p (log p - log q) = sum Ep (b - a) / Zp - log Zp + log Zq
+        p_unnorm = torch.exp(t)
+        z_teacher = p_unnorm.sum(-1)
+        cross = _rowdot(p_unnorm, _zero_where_unweighted(t.sub_(s)))  # b - a
+        plain = z_plain = None
+        if need_plain:
+            plain, z_plain = plain_exp(out=t)  # t is free
+        s.exp_()  # Eq
+        z_student = s.sum(-1)
+        divergence = cross / z_teacher - z_teacher.log() + z_student.log()
+        ce = cross_entropy(z_student if z_plain is None else z_plain)
         if not want_grad:
             return divergence, ce, None
-        s.exp_()  # q
-        if want_ce_grad and T == 1.0:
-            # q is softmax(s): G = (w_D + w_C) q - w_D p - w_C onehot(y)
-            s.mul_((w_distill + w_ce)[:, None]).sub_(p.mul_(w_distill[:, None]))
-            s[rows, labels] -= w_ce
-            return divergence, ce, s
-        grad = s.sub_(p).mul_((w_distill / T)[:, None])
+        # dD/ds = (q - p) / T;  dC/ds = softmax(s) - onehot(y)
+        coef_q = w_distill / (T * z_student)
+        if want_ce_grad and plain is None:
+            coef_q = coef_q + w_ce / z_student  # T = 1: softmax(s) is q
+        grad = s.mul_(coef_q[:, None]).addcmul_(p_unnorm, (-w_distill / (T * z_teacher))[:, None])
+        if want_ce_grad and plain is not None:
+            grad.addcmul_(plain, (w_ce / z_plain)[:, None])
+
     elif options.divergence == "reverse_kl":
-        # D = sum q (log q - log p);  dD/ds = q (log q - log p - D) / T
-        zero_where_unweighted(t.neg_().add_(s))  # log q - log p
-        s.exp_()  # q
-        divergence = _rowdot(s, t)
+        # K = sum q (a - b);  D = sum q (log q - log p) = K - log Zq + log Zp
+        z_teacher = torch.exp(t).sum(-1)
+        _zero_where_unweighted(torch.sub(s, t, out=t))  # a - b
+        plain = z_plain = None
+        if need_plain:
+            plain, z_plain = plain_exp()
+        s.exp_()  # Eq
+        z_student = s.sum(-1)
+        k = _rowdot(s, t) / z_student
+        divergence = k - z_student.log() + z_teacher.log()
+        ce = cross_entropy(z_student if z_plain is None else z_plain)
         if not want_grad:
             return divergence, ce, None
-        if want_ce_grad and T == 1.0:
-            plain_probs = s
-        grad = t.sub_(divergence[:, None]).mul_(s).mul_((w_distill / T)[:, None])
+        # dD/ds = q (log q - log p - D) / T = q ((a - b) - K) / T
+        grad = t.sub_(k[:, None]).mul_(s).mul_((w_distill / (T * z_student))[:, None])
+        if want_ce_grad:
+            if plain is None:
+                grad.addcmul_(s, (w_ce / z_student)[:, None])
+            else:
+                grad.addcmul_(plain, (w_ce / z_plain)[:, None])
+
     else:
         # m = beta p + (1 - beta) q;  D = beta KL(p || m) + (1 - beta) KL(q || m)
         # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T
         beta = options.beta
+        plain = z_plain = None
+        if need_plain:
+            plain, z_plain = plain_exp()
+            if not want_ce_grad:
+                plain = None
+        z_student = torch.exp(s).sum(-1)
+        s.sub_(z_student.log()[:, None])  # log q
+        t.sub_(torch.exp(t).sum(-1).log()[:, None])  # log p
         log_m = torch.add(t, math.log(beta))
         scratch = torch.add(s, math.log1p(-beta))
         torch.logaddexp(log_m, scratch, out=log_m)
         torch.exp(t, out=scratch)  # p
-        kl_teacher_mix = _rowdot(scratch, zero_where_unweighted(t.sub_(log_m)))  # log p - log m
-        zero_where_unweighted(torch.sub(s, log_m, out=t))  # log q - log m
+        kl_teacher_mix = _rowdot(scratch, _zero_where_unweighted(t.sub_(log_m)))  # log p - log m
+        _zero_where_unweighted(torch.sub(s, log_m, out=t))  # log q - log m
         del log_m, scratch
         s.exp_()  # q
         kl_student_mix = _rowdot(s, t)
         divergence = beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix
+        ce = cross_entropy(z_student if z_plain is None else z_plain)
         if not want_grad:
             return divergence, ce, None
-        if want_ce_grad and T == 1.0:
-            plain_probs = s
         grad = t.sub_(kl_student_mix[:, None]).mul_(s).mul_(((1.0 - beta) / T * w_distill)[:, None])
+        if want_ce_grad:
+            if plain is None:
+                grad.addcmul_(s, w_ce[:, None])  # T = 1: softmax(s) is q
+            else:
+                grad.addcmul_(plain, (w_ce / z_plain)[:, None])
 
     if want_ce_grad:
-        # dC/ds = softmax(s) - onehot(y)
-        grad.addcmul_(plain_probs, w_ce[:, None])
         grad[rows, labels] -= w_ce
     return divergence, ce, grad
+
+
+def _zero_where_unweighted(log_ratio: torch.Tensor) -> torch.Tensor:
+    """In place: -inf (its weight is 0, the other side finite) and NaN (both -inf) become 0; +inf (a
+    truly infinite divergence) stays."""
+    return log_ratio.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
 
 
 def _finite_row_max(x: torch.Tensor) -> torch.Tensor:
@@ -424,8 +461,8 @@ def kd_loss(
             PyTorch), ``"torch"`` (token-chunked, any device) or ``"triton"``.
         return_components: also return the two terms, ``(loss, distill, ce)``, each reduced like
             ``loss``: ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
-        chunk_size: tokens per chunk of the PyTorch backend (default: one ``chunk x V`` float32 tile of
-            about 16 MiB). Not accepted by the Triton backend.
+        chunk_size: tokens per chunk of the PyTorch backend (default: as `fused_linear_kd_loss`, one
+            ``chunk x V`` float32 tile of `fusedkd.chunked.TILE_BYTES`). Not accepted by the Triton backend.
 
     Returns:
         The loss (a float32 scalar, float64 for float64 logits, or ``[...]`` for ``reduction="none"``),
@@ -499,6 +536,21 @@ class KDLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        # Fail at construction, not at the first batch.
+        check_options(
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            alpha=alpha,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=1,
+            has_labels=True,
+        )
+        if vocab_size is not None:
+            _logits_vocab_size(vocab_size, vocab_size, vocab_size)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
         self.options = dict(
             alpha=alpha,
             temperature=temperature,
