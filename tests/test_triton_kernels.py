@@ -1,0 +1,297 @@
+"""The Triton backend's own properties: memory, shapes and dtypes at tile edges, configuration, errors.
+
+The equivalence with the float64 reference is tests/test_fused_linear.py's job (it runs every case with
+backend="triton" too). Without a GPU the kernels run through Triton's interpreter (tests/conftest.py):
+shapes stay small and odd. The GPU-only tests at real vocabulary size are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DEVICE, FP32_RTOL, as_float64, assert_close, fused, make_case, rel_err, run_loss
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fusedkd
+from fusedkd import kernels, reference
+from fusedkd._options import KDOptions
+
+pytestmark = pytest.mark.skipif(
+    kernels.unavailable_reason(DEVICE) is not None, reason=str(kernels.unavailable_reason(DEVICE))
+)
+needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA")
+
+
+def triton_matches_reference(case, rtol=FP32_RTOL, **options):
+    values, grads = run_loss(fused("triton"), case, **options)
+    ref_values, ref_grads = run_loss(reference.fused_linear_kd_loss, as_float64(case), **options)
+    assert_close(values, ref_values, rtol, "loss")
+    assert_close(grads, ref_grads, rtol, "grad")
+    return values, grads
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor, in bytes, that any aten op produces (every allocation of the loss is
+    an op output; counting bytes also covers the byte views through which Triton's interpreter copies
+    kernel arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor) and x.numel() * x.element_size() > self.nbytes:
+                self.nbytes, self.op = x.numel() * x.element_size(), func
+        return out
+
+
+@pytest.mark.parametrize(
+    "dtype,options",
+    [
+        (torch.float32, dict(alpha=0.7, temperature=2.0)),
+        (torch.bfloat16, dict(reduction="none", divergence="jsd", beta=0.3, alpha=0.6, temperature=3.0)),
+        (torch.float16, dict(divergence="reverse_kl", return_components=True, alpha=0.5)),
+    ],
+    ids=["fp32-fkl", "bf16-jsd-none", "fp16-rkl-components"],
+)
+def test_allocates_nothing_of_tokens_by_vocab(dtype, options):
+    """No op of the forward or the backward outputs a tensor larger than the largest input.
+
+    With N * V far above every input's size, that rules out any [N, V] (or [chunk, V]) buffer: the
+    kernels' O(N) statistics, the [N, H_s] and per-program [BLOCK_V, H_s] float32 accumulators are all
+    smaller.
+    """
+    case = make_case(n=192, vocab=2053, student_dim=8, teacher_dim=12, dtype=dtype, bias=True)
+    inputs = [case.student_hidden, case.student_weight, case.teacher_hidden, case.teacher_weight]
+    largest_input = max(x.numel() * x.element_size() for x in inputs)
+    n, vocab = case.labels.numel(), case.student_weight.shape[0]
+    assert largest_input * 8 < n * vocab * case.student_weight.element_size()
+    with LargestOutput() as largest:
+        out = fusedkd.fused_linear_kd_loss(
+            *inputs,
+            case.labels,
+            student_bias=case.student_bias,
+            teacher_bias=case.teacher_bias,
+            backend="triton",
+            **options,
+        )
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.sum().backward()
+    assert largest.nbytes <= largest_input, (largest.nbytes, largest.op)
+    assert torch.isfinite(case.student_weight.grad).all() and torch.isfinite(case.student_hidden.grad).all()
+
+
+@pytest.mark.parametrize(
+    "n,vocab,student_dim,teacher_dim",
+    [
+        (1, 50, 24, 40),  # one token, the vocabulary inside one partial block
+        (64, 256, 32, 64),  # every dimension a multiple of the interpreter's tiles (the EVEN_* paths)
+        (33, 129, 17, 16),  # one column into a second vocabulary block
+    ],
+    ids=["tiny", "even", "edges"],
+)
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.6)])
+def test_tile_edges(n, vocab, student_dim, teacher_dim, divergence, beta):
+    case = make_case(n=n, vocab=vocab, student_dim=student_dim, teacher_dim=teacher_dim, bias=True)
+    case.labels[: min(n, 4)] = torch.tensor([0, vocab - 1, vocab // 2, 1])[: min(n, 4)]  # first/last columns
+    triton_matches_reference(case, divergence=divergence, beta=beta, temperature=1.5, alpha=0.6)
+
+
+@pytest.mark.parametrize(
+    "student_dtype,teacher_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+    ids=["bf16-student-fp32-teacher", "fp32-student-fp16-teacher"],
+)
+def test_teacher_dtype_may_differ(student_dtype, teacher_dtype):
+    case = make_case(n=29, vocab=401, dtype=student_dtype)
+    case.teacher_hidden = case.teacher_hidden.detach().to(teacher_dtype)
+    case.teacher_weight = case.teacher_weight.detach().to(teacher_dtype)
+    options = dict(divergence="jsd", beta=0.4, temperature=2.0, alpha=0.8)
+    values, grads = run_loss(fused("triton"), case, **options)
+    naive_values, naive_grads = run_loss(reference.fused_linear_kd_loss, case, **options)
+    ref_values, ref_grads = run_loss(reference.fused_linear_kd_loss, as_float64(case), **options)
+    eps = torch.finfo(student_dtype if student_dtype != torch.float32 else teacher_dtype).eps
+    for a, b, e in zip(values + grads, naive_values + naive_grads, ref_values + ref_grads):
+        assert rel_err(a, e) <= max(3 * rel_err(b, e), 4 * eps, FP32_RTOL)
+
+
+def test_strided_inputs():
+    """Non-contiguous hidden states and row-sliced, column-strided heads are read through their strides."""
+    case = make_case(n=21, vocab=307, student_dim=24, teacher_dim=40)
+    wide_hidden = torch.randn(21, 48, device=DEVICE)
+    wide_hidden[:, ::2] = case.student_hidden.detach()
+    student_hidden = wide_hidden[:, ::2].requires_grad_(True)  # stride (48, 2)
+    teacher_weight_t = case.teacher_weight.detach().T.contiguous()  # [H_t, V]
+    teacher_weight = teacher_weight_t.T  # [V, H_t] with strides (1, V)
+    assert not student_hidden.is_contiguous() and not teacher_weight.is_contiguous()
+    options = dict(divergence="reverse_kl", temperature=0.7, alpha=0.4)
+    strided = run_loss(
+        fused("triton"),
+        type(case)(student_hidden, case.student_weight, case.teacher_hidden, teacher_weight, case.labels),
+        **options,
+    )
+    ref = run_loss(reference.fused_linear_kd_loss, as_float64(case), **options)
+    assert_close(strided[0] + strided[1], ref[0] + ref[1], FP32_RTOL)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_gradient_of_a_subset_of_inputs(frozen):
+    case = make_case(n=25, vocab=311, bias=True)
+    getattr(case, f"student_{frozen}").requires_grad_(False)
+    out = fusedkd.fused_linear_kd_loss(
+        case.student_hidden,
+        case.student_weight,
+        case.teacher_hidden,
+        case.teacher_weight,
+        case.labels,
+        student_bias=case.student_bias,
+        backend="triton",
+        alpha=0.3,
+    )
+    out.backward()
+    ref_case = as_float64(case)
+    ref = reference.fused_linear_kd_loss(
+        ref_case.student_hidden,
+        ref_case.student_weight,
+        ref_case.teacher_hidden,
+        ref_case.teacher_weight,
+        ref_case.labels,
+        student_bias=ref_case.student_bias,
+        alpha=0.3,
+    )
+    ref.backward()
+    assert getattr(case, f"student_{frozen}").grad is None
+    for name in {"weight", "hidden"} - {frozen}:
+        ours, exact = getattr(case, f"student_{name}").grad, getattr(ref_case, f"student_{name}").grad
+        assert rel_err(ours.double().cpu(), exact.cpu()) <= FP32_RTOL
+    assert rel_err(case.student_bias.grad.double().cpu(), ref_case.student_bias.grad.cpu()) <= FP32_RTOL
+
+
+def test_no_tokens():
+    case = make_case(n=3, vocab=101)
+    hidden = case.student_hidden.detach()[:0].requires_grad_(True)
+    loss = fusedkd.fused_linear_kd_loss(
+        hidden,
+        case.student_weight,
+        case.teacher_hidden[:0],
+        case.teacher_weight,
+        case.labels[:0],
+        backend="triton",
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert (case.student_weight.grad == 0).all() and hidden.grad.shape == (0, 24)
+
+
+def test_weight_gradient_is_deterministic():
+    """grad_student_weight has one writer per row (no atomics): bitwise reproducible."""
+    case = make_case(n=45, vocab=517, dtype=torch.bfloat16)
+    runs = [run_loss(fused("triton"), case, alpha=0.6, temperature=2.0)[1][1] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_float64_is_refused_with_a_pointer_to_the_torch_backend():
+    case = make_case(n=5, vocab=31, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        fusedkd.fused_linear_kd_loss(
+            case.student_hidden,
+            case.student_weight,
+            case.teacher_hidden,
+            case.teacher_weight,
+            case.labels,
+            backend="triton",
+        )
+
+
+def test_clear_error_where_the_kernels_cannot_run(monkeypatch):
+    case = make_case(n=5, vocab=31)
+    args = (case.student_hidden, case.student_weight, case.teacher_hidden, case.teacher_weight, case.labels)
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    cpu_reason = kernels.unavailable_reason(torch.device("cpu"))
+    assert "TRITON_INTERPRET=1" in cpu_reason
+    assert "CUDA" in kernels.unavailable_reason(torch.device("meta"))
+    if DEVICE.type == "cpu":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            fusedkd.fused_linear_kd_loss(*args, backend="triton")
+        from fusedkd.kernels.fused_linear_kd import fused_linear_kd
+
+        options = KDOptions("forward_kl", 0.5, 1.0, 1.0, -100, "mean", 31, False)
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            fused_linear_kd(case.student_hidden, case.student_weight, None, *args[2:4], None, None, options)
+        assert fusedkd.loss.resolve_backend("auto", DEVICE) == "torch"
+    monkeypatch.setattr(kernels, "TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    assert "pip install triton" in kernels.unavailable_reason(torch.device("cuda"))
+
+
+def test_chunk_size_is_refused():
+    case = make_case(n=5, vocab=31)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fusedkd.fused_linear_kd_loss(
+            case.student_hidden,
+            case.student_weight,
+            case.teacher_hidden,
+            case.teacher_weight,
+            case.labels,
+            backend="triton",
+            chunk_size=4,
+        )
+
+
+def test_configurations(monkeypatch):
+    from fusedkd.kernels import config
+
+    # tl.dot needs every tile side >= 16; tiles are powers of two; the fp32 dot precision follows torch.
+    every = [config.HALF_CONFIG, config.FLOAT32_CONFIG, config.INTERPRETER_CONFIG]
+    every += [*config.HALF_CANDIDATES, *config.FLOAT32_CANDIDATES]
+    for candidate in every:
+        for tile in (candidate.statistics, candidate.gradient):
+            for side in (tile.block_n, tile.block_v, tile.block_h):
+                assert side >= 16 and side & (side - 1) == 0
+            assert tile.num_warps in (4, 8, 16)
+        # The gradient pass recomputes the logits exactly as the statistics pass did: same K-order.
+        assert candidate.statistics.block_h == candidate.gradient.block_h
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert config.dot_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    # Autotuning is opt-in and GPU-only: never under the interpreter or on a CPU tensor.
+    monkeypatch.setenv(config.AUTOTUNE_ENV, "1")
+    assert not config.autotune_enabled(torch.device("cpu"))
+    assert config.select_config(("key",), torch.float32, torch.device("cpu"), run=None) == (
+        config.default_config(torch.float32)
+    )
+    monkeypatch.delenv(config.AUTOTUNE_ENV)
+    assert not config.autotune_enabled(torch.device("cuda"))
+
+
+# --- GPU only: real vocabulary size, against the torch backend in float64 (exact, chunked) ---------------
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_qwen_vocabulary_on_gpu(dtype, divergence, beta):
+    """N = 4096, V = 151,936 (Qwen3), H_s = 1024, H_t = 2560: no worse than the torch backend in `dtype`."""
+    case = make_case(n=4096, vocab=151_936, student_dim=1024, teacher_dim=2560, dtype=dtype, bias=False)
+    options = dict(divergence=divergence, beta=beta, temperature=2.0, alpha=0.7)
+    ours = run_loss(fused("triton"), case, **options)
+    torch_same_dtype = run_loss(fused("torch"), case, **options)
+    exact = run_loss(fused("torch"), as_float64(case), **options)
+    floor = FP32_RTOL if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    for a, b, e in zip(ours[0] + ours[1], torch_same_dtype[0] + torch_same_dtype[1], exact[0] + exact[1]):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, e) <= max(3 * rel_err(b, e), floor), (rel_err(a, e), rel_err(b, e))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_auto_backend_is_triton_on_cuda():
+    assert fusedkd.loss.resolve_backend("auto", DEVICE) == "triton"
