@@ -3,6 +3,15 @@
 This package imports without Triton; `unavailable_reason(device)` says whether the Triton backend can
 run on a device and, if not, why. The kernels run on CUDA tensors, and on CPU tensors through Triton's
 interpreter when `TRITON_INTERPRET=1` was set before Triton was first imported (DESIGN.md §7).
+
+The fused linear KD loss (`fused_linear_kd_loss(..., backend="triton")`):
+
+    fused_linear_kd.py   entry point and the autograd.Function; launches the passes below
+    statistics.py        pass 1: logit tiles + online log-sum-exp + one-pass KL -> O(N) statistics
+    jsd.py               the JSD's second pass (it needs the final log-sum-exps)
+    gradient.py          recompute the tiles, form G, accumulate the student's gradients
+    tl_utils.py          shared Triton helpers: the logit tile, online LSE merges, the KL shift
+    config.py            tile configurations per dtype; opt-in autotuning (FUSEDKD_AUTOTUNE=1, GPU)
 """
 
 from __future__ import annotations
