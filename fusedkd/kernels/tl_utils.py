@@ -63,23 +63,24 @@ def logits_tile(
     K-order of every dot fixed, so the gradient kernel recomputes the very same logits.
     """
     offs_h = tl.arange(0, BLOCK_H)
-    hidden_ptrs = hidden_ptr + row_offsets[:, None] + offs_h[None, :] * stride_hidden_h
-    # The weight tile is loaded transposed, [BLOCK_H, BLOCK_V], straight from its [V, H] layout.
-    weight_ptrs = (
-        weight_ptr + cols.to(tl.int64)[None, :] * stride_weight_v + offs_h[:, None] * stride_weight_h
-    )
+    # Addresses are rebuilt from the loop's scalar offset at each step (not carried as 64-bit pointer
+    # tensors through the loop, which would cost registers in every pipeline stage).
+    hidden_rows = hidden_ptr + row_offsets[:, None]
+    weight_cols = weight_ptr + cols.to(tl.int64)[None, :] * stride_weight_v
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for start in range(0, hidden_dim, BLOCK_H):
+        h = start + offs_h
+        hidden_ptrs = hidden_rows + h[None, :] * stride_hidden_h
+        # The weight tile is loaded transposed, [BLOCK_H, BLOCK_V], straight from its [V, H] layout.
+        weight_ptrs = weight_cols + h[:, None] * stride_weight_h
         if EVEN_H:
-            h = tl.load(hidden_ptrs, mask=row_mask[:, None], other=0.0)
+            x = tl.load(hidden_ptrs, mask=row_mask[:, None], other=0.0)
             w = tl.load(weight_ptrs, mask=col_mask[None, :], other=0.0)
         else:
-            in_h = (start + offs_h) < hidden_dim
-            h = tl.load(hidden_ptrs, mask=row_mask[:, None] & in_h[None, :], other=0.0)
+            in_h = h < hidden_dim
+            x = tl.load(hidden_ptrs, mask=row_mask[:, None] & in_h[None, :], other=0.0)
             w = tl.load(weight_ptrs, mask=in_h[:, None] & col_mask[None, :], other=0.0)
-        acc = dot(h, w, acc, UPCAST, DOT_PRECISION)
-        hidden_ptrs += BLOCK_H * stride_hidden_h
-        weight_ptrs += BLOCK_H * stride_weight_h
+        acc = dot(x, w, acc, UPCAST, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
