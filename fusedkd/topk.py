@@ -139,9 +139,10 @@ def teacher_topk(
         (float64 for float64 inputs), sorted by decreasing log-probability.
 
     Example:
-        >>> import torch, fusedkd
+        >>> import torch
+        >>> from fusedkd.topk import teacher_topk
         >>> hidden, weight = torch.randn(2, 5, 16), torch.randn(1000, 16)
-        >>> ids, logprobs = fusedkd.teacher_topk(hidden, weight, k=8, temperature=2.0)
+        >>> ids, logprobs = teacher_topk(hidden, weight, k=8, temperature=2.0)
         >>> ids.shape, logprobs.dtype
         (torch.Size([2, 5, 8]), torch.float32)
         >>> exact = torch.log_softmax(hidden @ weight.T / 2.0, dim=-1).topk(8)
@@ -338,30 +339,32 @@ def prepare_topk_kd(
 def _check_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
     """ids in [0, V) and distinct per token; logprobs <= 0 (no NaN) with a mass of at most 1 (+ rounding).
 
-    A few reductions over [N, k] and one host sync each, so that bad data is an error, not a NaN.
+    Four reductions over [N, k] and one host sync, so that bad data is an error, not a NaN.
     """
     if ids.numel() == 0:
         return
     out_of_range = (ids < 0) | (ids >= vocab)
-    if bool(out_of_range.any()):
-        raise ValueError(f"ids must be token ids in [0, {vocab}); found {ids[out_of_range][0].item()}")
     ordered = ids.sort(dim=-1).values
     repeated = ordered[:, 1:] == ordered[:, :-1]
-    if bool(repeated.any()):
+    not_log_prob = ~(logprobs <= 0)  # also catches NaN
+    # Their mass sum_j exp(logprobs_j) is at most 1, up to the rounding of the stored dtype.
+    tolerance = 1e-6 + 4 * torch.finfo(logprobs.dtype).eps * max(1.0, math.log(ids.shape[-1]))
+    mass = torch.logsumexp(logprobs.float(), dim=-1).exp()
+    too_heavy = mass > 1 + tolerance
+    flags = torch.stack([x.any() for x in (out_of_range, repeated, not_log_prob, too_heavy)]).tolist()
+    if flags[0]:
+        raise ValueError(f"ids must be token ids in [0, {vocab}); found {ids[out_of_range][0].item()}")
+    if flags[1]:
         token, position = repeated.nonzero()[0].tolist()
         raise ValueError(
             f"ids must list k distinct tokens per position; position {token} lists id "
             f"{ordered[token, position].item()} twice"
         )
-    not_log_prob = ~(logprobs <= 0)  # also catches NaN
-    if bool(not_log_prob.any()):
+    if flags[2]:
         raise ValueError(
             f"logprobs must be log-probabilities (<= 0, not NaN); found {logprobs[not_log_prob][0].item()}"
         )
-    # Their mass sum_j exp(logprobs_j) is at most 1, up to the rounding of the stored dtype.
-    tolerance = 1e-6 + 4 * torch.finfo(logprobs.dtype).eps * max(1.0, math.log(ids.shape[-1]))
-    mass = torch.logsumexp(logprobs.float(), dim=-1).exp()
-    if bool((mass > 1 + tolerance).any()):
+    if flags[3]:
         raise ValueError(
             f"logprobs must be log-probabilities normalized over the full vocabulary (log softmax, not "
             f"logits): the listed probabilities of a position sum to {mass.max().item():.6g} > 1"
@@ -882,13 +885,14 @@ def fused_linear_topk_kd_loss(
         ``(loss, distill, ce)``.
 
     Example:
-        >>> import torch, fusedkd
+        >>> import torch
+        >>> from fusedkd.topk import fused_linear_topk_kd_loss, teacher_topk
         >>> teacher_hidden, teacher_weight = torch.randn(4, 7, 32), torch.randn(500, 32)
-        >>> ids, logprobs = fusedkd.teacher_topk(teacher_hidden, teacher_weight, k=20, temperature=2.0)
+        >>> ids, logprobs = teacher_topk(teacher_hidden, teacher_weight, k=20, temperature=2.0)
         >>> student_hidden = torch.randn(4, 7, 16, requires_grad=True)
         >>> student_weight = torch.randn(500, 16, requires_grad=True)
         >>> labels = torch.randint(0, 500, (4, 7))
-        >>> loss = fusedkd.fused_linear_topk_kd_loss(
+        >>> loss = fused_linear_topk_kd_loss(
         ...     student_hidden, student_weight, ids, logprobs, labels, temperature=2.0, alpha=0.7)
         >>> loss.backward()
         >>> student_weight.grad.shape
@@ -935,10 +939,11 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
     """`fused_linear_topk_kd_loss` as a module: options at construction, tensors at call.
 
     Example:
-        >>> import torch, fusedkd
-        >>> criterion = fusedkd.FusedLinearTopKKDLoss(temperature=2.0, alpha=1.0, tail="renormalize")
+        >>> import torch
+        >>> from fusedkd.topk import FusedLinearTopKKDLoss, teacher_topk
+        >>> criterion = FusedLinearTopKKDLoss(temperature=2.0, alpha=1.0, tail="renormalize")
         >>> teacher_hidden, teacher_weight = torch.randn(5, 12), torch.randn(50, 12)
-        >>> ids, logprobs = fusedkd.teacher_topk(teacher_hidden, teacher_weight, k=4, temperature=2.0)
+        >>> ids, logprobs = teacher_topk(teacher_hidden, teacher_weight, k=4, temperature=2.0)
         >>> loss = criterion(torch.randn(5, 8), torch.randn(50, 8), ids, logprobs)
         >>> loss.dim()
         0

@@ -16,8 +16,8 @@ import triton.language as tl
 from fusedkd._options import KDOptions
 from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES
 
-DIVERGENCE_FLAGS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Fixed launch configuration (autotuning needs a GPU driver, DESIGN.md §7): one row per program,
 # vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
 # per thread and spills nothing (ptxas -v); not yet timed on a GPU.
@@ -58,7 +58,7 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
     )
     scalars = (options.vocab_size, student_logits.shape[-1], options.temperature, options.beta)
     flags = dict(
-        DIVERGENCE=DIVERGENCE_FLAGS[options.divergence],
+        DIVERGENCE=DIVERGENCE_CODES[options.divergence],
         HAS_LABELS=has_labels,
         ACC_DTYPE=_acc_dtype(student_logits.dtype)[1],
         BLOCK_V=block_v,
@@ -97,9 +97,10 @@ class KDLogitsFunction(torch.autograd.Function):
             w_ce = (options.ce_weight * scale).reshape(1)
         else:
             grad = w_distill = w_ce = divergence  # never written or read without FUSE_GRAD
-        kd_logits_forward_kernel[(n,)](
-            *leading, stats, divergence, ce, grad, w_distill, w_ce, *scalars, FUSE_GRAD=fuse_grad, **flags
-        )
+        if n > 0:
+            kd_logits_forward_kernel[(n,)](
+                *leading, stats, divergence, ce, grad, w_distill, w_ce, *scalars, FUSE_GRAD=fuse_grad, **flags
+            )
         loss = options.distill_weight * divergence + options.ce_weight * ce
 
         ctx.set_materialize_grads(False)
@@ -136,9 +137,10 @@ class KDLogitsFunction(torch.autograd.Function):
         w_stride = 0 if w_distill.numel() == 1 else 1
         leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
         grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
-        kd_logits_backward_kernel[(stats.shape[0],)](
-            *leading, stats, grad, w_distill, w_ce, w_stride, *scalars, **flags
-        )
+        if stats.shape[0] > 0:
+            kd_logits_backward_kernel[(stats.shape[0],)](
+                *leading, stats, grad, w_distill, w_ce, w_stride, *scalars, **flags
+            )
         return (grad, *no_grads[1:])
 
 
