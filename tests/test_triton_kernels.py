@@ -7,6 +7,11 @@ shapes stay small and odd. The GPU-only tests at real vocabulary size are skippe
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from _helpers import DEVICE, FP32_RTOL, as_float64, assert_close, fused, make_case, rel_err, run_loss
@@ -268,6 +273,28 @@ def test_configurations(monkeypatch):
     )
     monkeypatch.delenv(config.AUTOTUNE_ENV)
     assert not config.autotune_enabled(torch.device("cuda"))
+
+
+def test_kernels_compile_for_hopper():
+    """The real compiler (not the interpreter) accepts every kernel specialization, for sm_90, here.
+
+    Runs in a subprocess without TRITON_INTERPRET; needs only Triton's bundled ptxas, no GPU. bf16 dots
+    must reach the tensor cores (wgmma).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-W", "ignore", "-m", "fusedkd.kernels.compile_check", "--json"]
+    command += ["--dtypes", "bf16,fp32"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    compiled = {(row["kernel"], row["dtype"], row["constexprs"].get("DIVERGENCE")) for row in rows}
+    for divergence in (0, 1, 2):
+        assert ("statistics_kernel", "bf16", divergence) in compiled
+        assert ("gradient_kernel", "bf16", divergence) in compiled
+    assert ("jsd_kernel", "bf16", None) in compiled
+    for row in rows:
+        if row["dtype"] == "bf16" and row["kernel"] in ("statistics_kernel", "jsd_kernel", "gradient_kernel"):
+            assert row["tensor_core_ops"] > 0, row
 
 
 # --- GPU only: real vocabulary size, against the torch backend in float64 (exact, chunked) ---------------
