@@ -559,3 +559,32 @@ def test_triton_kernels_compile_for_a_gpu():
     if result.returncode != 0 and ("ASTSource" in result.stderr or "GPUTarget" in result.stderr):
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: `kernel[grid](...)` does nothing (the launcher's allocations only)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.skipif(kernels.unavailable_reason(DEVICE) is not None, reason="needs the Triton backend")
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["fused-gradient", "backward-kernel"])
+def test_triton_launcher_allocates_the_gradient_and_O_of_N(monkeypatch, reduction):
+    """Around the kernels, the Triton path allocates G (student dtype) and O(N) statistics, nothing else."""
+    from fusedkd.kernels import kd_logits as kd_logits_kernels
+
+    monkeypatch.setattr(kd_logits_kernels, "kd_logits_forward_kernel", _NoLaunch())
+    monkeypatch.setattr(kd_logits_kernels, "kd_logits_backward_kernel", _NoLaunch())
+    n, vocab = 64, 151_936
+    student = torch.zeros(4, n // 4 + 1, vocab, dtype=torch.bfloat16, device=DEVICE)[:, 1:].requires_grad_(
+        True
+    )
+    teacher = torch.zeros(4, n // 4 + 1, vocab, dtype=torch.bfloat16, device=DEVICE)[:, 1:]
+    labels = torch.randint(0, vocab, (4, n // 4), device=DEVICE)
+    with NewStorages() as recorder:
+        loss = kd_loss(student, teacher, labels, backend="triton", reduction=reduction, alpha=0.7)
+        loss.sum().backward()
+    full = [(numel, op) for numel, op in recorder.allocations if numel >= n]
+    assert [numel for numel, _ in full if numel >= n * vocab] == [n * vocab], full  # G, once
+    assert all(numel <= 8 * n for numel, _ in full if numel < n * vocab), full  # statistics: O(N)
