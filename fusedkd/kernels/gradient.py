@@ -266,11 +266,16 @@ def gradient_kernel(
                         mask=row_mask[:, None] & in_h[None, :],
                         sem="relaxed",
                     )
+            if GRAD_WEIGHT:
+                # The next step reads these rows back, possibly through other threads of the CTA (the
+                # compiler picks the layouts): a CTA barrier orders the read-modify-writes (once a tile).
+                tl.debug_barrier()
 
         if GRAD_BIAS:
             tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
         if GRAD_WEIGHT and WEIGHT_SCRATCH:
-            # Cast the finished float32 rows into the output (zeros when no token is valid).
+            # Cast the finished float32 rows into the output (zeros when no token is valid); the barrier
+            # after the copy orders it before the next vocabulary block overwrites the scratch.
             accumulated_dim = tl.where(num_token_blocks > 0, student_dim, 0)
             for start in range(0, student_dim, BLOCK_H):
                 h = start + offs_h
@@ -285,3 +290,4 @@ def gradient_kernel(
                     acc.to(grad_weight_ptr.dtype.element_ty),
                     mask=mask,
                 )
+            tl.debug_barrier()
