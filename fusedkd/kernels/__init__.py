@@ -12,6 +12,7 @@ The fused linear KD loss (`fused_linear_kd_loss(..., backend="triton")`):
     gradient.py          recompute the tiles, form G, accumulate the student's gradients
     tl_utils.py          shared Triton helpers: the logit tile, online LSE merges, the KL shift
     config.py            tile configurations per dtype; opt-in autotuning (FUSEDKD_AUTOTUNE=1, GPU)
+    compile_check.py     compile them for a GPU architecture without a GPU; registers, spills, wgmma
 """
 
 from __future__ import annotations
