@@ -469,12 +469,13 @@ def kd_loss(
         or ``(loss, distill, ce)``.
 
     Example:
-        >>> import torch, fusedkd
+        >>> import torch
+        >>> from fusedkd.logits import kd_loss
         >>> student_logits = torch.randn(2, 9, 100, requires_grad=True)
         >>> teacher_logits = torch.randn(2, 9, 100)
         >>> labels = torch.randint(0, 100, (2, 9))
         >>> labels[:, :3] = -100  # e.g. prompt tokens
-        >>> loss = fusedkd.kd_loss(student_logits, teacher_logits, labels, alpha=0.7, temperature=5.0)
+        >>> loss = kd_loss(student_logits, teacher_logits, labels, alpha=0.7, temperature=5.0)
         >>> loss.backward()
         >>> student_logits.grad.shape, student_logits.grad.dtype
         (torch.Size([2, 9, 100]), torch.float32)
@@ -514,8 +515,9 @@ class KDLoss(torch.nn.Module):
     `kd_loss` are keyword arguments.
 
     Example:
-        >>> import torch, fusedkd
-        >>> criterion = fusedkd.KDLoss(0.7, 5.0)  # alpha, temperature
+        >>> import torch
+        >>> from fusedkd.logits import KDLoss
+        >>> criterion = KDLoss(0.7, 5.0)  # alpha, temperature
         >>> loss = criterion(torch.randn(6, 50), torch.randn(6, 50), torch.randint(0, 50, (6,)))
         >>> loss.dim()
         0

@@ -13,9 +13,7 @@ import triton
 import triton.language as tl
 
 from fusedkd.kernels.kd_logits_backward import (
-    FORWARD_KL,
     NUM_STATS,
-    REVERSE_KL,
     STAT_AUX,
     STAT_LOGZ_PLAIN,
     STAT_LOGZ_STUDENT,
@@ -25,6 +23,7 @@ from fusedkd.kernels.kd_logits_backward import (
     kd_logits_grad_row,
 )
 from fusedkd.kernels.kd_logits_math import logaddexp, running_max, zero_row
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL
 
 
 @triton.jit
