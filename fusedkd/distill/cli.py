@@ -1,0 +1,195 @@
+"""``python -m fusedkd.distill``: the command line of the distillation recipe.
+
+Without ``--teacher`` / ``--student`` it runs the embedded default (`recipe`); with them, a real run
+(`run`). Exit codes: 0 done, 2 bad input (one ``error:`` line on stderr, nothing saved is touched),
+130 stopped by Ctrl-C / SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from fusedkd.distill.errors import UsageError
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+
+# Options whose default depends on the mode: (real runs, embedded default). None in argparse = "not given".
+MODE_DEFAULTS: dict[str, tuple[object, object]] = {
+    "lr": (2e-5, 3e-3),
+    "batch_size": (8, 16),
+    "seq_len": (1024, 128),
+    "max_steps": (None, 150),
+    "warmup_ratio": (0.03, 0.05),
+}
+
+# Options that only real runs take (the embedded default brings its own models and corpus).
+REAL_RUN_ONLY = (
+    "dataset",
+    "dataset_config",
+    "eval_dataset",
+    "max_samples",
+    "loss_only_on_response",
+    "pack",
+    "vocab_size",
+    "resume",
+    "fsdp",
+    "shard_teacher",
+    "teacher_topk",
+    "topk_cache",
+    "gradient_checkpointing",
+    "epochs",
+    "grad_accum",
+    "save_every",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, as for every other bad input
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m fusedkd.distill",
+        description=(
+            "Distill a causal LM teacher into a smaller student with fusedkd's fused loss (no "
+            "[tokens x vocab] logits). Without --teacher/--student: the embedded default, a real "
+            "distillation of a scaled-down Qwen3-4B -> Qwen3-0.6B pair on the Python standard library's "
+            "source, on the CPU in minutes."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--teacher", help="teacher: Hugging Face model name or local directory")
+    models.add_argument("--student", help="student to train, same tokenizer as the teacher")
+    models.add_argument(
+        "--vocab-size", type=int, help="distill over the first N vocabulary rows (heads of different sizes)"
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset", help="Hugging Face dataset name, or local .json / .jsonl / .txt file or directory"
+    )
+    data.add_argument("--dataset-config", help="configuration name of a Hub dataset")
+    data.add_argument("--split", default="train", help="split of a Hub dataset")
+    data.add_argument("--text-field", default="text", help="field of each record that holds the text")
+    data.add_argument(
+        "--eval-dataset", help="evaluation data (as --dataset; default: held out from --dataset)"
+    )
+    data.add_argument("--eval-split", default="test", help="split of a Hub --eval-dataset")
+    data.add_argument("--eval-samples", type=int, default=64, help="evaluation samples (0: no evaluation)")
+    data.add_argument("--max-samples", type=int, help="use at most N training samples")
+    data.add_argument("--seq-len", type=int, help="tokens per sequence (real runs 1024, default 128)")
+    data.add_argument(
+        "--loss-only-on-response",
+        action="store_true",
+        help="mask the prompt: only '### Assistant:' turns are targets",
+    )
+    data.add_argument("--pack", action="store_true", help="pack samples into full --seq-len blocks")
+
+    loss = parser.add_argument_group("distillation loss")
+    loss.add_argument("--divergence", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    loss.add_argument(
+        "--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: CE)"
+    )
+    loss.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature of the distillation term"
+    )
+    loss.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
+    loss.add_argument(
+        "--backend", default="auto", choices=("auto", "torch", "triton"), help="fusedkd loss backend"
+    )
+    loss.add_argument(
+        "--teacher-topk", type=int, help="offline teacher: distill from the teacher's cached top-K"
+    )
+    loss.add_argument("--topk-cache", help="directory of the top-k cache (built on first use)")
+    loss.add_argument(
+        "--topk-tail", default="bucket", choices=("bucket", "renormalize"), help="mass outside top-k"
+    )
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--lr", type=float, help="peak learning rate (real runs 2e-5, default 3e-3)")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument(
+        "--warmup-ratio", type=float, help="fraction of steps of linear warmup (0.03; default 0.05)"
+    )
+    optim.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr"
+    )
+    optim.add_argument("--max-grad-norm", type=float, default=1.0)
+    optim.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (8; default 16)")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    optim.add_argument("--epochs", type=float, default=1.0)
+    optim.add_argument("--seed", type=int, default=0)
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    system.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA"
+    )
+    system.add_argument("--gradient-checkpointing", action="store_true")
+    system.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 (under torchrun)")
+    system.add_argument("--shard-teacher", action="store_true", help="shard the teacher's layers too (FSDP2)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", help="run directory (default: runs/<mode>-<time>)")
+    output.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoint"
+    )
+    output.add_argument(
+        "--save-every", type=int, default=500, help="checkpoint every N steps (0: only on Ctrl-C)"
+    )
+    output.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    output.add_argument("--log-every", type=int, default=1, help="log metrics every N steps")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output.add_argument("--cache-dir", help="cache of the embedded default (default: ~/.cache/fusedkd)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and complete the arguments: mode-dependent defaults filled in, `args.mode` set."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = [name for name in ("teacher", "student") if getattr(args, name)]
+    if len(given) == 1:
+        missing = "student" if given == ["teacher"] else "teacher"
+        raise UsageError(f"--{given[0]} needs --{missing} too (or neither, for the embedded default)")
+    args.mode = "real" if given else "default"
+    if args.mode == "default":
+        misplaced = [name for name in REAL_RUN_ONLY if getattr(args, name) != parser.get_default(name)]
+        if misplaced:
+            flags = ", ".join("--" + name.replace("_", "-") for name in misplaced)
+            raise UsageError(
+                f"{flags}: only for real runs (with --teacher and --student), not the embedded default"
+            )
+    index = 0 if args.mode == "real" else 1
+    for name, pair in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, pair[index])
+    if (args.teacher_topk is None) != (args.topk_cache is None):
+        raise UsageError("--teacher-topk K and --topk-cache DIR go together (the offline teacher mode)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0, 2 for bad input, 130 when interrupted)."""
+    try:
+        args = parse_args(argv)
+        if args.mode == "default":
+            from fusedkd.distill.recipe import run_default
+
+            return run_default(args)
+        from fusedkd.distill.run import run_distillation
+
+        return run_distillation(args)
+    except UsageError as exc:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

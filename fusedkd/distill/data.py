@@ -1,0 +1,401 @@
+"""Text in, token batches out: loading samples, marking which tokens are targets, batching deterministically.
+
+A *sample* is one text (a JSON record's text field, a line of a .txt file, a dataset row). It becomes a
+token sequence with a parallel boolean *target* mask: ``target[j]`` says whether token ``j`` is predicted
+by the loss (the first token of a sequence never is, having nothing before it; with
+``loss_only_on_response`` only tokens of the ``### Assistant:`` turns are). The tokenizer's
+end-of-sequence token is appended to every sample and is a target: the model learns to stop.
+
+Batches are right-padded; `collate` builds the shifted labels from the target mask and the attention
+mask, never from ``pad_token_id`` (which equals EOS for Qwen and would drop the real EOS targets).
+The order of samples is a pure function of (seed, epoch), so a run's data position is its step number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusedkd.distill.errors import UsageError
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
+
+# The openassistant-guanaco turn markers: "### Human: ... ### Assistant: ...", possibly several turns.
+TURN_MARKER = re.compile(r"###\s*(Human|Assistant)\s*:")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading texts
+
+
+def load_texts(
+    source: str,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    config_name: str | None = None,
+) -> list[str]:
+    """The texts of a local file / directory (.json, .jsonl, .txt) or of a Hugging Face dataset.
+
+    Local files: ``.jsonl`` holds one JSON object per line, ``.json`` a list of objects (or of strings),
+    ``.txt`` one sample per non-empty line (as the ``datasets`` text loader); a directory contributes
+    its files with those suffixes, in name order. Anything else is taken as a Hugging Face dataset name,
+    loaded with ``datasets.load_dataset(source, config_name, split=split)`` (needs ``pip install datasets``).
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "data.jsonl"
+        >>> _ = path.write_text("\\n".join(json.dumps({"text": t}) for t in ["a b", "c"]))
+        >>> load_texts(str(path))
+        ['a b', 'c']
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        texts = [text for file in files for text in _read_local(file, text_field)]
+    elif source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
+        raise UsageError(f"dataset file {source!r} does not exist")
+    else:
+        texts = _load_hub(source, text_field=text_field, split=split, config_name=config_name)
+    if not texts:
+        raise UsageError(f"dataset {source!r} is empty: it has no samples")
+    return texts
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UsageError(
+                f"dataset file {str(path)!r} has suffix {path.suffix!r}; "
+                f"expected one of {', '.join(LOCAL_SUFFIXES)}"
+            )
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise UsageError(f"dataset directory {str(path)!r} has no {', '.join(LOCAL_SUFFIXES)} files")
+    return files
+
+
+def _field(record: object, text_field: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: expected a JSON object or string, got {type(record).__name__}")
+    if text_field not in record:
+        fields = ", ".join(map(repr, record)) or "none"
+        raise UsageError(
+            f"{where}: no text field {text_field!r} (fields: {fields}); choose one with --text-field"
+        )
+    value = record[text_field]
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _read_local(path: Path, text_field: str) -> list[str]:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read dataset file {str(path)!r}: {exc}") from None
+    if path.suffix == ".txt":
+        return [line for line in content.splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            texts.append(_field(record, text_field, f"{path}:{number}"))
+        return texts
+    try:
+        records = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(records, list):
+        raise UsageError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+    return [_field(record, text_field, f"{path}[{i}]") for i, record in enumerate(records)]
+
+
+def _load_hub(source: str, *, text_field: str, split: str, config_name: str | None) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"dataset {source!r} is not a local file, and loading it from the Hugging Face Hub needs the "
+            "`datasets` package (pip install datasets)"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(source, config_name, split=split)
+    except Exception as exc:  # the Hub raises many types: unknown name, offline, bad split, bad config
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"cannot load dataset {source!r} (split {split!r}): no such local path, "
+            f"and the Hub says: {first_line}"
+        ) from None
+    if text_field not in dataset.column_names:
+        raise UsageError(
+            f"dataset {source!r} has no text field {text_field!r} "
+            f"(fields: {', '.join(dataset.column_names)}); choose one with --text-field"
+        )
+    return [_field(value, text_field, f"{source}[{i}]") for i, value in enumerate(dataset[text_field])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def response_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the assistant turns of a ``### Human: / ### Assistant:`` text.
+
+    A span starts right after an ``### Assistant:`` marker and ends at the next marker or the end, less
+    trailing whitespace (so that a token like ``" ###"`` opening the next turn is not a response token).
+
+    Example:
+        >>> text = "### Human: hi ### Assistant: hello ### Human: bye ### Assistant: ciao"
+        >>> [text[a:b] for a, b in response_spans(text)]
+        [' hello', ' ciao']
+    """
+    markers = list(TURN_MARKER.finditer(text))
+    spans = []
+    for i, marker in enumerate(markers):
+        if marker.group(1) == "Assistant":
+            end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
+            while end > marker.end() and text[end - 1].isspace():
+                end -= 1
+            spans.append((marker.end(), end))
+    return spans
+
+
+@dataclass
+class TokenizedSamples:
+    """Token sequences stored flat: sample ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``.
+
+    ``targets`` is parallel to ``tokens``: True where the token is predicted by the loss.
+    """
+
+    tokens: torch.Tensor  # [total] int64
+    targets: torch.Tensor  # [total] bool
+    offsets: torch.Tensor  # [num_samples + 1] int64
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.tokens[start:end], self.targets[start:end]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.targets.sum())
+
+    @classmethod
+    def from_lists(cls, sequences: Sequence[tuple[list[int], list[bool]]]) -> TokenizedSamples:
+        lengths = torch.tensor([len(ids) for ids, _ in sequences], dtype=torch.int64)
+        offsets = torch.zeros(len(sequences) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        tokens = torch.tensor([t for ids, _ in sequences for t in ids], dtype=torch.int64)
+        targets = torch.tensor([m for _, mask in sequences for m in mask], dtype=torch.bool)
+        return cls(tokens=tokens, targets=targets, offsets=offsets)
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization kept and dropped (printed by the CLI)."""
+
+    kept: int
+    too_short: int
+    no_target: int
+    truncated: int
+
+
+def tokenize(
+    texts: Iterable[str],
+    tokenizer,
+    *,
+    seq_len: int,
+    loss_only_on_response: bool = False,
+    pack: bool = False,
+) -> tuple[TokenizedSamples, TokenizeReport]:
+    """Tokenize `texts` into sequences of at most `seq_len` tokens with their target masks.
+
+    Each sample is the tokenizer's encoding (with its own special tokens, e.g. a BOS) plus EOS. Without
+    `pack`, a sample longer than `seq_len` is truncated; with `pack`, all samples are concatenated and
+    cut into `seq_len`-token blocks (the last, shorter block is kept if it has a target). Sequences with
+    fewer than 2 tokens, or no target token, are dropped and counted.
+
+    Example:
+        >>> from fusedkd.distill.tokenizer import train_bpe_tokenizer
+        >>> tokenizer = train_bpe_tokenizer(["hello world"] * 10, vocab_size=280)
+        >>> samples, report = tokenize(["hello world", ""], tokenizer, seq_len=16)
+        >>> report.kept, report.too_short
+        (1, 1)
+        >>> ids, targets = samples[0]
+        >>> tokenizer.decode(ids), targets.tolist()[0], bool(targets[-1])
+        ('hello world<|endoftext|>', False, True)
+    """
+    if seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 (one input and one target token), got {seq_len}")
+    texts = list(texts)
+    eos = tokenizer.eos_token_id
+    if loss_only_on_response and not getattr(tokenizer, "is_fast", False):
+        raise UsageError("--loss-only-on-response needs a fast tokenizer (one with offset mappings)")
+    encoded = tokenizer(texts, return_offsets_mapping=loss_only_on_response)
+    report = TokenizeReport(kept=0, too_short=0, no_target=0, truncated=0)
+    sequences: list[tuple[list[int], list[bool]]] = []
+    for i, ids in enumerate(encoded["input_ids"]):
+        ids = list(ids)
+        if loss_only_on_response:
+            spans = response_spans(texts[i])
+            targets = [
+                end > start and any(a <= start < b for a, b in spans)
+                for start, end in encoded["offset_mapping"][i]
+            ]
+        else:
+            targets = [True] * len(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            # EOS closes the sample: a target if the sample's last token was (or, plain text, always).
+            targets.append(targets[-1] if (loss_only_on_response and targets) else not loss_only_on_response)
+        sequences.append((ids, targets))
+
+    if pack:
+        flat_ids = [t for ids, _ in sequences for t in ids]
+        flat_targets = [m for _, mask in sequences for m in mask]
+        sequences = [
+            (flat_ids[s : s + seq_len], flat_targets[s : s + seq_len])
+            for s in range(0, len(flat_ids), seq_len)
+        ]
+
+    kept = []
+    for ids, targets in sequences:
+        if len(ids) > seq_len:
+            ids, targets = ids[:seq_len], targets[:seq_len]
+            report.truncated += 1
+        if len(ids) < 2:
+            report.too_short += 1
+            continue
+        targets = [False] + targets[1:]  # the first token has nothing before it
+        if not any(targets):
+            report.no_target += 1
+            continue
+        kept.append((ids, targets))
+    report.kept = len(kept)
+    return TokenizedSamples.from_lists(kept), report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass
+class Batch:
+    """A right-padded batch. ``labels[b, i]`` is the target of position i (token i+1), or IGNORE_INDEX."""
+
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
+    labels: torch.Tensor  # [B, L] int64, already shifted
+    sample_indices: torch.Tensor  # [B] int64, which samples (for the top-k cache)
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            attention_mask=self.attention_mask.to(device, non_blocking=True),
+            labels=self.labels.to(device, non_blocking=True),
+            sample_indices=self.sample_indices,
+        )
+
+
+def collate(
+    samples: TokenizedSamples,
+    indices: Sequence[int],
+    *,
+    pad_id: int,
+    weight_mask: Sequence[bool] | None = None,
+) -> Batch:
+    """Right-pad samples `indices` into a `Batch`; labels come from the target and attention masks.
+
+    `weight_mask`, if given, marks which rows count: rows with False get no label at all (used to pad
+    an evaluation shard to the same number of batches on every process).
+
+    Example:
+        >>> samples = TokenizedSamples.from_lists([([5, 6, 0], [False, True, True]), ([7, 0], [False, True])])
+        >>> batch = collate(samples, [0, 1], pad_id=0)
+        >>> batch.labels.tolist()   # EOS (= pad id 0) stays a target; the padding position does not
+        [[6, 0, -100], [0, -100, -100]]
+    """
+    rows = [samples[int(i)] for i in indices]
+    length = max(ids.numel() for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.int64)
+    for b, (ids, targets) in enumerate(rows):
+        n = ids.numel()
+        input_ids[b, :n] = ids
+        attention_mask[b, :n] = 1
+        if weight_mask is None or weight_mask[b]:
+            # position i predicts token i + 1, where token i + 1 is a real (attended) target token
+            labels[b, : n - 1] = torch.where(targets[1:], ids[1:], IGNORE_INDEX)
+    return Batch(input_ids, attention_mask, labels, torch.as_tensor(list(indices), dtype=torch.int64))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples every process takes at every optimizer step: a pure function of (seed, epoch, step).
+
+    The global batch of a step is ``batch_size * grad_accum * world_size`` samples of a seeded
+    permutation of the training set (one permutation per epoch; the incomplete tail is dropped). Micro-
+    batch ``m`` of process ``r`` is the ``(m * world_size + r)``-th block of `batch_size` samples of it,
+    so a run with the same global batch on any number of processes sees the same samples per step.
+    """
+
+    num_samples: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """The `grad_accum` lists of sample indices process `rank` takes at optimizer step `step`.
+
+        Example:
+            >>> plan = BatchPlan(num_samples=10, batch_size=2, grad_accum=1, world_size=2, seed=0)
+            >>> one = BatchPlan(num_samples=10, batch_size=4, grad_accum=1, world_size=1, seed=0)
+            >>> two_processes = plan.micro_batches(3, 0)[0] + plan.micro_batches(3, 1)[0]
+            >>> sorted(two_processes) == sorted(one.micro_batches(3, 0)[0])
+            True
+        """
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.permutation(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
+        return [
+            order[(m * self.world_size + rank) * self.batch_size :][: self.batch_size].tolist()
+            for m in range(self.grad_accum)
+        ]

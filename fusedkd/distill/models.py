@@ -1,0 +1,203 @@
+"""Models: the scaled-down Qwen3 pair of the embedded default, loading real ones, and the vocabulary check.
+
+The distillation loss needs, from each model, the final hidden states (after the last norm) and the
+lm_head weight (and bias, if any): `hidden_states` runs the base model only, so no logits are built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fusedkd.distill.errors import UsageError
+
+# The real pair, for reference (Qwen/Qwen3-4B and Qwen/Qwen3-0.6B on the Hugging Face Hub; both tie the
+# lm_head to the input embedding and share the tokenizer, vocabulary 151,936 rows).
+QWEN3_4B_SHAPE = dict(
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+)
+QWEN3_0_6B_SHAPE = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+)
+
+# The embedded default: hidden sizes / 10 and / 8, depth / 9, head_dim 64; the pair keeps the real one's
+# ratios of width (2.5 -> 2), depth (36:28 -> 4:3), MLP expansion (3.8x, 3x), GQA and tied embeddings.
+# The teacher has ~9x the student's non-embedding parameters (4B : 0.44B non-embedding is ~8x).
+TINY_TEACHER_SHAPE = dict(
+    hidden_size=256, intermediate_size=960, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
+TINY_STUDENT_SHAPE = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1
+)
+
+
+def qwen3_config(shape: dict, *, vocab_size: int, max_positions: int, eos_token_id: int):
+    """A `transformers.Qwen3Config` of the given shape (head_dim 64 unless `shape` says; tied embeddings).
+
+    Example:
+        >>> config = qwen3_config(TINY_STUDENT_SHAPE, vocab_size=4096, max_positions=256, eos_token_id=0)
+        >>> config.model_type, config.hidden_size, config.tie_word_embeddings
+        ('qwen3', 128, True)
+    """
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        **{"head_dim": 64, **shape},
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def build_model(config, *, seed: int):
+    """A freshly initialized causal LM for `config`, reproducible from `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars (loading / writing shards) and info logs: ours say enough."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _locate(name_or_path: str, role: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is a local directory); a missing path is an error."""
+    path = os.path.expanduser(name_or_path)
+    local = os.path.isdir(path)
+    if not local and (name_or_path.startswith((".", "/", "~")) or os.path.exists(path)):
+        raise UsageError(f"--{role} {name_or_path!r}: no such directory")
+    return path, local
+
+
+def load_model(name_or_path: str, *, role: str, dtype: torch.dtype | None = None):
+    """`AutoModelForCausalLM.from_pretrained`, with one clear `UsageError` when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    path, local = _locate(name_or_path, role)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as exc:  # OSError (missing), ValueError (unknown architecture), hub errors
+        where = "the local directory could not be loaded" if local else "no such local directory, and the Hub"
+        raise UsageError(f"--{role} {name_or_path!r}: {where}: {_first_line(exc)}") from None
+    check_supported_head(model, role)
+    return model
+
+
+def load_tokenizer(name_or_path: str, *, role: str):
+    """`AutoTokenizer.from_pretrained`, with one clear `UsageError` when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    path, _ = _locate(name_or_path, role)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise UsageError(
+            f"--{role} {name_or_path!r}: cannot load its tokenizer: {_first_line(exc)}"
+        ) from None
+
+
+def check_supported_head(model, role: str) -> None:
+    """Refuse heads whose logits are not ``W h + b`` (soft-capping, scaling): the loss would be wrong."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(text_config, name, None)
+        if value not in (None, 1, 1.0):
+            raise UsageError(
+                f"--{role}: the model's logits use {name}={value}, which fusedkd's loss (plain W h + b) "
+                "does not apply; distilling it would optimize the wrong distribution"
+            )
+    if model.get_output_embeddings() is None:
+        raise UsageError(f"--{role}: the model has no output embedding (lm_head); is it a causal LM?")
+
+
+@dataclass(frozen=True)
+class Head:
+    """An lm_head as the loss takes it: weight [V, H] and optional bias [V]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def lm_head(model) -> Head:
+    """The model's output projection (the unsharded parameter while inside an FSDP forward)."""
+    head = model.get_output_embeddings()
+    return Head(head.weight, getattr(head, "bias", None))
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [B, L, H] of a causal LM's base model: what its lm_head would project."""
+    output = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return output.last_hidden_state
+
+
+def head_rows(model) -> int:
+    """Rows of a loaded model's lm_head."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def config_head_rows(name_or_path: str, *, role: str) -> int:
+    """Rows of a model's lm_head from its config alone (its ``vocab_size``), without loading weights."""
+    from transformers import AutoConfig
+
+    path, _ = _locate(name_or_path, role)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise UsageError(f"--{role} {name_or_path!r}: cannot load its config: {_first_line(exc)}") from None
+    return int(config.get_text_config().vocab_size)
+
+
+def check_vocabularies(
+    teacher_tokenizer, student_tokenizer, rows_teacher: int, rows_student: int, vocab_size: int | None
+) -> int:
+    """The number of vocabulary rows the loss uses; `UsageError` if the two models cannot be compared.
+
+    The two tokenizers must be the same (same token -> id map). The heads (`rows_teacher`,
+    `rows_student` rows) may differ in padding; then `vocab_size` must say how many shared rows to use,
+    at least the tokenizer's size.
+    """
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UsageError(
+            f"the teacher's and the student's tokenizers differ ({len(teacher_tokenizer)} vs "
+            f"{len(student_tokenizer)} tokens, different ids): distillation compares distributions token by "
+            "token, so use a student with the teacher's tokenizer (same model family)"
+        )
+    needed = len(student_tokenizer)
+    if vocab_size is None:
+        if rows_teacher != rows_student:
+            raise UsageError(
+                f"the teacher's lm_head has {rows_teacher} rows and the student's {rows_student}: pass "
+                f"--vocab-size {needed} (the tokenizer's size) to distill over the shared rows"
+            )
+        vocab_size = rows_student
+    if vocab_size < needed or vocab_size > min(rows_teacher, rows_student):
+        raise UsageError(
+            f"--vocab-size {vocab_size} must be at least the tokenizer's {needed} tokens and at most the "
+            f"smaller head's {min(rows_teacher, rows_student)} rows"
+        )
+    return vocab_size

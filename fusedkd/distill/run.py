@@ -1,0 +1,428 @@
+"""A real distillation run: ``--teacher`` and ``--student`` by name or path, a dataset, the fused loss.
+
+Loads the two tokenizers (which must match), the data (evaluation samples held out first), the
+student, and trains it with `trainer.Trainer` on `objectives.KDObjective` (online teacher, under
+``no_grad``, replicated or with ``--shard-teacher`` sharded) or, with ``--teacher-topk``, on
+`objectives.TopKObjective` from the teacher's cached top-k (`offline`; the teacher is loaded only to
+build the cache). Writes ``metrics.jsonl``, ``checkpoint.pt`` (every ``--save-every`` steps and on
+Ctrl-C) and, at the end, the student with ``save_pretrained`` in ``<output-dir>/final``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import fusedkd
+from fusedkd.distill.checkpoint import CHECKPOINT_NAME
+from fusedkd.distill.cli import EXIT_INTERRUPTED, EXIT_OK
+from fusedkd.distill.data import TokenizedSamples, load_texts, tokenize
+from fusedkd.distill.distributed import (
+    DistContext,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_fsdp,
+    shard_teacher,
+    shutdown,
+    wrap_objective,
+)
+from fusedkd.distill.errors import UsageError
+from fusedkd.distill.evaluate import EvalResult, evaluate
+from fusedkd.distill.models import (
+    check_vocabularies,
+    config_head_rows,
+    head_rows,
+    hidden_states,
+    lm_head,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+)
+from fusedkd.distill.objectives import KDObjective, TopKObjective
+from fusedkd.distill.offline import CachedTopK, build_cache, cache_identity, open_cache
+from fusedkd.distill.report import format_table
+from fusedkd.distill.trainer import TrainConfig, Trainer
+
+FINAL_NAME = "final"
+
+
+def say(ctx: DistContext, message: str) -> None:
+    """Print on rank 0 only."""
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 for ``bf16`` (and for ``auto`` on a CUDA device with bf16), else None."""
+    if precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return None
+
+
+def writable_dir(path: str, flag: str, ctx: DistContext) -> Path:
+    """`path` created if needed and checked writable (by every process), else a `UsageError`."""
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{ctx.rank}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{flag} {str(directory)!r} is not writable: {exc.strerror or exc}") from None
+    return directory
+
+
+def prepare_output_dir(path: str | None, *, mode: str, resume: bool, ctx: DistContext) -> Path:
+    """The run directory, created and checked writable; never one whose saved run would be overwritten."""
+    if path is None:
+        if resume:
+            raise UsageError("--resume needs the --output-dir of the run to continue")
+        path = broadcast_object(f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}", ctx)
+    directory = Path(path).expanduser()
+    if not resume:
+        for name, what in ((CHECKPOINT_NAME, "a checkpoint"), (FINAL_NAME, "a finished run")):
+            if (directory / name).exists():
+                raise UsageError(
+                    f"--output-dir {str(directory)!r} already holds {what}; pass --resume to continue it, "
+                    "or choose another --output-dir"
+                )
+    return writable_dir(str(directory), "--output-dir", ctx)
+
+
+def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(training texts, evaluation texts): evaluation from --eval-dataset, or held out from --dataset."""
+    texts = load_texts(
+        args.dataset, text_field=args.text_field, split=args.split, config_name=args.dataset_config
+    )
+    if args.eval_samples == 0:
+        eval_texts: list[str] = []
+    elif args.eval_dataset:
+        eval_texts = load_texts(
+            args.eval_dataset,
+            text_field=args.text_field,
+            split=args.eval_split,
+            config_name=args.dataset_config,
+        )[: args.eval_samples]
+    else:
+        if args.eval_samples >= len(texts):
+            raise UsageError(
+                f"the dataset has {len(texts)} samples, too few to hold out --eval-samples "
+                f"{args.eval_samples} for evaluation; lower --eval-samples, or pass --eval-dataset"
+            )
+        held = set(random.Random(args.seed).sample(range(len(texts)), args.eval_samples))
+        eval_texts = [texts[i] for i in sorted(held)]
+        texts = [text for i, text in enumerate(texts) if i not in held]
+    if args.max_samples is not None:
+        texts = texts[: args.max_samples]
+    return texts, eval_texts
+
+
+def fingerprint(samples: TokenizedSamples) -> str:
+    """A hash of the exact training tokens and targets (a resume, a top-k cache must match it)."""
+    digest = hashlib.sha256()
+    for tensor in (samples.tokens, samples.targets, samples.offsets):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenize_or_fail(texts: list[str], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
+    samples, report = tokenize(
+        texts,
+        tokenizer,
+        seq_len=args.seq_len,
+        loss_only_on_response=args.loss_only_on_response,
+        pack=args.pack,
+    )
+    if report.kept == 0:
+        if report.no_target:
+            reason = "has no target token (no '### Assistant:' turn?)"
+        else:
+            reason = "is shorter than 2 tokens"
+        raise UsageError(f"every {what} sample {reason}: nothing to train on")
+    message = f"{what}: {report.kept} sequences, {samples.num_targets:,} target tokens"
+    if report.too_short or report.no_target:
+        message += (
+            f" ({report.too_short} dropped as shorter than 2 tokens, {report.no_target} as without targets)"
+        )
+    if report.truncated:
+        message += f", {report.truncated} truncated to {args.seq_len} tokens"
+    say(ctx, message)
+    return samples
+
+
+def online_teacher_inputs(teacher, batch) -> dict:
+    """The teacher's hidden states and lm_head for a micro-batch (called under no_grad)."""
+    head = lm_head(teacher)
+    return {
+        "teacher_hidden": hidden_states(teacher, batch.input_ids, batch.attention_mask),
+        "teacher_weight": head.weight,
+        "teacher_bias": head.bias,
+    }
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """`UsageError` for option values no run can use (before anything is loaded)."""
+    for name in ("alpha", "beta"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 (one input and one target token), got {args.seq_len}")
+    if args.eval_samples < 0:
+        raise UsageError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.teacher_topk is not None:
+        if args.teacher_topk < 1:
+            raise UsageError(f"--teacher-topk must be >= 1, got {args.teacher_topk}")
+        if args.divergence == "jsd":
+            raise UsageError("--teacher-topk supports --divergence forward_kl or reverse_kl, not jsd")
+        if args.shard_teacher:
+            raise UsageError(
+                "--shard-teacher has no effect with --teacher-topk: training never loads the teacher"
+            )
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        warmup_ratio=args.warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        log_every=args.log_every,
+    )
+
+
+def run_settings(args: argparse.Namespace, vocab_size: int, train_samples: TokenizedSamples) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    keys = ("teacher", "student", "divergence", "alpha", "temperature", "beta", "teacher_topk", "topk_tail")
+    return {key: getattr(args, key) for key in keys} | {
+        "vocab_size": vocab_size,
+        "data": fingerprint(train_samples),
+    }
+
+
+def save_student(student, tokenizer, directory: Path, ctx: DistContext, *, sharded: bool) -> None:
+    """``save_pretrained`` the student (gathered from its FSDP2 shards first, if sharded) on rank 0."""
+    state = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(
+            student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    if ctx.is_main:
+        student.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)
+    barrier(ctx)
+
+
+def run_distillation(args: argparse.Namespace) -> int:
+    """The real-run mode of the CLI (see the module docstring); returns the exit code."""
+    check_options(args)
+    config = train_config(args)
+    config.check()
+    ctx = init_distributed(args.device)
+    try:
+        return _run(args, config, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _evaluate(
+    student, samples, vocab_size, pad_id, batch_size, ctx, teacher, autocast_dtype, objective
+) -> EvalResult:
+    def autocast():
+        return torch.autocast(ctx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    return evaluate(
+        student,
+        samples,
+        vocab_size=vocab_size,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        ctx=ctx,
+        teacher=teacher,
+        autocast=autocast,
+        student_hidden=partial(objective, hidden_only=True) if is_fsdp(objective) else None,
+    )
+
+
+def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int:
+    output_dir = prepare_output_dir(args.output_dir, mode="distill", resume=args.resume, ctx=ctx)
+    offline = args.teacher_topk is not None
+    topk_dir = writable_dir(args.topk_cache, "--topk-cache", ctx) if offline else None
+    quiet_transformers()
+    torch.manual_seed(args.seed)
+    teacher_tokenizer = load_tokenizer(args.teacher, role="teacher")
+    student_tokenizer = load_tokenizer(args.student, role="student")
+    train_texts, eval_texts = split_texts(args)
+    train_samples = tokenize_or_fail(train_texts, student_tokenizer, args, "training", ctx)
+    eval_samples = (
+        tokenize_or_fail(eval_texts, student_tokenizer, args, "evaluation", ctx) if eval_texts else None
+    )
+    pad_id = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else 0
+
+    autocast_dtype = resolve_precision(args.precision, ctx.device)
+    teacher_dtype = torch.bfloat16 if autocast_dtype is not None else torch.float32
+    student = load_model(args.student, role="student", dtype=torch.float32)
+    teacher = None if offline else load_model(args.teacher, role="teacher", dtype=teacher_dtype)
+    teacher_rows = config_head_rows(args.teacher, role="teacher") if offline else head_rows(teacher)
+    vocab_size = check_vocabularies(
+        teacher_tokenizer, student_tokenizer, teacher_rows, head_rows(student), args.vocab_size
+    )
+    student.config.use_cache = False
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if offline:
+        teacher_inputs = _offline_teacher(
+            args, ctx, topk_dir, vocab_size, train_samples, pad_id, teacher_dtype, autocast_dtype
+        )
+        objective = TopKObjective(
+            student,
+            divergence=args.divergence,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            tail=args.topk_tail,
+            vocab_size=vocab_size,
+            backend=args.backend,
+        )
+    else:
+        teacher.requires_grad_(False).eval()
+        teacher = shard_teacher(teacher, ctx) if args.shard_teacher else teacher.to(ctx.device)
+        teacher_inputs = partial(online_teacher_inputs, teacher)
+        criterion = fusedkd.FusedLinearKDLoss(
+            divergence=args.divergence,
+            beta=args.beta,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            reduction="sum",
+            vocab_size=vocab_size,
+            backend=args.backend,
+            return_components=True,
+        )
+        objective = KDObjective(student, criterion)
+    if not args.fsdp:
+        student.to(ctx.device)
+    objective = wrap_objective(objective, ctx, fsdp=args.fsdp)
+
+    evaluator = None
+    if eval_samples is not None:
+        evaluator = partial(
+            _evaluate,
+            student,
+            eval_samples,
+            vocab_size,
+            pad_id,
+            args.batch_size,
+            ctx,
+            teacher,
+            autocast_dtype,
+            objective,
+        )
+    trainer = Trainer(
+        objective,
+        train_samples,
+        config,
+        ctx,
+        pad_id=pad_id,
+        teacher_inputs=teacher_inputs,
+        output_dir=output_dir,
+        settings=run_settings(args, vocab_size, train_samples),
+        evaluate=None if evaluator is None else lambda: evaluator().as_dict(),
+        autocast_dtype=autocast_dtype,
+        progress=not args.no_progress,
+        description="distill",
+    )
+    return _train_and_save(args, trainer, ctx, output_dir, student, student_tokenizer, evaluator is not None)
+
+
+def _offline_teacher(
+    args, ctx, topk_dir: Path, vocab_size: int, train_samples, pad_id, teacher_dtype, autocast_dtype
+) -> CachedTopK:
+    """The cached top-k of the training data, built first (on rank 0, the teacher alone) if missing."""
+    identity = cache_identity(
+        args.teacher, fingerprint(train_samples), args.teacher_topk, args.temperature, vocab_size
+    )
+    cache = open_cache(topk_dir, identity)
+    if cache is None:
+        if ctx.is_main:
+            say(ctx, f"building the teacher's top-{args.teacher_topk} cache in {topk_dir}")
+            teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype).to(ctx.device).eval()
+            build_cache(
+                topk_dir,
+                identity,
+                teacher,
+                train_samples,
+                batch_size=args.batch_size,
+                pad_id=pad_id,
+                device=ctx.device,
+                autocast_dtype=autocast_dtype,
+                progress=not args.no_progress,
+            )
+            del teacher
+        barrier(ctx)
+        cache = open_cache(topk_dir, identity)
+    else:
+        say(ctx, f"using the teacher's top-{cache.k} cache in {topk_dir} ({len(cache):,} positions)")
+    return CachedTopK(cache, train_samples)
+
+
+def _train_and_save(args, trainer: Trainer, ctx, output_dir: Path, student, tokenizer, evaluate: bool) -> int:
+    before = None
+    if args.resume:
+        step = trainer.resume()
+        say(ctx, f"resumed from {output_dir / CHECKPOINT_NAME} at step {step} of {trainer.total_steps}")
+    elif evaluate:
+        before = trainer.evaluate()
+        trainer.metrics.write({"event": "eval", "step": 0, **before})
+    say(ctx, f"training {trainer.total_steps} steps; metrics in {output_dir / 'metrics.jsonl'}")
+    result = trainer.train()
+    if result.interrupted:
+        say(
+            ctx,
+            f"stopped at step {result.steps_done} of {result.total_steps}: checkpoint saved to "
+            f"{output_dir / CHECKPOINT_NAME}; continue with the same command and --resume",
+        )
+        return EXIT_INTERRUPTED
+    save_student(student, tokenizer, output_dir / FINAL_NAME, ctx, sharded=is_fsdp(trainer.objective))
+    say(ctx, f"student saved to {output_dir / FINAL_NAME}")
+    evals = [r for r in result.history if r["event"] == "eval"]
+    if evals and ctx.is_main:
+        final = evals[-1]
+        rows = []
+        if "eval_teacher_ppl" in final:
+            rows.append(("teacher", final["eval_teacher_ppl"], None, None))
+        if before is not None:
+            rows.append(
+                (
+                    "student before",
+                    before["eval_student_ppl"],
+                    before.get("eval_agreement"),
+                    before.get("eval_kl"),
+                )
+            )
+        rows.append(
+            ("student after", final["eval_student_ppl"], final.get("eval_agreement"), final.get("eval_kl"))
+        )
+        print(format_table(rows, tokens=final["eval_tokens"]), flush=True)
+    return EXIT_OK

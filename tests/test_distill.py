@@ -1,0 +1,372 @@
+"""End-to-end tests of ``python -m fusedkd.distill`` on tiny Qwen3 models (CPU, seconds each).
+
+The models are saved with ``save_pretrained`` and loaded by path, the data is a local jsonl file in the
+``### Human: ... ### Assistant: ...`` format, and the CLI is called in-process through
+`fusedkd.distill.cli.main` (one test runs it as a subprocess, to check the real exit code and stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedkd.distill import recipe
+from fusedkd.distill.checkpoint import CHECKPOINT_NAME
+from fusedkd.distill.cli import main
+from fusedkd.distill.corpus import Corpus, stdlib_corpus
+from fusedkd.distill.data import tokenize
+from fusedkd.distill.distributed import DistContext
+from fusedkd.distill.models import build_model, quiet_transformers, qwen3_config
+from fusedkd.distill.objectives import CrossEntropyObjective
+from fusedkd.distill.tokenizer import train_bpe_tokenizer
+from fusedkd.distill.trainer import METRICS_NAME, MetricsLog, TrainConfig, Trainer
+
+TEXTS = [
+    f"### Human: what is {a} plus {b}? ### Assistant: {a} plus {b} is {a + b}." + " Indeed." * (a % 3)
+    for a in range(12)
+    for b in range(12)
+]
+TEACHER_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=32,
+)  # fmt: skip
+STUDENT_SHAPE = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=16,
+)  # fmt: skip
+
+
+def save_model(
+    directory: Path, shape: dict, tokenizer, *, seed: int, vocab_size: int | None = None, train_steps: int = 0
+) -> str:
+    """A tiny Qwen3 saved with its tokenizer; `train_steps` of cross-entropy on TEXTS first (a teacher)."""
+    config = qwen3_config(
+        shape, vocab_size=vocab_size or len(tokenizer), max_positions=64, eos_token_id=tokenizer.eos_token_id
+    )
+    model = build_model(config, seed=seed)
+    if train_steps:
+        samples, _ = tokenize(TEXTS, tokenizer, seq_len=40)
+        config = TrainConfig(lr=1e-2, batch_size=16, max_steps=train_steps)
+        ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        trainer = Trainer(CrossEntropyObjective(model), samples, config, ctx, pad_id=0, progress=False)
+        assert trainer.train().history[-1]["ce"] < 2.0
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """Paths of a tiny teacher, student, odd students, and datasets (built once per module)."""
+    root = tmp_path_factory.mktemp("tiny")
+    quiet_transformers()
+    tokenizer = train_bpe_tokenizer(TEXTS, vocab_size=300)
+    other_tokenizer = train_bpe_tokenizer([t.upper() for t in TEXTS], vocab_size=280)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    return {
+        "teacher": save_model(root / "teacher", TEACHER_SHAPE, tokenizer, seed=0, train_steps=40),
+        "student": save_model(root / "student", STUDENT_SHAPE, tokenizer, seed=1),
+        "student_other_tokenizer": save_model(root / "other", STUDENT_SHAPE, other_tokenizer, seed=1),
+        "student_padded_head": save_model(
+            root / "padded", STUDENT_SHAPE, tokenizer, seed=1, vocab_size=len(tokenizer) + 64
+        ),
+        "data": str(data),
+        "root": root,
+    }
+
+
+def run_args(tiny: dict, output_dir: Path, *extra: str, steps: int = 6) -> list[str]:
+    return [
+        "--teacher", tiny["teacher"], "--student", tiny["student"], "--dataset", tiny["data"],
+        "--seq-len", "40", "--batch-size", "4", "--max-steps", str(steps), "--lr", "3e-3",
+        "--eval-samples", "8", "--save-every", "0", "--no-progress", "--output-dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+def records(output_dir: Path, event: str) -> list[dict]:
+    lines = (output_dir / METRICS_NAME).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def losses(output_dir: Path) -> list[tuple]:
+    return [
+        (r["step"], r["loss"], r.get("kd"), r["ce"], r["lr"], r["grad_norm"])
+        for r in records(output_dir, "train")
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Real runs
+
+
+def test_end_to_end_never_builds_logits_and_saves_a_loadable_student(tiny, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+    def no_logits(self, *args, **kwargs):
+        raise AssertionError("the full causal-LM forward (which builds [tokens x vocab] logits) was called")
+
+    monkeypatch.setattr(Qwen3ForCausalLM, "forward", no_logits)
+    out = tmp_path / "run"
+    assert main(run_args(tiny, out, "--loss-only-on-response")) == 0
+    monkeypatch.undo()
+
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(r.keys() >= {"loss", "kd", "ce", "lr", "tokens_per_s", "grad_norm"} for r in train)
+    # loss = alpha T^2 kd + (1 - alpha) ce with alpha = 0.5, T = 1
+    assert all(abs(r["loss"] - 0.5 * (r["kd"] + r["ce"])) < 1e-4 * r["loss"] for r in train)
+    assert train[-1]["loss"] < 0.9 * train[0]["loss"]
+    before, after = records(out, "eval")
+    assert before["step"] == 0 and after["step"] == 6
+    assert after["eval_student_ppl"] < before["eval_student_ppl"]
+    assert after["eval_kl"] < before["eval_kl"]
+
+    student = AutoModelForCausalLM.from_pretrained(out / "final")
+    initial = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    assert (
+        AutoTokenizer.from_pretrained(out / "final").get_vocab()
+        == AutoTokenizer.from_pretrained(tiny["student"]).get_vocab()
+    )
+    changed = [
+        not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values())
+    ]
+    assert all(changed)
+    table = capsys.readouterr().out
+    assert "| student after" in table and "| teacher" in table
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tiny, tmp_path, monkeypatch):
+    reference_dir, resumed_dir = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(run_args(tiny, reference_dir)) == 0
+
+    write = MetricsLog.write
+
+    def write_then_ctrl_c(self, record):
+        write(self, record)
+        if record["event"] == "train" and record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in the middle of the run
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_ctrl_c)
+    assert main(run_args(tiny, resumed_dir)) == 130
+    monkeypatch.undo()
+    checkpoint = resumed_dir / CHECKPOINT_NAME
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    assert not (resumed_dir / "final").exists()
+
+    # Starting over in the same directory without --resume is refused, and the checkpoint is untouched.
+    saved = checkpoint.read_bytes()
+    assert main(run_args(tiny, resumed_dir)) == 2
+    assert checkpoint.read_bytes() == saved
+
+    assert main(run_args(tiny, resumed_dir, "--resume")) == 0
+    assert losses(resumed_dir) == losses(reference_dir)  # bit for bit: same data position, RNG, optimizer
+    assert records(resumed_dir, "eval")[-1] == records(reference_dir, "eval")[-1]
+
+    # A resume with settings that change the losses is refused.
+    assert main(run_args(tiny, resumed_dir, "--resume", "--alpha", "0.7")) == 2
+
+
+def test_gradient_accumulation_takes_the_same_steps(tiny, tmp_path):
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    assert main(run_args(tiny, whole, "--eval-samples", "0", steps=3)) == 0
+    args = run_args(tiny, accumulated, "--eval-samples", "0", steps=3)
+    args[args.index("--batch-size") + 1] = "2"
+    assert main([*args, "--grad-accum", "2"]) == 0
+    for a, b in zip(losses(whole), losses(accumulated), strict=True):
+        torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), rtol=1e-5, atol=1e-7)
+
+
+def test_offline_topk_mode_matches_online_and_reuses_its_cache(tiny, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    from fusedkd.distill import run as run_module
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny["teacher"]))
+    cache = tmp_path / "topk"
+    online, offline, again = tmp_path / "online", tmp_path / "offline", tmp_path / "again"
+    common = ("--eval-samples", "0", "--alpha", "0.8")
+    assert main(run_args(tiny, online, *common, steps=3)) == 0
+    # k = the whole vocabulary: the sparse loss is the full forward KL, up to the float16 storage
+    topk = ("--teacher-topk", str(vocab), "--topk-cache", str(cache), "--topk-tail", "renormalize")
+    assert main(run_args(tiny, offline, *common, *topk, steps=3)) == 0
+    assert (cache / "index.json").is_file()
+    for a, b in zip(losses(online), losses(offline), strict=True):
+        torch.testing.assert_close(torch.tensor(a[1:4]), torch.tensor(b[1:4]), rtol=2e-3, atol=1e-4)
+
+    load_model = run_module.load_model
+
+    def student_only(name, *, role, dtype=None):
+        assert role == "student", "the teacher was loaded although its top-k is cached"
+        return load_model(name, role=role, dtype=dtype)
+
+    monkeypatch.setattr(run_module, "load_model", student_only)
+    capsys.readouterr()
+    assert main(run_args(tiny, again, *common, *topk, steps=3)) == 0
+    assert "using the teacher's top-" in capsys.readouterr().out
+    assert losses(again) == losses(offline)
+
+    # a cache of other settings is never overwritten
+    other_k = ("--teacher-topk", "8", "--topk-cache", str(cache))
+    assert main(run_args(tiny, tmp_path / "other", *common, *other_k, steps=3)) == 2
+    assert "holds the top-k of another run" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2
+
+
+def bad_input_cases(tiny: dict, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(20)))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    base = run_args(tiny, tmp_path / "out")
+
+    def with_(**changes) -> list[str]:
+        args = list(base)
+        for flag, value in changes.items():
+            flag = "--" + flag.replace("_", "-")
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        return args
+
+    return {
+        "missing model path": (with_(teacher=str(tmp_path / "no-such-model")), "no such directory"),
+        "unknown dataset": (with_(dataset="no-such-user/no-such-dataset-fusedkd"), "no-such-dataset-fusedkd"),
+        "empty dataset": (with_(dataset=str(empty)), "empty"),
+        "missing text field": (with_(text_field="body"), "no text field 'body'"),
+        "sequences shorter than 2 tokens": (with_(dataset=str(blank)), "shorter than 2 tokens"),
+        "seq len below 2": (with_(seq_len="1"), "at least 2"),
+        "tokenizer mismatch": (with_(student=tiny["student_other_tokenizer"]), "tokenizers differ"),
+        "head size mismatch": (with_(student=tiny["student_padded_head"]), "--vocab-size"),
+        "unwritable output dir": (with_(output_dir=str(blocker / "out")), "not writable"),
+        "alpha out of range": (with_(alpha="1.5"), "--alpha"),
+        "teacher without student": (["--teacher", tiny["teacher"]], "needs --student"),
+        "real-run flag in the default": (["--dataset", tiny["data"]], "only for real runs"),
+        "unknown option": ([*base, "--no-such-option"], "unrecognized arguments"),
+    }
+
+
+CASES = [
+    "missing model path", "unknown dataset", "empty dataset", "missing text field",
+    "sequences shorter than 2 tokens", "seq len below 2", "tokenizer mismatch", "head size mismatch",
+    "unwritable output dir", "alpha out of range", "teacher without student", "real-run flag in the default",
+    "unknown option",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args, expected = bad_input_cases(tiny, tmp_path)[case]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0]
+
+
+def test_command_line_exit_code_and_single_error_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    missing = str(tmp_path / "missing")
+    command = [
+        sys.executable,
+        "-m",
+        "fusedkd.distill",
+        "--teacher",
+        missing,
+        "--student",
+        missing,
+        "--dataset",
+        "x",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [f"error: --teacher {missing!r}: no such directory"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The embedded default, shrunk (the real one takes minutes; it is measured, not unit-tested)
+
+
+def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
+    corpus = stdlib_corpus()
+    small = Corpus(
+        train=corpus.train[:6], heldout=corpus.heldout[-1:], fingerprint="test-" + corpus.fingerprint
+    )
+    monkeypatch.setattr(recipe, "stdlib_corpus", lambda: small)
+    monkeypatch.setattr(recipe, "TINY_TEACHER_SHAPE", TEACHER_SHAPE)
+    monkeypatch.setattr(recipe, "TINY_STUDENT_SHAPE", STUDENT_SHAPE)
+    monkeypatch.setattr(recipe, "TeacherRecipe", partial(recipe.TeacherRecipe, vocab_size=512, steps=3))
+    monkeypatch.setattr(recipe, "EVAL_SEQUENCES", 8)
+    cache = tmp_path / "cache"
+    args = ["--max-steps", "3", "--no-progress", "--cache-dir", str(cache)]
+
+    assert main([*args, "--output-dir", str(tmp_path / "first")]) == 0
+    first = capsys.readouterr().out
+    assert "training it from scratch" in first and "tokenizer: byte-level BPE, 512 tokens, trained" in first
+    report = (tmp_path / "first" / "report.md").read_text()
+    for row in ("teacher", "before training", "distilled with fusedkd", "hard labels only"):
+        assert row in report
+    assert json.loads((tmp_path / "first" / "report.json").read_text())["eval_tokens"] > 0
+    for name in ("kd", "ce"):
+        assert (tmp_path / "first" / name / "final" / "config.json").is_file()
+
+    assert main([*args, "--output-dir", str(tmp_path / "second")]) == 0
+    second = capsys.readouterr().out
+    assert "loaded from the cache" in second and "512 tokens, loaded" in second
+    # same cached teacher and tokenizer, same seed: the same numbers
+    assert (tmp_path / "second" / "report.md").read_text().split("Total wall time")[0].split("\n\n")[0] == (
+        report.split("\n\n")[0]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scale-out: torchrun, 2 processes on gloo, against 1 process with the same global batch
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "-m", "fusedkd.distill", *args,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+
+
+@pytest.mark.parametrize("sharding", [(), ("--fsdp", "--shard-teacher")], ids=["ddp", "fsdp2"])
+def test_two_processes_take_the_same_steps_as_one(sharding, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(run_args(tiny, one, steps=4)) == 0
+    args = run_args(tiny, two, *sharding, steps=4)
+    args[args.index("--batch-size") + 1] = "2"  # 2 processes x 2 = the global batch of 4
+    torchrun(2, args, tmp_path)
+
+    # Same global batches, loss normalized by the global number of target tokens: the same steps, up to
+    # float32 summation order (per-process matmul shapes and the gradient all-reduce).
+    for a, b in zip(losses(one), losses(two), strict=True):
+        assert a[0] == b[0]
+        torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), rtol=1e-4, atol=1e-6)
+    eval_one, eval_two = records(one, "eval")[-1], records(two, "eval")[-1]
+    assert eval_one["eval_tokens"] == eval_two["eval_tokens"]
+    torch.testing.assert_close(eval_one["eval_student_ppl"], eval_two["eval_student_ppl"], rtol=1e-4, atol=0)
+    final_one = AutoModelForCausalLM.from_pretrained(one / "final").state_dict()
+    final_two = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    for name, tensor in final_one.items():
+        torch.testing.assert_close(final_two[name], tensor, rtol=1e-3, atol=1e-5)
