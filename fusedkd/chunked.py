@@ -63,47 +63,44 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _col(x: torch.Tensor) -> torch.Tensor:
-    return x[:, None]
-
-
-def _chunk(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
+def kd_tile_terms(
+    s: torch.Tensor,
+    t: torch.Tensor,
     labels: torch.Tensor | None,
     options: KDOptions,
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
+    *,
+    teacher_tempered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One token chunk: (divergence [c], ce [c], G [c, V] or None).
+    """One chunk of rows: (divergence [c], ce [c], G [c, V] or None), from logit tiles it overwrites.
 
-    `labels` here are safe (ignored tokens replaced by any valid id; their weights are 0).
-    `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill * dD/ds + w_ce * dC/ds.
+    Shared by the fused linear loss (after its two logit GEMMs) and the logits-level loss.
+    `teacher_tempered`: `t` already holds t / T (the fused linear loss folds 1/T into its GEMM).
 
-    Every c x V pass counts on a CPU, so the math is arranged to touch few tiles few times: with
-    a = s/T - max and b = t/T - max (both <= 0), Eq = exp(a), Ep = exp(b), Zq, Zp their row sums,
-    q = Eq / Zq and p = Ep / Zp. Forward and reverse KL use three c x V tiles at most.
+    `s`, `t` are fresh [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid
+    id, their weights are 0). `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill dD/ds +
+    w_ce dC/ds (DESIGN.md §4). Every c x V pass counts on a CPU, so the math touches few tiles few
+    times (three for forward and reverse KL, five for JSD): with
+    a = (s - max s) / T and b = (t - max t) / T (both <= 0), Eq = exp(a), Ep = exp(b), Zq, Zp their row
+    sums, q = Eq / Zq and p = Ep / Zp. Logits of -inf are tokens of probability 0: a term whose weight is
+    0 is 0 even where its log-ratio is infinite or NaN.
     """
-    dtype = compute_dtype(student_hidden.dtype)
     T = options.temperature
     want_grad = grad_weights is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     want_ce_grad = want_grad and labels is not None and w_ce is not None
     need_plain = labels is not None and T != 1.0  # CE is at T = 1: its softmax differs from q
-
-    s = _logits(student_hidden, student_weight, student_bias, dtype)
-    t = _logits(teacher_hidden, teacher_weight, teacher_bias, dtype, scale=1.0 / T)  # t / T
     rows = torch.arange(s.shape[0], device=s.device)
+
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
-    # even for logits of magnitude 1e4, where `x - LSE(x)` would lose them to LSE's rounding (§6).
-    s.sub_(s.amax(dim=-1, keepdim=True))
+    # even for logits of magnitude 1e4 (DESIGN.md §6).
+    s.sub_(_finite_row_max(s))
+    t.sub_(_finite_row_max(t))
     label_logit = None if labels is None else s[rows, labels]  # s_y - max s
     if T != 1.0:
-        s.mul_(1.0 / T)  # a
-    t.sub_(t.amax(dim=-1, keepdim=True))  # b
+        s.div_(T)  # a
+        if not teacher_tempered:
+            t.div_(T)  # b
 
     def plain_exp(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """exp(s - max s) = exp(T a) and its row sum Z1 (softmax(s) = exp(T a) / Z1)."""
@@ -120,7 +117,7 @@ def _chunk(
         # D = sum p (log p - log q) = sum Ep (b - a) / Zp - log Zp + log Zq
         p_unnorm = torch.exp(t)
         z_teacher = p_unnorm.sum(-1)
-        cross = _rowdot(p_unnorm, t) - _rowdot(p_unnorm, s)
+        cross = _rowdot(p_unnorm, _zero_where_unweighted(t.sub_(s)))  # b - a
         plain = z_plain = None
         if need_plain:
             plain, z_plain = plain_exp(out=t)  # t is free
@@ -134,14 +131,14 @@ def _chunk(
         coef_q = w_distill / (T * z_student)
         if want_ce_grad and plain is None:
             coef_q = coef_q + w_ce / z_student  # T = 1: softmax(s) is q
-        grad = s.mul_(_col(coef_q)).addcmul_(p_unnorm, _col(-w_distill / (T * z_teacher)))
+        grad = s.mul_(coef_q[:, None]).addcmul_(p_unnorm, (-w_distill / (T * z_teacher))[:, None])
         if want_ce_grad and plain is not None:
-            grad.addcmul_(plain, _col(w_ce / z_plain))
+            grad.addcmul_(plain, (w_ce / z_plain)[:, None])
 
     elif options.divergence == "reverse_kl":
         # K = sum q (a - b);  D = sum q (log q - log p) = K - log Zq + log Zp
         z_teacher = torch.exp(t).sum(-1)
-        torch.sub(s, t, out=t)  # a - b
+        _zero_where_unweighted(torch.sub(s, t, out=t))  # a - b
         plain = z_plain = None
         if need_plain:
             plain, z_plain = plain_exp()
@@ -153,12 +150,12 @@ def _chunk(
         if not want_grad:
             return divergence, ce, None
         # dD/ds = q (log q - log p - D) / T = q ((a - b) - K) / T
-        grad = t.sub_(_col(k)).mul_(s).mul_(_col(w_distill / (T * z_student)))
+        grad = t.sub_(k[:, None]).mul_(s).mul_((w_distill / (T * z_student))[:, None])
         if want_ce_grad:
             if plain is None:
-                grad.addcmul_(s, _col(w_ce / z_student))
+                grad.addcmul_(s, (w_ce / z_student)[:, None])
             else:
-                grad.addcmul_(plain, _col(w_ce / z_plain))
+                grad.addcmul_(plain, (w_ce / z_plain)[:, None])
 
     else:
         # m = beta p + (1 - beta) q;  D = beta KL(p || m) + (1 - beta) KL(q || m)
@@ -170,15 +167,14 @@ def _chunk(
             if not want_ce_grad:
                 plain = None
         z_student = torch.exp(s).sum(-1)
-        s.sub_(_col(z_student.log()))  # log q
-        t.sub_(_col(torch.exp(t).sum(-1).log()))  # log p
+        s.sub_(z_student.log()[:, None])  # log q
+        t.sub_(torch.exp(t).sum(-1).log()[:, None])  # log p
         log_m = torch.add(t, math.log(beta))
         scratch = torch.add(s, math.log1p(-beta))
         torch.logaddexp(log_m, scratch, out=log_m)
         torch.exp(t, out=scratch)  # p
-        t.sub_(log_m)  # log p - log m
-        kl_teacher_mix = _rowdot(scratch, t)
-        torch.sub(s, log_m, out=t)  # log q - log m
+        kl_teacher_mix = _rowdot(scratch, _zero_where_unweighted(t.sub_(log_m)))  # log p - log m
+        _zero_where_unweighted(torch.sub(s, log_m, out=t))  # log q - log m
         del log_m, scratch
         s.exp_()  # q
         kl_student_mix = _rowdot(s, t)
@@ -186,16 +182,46 @@ def _chunk(
         ce = cross_entropy(z_student if z_plain is None else z_plain)
         if not want_grad:
             return divergence, ce, None
-        grad = t.sub_(_col(kl_student_mix)).mul_(s).mul_(_col((1.0 - beta) / T * w_distill))
+        grad = t.sub_(kl_student_mix[:, None]).mul_(s).mul_(((1.0 - beta) / T * w_distill)[:, None])
         if want_ce_grad:
             if plain is None:
-                grad.addcmul_(s, _col(w_ce))  # T = 1: softmax(s) is q
+                grad.addcmul_(s, w_ce[:, None])  # T = 1: softmax(s) is q
             else:
-                grad.addcmul_(plain, _col(w_ce / z_plain))
+                grad.addcmul_(plain, (w_ce / z_plain)[:, None])
 
     if want_ce_grad:
         grad[rows, labels] -= w_ce
     return divergence, ce, grad
+
+
+def _zero_where_unweighted(log_ratio: torch.Tensor) -> torch.Tensor:
+    """In place: -inf (its weight is 0, the other side finite) and NaN (both -inf) become 0; +inf (a
+    truly infinite divergence) stays."""
+    return log_ratio.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
+
+
+def _finite_row_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row's maximum, or 0 for a row of -inf (so that subtracting it never makes a NaN)."""
+    row_max = x.amax(dim=-1, keepdim=True)
+    return row_max.masked_fill_(row_max == -math.inf, 0.0)
+
+
+def _chunk(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One token chunk of the fused linear loss: its two logit GEMMs, then `kd_tile_terms`."""
+    dtype = compute_dtype(student_hidden.dtype)
+    s = _logits(student_hidden, student_weight, student_bias, dtype)
+    t = _logits(teacher_hidden, teacher_weight, teacher_bias, dtype, scale=1.0 / options.temperature)
+    return kd_tile_terms(s, t, labels, options, grad_weights, teacher_tempered=True)
 
 
 def _stream(
