@@ -21,7 +21,7 @@ MODE_DEFAULTS: dict[str, tuple[object, object]] = {
     "lr": (2e-5, 3e-3),
     "batch_size": (8, 16),
     "seq_len": (1024, 128),
-    "max_steps": (None, 150),
+    "max_steps": (None, 100),
     "warmup_ratio": (0.03, 0.05),
 }
 
@@ -46,6 +46,15 @@ REAL_RUN_ONLY = (
 )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not None, not a store_true False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit 2, as for every other bad input
         raise UsageError(message)
@@ -60,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
             "distillation of a scaled-down Qwen3-4B -> Qwen3-0.6B pair on the Python standard library's "
             "source, on the CPU in minutes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     models = parser.add_argument_group("models")
     models.add_argument("--teacher", help="teacher: Hugging Face model name or local directory")
@@ -159,6 +168,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         missing = "student" if given == ["teacher"] else "teacher"
         raise UsageError(f"--{given[0]} needs --{missing} too (or neither, for the embedded default)")
     args.mode = "real" if given else "default"
+    if args.mode == "real" and not args.dataset:
+        raise UsageError(
+            "a real run needs --dataset (a Hugging Face dataset name, or local json / jsonl / txt)"
+        )
     if args.mode == "default":
         misplaced = [name for name in REAL_RUN_ONLY if getattr(args, name) != parser.get_default(name)]
         if misplaced:

@@ -60,6 +60,16 @@ def init_distributed(device_request: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """`UsageError` if fusedkd's loss `backend` cannot run on `device` (e.g. "triton" without a GPU)."""
+    from fusedkd.loss import resolve_backend
+
+    try:
+        resolve_backend(backend, device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--backend {backend}: {exc}") from None
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -27,6 +27,7 @@ from fusedkd.distill.distributed import (
     DistContext,
     barrier,
     broadcast_object,
+    check_backend,
     init_distributed,
     is_fsdp,
     shard_teacher,
@@ -242,6 +243,7 @@ def run_distillation(args: argparse.Namespace) -> int:
     config.check()
     ctx = init_distributed(args.device)
     try:
+        check_backend(args.backend, ctx.device)
         return _run(args, config, ctx)
     finally:
         shutdown(ctx)

@@ -4,8 +4,9 @@ One optimizer step takes the global batch of `data.BatchPlan` (``batch_size`` sa
 ``grad_accum`` micro-batches per process, every process). The summed loss of each micro-batch is
 divided by the number of target tokens of the whole global batch (one all-reduce of counts per step),
 so the step is the mean over its target tokens however the batch is split across micro-batches and
-processes: one process with batch 8 and two with batch 4 take the same step. AdamW, a linear warmup
-then a cosine decay to ``min_lr_ratio * lr``, gradient-norm clipping.
+processes: one process with batch 8 and two with batch 4 take the same step. AdamW (no weight decay
+on norms and biases), a linear warmup then a cosine decay to ``min_lr_ratio * lr``, gradient-norm
+clipping.
 
 Ctrl-C (SIGINT) or SIGTERM: the step in flight finishes, a checkpoint is written and the run stops
 with `TrainResult.interrupted`; every process stops at the same step (the stop flag rides on the
@@ -201,7 +202,8 @@ class Trainer:
             all, not even on Ctrl-C.
         evaluate: called every ``eval_every`` steps and at the end; returns metrics to log.
         autocast_dtype: torch.bfloat16 for bf16 autocast, None for full precision.
-        on_record: called with every record (train and eval) as it is logged.
+        before_step: called with the step number before every optimizer step (the default's
+            `threads.ThreadTuner`).
     """
 
     def __init__(
@@ -220,7 +222,7 @@ class Trainer:
         checkpoints: bool = True,
         progress: bool = True,
         description: str = "train",
-        on_record: Callable[[dict], None] | None = None,
+        before_step: Callable[[int], object] | None = None,
     ) -> None:
         config.check()
         self.objective = objective
@@ -239,7 +241,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.progress = progress and ctx.is_main
         self.description = description
-        self.on_record = on_record
+        self.before_step = before_step
         self.plan = BatchPlan(
             num_samples=len(samples),
             batch_size=config.batch_size,
@@ -249,9 +251,12 @@ class Trainer:
         )
         self.total_steps = config.total_steps(self.plan)
         self.parameters = [p for p in objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay
-        )
+        # no weight decay on norms and biases (1-D parameters)
+        groups = [
+            {"params": [p for p in self.parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in self.parameters if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas)
         warmup = round(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, warmup, config.min_lr_ratio)
@@ -298,8 +303,6 @@ class Trainer:
     def _record(self, record: dict, history: list[dict]) -> None:
         history.append(record)
         self.metrics.write(record)
-        if self.on_record is not None:
-            self.on_record(record)
 
     def evaluate(self) -> dict:
         """Run the evaluation callback now (every process must call it); returns its metrics."""
@@ -366,6 +369,8 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         with stop_on_signals() as stop:
             while self.step < self.total_steps:
+                if self.before_step is not None:
+                    self.before_step(self.step)
                 batches = [
                     collate(self.samples, indices, pad_id=self.pad_id)
                     for indices in self.plan.micro_batches(self.step, self.ctx.rank)
