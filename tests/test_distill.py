@@ -185,6 +185,26 @@ def test_gradient_accumulation_takes_the_same_steps(tiny, tmp_path):
         torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), rtol=1e-5, atol=1e-7)
 
 
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, monkeypatch):
+    from transformers.models.qwen3 import modeling_qwen3
+
+    calls = []
+    forward = modeling_qwen3.Qwen3MLP.forward  # inside the decoder layer: runs again when it is recomputed
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen3.Qwen3MLP, "forward", counting_forward)
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert main(run_args(tiny, plain, "--eval-samples", "0", steps=3)) == 0
+    plain_calls = len(calls)
+    assert main(run_args(tiny, checkpointed, "--eval-samples", "0", "--gradient-checkpointing", steps=3)) == 0
+    # the student's layer runs again in every backward (1 layer x 3 steps)
+    assert len(calls) - plain_calls == plain_calls + 3
+    assert losses(checkpointed) == losses(plain)
+
+
 def test_offline_topk_mode_matches_online_and_reuses_its_cache(tiny, tmp_path, monkeypatch, capsys):
     from transformers import AutoTokenizer
 

@@ -29,7 +29,13 @@ MODE_DEFAULTS: dict[str, tuple[object, object]] = {
 REAL_RUN_ONLY = (
     "dataset",
     "dataset_config",
+    "split",
+    "text_field",
     "eval_dataset",
+    "eval_split",
+    "eval_samples",
+    "eval_every",
+    "topk_tail",
     "max_samples",
     "loss_only_on_response",
     "pack",

@@ -156,6 +156,15 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return output.last_hidden_state
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers 5: ``activation_checkpointing_enable``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def head_rows(model) -> int:
     """Rows of a loaded model's lm_head."""
     return int(model.get_output_embeddings().weight.shape[0])

@@ -39,6 +39,7 @@ from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
     check_vocabularies,
     config_head_rows,
+    enable_activation_checkpointing,
     head_rows,
     hidden_states,
     lm_head,
@@ -292,8 +293,9 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
         teacher_tokenizer, student_tokenizer, teacher_rows, head_rows(student), args.vocab_size
     )
     student.config.use_cache = False
+    student.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
 
     if offline:
         teacher_inputs = _offline_teacher(
