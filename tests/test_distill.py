@@ -334,6 +334,7 @@ def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(recipe, "EVAL_SEQUENCES", 8)
     cache = tmp_path / "cache"
     args = ["--max-steps", "3", "--no-progress", "--cache-dir", str(cache)]
+    threads = torch.get_num_threads()
 
     assert main([*args, "--output-dir", str(tmp_path / "first")]) == 0
     first = capsys.readouterr().out
@@ -346,6 +347,7 @@ def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsy
         assert (tmp_path / "first" / name / "final" / "config.json").is_file()
 
     assert main([*args, "--output-dir", str(tmp_path / "second")]) == 0
+    assert torch.get_num_threads() == threads  # the thread tuner's choice does not outlive the run
     second = capsys.readouterr().out
     assert "loaded from the cache" in second and "512 tokens, loaded" in second
     # same cached teacher and tokenizer, same seed: the same numbers

@@ -199,11 +199,14 @@ def run_default(args: argparse.Namespace) -> int:
             f"--output-dir {str(output_dir)!r} already holds a report; choose another --output-dir"
         )
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    threads = torch.get_num_threads()
     try:
         return _run_default(args, ctx, output_dir, cache_dir)
     except Interrupted:
         print("interrupted: nothing was cached from the unfinished phase", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)  # the thread tuner's choice must not outlive the run
 
 
 def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, cache_dir: Path) -> int:
@@ -380,8 +383,6 @@ def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, c
         "threads": None if tuner is None else dict(tuner.steps_at),
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if tuner is not None:
-        tuner.restore()
     return EXIT_OK
 
 
