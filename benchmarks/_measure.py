@@ -1,10 +1,13 @@
-"""Measurement helpers shared by the benchmarks: CPU peak-memory growth and median wall time.
+"""Measurement helpers shared by the benchmarks: peak-memory growth and median wall time.
 
 CPU memory is measured per method in a fresh subprocess: after the inputs exist and a warm-up call has
 run, the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, and the peak growth of
 the resident set over the resident set just before the measured call is reported. The subprocess runs
 with a fixed glibc mmap threshold, so that freed large buffers go back to the OS and the resident set
 tracks live memory instead of the allocator's cache.
+
+CUDA memory is `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the memory
+allocated just before the call: the tensors the call allocates, not the caching allocator's reserve.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -50,6 +55,74 @@ def cpu_peak_growth_mib(fn: Callable[[], object]) -> float:
     return (peak - before) / 1024.0
 
 
+def cuda_peak_growth_mib(fn: Callable[[], object]) -> float:
+    """Peak allocated CUDA memory, in MiB, of one call of `fn` over the memory allocated before it."""
+    import torch
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def peak_growth_mib(fn: Callable[[], object], device_type: str) -> float:
+    """`cuda_peak_growth_mib` on "cuda", `cpu_peak_growth_mib` on "cpu"."""
+    if device_type == "cuda":
+        return cuda_peak_growth_mib(fn)
+    if device_type == "cpu":
+        return cpu_peak_growth_mib(fn)
+    raise ValueError(f"no peak-memory measurement for device type {device_type!r}")
+
+
+def time_and_peak(
+    fn: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    device_type: str,
+    before_each: Callable[[], None] | None = None,
+) -> dict:
+    """Time `repeats` warm calls of `fn` and measure each one's peak-memory growth.
+
+    `before_each` runs before every call, untimed and before the memory baseline is taken: it should
+    drop what the previous call left (e.g. set the gradients to None), so that the growth counts the
+    call's own allocations, gradients included. The memory bookkeeping (gc, resetting the high-water
+    mark, synchronizing) also happens outside the timed window, so one call gives both numbers.
+    Returns the median and every sample of the wall time (seconds) and the largest peak growth (MiB)
+    over the timed calls.
+    """
+    sync = _sync_for(device_type)
+    before_each = before_each or (lambda: None)
+    for _ in range(warmup):
+        before_each()
+        fn()
+        sync()
+    samples: list[float] = []
+    peaks: list[float] = []
+
+    def timed() -> None:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+
+    for _ in range(repeats):
+        before_each()
+        peaks.append(peak_growth_mib(timed, device_type))
+    return {"seconds": statistics.median(samples), "samples": samples, "peak_mib": max(peaks)}
+
+
+def _sync_for(device_type: str) -> Callable[[], None]:
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def median_seconds(
     fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
 ):
@@ -83,6 +156,54 @@ def run_in_subprocess(module_file: str, args: list[str], timeout: float) -> dict
     return json.loads(lines[-1])
 
 
+def stream_subprocess(
+    module_file: str,
+    args: list[str],
+    timeout: float,
+    on_record: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], str | None]:
+    """Run `python module_file args...` with the allocator settings above, reading JSON lines as they come.
+
+    Every stdout line that starts with "{" is parsed as one record and passed to `on_record`, so a long
+    run shows progress and a process that dies (out of memory, timeout) keeps the records it printed.
+    Returns (records, error): error is None on success, else the exit status or the timeout and the last
+    line of stderr.
+    """
+    env = dict(os.environ, **MALLOC_ENV)
+    records: list[dict] = []
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, module_file, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    records.append(record)
+                    if on_record is not None:
+                        on_record(record)
+            returncode = proc.wait()
+        finally:
+            timer.cancel()
+        if returncode == 0 and not timed_out.is_set():
+            return records, None
+        stderr.seek(0)
+        lines = stderr.read().strip().splitlines()
+        cause = f"timed out after {timeout:.0f} s" if timed_out.is_set() else f"exit code {returncode}"
+        if returncode == -9 and not timed_out.is_set():
+            cause += " (SIGKILL: out of memory?)"
+        return records, f"{cause}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
 def machine_description() -> dict:
     import platform
 
@@ -93,7 +214,11 @@ def machine_description() -> dict:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "os": f"{platform.system()} {platform.release()}",
     }
+    memory_kib = _meminfo_kib("MemTotal")
+    if memory_kib is not None:
+        info["memory_gib"] = round(memory_kib / 2**20, 1)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -104,14 +229,36 @@ def machine_description() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    for name in ("triton", "liger_kernel"):
-        try:
-            module = __import__(name)
-            info[name] = getattr(module, "__version__", "installed")
-        except Exception:
-            info[name] = None
-    if info.get("liger_kernel") == "installed":
-        from importlib.metadata import version
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+    # Installed distributions' versions, read from their metadata (no import: liger-kernel's is slow).
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["liger_kernel"] = version("liger-kernel")
+    for key, distribution in (
+        ("fusedkd", "fusedkd"),
+        ("triton", "triton"),
+        ("liger_kernel", "liger-kernel"),
+        ("matplotlib", "matplotlib"),
+    ):
+        try:
+            info[key] = version(distribution)
+        except PackageNotFoundError:
+            info[key] = None
     return info
+
+
+def _meminfo_kib(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo, in GiB (None where there is no /proc)."""
+    kib = _meminfo_kib("MemAvailable")
+    return None if kib is None else kib / 2**20

@@ -1,0 +1,135 @@
+"""The benchmarks run: `benchmarks/memory_vs_topk.py --smoke` end to end, in a subprocess.
+
+Smoke mode uses tiny shapes (V = 3001, N = 64 and 128) and one worker process, so the numbers are only
+checked for sanity: every point measured, the exact methods exact, the biased ones visibly biased, and
+the naive recipe's memory where its formula puts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "memory_vs_topk.py"
+COLUMNS = [
+    "method",
+    "detail",
+    "k",
+    "tokens",
+    "seconds",
+    "seconds_min",
+    "seconds_max",
+    "peak_mib",
+    "theory_mib",
+    "theory",
+    "floor_mib",
+    "loss",
+    "loss_rel_err",
+    "grad_hidden_rel_err",
+    "grad_weight_rel_err",
+    "teacher_topk_mass",
+    "load_1min",
+    "error",
+]
+VOCAB, EXACT_TOKENS, TOKENS, KS = 3001, 64, (64, 128), (1, 8, 64, 3001)
+# float32 against the float64 reference, sums over 3001 vocabulary entries: a few 1e-7 in practice.
+FP32_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory_vs_topk")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "memory_vs_topk.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    return out, proc.stdout, header, rows
+
+
+def find(rows: list[dict], method: str, tokens: int, k: int | None = None) -> dict:
+    matches = [
+        r for r in rows if r["method"] == method and int(r["tokens"]) == tokens and r["k"] == str(k or "")
+    ]
+    assert len(matches) == 1, (method, tokens, k, matches)
+    return matches[0]
+
+
+def expected_methods() -> list[str]:
+    methods = ["naive", "vocab_chunk", "masked_topk", "fusedkd"]
+    if importlib.util.find_spec("liger_kernel") is not None:
+        methods.append("liger")
+    return methods
+
+
+def test_smoke_writes_the_csv_tables_and_plots(smoke):
+    out, stdout, header, rows = smoke
+    assert header == COLUMNS
+    for title in ("### Peak memory growth", "### Theory", "### Time", "### k sweep", "### Exactness"):
+        assert title in stdout
+    assert (out / "tables.md").read_text().strip() in stdout
+    assert (out / "memory_vs_topk.json").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in ("memory_vs_tokens.png", "error_vs_k.png", "memory_vs_k.png"):
+            assert (out / name).stat().st_size > 0
+
+
+def test_smoke_measures_every_point(smoke):
+    _, _, _, rows = smoke
+    assert not [r for r in rows if r["error"]], [
+        (r["method"], r["k"], r["error"]) for r in rows if r["error"]
+    ]
+    for method in expected_methods():
+        if method == "masked_topk":
+            points = [(n, 8) for n in TOKENS] + [(EXACT_TOKENS, k) for k in KS]
+        else:
+            points = [(n, None) for n in TOKENS]
+        for n, k in points:
+            r = find(rows, method, n, k)
+            assert float(r["seconds"]) > 0 and float(r["peak_mib"]) > 0, r
+            assert float(r["theory_mib"]) > 0 and float(r["floor_mib"]) > 0, r
+
+
+def test_smoke_exactness_is_sane(smoke):
+    _, _, _, rows = smoke
+
+    def err(method: str, k: int | None = None) -> tuple[float, float, float]:
+        r = find(rows, method, EXACT_TOKENS, k)
+        return tuple(float(r[c]) for c in ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err"))
+
+    exact = ["naive", "fusedkd"] + (["liger"] if "liger" in expected_methods() else [])
+    for method in exact:
+        assert max(err(method)) < FP32_RTOL, (method, err(method))
+    # k = V masks nothing: the masked recipe is the naive one.
+    assert max(err("masked_topk", VOCAB)) < FP32_RTOL
+    # On a peaked teacher the per-chunk softmax is biased, and a top-1 teacher is far from the dense loss.
+    assert err("vocab_chunk")[0] > 1e-2
+    assert err("masked_topk", 1)[0] > 1e-2
+    # The teacher's listed mass grows with k, to 1 at k = V.
+    masses = [float(find(rows, "masked_topk", EXACT_TOKENS, k)["teacher_topk_mass"]) for k in KS]
+    assert masses == sorted(masses) and masses[-1] == 1.0 and 0 < masses[0] < 1
+    sparse = [r for r in rows if r["method"] == "sparse_topk"]
+    if sparse:  # fusedkd's sparse top-k teacher, when this checkout has it: exact at k = V
+        assert max(err("sparse_topk", VOCAB)) < FP32_RTOL
+
+
+def test_smoke_memory_follows_the_naive_formula(smoke):
+    _, _, _, rows = smoke
+    for n in TOKENS:
+        r = find(rows, "naive", n)
+        # 7 live [N, V] float32 tensors at the forward's peak (the script's docstring).
+        assert 0.8 < float(r["peak_mib"]) / float(r["theory_mib"]) < 1.25, r
+    assert float(find(rows, "fusedkd", 128)["peak_mib"]) < float(find(rows, "naive", 128)["peak_mib"])
