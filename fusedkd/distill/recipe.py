@@ -18,7 +18,8 @@
 
 Both students go through the same `trainer.Trainer` as real runs. All sequences are 128-token blocks of
 the concatenated files (EOS between files). On a CPU, the intra-op thread count follows machine load
-(`threads.ThreadTuner`), so the last digits of the table can differ between runs on a shared machine.
+(`threads.ThreadTuner`): its choice changes floating-point summation order, and training amplifies
+that, so the students' numbers differ by a few percent between runs on a shared machine.
 """
 
 from __future__ import annotations

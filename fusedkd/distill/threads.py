@@ -6,8 +6,9 @@ others wait for it: on the 2-core machine this recipe is sized for, a step of th
 took 3.5 s with 2 threads and 0.33 s with 1 while another engineer's job ran (quiet: 0.2 s with 2).
 `ThreadTuner` times a probe (a forward pass) with 1 thread and with all of them and keeps the faster,
 re-checking every few steps. The thread count changes floating-point summation order in a few kernels
-(last-bit differences in gradients), so it is used only by the embedded default, never by real runs
-or tests, which must be bit-reproducible.
+(last-bit differences in gradients, which training amplifies to a few percent in the default's final
+perplexities), so it is used only by the embedded default, never by real runs or tests, which must be
+bit-reproducible.
 """
 
 from __future__ import annotations
