@@ -258,6 +258,22 @@ def _meminfo_kib(field: str) -> int | None:
     return None
 
 
+def git_revision(path: str) -> str | None:
+    """Short commit of the checkout holding `path`, with "+modified" if its tracked files differ from it."""
+    try:
+
+        def git(*args: str) -> str:
+            return subprocess.run(
+                ["git", *args], cwd=path, capture_output=True, text=True, check=True, timeout=30
+            ).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        modified = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+modified" if modified else "")
+
+
 def available_memory_gib() -> float | None:
     """MemAvailable from /proc/meminfo, in GiB (None where there is no /proc)."""
     kib = _meminfo_kib("MemAvailable")

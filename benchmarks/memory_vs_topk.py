@@ -1,8 +1,8 @@
 """Memory, time and exactness of every distillation-loss approach, side by side.
 
     python benchmarks/memory_vs_topk.py            # full sweeps (CPU: N = 256 .. 4096; CUDA: up to 32k)
-    python benchmarks/memory_vs_topk.py --quick    # small sweeps: a few minutes on a 2-core CPU
-    python benchmarks/memory_vs_topk.py --smoke    # tiny shapes, seconds: keeps the script from rotting (CI)
+    python benchmarks/memory_vs_topk.py --quick    # small sweeps: about 2 minutes on a 2-core CPU
+    python benchmarks/memory_vs_topk.py --smoke    # tiny shapes, about 10 s: keeps the script from rotting
 
 Every method computes the same loss (DESIGN.md §2, forward KL, no ignored tokens, so the usual
 `batchmean` is the mean over tokens) from the same inputs, the final hidden states and lm_head weights
@@ -44,11 +44,12 @@ gradient every method must hold):
   later, when most of them are freed, so the peak is not floor + 7 N V b.
 - vocab_chunk: 5 N V b: logits of both models, log q and p of every chunk (kept for the backward of
   the one graph) and the cross-entropy's log-softmax; one chunk's `kl_div` temporaries are freed by
-  then. Chunking the softmax saves nothing unless each chunk is back-propagated on its own.
+  then. Chunking the softmax leaves the peak linear in N V; bounding it would take a backward per chunk.
 - masked_topk: 8 N V b + N k (b + 8): the naive recipe's seven plus the full-size masked teacher
   tensor, and `topk`'s values and int64 indices.
 - liger: >= 2 min(N, 1024) V b + floor: both models' logits of a 1024-token chunk (a lower bound).
-- fusedkd: torch backend floor + 3 c V 4 (three float32 `c x V` tiles, c its default token chunk);
+- fusedkd: torch backend floor + 2 c V 4 + 3 r V 4 (its two float32 `c x V` logit tiles, c its
+  default token chunk, and three scratch blocks of r rows, its element-wise row group on the device);
   Triton backend floor (O(N) statistics beyond it).
 - sparse_topk: >= floor (its working tiles are not modelled here).
 
@@ -83,6 +84,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _measure import (  # noqa: E402
     available_memory_gib,
+    git_revision,
     machine_description,
     stream_subprocess,
     time_and_peak,
@@ -474,7 +476,7 @@ def theory(method: str, tokens: int, k: int | None, cfg: Config, backend: str) -
     """(expected peak bytes, formula) of one method at one point; see the module docstring."""
     import torch
 
-    from fusedkd.chunked import default_chunk_size
+    from fusedkd.chunked import LINEAR_TILE_BYTES, Scratch, default_chunk_size
 
     b = torch.finfo(torch_dtype(cfg.dtype)).bits // 8
     nv = tokens * cfg.vocab
@@ -488,8 +490,9 @@ def theory(method: str, tokens: int, k: int | None, cfg: Config, backend: str) -
     if method == "liger":
         return 2 * min(tokens, LIGER_CHUNK_TOKENS) * cfg.vocab * b + floor, ">=2min(N,1024)Vb+floor"
     if method == "fusedkd" and backend == "torch":
-        chunk = min(tokens, default_chunk_size(cfg.vocab))
-        return 3 * chunk * cfg.vocab * 4 + floor, "3cV4+floor"
+        chunk = min(tokens, default_chunk_size(cfg.vocab, 4, LINEAR_TILE_BYTES))
+        rows = Scratch(chunk, cfg.vocab, torch.float32, torch.device(cfg.device)).rows
+        return (2 * chunk + Scratch.BLOCKS * rows) * cfg.vocab * 4 + floor, "2cV4+3rV4+floor"
     if method == "fusedkd":
         return floor, "floor"
     if method == "sparse_topk":
@@ -625,8 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small sweeps (a few minutes on a 2-core CPU)")
-    mode.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (CI)")
+    mode.add_argument("--quick", action="store_true", help="small sweeps (about 2 minutes on a 2-core CPU)")
+    mode.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, one worker, Liger eager: about 10 s (CI)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
@@ -717,11 +722,17 @@ def mib(value: float | None) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, aligned in plain text too: first column to the left, numbers to the right."""
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(str(x).rjust(w) for x, w in zip(row, widths)) + " |" for row in rows]
-    return "\n".join(lines)
+
+    def line(cells: list[str]) -> str:
+        aligned = [
+            str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(cells, widths))
+        ]
+        return "| " + " | ".join(aligned) + " |"
+
+    separator = "|" + "|".join(("-" * (w + 1) + (":" if i else "-")) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), separator] + [line(row) for row in rows])
 
 
 def report(rows: list[dict], cfg: Config, meta: dict) -> str:
@@ -748,7 +759,8 @@ def report(rows: list[dict], cfg: Config, meta: dict) -> str:
     loads = [r["load_1min"] for r in rows if r.get("load_1min") is not None]
     during = f", {min(loads):.1f} to {max(loads):.1f} after the points" if loads else ""
     out.append(
-        f"Versions: {versions}. 1-minute load average: {meta['load_start']} at start{during}, "
+        f"Versions: {versions} (fusedkd/ at {meta.get('fusedkd_revision') or 'an unknown revision'}). "
+        f"1-minute load average: {meta['load_start']} at start{during}, "
         f"{meta['load_end']} at the end."
     )
     floor = floor_bytes(cfg) / 2**20
@@ -1122,6 +1134,9 @@ def main() -> None:
 
     meta["load_end"] = f"{os.getloadavg()[0]:.2f}"
     meta["machine"] = machine_description()
+    import fusedkd
+
+    meta["fusedkd_revision"] = git_revision(os.path.dirname(os.path.abspath(fusedkd.__file__)))
     meta["wall_seconds"] = time.time() - started
     text = report(rows, cfg, meta)
     print("\n" + text)

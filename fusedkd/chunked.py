@@ -1,11 +1,21 @@
 """Pure-PyTorch backend (backend="torch"): token-chunked, exact, for CPUs and any device.
 
-Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once, in the compute
-dtype (float32, or float64 for float64 inputs), derives the per-token divergence and cross-entropy and,
-when a gradient is wanted, the tile of G = dloss/dlogits (DESIGN.md §4), which is multiplied straight
-into grad_student_hidden and grad_student_weight. The working set is a handful of `c x V` tiles; no
-tensor with N*V elements is ever allocated. On a CPU, where matmul throughput rather than memory
-bandwidth is the bottleneck, computing each tile once (no recomputation) is the fast choice (§5).
+Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once, into two buffers
+allocated once per call, in the compute dtype (float32, or float64 for float64 inputs). It derives the
+per-token divergence and cross-entropy and, when a gradient is wanted, the tile of G = dloss/dlogits
+(DESIGN.md §4) in place of one of the two logit tiles; G is multiplied straight into
+grad_student_hidden and grad_student_weight. No tensor with N*V elements is ever allocated.
+
+On a CPU, where matmul throughput rather than memory bandwidth is the bottleneck, computing each tile
+once (no recomputation) is the fast choice (§5). Two things decide the rest of the time there:
+
+- Large chunks. Every chunk streams both heads through the cache and makes a rank-c update of the
+  V x H student weight gradient, so the GEMMs run near peak only when c is a hundred tokens or more
+  (`LINEAR_TILE_BYTES`).
+- No fresh `c x V` allocations, and element-wise passes that stay in the cache. A freshly allocated
+  tile of tens of MB costs the kernel its page faults, more than the element-wise pass that fills it;
+  the arithmetic therefore runs in place in the two reused tiles, a few rows at a time
+  (`GROUP_BYTES`), with three small reused scratch blocks of those rows.
 
 The gradient is computed eagerly, during the forward, for reductions "mean" and "sum" (backward then
 only scales it by grad_output, a scalar). For reduction="none", or when the returned components are
@@ -20,13 +30,22 @@ import torch
 
 from fusedkd._options import KDOptions
 
-# Default working-set target: one `chunk x V` compute-dtype tile of about 32 MiB.
+# Default working-set target of the logits-level loss and the top-k losses: one `chunk x V`
+# compute-dtype tile of about 32 MiB.
 TILE_BYTES = 32 * 2**20
+# The fused linear loss keeps two such tiles (student and teacher) and runs two GEMMs per chunk and a
+# rank-chunk update of the weight gradient, whose efficiency grows with the chunk: tiles of 64 MiB.
+LINEAR_TILE_BYTES = 64 * 2**20
+# On a CPU the element-wise passes work on groups of rows of about this many bytes per tile, so the
+# ~15 passes over a group run in the cache rather than the ~15 passes over the whole tile in memory.
+GROUP_BYTES = 2 * 2**20
 MIN_CHUNK, MAX_CHUNK = 8, 4096
 
 
-def default_chunk_size(vocab_size: int, element_size: int = 4) -> int:
-    chunk = TILE_BYTES // max(1, vocab_size * element_size)
+def default_chunk_size(vocab_size: int, element_size: int = 4, tile_bytes: int | None = None) -> int:
+    """Tokens per chunk: a `chunk x vocab_size` tile of `element_size` bytes is about `tile_bytes`
+    (default `TILE_BYTES`), within [MIN_CHUNK, MAX_CHUNK]."""
+    chunk = (TILE_BYTES if tile_bytes is None else tile_bytes) // max(1, vocab_size * element_size)
     return int(min(MAX_CHUNK, max(MIN_CHUNK, chunk)))
 
 
@@ -35,30 +54,57 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class Scratch:
+    """Reusable element-wise scratch of one loss call: three blocks of `rows` x `vocab`, made lazily.
+
+    `rows` is the row-group size of `kd_tile_terms`: a few rows on a CPU (so a group stays in the
+    cache), the whole chunk on other devices (where each pass is one kernel launch).
+    """
+
+    BLOCKS = 3
+
+    def __init__(self, chunk: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.rows = max(1, min(self.group_rows(chunk, vocab, dtype, device), chunk))
+        self.vocab, self.dtype, self.device = vocab, dtype, device
+        self._blocks: list[torch.Tensor | None] = [None] * self.BLOCKS
+
+    @staticmethod
+    def group_rows(chunk: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        if device.type != "cpu":
+            return chunk
+        return GROUP_BYTES // max(1, vocab * (torch.finfo(dtype).bits // 8))
+
+    def block(self, index: int, rows: int) -> torch.Tensor:
+        if self._blocks[index] is None:
+            self._blocks[index] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
+        return self._blocks[index][:rows]
+
+
 def _logits(
+    out: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    dtype: torch.dtype,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """scale * (hidden @ weight.T + bias) in `dtype`; the scale rides in the GEMM (alpha, beta)."""
+    """out <- scale * (hidden @ weight.T + bias); the scale rides in the GEMM (alpha, beta)."""
+    direct = weight.dtype == out.dtype
     if bias is not None:
-        logits = torch.addmm(bias, hidden, weight.T, beta=scale, alpha=scale)
-    elif scale != 1.0:
-        logits = torch.addmm(hidden.new_zeros(()), hidden, weight.T, beta=0.0, alpha=scale)
-    else:
-        logits = hidden @ weight.T
-    return logits if logits.dtype == dtype else logits.to(dtype)
+        if direct:
+            return torch.addmm(bias, hidden, weight.T, beta=scale, alpha=scale, out=out)
+        return out.copy_(torch.addmm(bias, hidden, weight.T, beta=scale, alpha=scale))
+    if scale != 1.0:
+        if direct:  # beta = 0: addmm ignores `out`'s old contents
+            return torch.addmm(out, hidden, weight.T, beta=0.0, alpha=scale, out=out)
+        return out.copy_(torch.addmm(hidden.new_zeros(()), hidden, weight.T, beta=0.0, alpha=scale))
+    if direct:
+        return torch.mm(hidden, weight.T, out=out)
+    return out.copy_(hidden @ weight.T)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[i, v] b[i, v]: one fused kernel, no c x V temporary.
-
-    (A BLAS dot per row is faster on an idle CPU, but one call per row pays a thread-pool wake-up
-    each; on a loaded machine that costs 5x more than this single call.)
-    """
-    return torch.linalg.vecdot(a, b)
+def grad_tile(options: KDOptions, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Which of the two logit tiles `kd_tile_terms` overwrites with G."""
+    return s if options.divergence == "forward_kl" else t
 
 
 def kd_tile_terms(
@@ -69,62 +115,96 @@ def kd_tile_terms(
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
     *,
     teacher_tempered: bool = False,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of rows: (divergence [c], ce [c], G [c, V] or None), from logit tiles it overwrites.
 
     Shared by the fused linear loss (after its two logit GEMMs) and the logits-level loss.
     `teacher_tempered`: `t` already holds t / T (the fused linear loss folds 1/T into its GEMM).
+    G, when wanted, is written over `grad_tile(options, s, t)` and returned.
 
-    `s`, `t` are fresh [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid
-    id, their weights are 0). `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill dD/ds +
-    w_ce dC/ds (DESIGN.md §4). Every c x V pass counts on a CPU, so the math touches few tiles few
-    times (three for forward and reverse KL, five for JSD): with
-    a = (s - max s) / T and b = (t - max t) / T (both <= 0), Eq = exp(a), Ep = exp(b), Zq, Zp their row
-    sums, q = Eq / Zq and p = Ep / Zp. Logits of -inf are tokens of probability 0: a term whose weight is
-    0 is 0 even where its log-ratio is infinite or NaN.
+    `s`, `t` are [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid id,
+    their weights are 0). `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill dD/ds +
+    w_ce dC/ds (DESIGN.md §4). The rows are processed in groups of `scratch.rows`.
+    """
+    c, vocab = s.shape
+    if scratch is None:
+        scratch = Scratch(c, vocab, s.dtype, s.device)
+    divergence = s.new_empty(c)
+    ce = s.new_empty(c)
+    for start in range(0, c, scratch.rows):
+        rows = slice(start, min(c, start + scratch.rows))
+        _group_terms(
+            s[rows],
+            t[rows],
+            None if labels is None else labels[rows],
+            options,
+            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights),
+            teacher_tempered,
+            scratch,
+            divergence[rows],
+            ce[rows],
+        )
+    return divergence, ce, None if grad_weights is None else grad_tile(options, s, t)
+
+
+def _group_terms(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
+    teacher_tempered: bool,
+    scratch: Scratch,
+    divergence_out: torch.Tensor,
+    ce_out: torch.Tensor,
+) -> None:
+    """`kd_tile_terms` on one group of rows, in place: few passes, no allocation of the group's size.
+
+    With a = (s - max s) / T and b = (t - max t) / T (both <= 0), Eq = exp(a), Ep = exp(b), Zq, Zp
+    their row sums, q = Eq / Zq and p = Ep / Zp. Logits of -inf are tokens of probability 0: a term
+    whose weight is 0 is 0 even where its log-ratio is infinite or NaN (`nansum`, or
+    `_zero_where_unweighted` where the log-ratio is reused for the gradient).
     """
     T = options.temperature
+    n = s.shape[0]
     want_grad = grad_weights is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     want_ce_grad = want_grad and labels is not None and w_ce is not None
-    need_plain = labels is not None and T != 1.0  # CE is at T = 1: its softmax differs from q
-    rows = torch.arange(s.shape[0], device=s.device)
+    rows = torch.arange(n, device=s.device)
 
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
     # even for logits of magnitude 1e4 (DESIGN.md §6).
     s.sub_(_finite_row_max(s))
     t.sub_(_finite_row_max(t))
     label_logit = None if labels is None else s[rows, labels]  # s_y - max s
+    # The cross-entropy is at T = 1: for T != 1 its softmax, exp(s - max s) / Z1, differs from q.
+    plain = z_plain = None
+    if labels is not None and T != 1.0:
+        plain = torch.exp(s, out=scratch.block(0, n))
+        z_plain = plain.sum(-1)
     if T != 1.0:
         s.div_(T)  # a
         if not teacher_tempered:
             t.div_(T)  # b
 
-    def plain_exp(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """exp(s - max s) = exp(T a) and its row sum Z1 (softmax(s) = exp(T a) / Z1)."""
-        e = torch.mul(s, T, out=out).exp_()
-        return e, e.sum(-1)
-
-    def cross_entropy(z_plain: torch.Tensor) -> torch.Tensor:
-        # C = LSE(s) - s_y = log Z1 - (s_y - max s)
+    def finish(z_student: torch.Tensor, value: torch.Tensor) -> None:
+        divergence_out.copy_(value)
         if labels is None:
-            return torch.zeros_like(z_plain)
-        return z_plain.log() - label_logit
+            ce_out.zero_()
+        else:  # C = LSE(s) - s_y = log Z1 - (s_y - max s)
+            ce_out.copy_((z_student if z_plain is None else z_plain).log() - label_logit)
 
     if options.divergence == "forward_kl":
         # D = sum p (log p - log q) = sum Ep (b - a) / Zp - log Zp + log Zq
-        p_unnorm = torch.exp(t)
+        p_unnorm = torch.exp(t, out=scratch.block(1, n))
         z_teacher = p_unnorm.sum(-1)
-        cross = _rowdot(p_unnorm, _zero_where_unweighted(t.sub_(s)))  # b - a
-        plain = z_plain = None
-        if need_plain:
-            plain, z_plain = plain_exp(out=t)  # t is free
+        cross = torch.mul(p_unnorm, t.sub_(s), out=t).nansum(-1)  # Ep (b - a)
         s.exp_()  # Eq
         z_student = s.sum(-1)
-        divergence = cross / z_teacher - z_teacher.log() + z_student.log()
-        ce = cross_entropy(z_student if z_plain is None else z_plain)
+        finish(z_student, cross / z_teacher - z_teacher.log() + z_student.log())
         if not want_grad:
-            return divergence, ce, None
+            return
         # dD/ds = (q - p) / T;  dC/ds = softmax(s) - onehot(y)
         coef_q = w_distill / (T * z_student)
         if want_ce_grad and plain is None:
@@ -135,20 +215,16 @@ def kd_tile_terms(
 
     elif options.divergence == "reverse_kl":
         # K = sum q (a - b);  D = sum q (log q - log p) = K - log Zq + log Zp
-        z_teacher = torch.exp(t).sum(-1)
-        _zero_where_unweighted(torch.sub(s, t, out=t))  # a - b
-        plain = z_plain = None
-        if need_plain:
-            plain, z_plain = plain_exp()
+        z_teacher = torch.exp(t, out=scratch.block(1, n)).sum(-1)
+        log_ratio = _zero_where_unweighted(torch.sub(s, t, out=t))  # a - b
         s.exp_()  # Eq
         z_student = s.sum(-1)
-        k = _rowdot(s, t) / z_student
-        divergence = k - z_student.log() + z_teacher.log()
-        ce = cross_entropy(z_student if z_plain is None else z_plain)
+        k = torch.mul(s, log_ratio, out=scratch.block(1, n)).sum(-1) / z_student
+        finish(z_student, k - z_student.log() + z_teacher.log())
         if not want_grad:
-            return divergence, ce, None
+            return
         # dD/ds = q (log q - log p - D) / T = q ((a - b) - K) / T
-        grad = t.sub_(k[:, None]).mul_(s).mul_((w_distill / (T * z_student))[:, None])
+        grad = log_ratio.sub_(k[:, None]).mul_(s).mul_((w_distill / (T * z_student))[:, None])
         if want_ce_grad:
             if plain is None:
                 grad.addcmul_(s, (w_ce / z_student)[:, None])
@@ -159,28 +235,21 @@ def kd_tile_terms(
         # m = beta p + (1 - beta) q;  D = beta KL(p || m) + (1 - beta) KL(q || m)
         # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T
         beta = options.beta
-        plain = z_plain = None
-        if need_plain:
-            plain, z_plain = plain_exp()
-            if not want_ce_grad:
-                plain = None
-        z_student = torch.exp(s).sum(-1)
+        z_student = torch.exp(s, out=scratch.block(1, n)).sum(-1)
         s.sub_(z_student.log()[:, None])  # log q
-        t.sub_(torch.exp(t).sum(-1).log()[:, None])  # log p
-        log_m = torch.add(t, math.log(beta))
-        scratch = torch.add(s, math.log1p(-beta))
-        torch.logaddexp(log_m, scratch, out=log_m)
-        torch.exp(t, out=scratch)  # p
-        kl_teacher_mix = _rowdot(scratch, _zero_where_unweighted(t.sub_(log_m)))  # log p - log m
-        _zero_where_unweighted(torch.sub(s, log_m, out=t))  # log q - log m
-        del log_m, scratch
+        t.sub_(torch.exp(t, out=scratch.block(1, n)).sum(-1).log()[:, None])  # log p
+        log_m = torch.add(t, math.log(beta), out=scratch.block(1, n))
+        torch.logaddexp(log_m, torch.add(s, math.log1p(-beta), out=scratch.block(2, n)), out=log_m)
+        p = torch.exp(t, out=scratch.block(2, n))
+        kl_teacher_mix = torch.mul(p, t.sub_(log_m), out=t).nansum(-1)  # p (log p - log m)
+        log_ratio = _zero_where_unweighted(torch.sub(s, log_m, out=log_m))  # log q - log m
         s.exp_()  # q
-        kl_student_mix = _rowdot(s, t)
-        divergence = beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix
-        ce = cross_entropy(z_student if z_plain is None else z_plain)
+        kl_student_mix = torch.mul(s, log_ratio, out=t).sum(-1)
+        finish(z_student, beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix)
         if not want_grad:
-            return divergence, ce, None
-        grad = t.sub_(kl_student_mix[:, None]).mul_(s).mul_(((1.0 - beta) / T * w_distill)[:, None])
+            return
+        grad = torch.sub(log_ratio, kl_student_mix[:, None], out=t)
+        grad.mul_(s).mul_(((1.0 - beta) / T * w_distill)[:, None])
         if want_ce_grad:
             if plain is None:
                 grad.addcmul_(s, w_ce[:, None])  # T = 1: softmax(s) is q
@@ -189,7 +258,6 @@ def kd_tile_terms(
 
     if want_ce_grad:
         grad[rows, labels] -= w_ce
-    return divergence, ce, grad
 
 
 def _zero_where_unweighted(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -202,24 +270,6 @@ def _finite_row_max(x: torch.Tensor) -> torch.Tensor:
     """Each row's maximum, or 0 for a row of -inf (so that subtracting it never makes a NaN)."""
     row_max = x.amax(dim=-1, keepdim=True)
     return row_max.masked_fill_(row_max == -math.inf, 0.0)
-
-
-def _chunk(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    options: KDOptions,
-    grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One token chunk of the fused linear loss: its two logit GEMMs, then `kd_tile_terms`."""
-    dtype = compute_dtype(student_hidden.dtype)
-    s = _logits(student_hidden, student_weight, student_bias, dtype)
-    t = _logits(teacher_hidden, teacher_weight, teacher_bias, dtype, scale=1.0 / options.temperature)
-    return kd_tile_terms(s, t, labels, options, grad_weights, teacher_tempered=True)
 
 
 def _stream(
@@ -241,6 +291,7 @@ def _stream(
     grad_student_bias [V] float32 or None), with G weighted per token by `grad_weights`.
     """
     n = student_hidden.shape[0]
+    vocab = student_weight.shape[0]
     dtype = compute_dtype(student_hidden.dtype)
     device = student_hidden.device
     divergence = torch.zeros(n, dtype=dtype, device=device)
@@ -251,35 +302,45 @@ def _stream(
         # Chunk 0 writes grad_weight whole (no zero fill), later chunks accumulate into it.
         allocate = torch.empty if n > 0 else torch.zeros
         grad_weight = allocate(student_weight.shape, dtype=dtype, device=device)
-        grad_bias = (
-            torch.zeros(student_weight.shape[0], dtype=dtype, device=device) if need_bias_grad else None
-        )
+        grad_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias_grad else None
         grads = (grad_hidden, grad_weight, grad_bias)
+    if n == 0:
+        return divergence, ce, grads
 
+    # The two logit tiles and the scratch are allocated once and reused by every chunk.
+    chunk = min(n, chunk_size)
+    student_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
+    teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
+    scratch = Scratch(chunk, vocab, dtype, device)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
+        count = rows.stop - rows.start
+        hidden = student_hidden[rows]
         chunk_weights = (
             None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights)
         )
-        chunk_divergence, chunk_ce, grad = _chunk(
-            student_hidden[rows],
-            student_weight,
-            student_bias,
-            teacher_hidden[rows],
-            teacher_weight,
-            teacher_bias,
+        s = _logits(student_tile[:count], hidden, student_weight, student_bias)
+        t = _logits(
+            teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, 1.0 / options.temperature
+        )
+        divergence[rows], ce[rows], grad = kd_tile_terms(
+            s,
+            t,
             None if labels is None else labels[rows],
             options,
             chunk_weights,
+            teacher_tempered=True,
+            scratch=scratch,
         )
-        divergence[rows] = chunk_divergence
-        ce[rows] = chunk_ce
         if grad is not None:
-            grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
-            if start == 0:
-                torch.mm(grad.T, student_hidden[rows].to(dtype), out=grad_weight)
+            if student_weight.dtype == grad.dtype:
+                torch.mm(grad, student_weight, out=grad_hidden[rows])
             else:
-                grad_weight.addmm_(grad.T, student_hidden[rows].to(dtype))
+                grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
+            if start == 0:
+                torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
+            else:
+                grad_weight.addmm_(grad.T, hidden.to(dtype))
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0))
         del grad
@@ -295,8 +356,11 @@ class _Tokens:
         else:
             self.valid = labels != options.ignore_index
         self.num_valid = self.valid.sum()
-        # Compaction needs the count on the host: free on a CPU, a sync on an accelerator (skipped there).
-        self.index = self.valid.nonzero().view(-1) if device.type == "cpu" and labels is not None else None
+        # Compaction needs the count on the host: free on a CPU, a sync on an accelerator (skipped there),
+        # and pointless (a copy of the hidden states) when every token counts.
+        self.index = None
+        if device.type == "cpu" and labels is not None and int(self.num_valid) < n:
+            self.index = self.valid.nonzero().view(-1)
         self.safe_labels = (
             None if labels is None else torch.where(self.valid, labels, torch.zeros_like(labels))
         )
@@ -496,7 +560,9 @@ def fused_linear_kd(
     """
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            options.vocab_size, torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8
+            options.vocab_size,
+            torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8,
+            LINEAR_TILE_BYTES,
         )
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

@@ -16,7 +16,15 @@ import torch
 
 from fusedkd._inputs import check_devices, check_float, check_labels, check_options, check_tensor
 from fusedkd._options import KDOptions
-from fusedkd.chunked import _has_ce_grad, _reduce, _Tokens, compute_dtype, default_chunk_size, kd_tile_terms
+from fusedkd.chunked import (
+    Scratch,
+    _has_ce_grad,
+    _reduce,
+    _Tokens,
+    compute_dtype,
+    default_chunk_size,
+    kd_tile_terms,
+)
 from fusedkd.loss import BACKENDS, resolve_backend
 
 
@@ -110,15 +118,17 @@ class _Rows:
         except RuntimeError:
             self.flat = None
 
-    def tile(self, rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A fresh [c, vocab] tensor in `dtype` holding the selected rows."""
+    def tile(self, rows: slice | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (a [c, vocab] buffer in the compute dtype) filled with the selected rows."""
         if self.flat is not None:
             if isinstance(rows, slice):
-                return self.flat[rows].to(dtype, copy=True)
-            return self.flat.index_select(0, rows).to(dtype)
+                return out.copy_(self.flat[rows])
+            if self.flat.dtype == out.dtype and self.flat.is_contiguous():
+                return torch.index_select(self.flat, 0, rows, out=out)
+            return out.copy_(self.flat.index_select(0, rows))
         if isinstance(rows, slice):
             rows = torch.arange(rows.start, rows.stop, device=self.x.device)
-        return self.x[torch.unravel_index(rows, self.leading)][:, : self.vocab].to(dtype)
+        return out.copy_(self.x[torch.unravel_index(rows, self.leading)][:, : self.vocab])
 
 
 def _stream(
@@ -146,16 +156,23 @@ def _stream(
         grad = torch.zeros(grad_shape, dtype=x.dtype, device=x.device)
         grad_rows = grad.view(-1, grad.shape[-1])[:, : options.vocab_size]
     count = n if index is None else index.numel()
+    if count == 0:
+        return divergence, ce, grad
+    # Two compute-dtype tiles and the scratch, allocated once and reused by every chunk.
+    chunk = min(count, chunk_size)
+    tiles = [torch.empty(chunk, options.vocab_size, dtype=dtype, device=x.device) for _ in range(2)]
+    scratch = Scratch(chunk, options.vocab_size, dtype, x.device)
     for start in range(0, count, chunk_size):
         stop = min(count, start + chunk_size)
         rows = slice(start, stop) if index is None else index[start:stop]
 
         chunk_divergence, chunk_ce, chunk_grad = kd_tile_terms(
-            student.tile(rows, dtype),
-            teacher.tile(rows, dtype),
+            student.tile(rows, tiles[0][: stop - start]),
+            teacher.tile(rows, tiles[1][: stop - start]),
             _pick(labels, rows),
             options,
             None if grad_weights is None else tuple(_pick(w, rows) for w in grad_weights),
+            scratch=scratch,
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce

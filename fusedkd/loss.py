@@ -84,7 +84,8 @@ def fused_linear_kd_loss(
         return_components: also return the two terms, ``(loss, distill, ce)``, each reduced like
             ``loss`` and unweighted: ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
         chunk_size: tokens per chunk of the PyTorch backend (default: sized so that one
-            ``chunk x V`` float32 tile is about 32 MiB). Not accepted by the Triton backend.
+            ``chunk x V`` float32 tile is about 64 MiB; the backend holds two). Not accepted by the
+            Triton backend.
 
     Returns:
         The loss (a float32 scalar, or ``[...]`` for ``reduction="none"``), or ``(loss, distill, ce)``.

@@ -25,6 +25,8 @@ def _triton_skip_reason() -> str | None:
 
 BACKENDS = [
     pytest.param("torch", id="torch"),
+    # The torch backend as on large shapes: many chunks of a few groups of rows, partial last ones.
+    pytest.param("torch", id="torch-small-tiles", marks=pytest.mark.small_tiles(3)),
     pytest.param(
         "triton",
         id="triton",

@@ -20,3 +20,18 @@ if os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(request, monkeypatch):
+    """Tests marked small_tiles(n) run the torch backend's default chunking at its smallest (MIN_CHUNK
+    tokens) and its element-wise passes in groups of n rows, so small test shapes take many chunks
+    and groups, with partial last ones, as large shapes do."""
+    marker = request.node.get_closest_marker("small_tiles")
+    if marker is not None:
+        from fusedkd import chunked
+
+        rows = marker.args[0]
+        monkeypatch.setattr(chunked, "TILE_BYTES", 1)
+        monkeypatch.setattr(chunked, "LINEAR_TILE_BYTES", 1)
+        monkeypatch.setattr(chunked.Scratch, "group_rows", staticmethod(lambda chunk, *_: min(rows, chunk)))

@@ -20,6 +20,8 @@ from fusedkd.logits import KDLoss, kd_loss, prepare_logits_kd
 
 BACKENDS = [
     pytest.param("torch", id="torch"),
+    # The torch backend as on large shapes: many chunks of a few groups of rows, partial last ones.
+    pytest.param("torch", id="torch-small-tiles", marks=pytest.mark.small_tiles(3)),
     pytest.param(
         "triton",
         id="triton",

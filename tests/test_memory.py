@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedkd
-from fusedkd.chunked import default_chunk_size
+from fusedkd.chunked import LINEAR_TILE_BYTES, default_chunk_size
 
 
 class LargestOutput(TorchDispatchMode):
@@ -50,7 +50,7 @@ def test_torch_backend_allocates_no_tokens_by_vocab_tensor(dtype, options):
         )
         loss = out[0] if isinstance(out, tuple) else out
         loss.sum().backward()
-    chunk = default_chunk_size(vocab)
+    chunk = default_chunk_size(vocab, 4, LINEAR_TILE_BYTES)
     assert chunk < n
     assert largest.numel <= chunk * vocab < n * vocab, (largest.numel, largest.op)
     assert student_weight.grad is not None and torch.isfinite(student_weight.grad).all()
