@@ -63,16 +63,24 @@ class Scratch:
 
     BLOCKS = 3
 
-    def __init__(self, chunk: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.rows = max(1, min(self.group_rows(chunk, vocab, dtype, device), chunk))
+    def __init__(
+        self,
+        chunk: int,
+        vocab: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        group_bytes: int | None = None,
+    ):
+        group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+        self.rows = max(1, min(self.group_rows(chunk, vocab, dtype, device, group_bytes), chunk))
         self.vocab, self.dtype, self.device = vocab, dtype, device
         self._blocks: list[torch.Tensor | None] = [None] * self.BLOCKS
 
     @staticmethod
-    def group_rows(chunk: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    def group_rows(chunk: int, vocab: int, dtype: torch.dtype, device: torch.device, group_bytes: int) -> int:
         if device.type != "cpu":
             return chunk
-        return GROUP_BYTES // max(1, vocab * (torch.finfo(dtype).bits // 8))
+        return group_bytes // max(1, vocab * (torch.finfo(dtype).bits // 8))
 
     def block(self, index: int, rows: int) -> torch.Tensor:
         if self._blocks[index] is None:

@@ -55,7 +55,16 @@ from fusedkd._inputs import (
     resolve_vocab_size,
 )
 from fusedkd._options import KDOptions, check_choice, check_temperature
-from fusedkd.chunked import TILE_BYTES, _has_ce_grad, _reduce, _Tokens, compute_dtype, default_chunk_size
+from fusedkd import chunked
+from fusedkd.chunked import (
+    Scratch,
+    _has_ce_grad,
+    _logits,
+    _reduce,
+    _Tokens,
+    compute_dtype,
+    default_chunk_size,
+)
 from fusedkd.loss import BACKENDS
 
 TOPK_DIVERGENCES = ("forward_kl", "reverse_kl")
@@ -172,7 +181,7 @@ def teacher_topk(
     block_size = _check_positive_int("block_size", block_size)
     block = min(max(block_size, k), vocab)  # a block holds at least k entries, so one topk fills the list
     if chunk_size is None:
-        chunk_size = int(min(MAX_CHUNK, max(MIN_CHUNK, TILE_BYTES // (4 * block))))
+        chunk_size = int(min(MAX_CHUNK, max(MIN_CHUNK, chunked.TILE_BYTES // (4 * block))))
     chunk_size = _check_positive_int("chunk_size", chunk_size)
 
     leading_shape = teacher_hidden.shape[:-1]
@@ -489,39 +498,68 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tile_chunk(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    s: torch.Tensor,
     ids: torch.Tensor,
     log_p: torch.Tensor,
     labels: torch.Tensor | None,
     options: KDOptions,
     support: SupportOptions,
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
+    scratch: Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One token chunk through a `c x V` student logits tile: (divergence [c], ce [c], G [c, V] or None).
+    """One token chunk through its `c x V` student logits tile `s`, which it overwrites:
+    (divergence [c], ce [c], G [c, V] (in `s`) or None).
 
     `labels` are safe (ignored rows hold a valid id; their weights are 0). G = w_distill dD/ds + w_ce dC/ds.
+    The element-wise passes run on groups of `scratch.rows` rows, in place (as `chunked.kd_tile_terms`).
     """
-    dtype = compute_dtype(hidden.dtype)
+    c = s.shape[0]
+    divergence = s.new_empty(c)
+    ce = s.new_empty(c)
+    for start in range(0, c, scratch.rows):
+        rows = slice(start, min(c, start + scratch.rows))
+        _tile_group(
+            s[rows],
+            ids[rows],
+            log_p[rows],
+            None if labels is None else labels[rows],
+            options,
+            support,
+            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights),
+            scratch,
+            divergence[rows],
+            ce[rows],
+        )
+    return divergence, ce, None if grad_weights is None else s
+
+
+def _tile_group(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    log_p: torch.Tensor,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    support: SupportOptions,
+    grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
+    scratch: Scratch,
+    divergence_out: torch.Tensor,
+    ce_out: torch.Tensor,
+) -> None:
+    """`_tile_chunk` on one group of rows; G, when wanted, is left in `s`."""
     T = options.temperature
+    n = s.shape[0]
     want_grad = grad_weights is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
-    want_ce_grad = want_grad and labels is not None and w_ce is not None
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    rows = torch.arange(n, device=s.device)
 
-    s = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    s = s.to(dtype)
     s.sub_(_finite(s.amax(dim=-1, keepdim=True)))  # relative to the row maximum (DESIGN.md §6)
-    ce = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
-    grad = None
+    plain = z_plain = None
+    ce_out.zero_()
     if support.need_ce and labels is not None:
         # C = LSE(s) - s_y;  dC/ds = softmax(s) - onehot(y)
-        lse_plain = torch.logsumexp(s, dim=-1)
-        ce = lse_plain - s[rows, labels]
-        if want_ce_grad:
-            grad = torch.sub(s, lse_plain[:, None]).exp_().mul_(w_ce[:, None])
-            grad[rows, labels] -= w_ce
+        plain = torch.exp(s, out=scratch.block(0, n))
+        z_plain = plain.sum(-1)
+        ce_out.copy_(z_plain.log() - s[rows, labels])
     if T != 1.0:
         s.div_(T)  # a = s / T, relative to its maximum
     a_support = s.gather(1, ids)
@@ -529,23 +567,29 @@ def _tile_chunk(
 
     if support.tail == "bucket":
         s.scatter_(1, ids, -math.inf)  # a outside K
-        lse_tail = torch.logsumexp(s, dim=-1)  # -inf when k = V
+        tail_max = _finite(s.amax(dim=-1, keepdim=True))
+        tail = s.sub_(tail_max).exp_()  # exp(a - max over the tail), 0 on K
+        z_tail = tail.sum(-1)
+        lse_tail = z_tail.log() + tail_max[:, 0]  # -inf when k = V
         terms = _bucket_terms(
             a_support, lse_tail, log_p, options.divergence, full_support, support.precision, want_grad
         )
+        divergence_out.copy_(terms.divergence)
         if not want_grad:
-            return terms.divergence, ce, None
-        # Outside K: r_v c_tail with r = softmax over the tail (0 on K, whose a is -inf now).
-        tail_grad = s.sub_(_finite(lse_tail)[:, None]).exp_().mul_((w_distill / T * terms.c_tail)[:, None])
-        grad = tail_grad if grad is None else grad.add_(tail_grad)
+            return
+        # Outside K: r_v c_tail with r = softmax over the tail (0 on K).
+        safe_z_tail = torch.where(z_tail > 0, z_tail, torch.ones_like(z_tail))
+        grad = tail.mul_((w_distill / T * terms.c_tail / safe_z_tail)[:, None])
     else:
         terms = _renormalized_terms(a_support, log_p, options.divergence, want_grad)
+        divergence_out.copy_(terms.divergence)
         if not want_grad:
-            return terms.divergence, ce, None
-        if grad is None:
-            grad = s.zero_()
+            return
+        grad = s.zero_()
+    if plain is not None and w_ce is not None:
+        grad.addcmul_(plain, (w_ce / z_plain)[:, None])
+        grad[rows, labels] -= w_ce
     grad.scatter_add_(1, ids, terms.g_support.mul_((w_distill / T)[:, None]))
-    return terms.divergence, ce, grad
 
 
 def _sparse_chunk(
@@ -607,19 +651,28 @@ def _stream(
     divergence = torch.zeros(n, dtype=dtype, device=device)
     ce = torch.zeros(n, dtype=dtype, device=device)
     grads = None
+    sparse = support.tail == "renormalize" and not support.need_ce
     if grad_weights is not None:
+        # The tile path's first chunk writes grad_weight whole (no zero fill); the sparse path adds rows.
+        allocate = torch.zeros if sparse or n == 0 else torch.empty
         grads = (
             torch.zeros_like(hidden),
-            torch.zeros(weight.shape, dtype=dtype, device=device),
+            allocate(weight.shape, dtype=dtype, device=device),
             torch.zeros(weight.shape[0], dtype=dtype, device=device) if need_bias_grad else None,
         )
-    sparse = support.tail == "renormalize" and not support.need_ce
     if chunk_size is None:
         if sparse:  # the working set is the gathered [c, k, H] head rows
             per_token = k * hidden.shape[1] * hidden.element_size()
-            chunk_size = int(min(MAX_CHUNK, max(MIN_CHUNK, TILE_BYTES // max(1, per_token))))
-        else:
-            chunk_size = default_chunk_size(weight.shape[0], torch.finfo(dtype).bits // 8)
+            chunk_size = int(min(MAX_CHUNK, max(MIN_CHUNK, chunked.TILE_BYTES // max(1, per_token))))
+        else:  # one c x V tile, as one of the two of the dense fused loss
+            chunk_size = default_chunk_size(
+                weight.shape[0], torch.finfo(dtype).bits // 8, chunked.LINEAR_TILE_BYTES
+            )
+    if not sparse and n > 0:
+        # The logits tile and the scratch are allocated once and reused by every chunk.
+        tile = torch.empty(min(n, chunk_size), weight.shape[0], dtype=dtype, device=device)
+        # Row groups 8x larger than the dense loss's: each group also runs ~40 small [rows, k] ops.
+        scratch = Scratch(tile.shape[0], weight.shape[0], dtype, device, 8 * chunked.GROUP_BYTES)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         chunk_weights = (
@@ -631,23 +684,29 @@ def _stream(
                 hidden[rows], weight, bias, ids[rows], log_p, options, chunk_weights, grads, rows
             )
             continue
+        s = _logits(tile[: rows.stop - rows.start], hidden[rows], weight, bias)
         chunk_divergence, chunk_ce, grad = _tile_chunk(
-            hidden[rows],
-            weight,
-            bias,
+            s,
             ids[rows],
             log_p,
             None if labels is None else labels[rows],
             options,
             support,
             chunk_weights,
+            scratch,
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce
         if grad is not None:
             grad_hidden, grad_weight, grad_bias = grads
-            grad_hidden[rows] = grad.to(weight.dtype) @ weight
-            grad_weight.addmm_(grad.T, hidden[rows].to(dtype))
+            if weight.dtype == grad.dtype:
+                torch.mm(grad, weight, out=grad_hidden[rows])
+            else:
+                grad_hidden[rows] = grad.to(weight.dtype) @ weight
+            if start == 0:
+                torch.mm(grad.T, hidden[rows].to(dtype), out=grad_weight)
+            else:
+                grad_weight.addmm_(grad.T, hidden[rows].to(dtype))
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0))
         del grad
@@ -878,7 +937,8 @@ def fused_linear_topk_kd_loss(
         return_components: also return ``(loss, distill, ce)`` with
             ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
         chunk_size: tokens per chunk (default: one ``chunk x V`` float32 tile of
-            `fusedkd.chunked.TILE_BYTES`).
+            `fusedkd.chunked.LINEAR_TILE_BYTES`, 64 MiB; with ``tail="renormalize"`` and no
+            cross-entropy, gathered ``[chunk, k, H]`` head rows of `fusedkd.chunked.TILE_BYTES`).
 
     Returns:
         The loss (float32, float64 for float64 inputs; ``[...]`` for ``reduction="none"``), or

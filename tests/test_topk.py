@@ -20,7 +20,13 @@ from fusedkd.topk import (
 )
 
 TOPK_DIVERGENCES = ["forward_kl", "reverse_kl"]
-TAILS = ["bucket", "renormalize"]
+TAILS = [
+    "bucket",
+    "renormalize",
+    # As on large shapes: many token chunks, each in several element-wise groups of rows.
+    pytest.param("bucket", id="bucket-small-tiles", marks=pytest.mark.small_tiles(3)),
+    pytest.param("renormalize", id="renormalize-small-tiles", marks=pytest.mark.small_tiles(3)),
+]
 
 
 # ----------------------------------------------------------------------------------------------------
