@@ -30,11 +30,12 @@ import torch
 
 from fusedkd._options import KDOptions
 
-# Default working-set target of the logits-level loss and the top-k losses: one `chunk x V`
-# compute-dtype tile of about 32 MiB.
+# Default working-set target of the logits-level loss, `teacher_topk` and the gathered-rows path of
+# the sparse top-k loss: one `chunk x V` (or `chunk x k x H`) compute-dtype tile of about 32 MiB.
 TILE_BYTES = 32 * 2**20
-# The fused linear loss keeps two such tiles (student and teacher) and runs two GEMMs per chunk and a
-# rank-chunk update of the weight gradient, whose efficiency grows with the chunk: tiles of 64 MiB.
+# The fused linear losses (dense: student and teacher tiles; top-k: a student tile) run two or three
+# GEMMs per chunk and a rank-chunk update of the weight gradient, whose efficiency grows with the
+# chunk: tiles of 64 MiB.
 LINEAR_TILE_BYTES = 64 * 2**20
 # On a CPU the element-wise passes work on groups of rows of about this many bytes per tile, so the
 # ~15 passes over a group run in the cache rather than the ~15 passes over the whole tile in memory.
