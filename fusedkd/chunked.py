@@ -25,6 +25,7 @@ themselves differentiated, backward recomputes the tiles with the per-token weig
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -82,6 +83,11 @@ class Scratch:
         if device.type != "cpu":
             return chunk
         return group_bytes // max(1, vocab * (torch.finfo(dtype).bits // 8))
+
+    def groups(self, count: int) -> Iterator[slice]:
+        """The row groups of a tile of `count` rows."""
+        for start in range(0, count, self.rows):
+            yield slice(start, min(count, start + self.rows))
 
     def block(self, index: int, rows: int) -> torch.Tensor:
         if self._blocks[index] is None:
@@ -141,20 +147,28 @@ def kd_tile_terms(
         scratch = Scratch(c, vocab, s.dtype, s.device)
     divergence = s.new_empty(c)
     ce = s.new_empty(c)
-    for start in range(0, c, scratch.rows):
-        rows = slice(start, min(c, start + scratch.rows))
+    for rows in scratch.groups(c):
         _group_terms(
             s[rows],
             t[rows],
-            None if labels is None else labels[rows],
+            select_rows(labels, rows),
             options,
-            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights),
+            select_rows(grad_weights, rows),
             teacher_tempered,
             scratch,
             divergence[rows],
             ce[rows],
         )
     return divergence, ce, None if grad_weights is None else grad_tile(options, s, t)
+
+
+def select_rows(x, rows: slice):
+    """`x[rows]` for a tensor, for each tensor of a tuple (None entries stay None), or None."""
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return tuple(None if w is None else w[rows] for w in x)
+    return x[rows]
 
 
 def _group_terms(
@@ -325,17 +339,19 @@ def _stream(
         rows = slice(start, min(n, start + chunk_size))
         count = rows.stop - rows.start
         hidden = student_hidden[rows]
-        chunk_weights = (
-            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights)
-        )
+        chunk_weights = select_rows(grad_weights, rows)
         s = _logits(student_tile[:count], hidden, student_weight, student_bias)
         t = _logits(
-            teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, 1.0 / options.temperature
+            teacher_tile[:count],
+            teacher_hidden[rows],
+            teacher_weight,
+            teacher_bias,
+            1.0 / options.temperature,
         )
         divergence[rows], ce[rows], grad = kd_tile_terms(
             s,
             t,
-            None if labels is None else labels[rows],
+            select_rows(labels, rows),
             options,
             chunk_weights,
             teacher_tempered=True,

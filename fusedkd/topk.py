@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedkd import chunked
 from fusedkd._inputs import (
     check_bias,
     check_devices,
@@ -55,7 +56,6 @@ from fusedkd._inputs import (
     resolve_vocab_size,
 )
 from fusedkd._options import KDOptions, check_choice, check_temperature
-from fusedkd import chunked
 from fusedkd.chunked import (
     Scratch,
     _has_ce_grad,
@@ -64,6 +64,7 @@ from fusedkd.chunked import (
     _Tokens,
     compute_dtype,
     default_chunk_size,
+    select_rows,
 )
 from fusedkd.loss import BACKENDS
 
@@ -516,16 +517,15 @@ def _tile_chunk(
     c = s.shape[0]
     divergence = s.new_empty(c)
     ce = s.new_empty(c)
-    for start in range(0, c, scratch.rows):
-        rows = slice(start, min(c, start + scratch.rows))
+    for rows in scratch.groups(c):
         _tile_group(
             s[rows],
             ids[rows],
             log_p[rows],
-            None if labels is None else labels[rows],
+            select_rows(labels, rows),
             options,
             support,
-            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights),
+            select_rows(grad_weights, rows),
             scratch,
             divergence[rows],
             ce[rows],
@@ -675,9 +675,7 @@ def _stream(
         scratch = Scratch(tile.shape[0], weight.shape[0], dtype, device, 8 * chunked.GROUP_BYTES)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
-        chunk_weights = (
-            None if grad_weights is None else tuple(None if w is None else w[rows] for w in grad_weights)
-        )
+        chunk_weights = select_rows(grad_weights, rows)
         log_p = logprobs[rows].to(dtype)
         if sparse:
             divergence[rows] = _sparse_chunk(
@@ -689,7 +687,7 @@ def _stream(
             s,
             ids[rows],
             log_p,
-            None if labels is None else labels[rows],
+            select_rows(labels, rows),
             options,
             support,
             chunk_weights,
