@@ -111,6 +111,20 @@ def _top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return values.gather(-1, order), ids.gather(-1, order)
 
 
+def _block_top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_top(values, ids, k)` for a [c, w] block of logits with `ids` [w], without keys for every entry.
+
+    A plain top-k finds the k largest values; the tie rule only decides their order, done on the k,
+    unless the k-th value is tied with an entry left out (more than k entries at or above it in a
+    row): then, and for NaN rows, the block takes the exact rule over all its entries.
+    """
+    top_values, positions = torch.topk(values, k, dim=-1, sorted=False)
+    kth = top_values.amin(dim=-1, keepdim=True)
+    if bool(((values >= kth).sum(-1) != k).any()):
+        return _top(values, ids, k)
+    return _top(top_values, ids[positions], k)
+
+
 def teacher_topk(
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
@@ -194,6 +208,8 @@ def teacher_topk(
     ids = torch.empty(n, k, dtype=torch.int64, device=device)
     logprobs = torch.empty(n, k, dtype=dtype, device=device)
     block_ids = torch.arange(block, device=device)
+    # One logits buffer, reused by every block of every chunk (a block's tile is a contiguous prefix).
+    buffer = torch.empty(min(n, chunk_size) * block, dtype=dtype, device=device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             rows = slice(start, min(n, start + chunk_size))
@@ -201,14 +217,21 @@ def teacher_topk(
             for v0 in range(0, vocab, block):
                 v1 = min(vocab, v0 + block)
                 # b = (h W^T + bias) / T for this block.
+                count = rows.stop - rows.start
                 b = _scaled_logits(
-                    hidden[rows], weight[v0:v1], None if bias is None else bias[v0:v1], dtype, temperature
+                    buffer[: count * (v1 - v0)].view(count, v1 - v0),
+                    hidden[rows],
+                    weight[v0:v1],
+                    None if bias is None else bias[v0:v1],
+                    temperature,
                 )
-                # Online log-sum-exp over blocks: LSE = logaddexp(LSE_so_far, LSE(block)).
-                block_lse = torch.logsumexp(b, dim=-1)
-                lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
                 # Running top-k: the block's first k, then the first k of (kept so far, block's).
-                values, value_ids = _top(b, block_ids[: v1 - v0] + v0, min(k, v1 - v0))
+                values, value_ids = _block_top(b, block_ids[: v1 - v0] + v0, min(k, v1 - v0))
+                # Online log-sum-exp over blocks: LSE = logaddexp(LSE_so_far, LSE(block)), the block's
+                # in place (b is not used after).
+                block_max = _finite(b.amax(dim=-1, keepdim=True))
+                block_lse = b.sub_(block_max).exp_().sum(-1).log_().add_(block_max[:, 0])
+                lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
                 if top_values is not None:
                     values, value_ids = _top(
                         torch.cat([top_values, values], dim=-1), torch.cat([top_ids, value_ids], dim=-1), k
@@ -220,16 +243,22 @@ def teacher_topk(
 
 
 def _scaled_logits(
+    out: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    dtype: torch.dtype,
     temperature: float,
 ) -> torch.Tensor:
-    """(hidden @ weight.T + bias) / T in `dtype` (the GEMM in the inputs' dtype, as the losses do)."""
-    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    logits = logits.to(dtype)
-    return logits.div_(temperature) if temperature != 1.0 else logits
+    """out <- (hidden @ weight.T + bias) / T, `out` a contiguous tile in the compute dtype (the GEMM in
+    the inputs' dtype, as the losses do)."""
+    if weight.dtype == out.dtype:
+        if bias is None:
+            torch.mm(hidden, weight.T, out=out)
+        else:
+            torch.addmm(bias, hidden, weight.T, out=out)
+    else:
+        out.copy_(hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T))
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -291,6 +291,25 @@ def test_teacher_topk_breaks_ties_by_lowest_id(dtype):
     assert (kth[:, 0] == kth[:, 1]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("rows", ["distinct", "tied"])
+def test_block_top_follows_the_exact_tie_rule(dtype, rows):
+    """The block top-k (a plain top-k, the tie rule on the k kept) equals the exact rule on every entry:
+    without ties across the k-th place (its fast path) and with them (where it takes the exact rule)."""
+    from fusedkd.topk import _block_top, _top
+
+    if rows == "distinct":
+        values = torch.randn(40, 300, dtype=dtype)
+        values[:, 150:160] = values[:, :10]  # ties among the largest entries are still ordered by id
+    else:
+        values = torch.randint(-3, 4, (40, 300)).to(dtype)
+    ids = torch.arange(300) + 1000
+    for k in (1, 7, 64, 300):
+        got_values, got_ids = _block_top(values, ids, k)
+        want_values, want_ids = _top(values, ids, k)
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_values, want_values), k
+
+
 def test_teacher_topk_negative_zero_ties_positive_zero():
     """-0.0 and +0.0 logits are equal: the lower id comes first."""
     hidden = torch.ones(1, 1)
