@@ -116,7 +116,8 @@ def _block_top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
 
     A plain top-k finds the k largest values; the tie rule only decides their order, done on the k,
     unless the k-th value is tied with an entry left out (more than k entries at or above it in a
-    row): then, and for NaN rows, the block takes the exact rule over all its entries.
+    row): then, and for NaN rows, the block takes the exact rule over all its entries. Deciding that
+    costs one host synchronization per block on an accelerator (`teacher_topk` runs offline, once).
     """
     top_values, positions = torch.topk(values, k, dim=-1, sorted=False)
     kth = top_values.amin(dim=-1, keepdim=True)
