@@ -1,0 +1,107 @@
+"""Autograd plumbing shared by the Functions of every loss, on both backends (DESIGN.md §2, §4).
+
+Every loss returns ``(loss, distill, ce)``, each reduced the same way, with
+``loss = alpha T^2 distill + (1 - alpha) ce`` per token. Its backward needs the same few pieces
+whatever the backend: the reduction's scale, the per-token weights of ``dD/ds`` and ``dC/ds`` built
+from the three output gradients, the gradients formed eagerly in the forward (reductions "mean" and
+"sum"), and one gradient per forward input. They are written once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fusedkd._options import KDOptions
+
+
+def reduction_scale(num_valid: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """``1 / max(num_valid, 1)`` for ``"mean"``, else 1: a 0-d device tensor (no host sync)."""
+    if reduction == "mean":
+        return 1.0 / num_valid.reshape(()).clamp(min=1).to(dtype)
+    return torch.ones((), dtype=dtype, device=num_valid.device)
+
+
+def reduce(per_token: torch.Tensor, reduction: str, scale: torch.Tensor) -> torch.Tensor:
+    """Per-token values (zero where ignored) reduced per `reduction`; ``"none"`` returns them as they are."""
+    if reduction == "none":
+        return per_token
+    return per_token.sum() * scale
+
+
+def has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
+    """Whether G has a cross-entropy part at all: labels, and a nonzero weight or a gradient of ``ce``."""
+    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
+
+
+def no_output_grad(grad_loss, grad_distill, grad_ce) -> bool:
+    """None of the three outputs received a gradient (`ctx.set_materialize_grads(False)`)."""
+    return grad_loss is None and grad_distill is None and grad_ce is None
+
+
+def gradient_weights(
+    options: KDOptions,
+    scale: torch.Tensor,
+    grad_loss: torch.Tensor | None,
+    grad_distill: torch.Tensor | None,
+    grad_ce: torch.Tensor | None,
+    *,
+    num_tokens: int,
+    dtype: torch.dtype,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token weights ``(w_D, w_C)`` of ``dD/ds`` and ``dC/ds``, ``[num_tokens]`` contiguous (DESIGN.md §4)::
+
+        w_D = (g_loss alpha T^2 + g_distill) * scale        w_C = (g_loss (1 - alpha) + g_ce) * scale
+
+    An output gradient is a scalar (reductions "mean", "sum") or ``[num_tokens]`` ("none"); a missing
+    one counts as 0. `valid` (``[num_tokens]``, 1 or 0) zeroes ignored tokens for backends that visit
+    them. ``w_C`` is None when G has no cross-entropy part (`has_ce_grad`). No host sync.
+    """
+    zero = torch.zeros((), dtype=dtype, device=scale.device)
+    g_loss, g_distill, g_ce = (zero if g is None else g.to(dtype) for g in (grad_loss, grad_distill, grad_ce))
+    weights = [(g_loss * options.distill_weight + g_distill) * scale]
+    if has_ce_grad(options, grad_ce):
+        weights.append((g_loss * options.ce_weight + g_ce) * scale)
+    if valid is not None:
+        weights = [w * valid.to(dtype) for w in weights]
+    weights = [w.expand(num_tokens).contiguous() for w in weights]
+    return weights[0], (weights[1] if len(weights) > 1 else None)
+
+
+def unit_gradient_weights(
+    options: KDOptions,
+    scale: torch.Tensor,
+    *,
+    num_tokens: int,
+    dtype: torch.dtype,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`gradient_weights` for an output gradient of 1 on the loss: what an eager forward forms G with."""
+    one = torch.ones((), dtype=dtype, device=scale.device)
+    return gradient_weights(options, scale, one, None, None, num_tokens=num_tokens, dtype=dtype, valid=valid)
+
+
+class EagerGradients:
+    """Gradients formed in the forward for an output gradient of 1 on the loss, handed out once.
+
+    The backward takes them when only the loss received a gradient (a scalar, for reductions "mean"
+    and "sum"): they are scaled in place by it. A second backward through a retained graph, or a
+    gradient on ``distill`` / ``ce``, gets None and must recompute.
+    """
+
+    def __init__(self, grads: Sequence[torch.Tensor | None] | None):
+        self._grads = None if grads is None else tuple(grads)
+
+    def take(self, grad_loss, grad_distill, grad_ce) -> tuple[torch.Tensor | None, ...] | None:
+        if self._grads is None or grad_loss is None or grad_distill is not None or grad_ce is not None:
+            return None
+        grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in self._grads)
+        self._grads = None
+        return grads
+
+
+def input_grads(needs_input_grad: Sequence[bool], by_input: dict[int, torch.Tensor | None]) -> tuple:
+    """One gradient per forward input: ``by_input[i]`` where input i needs one, else None."""
+    return tuple(by_input.get(i) if needed else None for i, needed in enumerate(needs_input_grad))
