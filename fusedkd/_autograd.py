@@ -51,7 +51,7 @@ def gradient_weights(
     dtype: torch.dtype,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token weights ``(w_D, w_C)`` of ``dD/ds`` and ``dC/ds``, ``[num_tokens]`` contiguous (DESIGN.md §4)::
+    """Per-token weights ``(w_D, w_C)`` of ``dD/ds`` and ``dC/ds``, ``[num_tokens]``, contiguous (§4)::
 
         w_D = (g_loss alpha T^2 + g_distill) * scale        w_C = (g_loss (1 - alpha) + g_ce) * scale
 
