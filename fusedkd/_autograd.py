@@ -9,6 +9,7 @@ from the three output gradients, the gradients formed eagerly in the forward (re
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -105,3 +106,13 @@ class EagerGradients:
 def input_grads(needs_input_grad: Sequence[bool], by_input: dict[int, torch.Tensor | None]) -> tuple:
     """One gradient per forward input: ``by_input[i]`` where input i needs one, else None."""
     return tuple(by_input.get(i) if needed else None for i, needed in enumerate(needs_input_grad))
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which `torch.autocast` is off for `device`'s type: backends, forward and backward,
+    never see autocast (the API casts the inputs first, `fusedkd._inputs.autocast_cast`)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()

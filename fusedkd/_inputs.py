@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,31 @@ from fusedkd._options import (
 )
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The dtypes autocast casts to its dtype (float64 is left alone), as for torch.nn.functional.linear.
+AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the `torch.autocast` region active for `device`'s type, or None outside one."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
+
+
+def autocast_cast(x: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """`x` in the autocast dtype, as torch.nn.functional.linear casts its inputs under autocast (a
+    differentiable cast: the gradient flows back in `x`'s own dtype); float64 and non-float tensors,
+    and everything outside autocast (`dtype` None), are left as they are."""
+    if (
+        not isinstance(x, torch.Tensor)
+        or dtype is None
+        or x.dtype not in AUTOCAST_ELIGIBLE
+        or x.dtype == dtype
+    ):
+        return x
+    return x.to(dtype)
 
 
 @dataclass
@@ -81,15 +107,36 @@ def check_labels(
             f"labels must have the leading shape of {shape_name}, {tuple(leading_shape)}, "
             f"got {tuple(labels.shape)}"
         )
-    labels = labels.reshape(-1).long()
-    # One reduction (and, on an accelerator, one host sync) so that a bad label is an error, not a NaN.
+    # Every backend gets contiguous int64 [N] labels, whatever the caller's view (a column of a table,
+    # `big[::2]`) or integer type.
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
     out_of_range = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
-    if labels.numel() and bool(out_of_range.any()):
-        bad = labels[out_of_range][0].item()
-        raise ValueError(
-            f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {bad}"
-        )
+    expected = f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+    check_values(out_of_range, expected, lambda: f"found {labels[out_of_range][0].item()}")
     return labels
+
+
+def eager_value_checks(device: torch.device) -> bool:
+    """Whether checks of tensor *values* raise eagerly on `device`: on a CPU, where reading a flag costs
+    nothing. On an accelerator that read would synchronize the host with the device on every call, so
+    there the checks are asynchronous (`torch._assert_async`): a bad value stops the program at the
+    device's next synchronization, with the same message, and the training step never waits."""
+    return device.type == "cpu"
+
+
+def check_values(bad: torch.Tensor, expected: str, found: Callable[[], str] | None = None) -> None:
+    """Raise ``ValueError(expected; found())`` if any entry of the boolean tensor `bad` is set.
+
+    Eager on a CPU; on an accelerator an asynchronous device-side assertion with the message `expected`
+    (no host synchronization, see `eager_value_checks`).
+    """
+    if bad.numel() == 0:
+        return
+    if eager_value_checks(bad.device):
+        if bool(bad.any()):
+            raise ValueError(expected if found is None else f"{expected}; {found()}")
+        return
+    torch._assert_async(~bad.any(), expected)
 
 
 def check_options(
@@ -168,6 +215,12 @@ def first_rows(x: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     return x[:rows]
 
 
+def contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    """`x` made contiguous (a differentiable copy when it is a strided view, such as a column of a
+    [V, 2] tensor), or None: every backend reads biases with stride 1."""
+    return None if x is None else x.contiguous()
+
+
 def prepare_linear_kd(
     student_hidden,
     student_weight,
@@ -196,6 +249,15 @@ def prepare_linear_kd(
         ("teacher_weight", teacher_weight),
     ):
         check_float(name, t)
+    # Under torch.autocast the projections run in its dtype, as torch.nn.functional.linear does.
+    student_cast = autocast_dtype(student_hidden.device)
+    teacher_cast = autocast_dtype(teacher_hidden.device)
+    student_hidden, student_weight, student_bias = (
+        autocast_cast(x, student_cast) for x in (student_hidden, student_weight, student_bias)
+    )
+    teacher_hidden, teacher_weight, teacher_bias = (
+        autocast_cast(x, teacher_cast) for x in (teacher_hidden, teacher_weight, teacher_bias)
+    )
     check_same_dtype("student_hidden", student_hidden, "student_weight", student_weight)
     check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
     student_bias = check_bias("student_bias", student_bias, "student_weight", student_weight)
@@ -251,10 +313,10 @@ def prepare_linear_kd(
     return LinearKDInputs(
         student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight=first_rows(student_weight, vocab),
-        student_bias=first_rows(student_bias, vocab),
+        student_bias=contiguous(first_rows(student_bias, vocab)),
         teacher_hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
         teacher_weight=first_rows(teacher_weight, vocab),
-        teacher_bias=first_rows(teacher_bias, vocab),
+        teacher_bias=contiguous(first_rows(teacher_bias, vocab)),
         labels=flat_labels,
         leading_shape=leading_shape,
         options=options,

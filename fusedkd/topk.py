@@ -46,6 +46,8 @@ import torch
 
 from fusedkd import chunked
 from fusedkd._inputs import (
+    autocast_cast,
+    autocast_dtype,
     check_bias,
     check_devices,
     check_float,
@@ -53,6 +55,9 @@ from fusedkd._inputs import (
     check_options,
     check_same_dtype,
     check_tensor,
+    check_values,
+    contiguous,
+    first_rows,
     resolve_vocab_size,
 )
 from fusedkd._options import KDOptions, check_choice, check_temperature
@@ -178,6 +183,10 @@ def teacher_topk(
     check_tensor("teacher_weight", teacher_weight, ndim=2)
     check_float("teacher_hidden", teacher_hidden)
     check_float("teacher_weight", teacher_weight)
+    cast = autocast_dtype(teacher_hidden.device)
+    teacher_hidden, teacher_weight, teacher_bias = (
+        autocast_cast(x, cast) for x in (teacher_hidden, teacher_weight, teacher_bias)
+    )
     check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
     teacher_bias = check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
     check_devices(
@@ -303,6 +312,10 @@ def prepare_topk_kd(
     check_tensor("student_weight", student_weight, ndim=2)
     check_float("student_hidden", student_hidden)
     check_float("student_weight", student_weight)
+    cast = autocast_dtype(student_hidden.device)
+    student_hidden, student_weight, student_bias = (
+        autocast_cast(x, cast) for x in (student_hidden, student_weight, student_bias)
+    )
     check_same_dtype("student_hidden", student_hidden, "student_weight", student_weight)
     student_bias = check_bias("student_bias", student_bias, "student_weight", student_weight)
     check_tensor("ids", ids, min_ndim=1)
@@ -364,9 +377,7 @@ def prepare_topk_kd(
     return TopKKDInputs(
         student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight=student_weight if student_weight.shape[0] == vocab else student_weight[:vocab],
-        student_bias=student_bias
-        if student_bias is None or student_bias.shape[0] == vocab
-        else student_bias[:vocab],
+        student_bias=contiguous(first_rows(student_bias, vocab)),
         ids=flat_ids,
         logprobs=flat_logprobs,
         labels=flat_labels,
@@ -379,36 +390,37 @@ def prepare_topk_kd(
 def _check_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
     """ids in [0, V) and distinct per token; logprobs <= 0 (no NaN) with a mass of at most 1 (+ rounding).
 
-    Four reductions over [N, k] and one host sync, so that bad data is an error, not a NaN.
+    Four reductions over [N, k], so that bad data is an error, not a NaN: eager on a CPU, asynchronous
+    device-side assertions on an accelerator (no host sync, `check_values`).
     """
     if ids.numel() == 0:
         return
     out_of_range = (ids < 0) | (ids >= vocab)
+    check_values(
+        out_of_range, f"ids must be token ids in [0, {vocab})", lambda: f"found {ids[out_of_range][0].item()}"
+    )
     ordered = ids.sort(dim=-1).values
     repeated = ordered[:, 1:] == ordered[:, :-1]
+
+    def repeated_found() -> str:
+        token, position = repeated.nonzero()[0].tolist()
+        return f"position {token} lists id {ordered[token, position].item()} twice"
+
+    check_values(repeated, "ids must list k distinct tokens per position", repeated_found)
     not_log_prob = ~(logprobs <= 0)  # also catches NaN
+    check_values(
+        not_log_prob,
+        "logprobs must be log-probabilities (<= 0, not NaN)",
+        lambda: f"found {logprobs[not_log_prob][0].item()}",
+    )
     # Their mass sum_j exp(logprobs_j) is at most 1, up to the rounding of the stored dtype.
     tolerance = 1e-6 + 4 * torch.finfo(logprobs.dtype).eps * max(1.0, math.log(ids.shape[-1]))
     mass = torch.logsumexp(logprobs.float(), dim=-1).exp()
-    too_heavy = mass > 1 + tolerance
-    flags = torch.stack([x.any() for x in (out_of_range, repeated, not_log_prob, too_heavy)]).tolist()
-    if flags[0]:
-        raise ValueError(f"ids must be token ids in [0, {vocab}); found {ids[out_of_range][0].item()}")
-    if flags[1]:
-        token, position = repeated.nonzero()[0].tolist()
-        raise ValueError(
-            f"ids must list k distinct tokens per position; position {token} lists id "
-            f"{ordered[token, position].item()} twice"
-        )
-    if flags[2]:
-        raise ValueError(
-            f"logprobs must be log-probabilities (<= 0, not NaN); found {logprobs[not_log_prob][0].item()}"
-        )
-    if flags[3]:
-        raise ValueError(
-            f"logprobs must be log-probabilities normalized over the full vocabulary (log softmax, not "
-            f"logits): the listed probabilities of a position sum to {mass.max().item():.6g} > 1"
-        )
+    check_values(
+        mass > 1 + tolerance,
+        "logprobs must be log-probabilities normalized over the full vocabulary (log softmax, not logits)",
+        lambda: f"the listed probabilities of a position sum to {mass.max().item():.6g} > 1",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
