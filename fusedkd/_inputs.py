@@ -1,20 +1,34 @@
-"""Argument checking shared by every public entry point: one place, before any backend runs."""
+"""Argument checking and preparation of every public entry point: one place, before any backend runs.
+
+Each loss has one `prepare_*` that checks every argument (raising a TypeError / ValueError that names it)
+and hands the backends what they rely on: hidden states flattened to [N, H] (views where
+possible), heads cut to the vocabulary size, contiguous biases, contiguous int64 [N] labels, and,
+under `torch.autocast`, the projections' inputs in the autocast dtype.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from fusedkd._dispatch import check_backend
 from fusedkd._options import (
     DIVERGENCES,
     REDUCTIONS,
+    TAILS,
+    TOPK_DIVERGENCES,
     KDOptions,
+    SupportOptions,
     check_choice,
+    check_positive_int,
     check_temperature,
     check_unit_interval,
+    compute_dtype,
     normalize_divergence,
+    tail_precision,
 )
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -321,3 +335,332 @@ def prepare_linear_kd(
         leading_shape=leading_shape,
         options=options,
     )
+
+
+@dataclass
+class LogitsKDInputs:
+    """Checked inputs of `kd_loss`: logits untouched (any strides), labels flattened to [N] int64."""
+
+    student_logits: torch.Tensor  # [..., V_s]
+    teacher_logits: torch.Tensor  # [..., V_t], same leading shape
+    labels: torch.Tensor | None  # [N] int64
+    leading_shape: torch.Size
+    options: KDOptions
+
+
+def resolve_logits_vocab_size(vocab_size: int | None, student_vocab: int, teacher_vocab: int) -> int:
+    if vocab_size is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"vocabulary sizes differ: student_logits has {student_vocab} entries in its last dimension "
+                f"and teacher_logits has {teacher_vocab}; pass vocab_size= (e.g. vocab_size="
+                f"{min(student_vocab, teacher_vocab)}) to use the shared first entries of both"
+            )
+        return student_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    for name, size in (("student_logits", student_vocab), ("teacher_logits", teacher_vocab)):
+        if vocab_size > size:
+            raise ValueError(f"vocab_size={vocab_size} is larger than the last dimension of {name} ({size})")
+    return vocab_size
+
+
+def prepare_logits_kd(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    vocab_size: int | None,
+) -> LogitsKDInputs:
+    """Check every argument of `kd_loss` (raising a ValueError / TypeError that names it) before any work."""
+    check_tensor("student_logits", student_logits, min_ndim=1)
+    check_tensor("teacher_logits", teacher_logits, min_ndim=1)
+    check_float("student_logits", student_logits)
+    check_float("teacher_logits", teacher_logits)
+    if labels is not None:
+        check_tensor("labels", labels)
+    check_devices({"student_logits": student_logits, "teacher_logits": teacher_logits, "labels": labels})
+    leading_shape = student_logits.shape[:-1]
+    if teacher_logits.shape[:-1] != leading_shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same leading (token) shape; got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    vocab = resolve_logits_vocab_size(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
+    options = check_options(
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_size=vocab,
+        has_labels=labels is not None,
+    )
+    flat_labels = (
+        None
+        if labels is None
+        else check_labels(labels, leading_shape, vocab, ignore_index, shape_name="student_logits")
+    )
+    return LogitsKDInputs(student_logits, teacher_logits, flat_labels, leading_shape, options)
+
+
+@dataclass
+class TopKKDInputs:
+    """Checked, flattened inputs of `fused_linear_topk_kd_loss`."""
+
+    student_hidden: torch.Tensor  # [N, H]
+    student_weight: torch.Tensor  # [V, H] (the first V rows)
+    student_bias: torch.Tensor | None  # [V]
+    ids: torch.Tensor  # [N, k] int64, distinct per row, in [0, V)
+    logprobs: torch.Tensor  # [N, k], <= 0, as given (any float dtype)
+    labels: torch.Tensor | None  # [N] int64
+    leading_shape: torch.Size
+    options: KDOptions
+    support: SupportOptions
+
+
+def prepare_topk_kd(
+    student_hidden,
+    student_weight,
+    ids,
+    logprobs,
+    labels,
+    *,
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    tail: str,
+    student_bias,
+    vocab_size: int | None,
+    return_components: bool = False,
+) -> TopKKDInputs:
+    """Check every argument of `fused_linear_topk_kd_loss` before any work; raise naming the argument."""
+    check_tensor("student_hidden", student_hidden, min_ndim=1)
+    check_tensor("student_weight", student_weight, ndim=2)
+    check_float("student_hidden", student_hidden)
+    check_float("student_weight", student_weight)
+    cast = autocast_dtype(student_hidden.device)
+    student_hidden, student_weight, student_bias = (
+        autocast_cast(x, cast) for x in (student_hidden, student_weight, student_bias)
+    )
+    check_same_dtype("student_hidden", student_hidden, "student_weight", student_weight)
+    student_bias = check_bias("student_bias", student_bias, "student_weight", student_weight)
+    check_tensor("ids", ids, min_ndim=1)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor (int64 or int32), got {ids.dtype}")
+    check_tensor("logprobs", logprobs, min_ndim=1)
+    check_float("logprobs", logprobs)
+    if labels is not None:
+        check_tensor("labels", labels)
+    check_devices(
+        {
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+            "ids": ids,
+            "logprobs": logprobs,
+            "labels": labels,
+            "student_bias": student_bias,
+        }
+    )
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"student_weight must be [vocab, {student_hidden.shape[-1]}] to match student_hidden's hidden "
+            f"size; got {tuple(student_weight.shape)}"
+        )
+    leading_shape = student_hidden.shape[:-1]
+    if ids.shape[:-1] != leading_shape:
+        raise ValueError(
+            f"ids must be [..., k] with the leading shape of student_hidden, {tuple(leading_shape)}; "
+            f"got {tuple(ids.shape)}"
+        )
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"logprobs must have the shape of ids, {tuple(ids.shape)}; got {tuple(logprobs.shape)}"
+        )
+    vocab = resolve_vocab_size(vocab_size, {"student_weight": student_weight.shape[0]})
+    k = ids.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"ids lists k={k} tokens per position; k must be in [1, vocabulary size = {vocab}]")
+    options = check_options(
+        divergence=divergence,
+        beta=0.5,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_size=vocab,
+        has_labels=labels is not None,
+        divergences=TOPK_DIVERGENCES,
+    )
+    check_choice("tail", tail, TAILS)
+    flat_labels = (
+        None
+        if labels is None
+        else check_labels(labels, leading_shape, vocab, ignore_index, shape_name="student_hidden")
+    )
+    flat_ids = ids.reshape(-1, k).long()
+    flat_logprobs = logprobs.reshape(-1, k)
+    check_topk_values(flat_ids, flat_logprobs, vocab)
+    return TopKKDInputs(
+        student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight=student_weight if student_weight.shape[0] == vocab else student_weight[:vocab],
+        student_bias=contiguous(first_rows(student_bias, vocab)),
+        ids=flat_ids,
+        logprobs=flat_logprobs,
+        labels=flat_labels,
+        leading_shape=leading_shape,
+        options=options,
+        support=SupportOptions(
+            tail=tail,
+            precision=tail_precision(flat_logprobs.dtype, compute_dtype(student_hidden.dtype)),
+            need_ce=options.has_labels and (options.ce_weight != 0.0 or return_components),
+        ),
+    )
+
+
+def check_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
+    """ids in [0, V) and distinct per token; logprobs <= 0 (no NaN) with a mass of at most 1 (+ rounding).
+
+    Four reductions over [N, k], so that bad data is an error, not a NaN: eager on a CPU, asynchronous
+    device-side assertions on an accelerator (no host sync, `check_values`).
+    """
+    if ids.numel() == 0:
+        return
+    out_of_range = (ids < 0) | (ids >= vocab)
+    check_values(
+        out_of_range, f"ids must be token ids in [0, {vocab})", lambda: f"found {ids[out_of_range][0].item()}"
+    )
+    ordered = ids.sort(dim=-1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+
+    def repeated_found() -> str:
+        token, position = repeated.nonzero()[0].tolist()
+        return f"position {token} lists id {ordered[token, position].item()} twice"
+
+    check_values(repeated, "ids must list k distinct tokens per position", repeated_found)
+    not_log_prob = ~(logprobs <= 0)  # also catches NaN
+    check_values(
+        not_log_prob,
+        "logprobs must be log-probabilities (<= 0, not NaN)",
+        lambda: f"found {logprobs[not_log_prob][0].item()}",
+    )
+    # Their mass sum_j exp(logprobs_j) is at most 1, up to the rounding of the stored dtype.
+    tolerance = 1e-6 + 4 * torch.finfo(logprobs.dtype).eps * max(1.0, math.log(ids.shape[-1]))
+    mass = torch.logsumexp(logprobs.float(), dim=-1).exp()
+    check_values(
+        mass > 1 + tolerance,
+        "logprobs must be log-probabilities normalized over the full vocabulary (log softmax, not logits)",
+        lambda: f"the listed probabilities of a position sum to {mass.max().item():.6g} > 1",
+    )
+
+
+@dataclass
+class TeacherTopKInputs:
+    """Checked, flattened inputs of `teacher_topk`."""
+
+    teacher_hidden: torch.Tensor  # [N, H]
+    teacher_weight: torch.Tensor  # [V, H] (the first V rows)
+    teacher_bias: torch.Tensor | None  # [V], contiguous
+    k: int
+    temperature: float
+    chunk_size: int | None
+    block_size: int
+    leading_shape: torch.Size
+
+
+def prepare_teacher_topk(
+    teacher_hidden,
+    teacher_weight,
+    k,
+    temperature,
+    vocab_size,
+    *,
+    teacher_bias,
+    chunk_size,
+    block_size,
+) -> TeacherTopKInputs:
+    """Check every argument of `teacher_topk` before any work; raise naming the argument."""
+    check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
+    check_tensor("teacher_weight", teacher_weight, ndim=2)
+    check_float("teacher_hidden", teacher_hidden)
+    check_float("teacher_weight", teacher_weight)
+    # Under torch.autocast the projection runs in its dtype, as torch.nn.functional.linear does.
+    cast = autocast_dtype(teacher_hidden.device)
+    teacher_hidden, teacher_weight, teacher_bias = (
+        autocast_cast(x, cast) for x in (teacher_hidden, teacher_weight, teacher_bias)
+    )
+    check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    teacher_bias = check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
+    check_devices(
+        {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
+    )
+    if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(
+            f"teacher_weight must be [vocab, {teacher_hidden.shape[-1]}] to match teacher_hidden's hidden "
+            f"size; got {tuple(teacher_weight.shape)}"
+        )
+    vocab = resolve_vocab_size(vocab_size, {"teacher_weight": teacher_weight.shape[0]})
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, vocabulary size = {vocab}], got k={k}")
+    temperature = check_temperature(temperature)
+    block_size = check_positive_int("block_size", block_size)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    return TeacherTopKInputs(
+        teacher_hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight=first_rows(teacher_weight, vocab),
+        teacher_bias=contiguous(first_rows(teacher_bias, vocab)),
+        k=k,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        block_size=block_size,
+        leading_shape=teacher_hidden.shape[:-1],
+    )
+
+
+def check_module_options(
+    *,
+    divergence: str,
+    beta: float = 0.5,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    vocab_size: int | None,
+    backend: str,
+    chunk_size: int | None,
+    divergences: tuple[str, ...] = DIVERGENCES,
+    has_triton: bool = True,
+    loss: str = "",
+) -> None:
+    """The options a loss module takes at construction, checked there: it fails then, not at the first
+    batch."""
+    check_options(
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        vocab_size=1,
+        has_labels=True,
+        divergences=divergences,
+    )
+    if vocab_size is not None:
+        resolve_vocab_size(vocab_size, {})
+    check_backend(backend, has_triton=has_triton, loss=loss)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)

@@ -1,6 +1,8 @@
-"""The validated, normalized options every backend receives (see DESIGN.md §2).
+"""The options of every loss: their allowed values, and the validated, normalized form every backend
+receives (see DESIGN.md §2).
 
-`fusedkd.loss` builds a `KDOptions` once, after checking the arguments; backends trust it.
+`fusedkd._inputs` builds a `KDOptions` (and, for the top-k loss, a `SupportOptions`) once, after
+checking the arguments; backends trust them.
 """
 
 from __future__ import annotations
@@ -9,11 +11,18 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Reduction = Literal["mean", "sum", "none"]
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+# Which code runs: "auto" picks "triton" for CUDA tensors when Triton is importable, else "torch".
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+# The sparse top-k teacher (`fused_linear_topk_kd_loss`): its divergences and its tail treatments.
+TOPK_DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl")
+TAILS: tuple[str, ...] = ("bucket", "renormalize")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,34 @@ class KDOptions:
         return 1.0 - self.alpha
 
 
+@dataclass(frozen=True)
+class SupportOptions:
+    """How the sparse loss treats the teacher's support, after validation.
+
+    `tail`: "bucket" or "renormalize". `precision`: the relative precision eps of the teacher's
+    log-probabilities (bucket: the teacher's tail mass is never taken below the rounding error of
+    1 - sum_K p, see `tail_precision`). `need_ce`: whether the cross-entropy is computed at all.
+    """
+
+    tail: str
+    precision: float
+    need_ce: bool
+
+
+def tail_precision(logprobs_dtype: torch.dtype, compute: torch.dtype) -> float:
+    """eps of the coarser of the logprobs' dtype and the compute dtype.
+
+    Log-probabilities known to a relative precision eps give 1 - sum_K p_j to within
+    tau = eps (1 + sum_K p_j |log p_j|); tail="bucket" takes p_tail = max(1 - sum_K p_j, tau).
+    """
+    return max(torch.finfo(logprobs_dtype).eps, torch.finfo(compute).eps)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float accumulates in float32 (DESIGN.md §6)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def normalize_divergence(divergence: str, beta: float) -> Divergence:
     """Map the jsd endpoints onto the KL they equal by convention (TRL GKD)."""
     if divergence == "jsd" and beta == 0.0:
@@ -76,4 +113,10 @@ def check_temperature(temperature: float) -> float:
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value

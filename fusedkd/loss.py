@@ -1,29 +1,13 @@
-"""Public losses: argument checking, backend dispatch and the nn.Module wrappers."""
+"""`fused_linear_kd_loss` and `FusedLinearKDLoss`: the dense distillation loss from hidden states and
+lm_head weights. Checks in `fusedkd._inputs`, dispatch in `fusedkd._dispatch`, backends in
+`fusedkd.torch_backend.fused_linear_kd` and `fusedkd.kernels.fused_linear_kd`."""
 
 from __future__ import annotations
 
 import torch
 
-from fusedkd._inputs import check_options, prepare_linear_kd, resolve_vocab_size
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run on `device`: "torch" or "triton" (raises if the request cannot run)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    from fusedkd import kernels
-
-    if backend == "auto":
-        if device.type == "cuda" and kernels.unavailable_reason(device) is None:
-            return "triton"
-        return "torch"
-    if backend == "triton":
-        reason = kernels.unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run here: {reason}")
-    return backend
+from fusedkd._dispatch import run_loss, shaped_outputs
+from fusedkd._inputs import check_module_options, prepare_linear_kd
 
 
 def fused_linear_kd_loss(
@@ -120,30 +104,24 @@ def fused_linear_kd_loss(
         teacher_bias=teacher_bias,
         vocab_size=vocab_size,
     )
-    chosen = resolve_backend(backend, student_hidden.device)
-    args = (
-        inputs.student_hidden,
-        inputs.student_weight,
-        inputs.student_bias,
-        inputs.teacher_hidden,
-        inputs.teacher_weight,
-        inputs.teacher_bias,
-        inputs.labels,
-        inputs.options,
+    outputs = run_loss(
+        (
+            inputs.student_hidden,
+            inputs.student_weight,
+            inputs.student_bias,
+            inputs.teacher_hidden,
+            inputs.teacher_weight,
+            inputs.teacher_bias,
+            inputs.labels,
+            inputs.options,
+        ),
+        backend=backend,
+        device=inputs.student_hidden.device,
+        chunk_size=chunk_size,
+        torch_entry="fusedkd.torch_backend.fused_linear_kd:fused_linear_kd",
+        triton_entry="fusedkd.kernels.fused_linear_kd:fused_linear_kd",
     )
-    if chosen == "torch":
-        from fusedkd.chunked import fused_linear_kd
-
-        loss, distill, ce = fused_linear_kd(*args, chunk_size=chunk_size)
-    else:
-        if chunk_size is not None:
-            raise ValueError("chunk_size applies to backend='torch' only; the Triton backend tiles itself")
-        from fusedkd.kernels.fused_linear_kd import fused_linear_kd
-
-        loss, distill, ce = fused_linear_kd(*args)
-    if reduction == "none":
-        loss, distill, ce = (x.reshape(inputs.leading_shape) for x in (loss, distill, ce))
-    return (loss, distill, ce) if return_components else loss
+    return shaped_outputs(outputs, reduction, inputs.leading_shape, return_components)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -173,21 +151,17 @@ class FusedLinearKDLoss(torch.nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        # Fail at construction, not at the first batch.
-        check_options(
+        check_module_options(
             divergence=divergence,
             beta=beta,
             temperature=temperature,
             alpha=alpha,
             ignore_index=ignore_index,
             reduction=reduction,
-            vocab_size=1,
-            has_labels=True,
+            vocab_size=vocab_size,
+            backend=backend,
+            chunk_size=chunk_size,
         )
-        if vocab_size is not None:
-            resolve_vocab_size(vocab_size, {})
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
         self.options = dict(
             divergence=divergence,
             beta=beta,

@@ -13,11 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedkd._inputs import prepare_linear_kd
-from fusedkd._options import KDOptions
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fusedkd._options import KDOptions, compute_dtype
 
 
 def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -72,7 +68,7 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return logits.to(_compute_dtype(hidden.dtype))
+    return logits.to(compute_dtype(hidden.dtype))
 
 
 def fused_linear_kd_loss(

@@ -29,9 +29,9 @@ def _small_tiles(request, monkeypatch):
     and groups, with partial last ones, as large shapes do."""
     marker = request.node.get_closest_marker("small_tiles")
     if marker is not None:
-        from fusedkd import chunked
+        from fusedkd.torch_backend import tiles
 
         rows = marker.args[0]
-        monkeypatch.setattr(chunked, "TILE_BYTES", 1)
-        monkeypatch.setattr(chunked, "LINEAR_TILE_BYTES", 1)
-        monkeypatch.setattr(chunked.Scratch, "group_rows", staticmethod(lambda chunk, *_: min(rows, chunk)))
+        monkeypatch.setattr(tiles, "TILE_BYTES", 1)
+        monkeypatch.setattr(tiles, "LINEAR_TILE_BYTES", 1)
+        monkeypatch.setattr(tiles.Scratch, "group_rows", staticmethod(lambda chunk, *_: min(rows, chunk)))

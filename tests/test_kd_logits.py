@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_flatten
 
 import fusedkd
 from fusedkd import kernels, reference
-from fusedkd.logits import KDLoss, kd_loss, prepare_logits_kd
+from fusedkd._inputs import prepare_logits_kd
+from fusedkd.logits import KDLoss, kd_loss
 
 BACKENDS = [
     pytest.param("torch", id="torch"),

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedkd
-from fusedkd.chunked import LINEAR_TILE_BYTES, default_chunk_size
+from fusedkd.torch_backend.tiles import LINEAR_TILE_BYTES, default_chunk_size
 
 
 class LargestOutput(TorchDispatchMode):

@@ -11,13 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedkd
-from fusedkd.topk import (
-    FusedLinearTopKKDLoss,
-    fused_linear_topk_kd_loss,
-    prepare_topk_kd,
-    tail_precision,
-    teacher_topk,
-)
+from fusedkd._inputs import prepare_topk_kd
+from fusedkd._options import tail_precision
+from fusedkd.topk import FusedLinearTopKKDLoss, fused_linear_topk_kd_loss, teacher_topk
 
 TOPK_DIVERGENCES = ["forward_kl", "reverse_kl"]
 TAILS = [
@@ -296,7 +292,7 @@ def test_teacher_topk_breaks_ties_by_lowest_id(dtype):
 def test_block_top_follows_the_exact_tie_rule(dtype, rows):
     """The block top-k (a plain top-k, the tie rule on the k kept) equals the exact rule on every entry:
     without ties across the k-th place (its fast path) and with them (where it takes the exact rule)."""
-    from fusedkd.topk import _block_top, _top
+    from fusedkd.torch_backend.teacher_topk import block_top, ordered_top
 
     if rows == "distinct":
         values = torch.randn(40, 300, dtype=dtype)
@@ -305,8 +301,8 @@ def test_block_top_follows_the_exact_tie_rule(dtype, rows):
         values = torch.randint(-3, 4, (40, 300)).to(dtype)
     ids = torch.arange(300) + 1000
     for k in (1, 7, 64, 300):
-        got_values, got_ids = _block_top(values, ids, k)
-        want_values, want_ids = _top(values, ids, k)
+        got_values, got_ids = block_top(values, ids, k)
+        want_values, want_ids = ordered_top(values, ids, k)
         assert torch.equal(got_ids, want_ids) and torch.equal(got_values, want_values), k
 
 

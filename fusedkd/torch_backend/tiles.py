@@ -1,10 +1,11 @@
-"""Pure-PyTorch backend (backend="torch"): token-chunked, exact, for CPUs and any device.
+"""Tile arithmetic shared by the PyTorch backend's losses: chunk sizes, logit tiles, the per-row
+divergence, cross-entropy and gradient of a tile, and the tokens that count.
 
-Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once, into two buffers
-allocated once per call, in the compute dtype (float32, or float64 for float64 inputs). It derives the
-per-token divergence and cross-entropy and, when a gradient is wanted, the tile of G = dloss/dlogits
-(DESIGN.md §4) in place of one of the two logit tiles; G is multiplied straight into
-grad_student_hidden and grad_student_weight. No tensor with N*V elements is ever allocated.
+The PyTorch backend (backend="torch") is token-chunked, exact, for CPUs and any device. Each chunk of
+`c` tokens computes its `c x V` logit tiles once, into buffers allocated once per call, in the compute
+dtype (float32, or float64 for float64 inputs). It derives the per-token divergence and cross-entropy
+and, when a gradient is wanted, the tile of G = dloss/dlogits (DESIGN.md §4) in place of a logit tile;
+G is multiplied straight into the student's gradients. No tensor with N*V elements is ever allocated.
 
 On a CPU, where matmul throughput rather than memory bandwidth is the bottleneck, computing each tile
 once (no recomputation) is the fast choice (§5). Two things decide the rest of the time there:
@@ -16,10 +17,6 @@ once (no recomputation) is the fast choice (§5). Two things decide the rest of 
   tile of tens of MB costs the kernel its page faults, more than the element-wise pass that fills it;
   the arithmetic therefore runs in place in the two reused tiles, a few rows at a time
   (`GROUP_BYTES`), with three small reused scratch blocks of those rows.
-
-The gradient is computed eagerly, during the forward, for reductions "mean" and "sum" (backward then
-only scales it by grad_output, a scalar). For reduction="none", or when the returned components are
-themselves differentiated, backward recomputes the tiles with the per-token weights it receives.
 """
 
 from __future__ import annotations
@@ -49,11 +46,6 @@ def default_chunk_size(vocab_size: int, element_size: int = 4, tile_bytes: int |
     (default `TILE_BYTES`), within [MIN_CHUNK, MAX_CHUNK]."""
     chunk = (TILE_BYTES if tile_bytes is None else tile_bytes) // max(1, vocab_size * element_size)
     return int(min(MAX_CHUNK, max(MIN_CHUNK, chunk)))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float accumulates in float32 (DESIGN.md §6)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Scratch:
@@ -95,14 +87,16 @@ class Scratch:
         return self._blocks[index][:rows]
 
 
-def _logits(
+def project(
     out: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """out <- scale * (hidden @ weight.T + bias); the scale rides in the GEMM (alpha, beta)."""
+    """out <- scale * (hidden @ weight.T + bias): a logit tile. The GEMM runs in the inputs' dtype (its
+    result rounded to it, as torch.nn.functional.linear), into `out`, a tile in the compute dtype; the
+    scale rides in the GEMM (alpha, beta)."""
     direct = weight.dtype == out.dtype
     if bias is not None:
         if direct:
@@ -295,85 +289,14 @@ def _finite_row_max(x: torch.Tensor) -> torch.Tensor:
     return row_max.masked_fill_(row_max == -math.inf, 0.0)
 
 
-def _stream(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    options: KDOptions,
-    chunk_size: int,
-    grad_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-    need_bias_grad: bool = False,
-):
-    """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
-
-    grads = (grad_student_hidden [N, H_s] input dtype, grad_student_weight [V, H_s] float32,
-    grad_student_bias [V] float32 or None), with G weighted per token by `grad_weights`.
-    """
-    n = student_hidden.shape[0]
-    vocab = student_weight.shape[0]
-    dtype = compute_dtype(student_hidden.dtype)
-    device = student_hidden.device
-    divergence = torch.zeros(n, dtype=dtype, device=device)
-    ce = torch.zeros(n, dtype=dtype, device=device)
-    grads = None
-    if grad_weights is not None:
-        grad_hidden = torch.zeros_like(student_hidden)
-        # Chunk 0 writes grad_weight whole (no zero fill), later chunks accumulate into it.
-        allocate = torch.empty if n > 0 else torch.zeros
-        grad_weight = allocate(student_weight.shape, dtype=dtype, device=device)
-        grad_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias_grad else None
-        grads = (grad_hidden, grad_weight, grad_bias)
-    if n == 0:
-        return divergence, ce, grads
-
-    # The two logit tiles and the scratch are allocated once and reused by every chunk.
-    chunk = min(n, chunk_size)
-    student_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
-    teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
-    scratch = Scratch(chunk, vocab, dtype, device)
-    for start in range(0, n, chunk_size):
-        rows = slice(start, min(n, start + chunk_size))
-        count = rows.stop - rows.start
-        hidden = student_hidden[rows]
-        chunk_weights = select_rows(grad_weights, rows)
-        s = _logits(student_tile[:count], hidden, student_weight, student_bias)
-        t = _logits(
-            teacher_tile[:count],
-            teacher_hidden[rows],
-            teacher_weight,
-            teacher_bias,
-            1.0 / options.temperature,
-        )
-        divergence[rows], ce[rows], grad = kd_tile_terms(
-            s,
-            t,
-            select_rows(labels, rows),
-            options,
-            chunk_weights,
-            teacher_tempered=True,
-            scratch=scratch,
-        )
-        if grad is not None:
-            if student_weight.dtype == grad.dtype:
-                torch.mm(grad, student_weight, out=grad_hidden[rows])
-            else:
-                grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
-            if start == 0:
-                torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
-            else:
-                grad_weight.addmm_(grad.T, hidden.to(dtype))
-            if grad_bias is not None:
-                grad_bias.add_(grad.sum(0))
-        del grad
-    return divergence, ce, grads
+def compacts_ignored(device: torch.device) -> bool:
+    """Whether ignored tokens are dropped before any matmul on `device`: on a CPU only. Compaction needs
+    the number of valid tokens on the host, free on a CPU and a synchronization on an accelerator."""
+    return device.type == "cpu"
 
 
-class _Tokens:
-    """The tokens that count: on a CPU, ignored tokens are dropped before any matmul."""
+class Tokens:
+    """The tokens that count: on a CPU, ignored tokens are dropped before any matmul (`compacts_ignored`)."""
 
     def __init__(self, labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):
         if labels is None:
@@ -381,10 +304,9 @@ class _Tokens:
         else:
             self.valid = labels != options.ignore_index
         self.num_valid = self.valid.sum()
-        # Compaction needs the count on the host: free on a CPU, a sync on an accelerator (skipped there),
-        # and pointless (a copy of the hidden states) when every token counts.
+        # Compaction is pointless (a copy of the hidden states) when every token counts.
         self.index = None
-        if device.type == "cpu" and labels is not None and int(self.num_valid) < n:
+        if compacts_ignored(device) and labels is not None and int(self.num_valid) < n:
             self.index = self.valid.nonzero().view(-1)
         self.safe_labels = (
             None if labels is None else torch.where(self.valid, labels, torch.zeros_like(labels))
@@ -400,232 +322,7 @@ class _Tokens:
         out = values.new_zeros((n, *values.shape[1:]))
         return out.index_copy_(0, self.index, values)
 
-    def reduction_scale(self, options: KDOptions, dtype: torch.dtype) -> torch.Tensor:
-        if options.reduction == "mean":
-            return 1.0 / self.num_valid.clamp(min=1).to(dtype)
-        return torch.ones((), dtype=dtype, device=self.valid.device)
 
-
-def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
-    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
-    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
-
-
-def _reduce(per_token: torch.Tensor, options: KDOptions, scale: torch.Tensor) -> torch.Tensor:
-    if options.reduction == "none":
-        return per_token
-    return per_token.sum() * scale
-
-
-class _LinearKDFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        labels,
-        options: KDOptions,
-        chunk_size: int,
-    ):
-        n = student_hidden.shape[0]
-        dtype = compute_dtype(student_hidden.dtype)
-        tokens = _Tokens(labels, options, n, student_hidden.device)
-        scale = tokens.reduction_scale(options, dtype)
-        valid = tokens.valid.to(dtype)
-
-        eager = options.reduction != "none"
-        grad_weights = None
-        if eager:
-            grad_weights = (
-                tokens.take(valid * (options.distill_weight * scale)),
-                tokens.take(valid * (options.ce_weight * scale)) if _has_ce_grad(options, None) else None,
-            )
-        divergence, ce, grads = _stream(
-            tokens.take(student_hidden),
-            student_weight,
-            student_bias,
-            tokens.take(teacher_hidden),
-            teacher_weight,
-            teacher_bias,
-            tokens.take(tokens.safe_labels),
-            options,
-            chunk_size,
-            grad_weights,
-            need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
-        )
-        divergence = tokens.put(divergence, n) * valid
-        ce = tokens.put(ce, n) * valid
-        loss = options.distill_weight * divergence + options.ce_weight * ce
-
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels
-        )
-        ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
-        ctx.eager_grads = grads
-        if grads is not None:
-            ctx.eager_grads = (tokens.put(grads[0], n), grads[1], grads[2])
-        return tuple(_reduce(x, options, scale) for x in (loss, divergence, ce))
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_divergence, grad_ce):
-        (
-            student_hidden,
-            student_weight,
-            student_bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            labels,
-        ) = ctx.saved_tensors
-        options: KDOptions = ctx.options
-        wanted = ctx.needs_input_grad
-        if grad_loss is None and grad_divergence is None and grad_ce is None:
-            return (None,) * len(wanted)
-
-        if ctx.eager_grads is not None and grad_divergence is None and grad_ce is None:
-            # Gradients were formed in the forward for grad_output = 1: scale them (once; a second
-            # backward through a retained graph takes the recomputing path below).
-            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.eager_grads)
-            ctx.eager_grads = None
-        else:
-            grads = _recompute_grads(
-                student_hidden,
-                student_weight,
-                student_bias,
-                teacher_hidden,
-                teacher_weight,
-                teacher_bias,
-                labels,
-                options,
-                ctx.chunk_size,
-                ctx.scale,
-                grad_loss,
-                grad_divergence,
-                grad_ce,
-                need_bias_grad=student_bias is not None and wanted[2],
-            )
-        grad_hidden, grad_weight, grad_bias = grads
-        by_input = {
-            0: grad_hidden,
-            1: None if grad_weight is None else grad_weight.to(student_weight.dtype),
-            2: None if grad_bias is None else grad_bias.to(student_bias.dtype),
-        }
-        return tuple(by_input.get(i) if wanted[i] else None for i in range(len(wanted)))
-
-
-def _recompute_grads(
-    student_hidden,
-    student_weight,
-    student_bias,
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    labels,
-    options,
-    chunk_size,
-    scale,
-    grad_loss,
-    grad_divergence,
-    grad_ce,
-    need_bias_grad,
-):
-    """Per-token weights from the output gradients, then one recomputing pass (DESIGN.md §4)."""
-    n = student_hidden.shape[0]
-    dtype = compute_dtype(student_hidden.dtype)
-    tokens = _Tokens(labels, options, n, student_hidden.device)
-    zero = torch.zeros((), dtype=dtype, device=student_hidden.device)
-
-    def as_weight(g):
-        return zero if g is None else g.to(dtype)
-
-    g_loss, g_div, g_ce = (as_weight(g) for g in (grad_loss, grad_divergence, grad_ce))
-    valid = tokens.valid.to(dtype)
-    w_distill = (g_loss * options.distill_weight + g_div) * scale * valid
-    w_ce = (g_loss * options.ce_weight + g_ce) * scale * valid
-    w_distill, w_ce = (tokens.take(w.expand(n).contiguous()) for w in (w_distill, w_ce))
-    if not _has_ce_grad(options, grad_ce):
-        w_ce = None
-    _, _, grads = _stream(
-        tokens.take(student_hidden),
-        student_weight,
-        student_bias,
-        tokens.take(teacher_hidden),
-        teacher_weight,
-        teacher_bias,
-        tokens.take(tokens.safe_labels),
-        options,
-        chunk_size,
-        (w_distill, w_ce),
-        need_bias_grad=need_bias_grad,
-    )
-    return tokens.put(grads[0], n), grads[1], grads[2]
-
-
-def fused_linear_kd(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    options: KDOptions,
-    *,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backend entry point: checked, flattened inputs -> (loss, distill, ce), reduced per `options`.
-
-    Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows), [V]
-    biases, [N] int64 labels (or None). Outputs are float32 (float64 for float64 inputs).
-    """
-    if chunk_size is None:
-        chunk_size = default_chunk_size(
-            options.vocab_size,
-            torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8,
-            LINEAR_TILE_BYTES,
-        )
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-    )
-    if needs_grad:
-        return _LinearKDFunction.apply(
-            student_hidden,
-            student_weight,
-            student_bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            labels,
-            options,
-            chunk_size,
-        )
-    with torch.no_grad():
-        n = student_hidden.shape[0]
-        dtype = compute_dtype(student_hidden.dtype)
-        tokens = _Tokens(labels, options, n, student_hidden.device)
-        divergence, ce, _ = _stream(
-            tokens.take(student_hidden),
-            student_weight,
-            student_bias,
-            tokens.take(teacher_hidden),
-            teacher_weight,
-            teacher_bias,
-            tokens.take(tokens.safe_labels),
-            options,
-            chunk_size,
-        )
-        valid = tokens.valid.to(dtype)
-        divergence = tokens.put(divergence, n) * valid
-        ce = tokens.put(ce, n) * valid
-        loss = options.distill_weight * divergence + options.ce_weight * ce
-        scale = tokens.reduction_scale(options, dtype)
-        return tuple(_reduce(x, options, scale) for x in (loss, divergence, ce))
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """x, with -inf (an empty set's log-sum-exp, a row of -inf's maximum) replaced by 0."""
+    return x.masked_fill(x == -math.inf, 0.0)

@@ -1,0 +1,16 @@
+"""The PyTorch backend (``backend="torch"``): token-chunked, exact, for CPUs and any device.
+
+It mirrors `fusedkd.kernels`: one file per loss, each with its backend entry point and its autograd
+Function, over shared tile arithmetic.
+
+- `tiles`: chunk sizes, logit tiles (`project`), the per-row divergence, cross-entropy and gradient
+  of a tile (`kd_tile_terms`), the tokens that count (`Tokens`).
+- `fused_linear_kd`: `fused_linear_kd_loss` (hidden states and lm_head weights of both models).
+- `kd_logits`: `kd_loss` (logits the caller holds).
+- `topk_kd`: `fused_linear_topk_kd_loss` (a sparse top-k teacher).
+- `teacher_topk`: `teacher_topk` (the teacher's top-k log-probabilities, block by block).
+
+Every entry point takes the inputs as `fusedkd._inputs` prepares them (checked, flattened, contiguous
+int64 labels and contiguous biases) and the validated `fusedkd._options.KDOptions`, and runs with
+autocast off (`fusedkd._dispatch`).
+"""

@@ -1,0 +1,292 @@
+"""`fused_linear_kd_loss` on the PyTorch backend: the dense fused linear loss and its autograd Function.
+
+Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once (`tiles.project`),
+into two buffers allocated once per call, derives the per-token divergence and cross-entropy and, when
+a gradient is wanted, the tile of G = dloss/dlogits (`tiles.kd_tile_terms`, DESIGN.md §4), which is
+multiplied straight into grad_student_hidden and grad_student_weight. No tensor with N*V elements is
+ever allocated.
+
+The gradient is formed during the forward for reductions "mean" and "sum" (backward then only scales
+it by grad_output, a scalar). For reduction="none", or when the returned components are themselves
+differentiated, backward recomputes the tiles with the per-token weights it receives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fusedkd._autograd import (
+    EagerGradients,
+    autocast_off,
+    gradient_weights,
+    input_grads,
+    no_output_grad,
+    reduce,
+    reduction_scale,
+    unit_gradient_weights,
+)
+from fusedkd._options import KDOptions, compute_dtype
+from fusedkd.torch_backend import tiles
+from fusedkd.torch_backend.tiles import (
+    Scratch,
+    Tokens,
+    default_chunk_size,
+    kd_tile_terms,
+    project,
+    select_rows,
+)
+
+
+def stream(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    chunk_size: int,
+    grad_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    need_bias_grad: bool = False,
+):
+    """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
+
+    grads = (grad_student_hidden [N, H_s] input dtype, grad_student_weight [V, H_s] float32,
+    grad_student_bias [V] float32 or None), with G weighted per token by `grad_weights`.
+    """
+    n = student_hidden.shape[0]
+    vocab = student_weight.shape[0]
+    teacher_scale = 1.0 / options.temperature
+    dtype = compute_dtype(student_hidden.dtype)
+    device = student_hidden.device
+    divergence = torch.zeros(n, dtype=dtype, device=device)
+    ce = torch.zeros(n, dtype=dtype, device=device)
+    grads = None
+    if grad_weights is not None:
+        grad_hidden = torch.zeros_like(student_hidden)
+        # Chunk 0 writes grad_weight whole (no zero fill), later chunks accumulate into it.
+        allocate = torch.empty if n > 0 else torch.zeros
+        grad_weight = allocate(student_weight.shape, dtype=dtype, device=device)
+        grad_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias_grad else None
+        grads = (grad_hidden, grad_weight, grad_bias)
+    if n == 0:
+        return divergence, ce, grads
+
+    # The two logit tiles and the scratch are allocated once and reused by every chunk.
+    chunk = min(n, chunk_size)
+    student_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
+    teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
+    scratch = Scratch(chunk, vocab, dtype, device)
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(n, start + chunk_size))
+        count = rows.stop - rows.start
+        hidden = student_hidden[rows]
+        chunk_weights = select_rows(grad_weights, rows)
+        s = project(student_tile[:count], hidden, student_weight, student_bias)
+        # t / T: the one place where the temperature becomes a `scale` (1/T), folded into the GEMM.
+        t = project(teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, teacher_scale)
+        divergence[rows], ce[rows], grad = kd_tile_terms(
+            s,
+            t,
+            select_rows(labels, rows),
+            options,
+            chunk_weights,
+            teacher_tempered=True,
+            scratch=scratch,
+        )
+        if grad is not None:
+            if student_weight.dtype == grad.dtype:
+                torch.mm(grad, student_weight, out=grad_hidden[rows])
+            else:
+                grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
+            if start == 0:
+                torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
+            else:
+                grad_weight.addmm_(grad.T, hidden.to(dtype))
+            if grad_bias is not None:
+                grad_bias.add_(grad.sum(0))
+        del grad
+    return divergence, ce, grads
+
+
+def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
+    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
+    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
+
+
+def _reduce(per_token: torch.Tensor, options: KDOptions, scale: torch.Tensor) -> torch.Tensor:
+    if options.reduction == "none":
+        return per_token
+    return per_token.sum() * scale
+
+
+def _compact_stream(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    tokens: Tokens,
+    options: KDOptions,
+    chunk_size: int,
+    grad_weights=None,
+    need_bias_grad=False,
+):
+    """`stream` over the tokens that count (`tokens`), per-token results scattered back to all N."""
+    n = student_hidden.shape[0]
+    divergence, ce, grads = stream(
+        tokens.take(student_hidden),
+        student_weight,
+        student_bias,
+        tokens.take(teacher_hidden),
+        teacher_weight,
+        teacher_bias,
+        tokens.take(tokens.safe_labels),
+        options,
+        chunk_size,
+        None if grad_weights is None else tuple(tokens.take(w) for w in grad_weights),
+        need_bias_grad=need_bias_grad,
+    )
+    valid = tokens.valid.to(divergence.dtype)
+    divergence = tokens.put(divergence, n) * valid
+    ce = tokens.put(ce, n) * valid
+    if grads is not None:
+        grads = (tokens.put(grads[0], n), grads[1], grads[2])
+    return divergence, ce, grads
+
+
+class LinearKDFunction(torch.autograd.Function):
+    """(loss, distill, ce) of the dense fused linear loss; gradients to the student's hidden states,
+    weight and bias (inputs 0, 1, 2), none to the teacher."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        labels,
+        options: KDOptions,
+        chunk_size: int,
+    ):
+        n = student_hidden.shape[0]
+        dtype = compute_dtype(student_hidden.dtype)
+        tokens = Tokens(labels, options, n, student_hidden.device)
+        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
+        grad_weights = None
+        if options.reduction != "none":  # form the gradient now, for an output gradient of 1
+            grad_weights = unit_gradient_weights(
+                options, scale, num_tokens=n, dtype=dtype, valid=tokens.valid
+            )
+        divergence, ce, grads = _compact_stream(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            tokens,
+            options,
+            chunk_size,
+            grad_weights,
+            need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
+        )
+        loss = options.distill_weight * divergence + options.ce_weight * ce
+
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels
+        )
+        ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
+        ctx.eager = EagerGradients(grads)
+        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_distill, grad_ce):
+        saved = ctx.saved_tensors
+        student_hidden, student_weight, student_bias = saved[:3]
+        options: KDOptions = ctx.options
+        if no_output_grad(grad_loss, grad_distill, grad_ce):
+            return (None,) * len(ctx.needs_input_grad)
+        grads = ctx.eager.take(grad_loss, grad_distill, grad_ce)
+        if grads is None:  # recompute the tiles with the per-token weights of these output gradients
+            n = student_hidden.shape[0]
+            dtype = compute_dtype(student_hidden.dtype)
+            tokens = Tokens(saved[6], options, n, student_hidden.device)
+            weights = gradient_weights(
+                options,
+                ctx.scale,
+                grad_loss,
+                grad_distill,
+                grad_ce,
+                num_tokens=n,
+                dtype=dtype,
+                valid=tokens.valid,
+            )
+            with autocast_off(student_hidden.device):
+                _, _, grads = _compact_stream(
+                    *saved[:6],
+                    tokens,
+                    options,
+                    ctx.chunk_size,
+                    weights,
+                    need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
+                )
+        grad_hidden, grad_weight, grad_bias = grads
+        return input_grads(
+            ctx.needs_input_grad,
+            {
+                0: grad_hidden,
+                1: None if grad_weight is None else grad_weight.to(student_weight.dtype),
+                2: None if grad_bias is None else grad_bias.to(student_bias.dtype),
+            },
+        )
+
+
+def fused_linear_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend entry point: checked, flattened inputs -> (loss, distill, ce), reduced per `options`.
+
+    Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows), [V]
+    biases, [N] int64 labels (or None), as `fusedkd._inputs.prepare_linear_kd` hands them; `chunk_size`
+    a positive int or None (the default: `tiles.LINEAR_TILE_BYTES` per logit tile). Outputs are float32
+    (float64 for float64 inputs).
+    """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            options.vocab_size,
+            torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8,
+            tiles.LINEAR_TILE_BYTES,
+        )
+    teacher = tuple(None if x is None else x.detach() for x in (teacher_hidden, teacher_weight, teacher_bias))
+    args = (student_hidden, student_weight, student_bias, *teacher, labels, options, chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
+    )
+    if needs_grad:
+        return LinearKDFunction.apply(*args)
+    with torch.no_grad():  # the forward alone: no gradient is formed, nothing is saved
+        n = student_hidden.shape[0]
+        dtype = compute_dtype(student_hidden.dtype)
+        tokens = Tokens(labels, options, n, student_hidden.device)
+        divergence, ce, _ = _compact_stream(*args[:6], tokens, options, chunk_size)
+        loss = options.distill_weight * divergence + options.ce_weight * ce
+        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
+        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))

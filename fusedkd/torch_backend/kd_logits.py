@@ -1,0 +1,212 @@
+"""`kd_loss` on the PyTorch backend: the loss over logits the caller holds, and its autograd Function.
+
+Token chunks of the logits are read into two `chunk x V` tiles of the compute dtype (float32, or
+float64 for float64 logits) and go through `tiles.kd_tile_terms`; no softmax, log-softmax or float32
+copy of the inputs is made, and the only ``[N, V]`` allocation is the gradient of the student logits,
+in their dtype. Views such as ``logits[:, :-1]`` are read in place (`Rows`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fusedkd._autograd import (
+    EagerGradients,
+    autocast_off,
+    gradient_weights,
+    input_grads,
+    no_output_grad,
+    reduce,
+    reduction_scale,
+    unit_gradient_weights,
+)
+from fusedkd._options import KDOptions, compute_dtype
+from fusedkd.torch_backend.tiles import Scratch, Tokens, default_chunk_size, kd_tile_terms
+
+
+class Rows:
+    """The rows of a [..., V] tensor as N rows of its first `vocab` entries, without copying the tensor.
+
+    A [N, V] view when the leading dimensions allow one, else per-chunk gathers by multi-index (as for
+    `logits[:, :-1]`, whose rows cannot be flattened into a view).
+    """
+
+    def __init__(self, x: torch.Tensor, vocab: int):
+        self.x, self.vocab, self.leading = x, vocab, x.shape[:-1]
+        try:
+            self.flat = x.view(-1, x.shape[-1])[:, :vocab]
+        except RuntimeError:
+            self.flat = None
+
+    def tile(self, rows: slice | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (a [c, vocab] buffer in the compute dtype) filled with the selected rows."""
+        if self.flat is not None:
+            if isinstance(rows, slice):
+                return out.copy_(self.flat[rows])
+            if self.flat.dtype == out.dtype and self.flat.is_contiguous():
+                return torch.index_select(self.flat, 0, rows, out=out)
+            return out.copy_(self.flat.index_select(0, rows))
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=self.x.device)
+        return out.copy_(self.x[torch.unravel_index(rows, self.leading)][:, : self.vocab])
+
+
+def stream(
+    student: Rows,
+    teacher: Rows,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    chunk_size: int,
+    index: torch.Tensor | None,
+    n: int,
+    grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    grad_shape: torch.Size | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stream over token chunks: (divergence [N], ce [N], grad [..., V_s] or None).
+
+    `index` lists the rows to compute (the valid ones, on a CPU) or is None (all rows). `labels` and
+    `grad_weights` are per row of the full [N]. Rows not computed get 0 and a zero gradient.
+    """
+    x = student.x
+    dtype = compute_dtype(x.dtype)
+    divergence = torch.zeros(n, dtype=dtype, device=x.device)
+    ce = torch.zeros(n, dtype=dtype, device=x.device)
+    grad = None
+    if grad_weights is not None:
+        grad = torch.zeros(grad_shape, dtype=x.dtype, device=x.device)
+        grad_rows = grad.view(-1, grad.shape[-1])[:, : options.vocab_size]
+    count = n if index is None else index.numel()
+    if count == 0:
+        return divergence, ce, grad
+    # Two compute-dtype tiles and the scratch, allocated once and reused by every chunk.
+    chunk = min(count, chunk_size)
+    tiles = [torch.empty(chunk, options.vocab_size, dtype=dtype, device=x.device) for _ in range(2)]
+    scratch = Scratch(chunk, options.vocab_size, dtype, x.device)
+    for start in range(0, count, chunk_size):
+        stop = min(count, start + chunk_size)
+        rows = slice(start, stop) if index is None else index[start:stop]
+
+        chunk_divergence, chunk_ce, chunk_grad = kd_tile_terms(
+            student.tile(rows, tiles[0][: stop - start]),
+            teacher.tile(rows, tiles[1][: stop - start]),
+            _pick(labels, rows),
+            options,
+            None if grad_weights is None else tuple(_pick(w, rows) for w in grad_weights),
+            scratch=scratch,
+        )
+        divergence[rows] = chunk_divergence
+        ce[rows] = chunk_ce
+        if chunk_grad is not None:
+            if index is None:
+                grad_rows[rows] = chunk_grad
+            else:
+                grad_rows.index_copy_(0, rows, chunk_grad.to(x.dtype))
+        del chunk_grad
+    return divergence, ce, grad
+
+
+def _pick(values: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[rows]
+
+
+class LogitsKDFunction(torch.autograd.Function):
+    """(loss, distill, ce) of the loss over logits; a gradient to the student logits (input 0) only."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, options: KDOptions, chunk_size: int):
+        n = math.prod(student_logits.shape[:-1])
+        dtype = compute_dtype(student_logits.dtype)
+        tokens = Tokens(labels, options, n, student_logits.device)
+        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
+        grad_weights = None
+        if ctx.needs_input_grad[0] and options.reduction != "none":  # G now, for an output gradient of 1
+            grad_weights = unit_gradient_weights(
+                options, scale, num_tokens=n, dtype=dtype, valid=tokens.valid
+            )
+        divergence, ce, grad = stream(
+            Rows(student_logits, options.vocab_size),
+            Rows(teacher_logits, options.vocab_size),
+            tokens.safe_labels,
+            options,
+            chunk_size,
+            tokens.index,
+            n,
+            grad_weights,
+            student_logits.shape,
+        )
+        valid = tokens.valid.to(dtype)
+        divergence = divergence * valid
+        ce = ce * valid
+        loss = options.distill_weight * divergence + options.ce_weight * ce
+
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(student_logits, teacher_logits, labels)
+        ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
+        ctx.eager = EagerGradients(None if grad is None else (grad,))
+        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_distill, grad_ce):
+        student_logits, teacher_logits, labels = ctx.saved_tensors
+        options: KDOptions = ctx.options
+        if not ctx.needs_input_grad[0] or no_output_grad(grad_loss, grad_distill, grad_ce):
+            return (None,) * len(ctx.needs_input_grad)
+        grads = ctx.eager.take(grad_loss, grad_distill, grad_ce)
+        if grads is None:  # recompute the tiles with the per-token weights of these output gradients
+            n = math.prod(student_logits.shape[:-1])
+            dtype = compute_dtype(student_logits.dtype)
+            tokens = Tokens(labels, options, n, student_logits.device)
+            weights = gradient_weights(
+                options,
+                ctx.scale,
+                grad_loss,
+                grad_distill,
+                grad_ce,
+                num_tokens=n,
+                dtype=dtype,
+                valid=tokens.valid,
+            )
+            with autocast_off(student_logits.device):
+                _, _, grad = stream(
+                    Rows(student_logits, options.vocab_size),
+                    Rows(teacher_logits, options.vocab_size),
+                    tokens.safe_labels,
+                    options,
+                    ctx.chunk_size,
+                    tokens.index,
+                    n,
+                    weights,
+                    student_logits.shape,
+                )
+            grads = (grad,)
+        return input_grads(ctx.needs_input_grad, {0: grads[0]})
+
+
+def kd_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    options: KDOptions,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend entry point: checked inputs -> (loss, distill, ce), reduced per `options`, flat for "none".
+
+    `student_logits` [..., V_s] and `teacher_logits` [..., V_t] (same leading shape, any strides, only the
+    first `options.vocab_size` entries used); `labels` flat [N] int64 or None; `chunk_size` a positive int
+    or None (the default: `tiles.TILE_BYTES` per tile). Outputs are float32 (float64 for float64 student
+    logits); the gradient has the student logits' shape and dtype.
+    """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            options.vocab_size, torch.finfo(compute_dtype(student_logits.dtype)).bits // 8
+        )
+    teacher_logits = teacher_logits.detach()
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return LogitsKDFunction.apply(student_logits, teacher_logits, labels, options, chunk_size)
+    with torch.no_grad():
+        return LogitsKDFunction.apply(student_logits.detach(), teacher_logits, labels, options, chunk_size)
