@@ -10,6 +10,7 @@ from the three output gradients, the gradients formed eagerly in the forward (re
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -116,3 +117,31 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     except RuntimeError:  # a device type autocast does not know
         enabled = False
     return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "fusedkd's losses are differentiable once: their gradients cannot be differentiated again "
+    "(double backward through create_graph=True is not supported)"
+)
+
+
+def once_differentiable(backward):
+    """`torch.autograd.function.once_differentiable` for a Function's backward, and stricter.
+
+    The backward runs without building a graph. Under ``create_graph=True`` the gradients it returns
+    carry an error node, so differentiating them raises `DOUBLE_BACKWARD_ERROR` instead of treating
+    them as constants; torch's decorator attaches that node only when an output gradient itself
+    requires grad, and a gradient penalty through the loss would otherwise silently lose its part.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        error = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(grads))
+        marked = error(*(None if g is None else g.detach().requires_grad_(True) for g in grads))
+        return marked if isinstance(marked, tuple) else (marked,)
+
+    return wrapper

@@ -44,7 +44,9 @@ def fused_linear_kd_loss(
 
     Args:
         student_hidden: ``[..., H_s]`` float32 / bfloat16 / float16 final hidden states of the student.
-        student_weight: ``[V_s, H_s]`` student lm_head weight, same dtype; receives a gradient.
+        student_weight: ``[V_s, H_s]`` student lm_head weight, same dtype; receives a gradient. Inside
+            ``torch.autocast`` hidden states, weights and biases are cast to its dtype first, as
+            ``torch.nn.functional.linear`` does (e.g. bfloat16 activations, float32 weights).
         teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape as ``student_hidden``.
         teacher_weight: ``[V_t, H_t]`` teacher lm_head weight. The teacher is frozen: no gradient flows
             to ``teacher_hidden``, ``teacher_weight`` or ``teacher_bias``.
@@ -72,7 +74,8 @@ def fused_linear_kd_loss(
             Triton backend.
 
     Returns:
-        The loss (a float32 scalar, or ``[...]`` for ``reduction="none"``), or ``(loss, distill, ce)``.
+        The loss (a float32 scalar, or ``[...]`` for ``reduction="none"``; float32 for bfloat16 and
+        float16 inputs too, float64 for float64 ones), or ``(loss, distill, ce)``.
 
     Example:
         >>> import torch, fusedkd

@@ -72,7 +72,8 @@ def teacher_topk(
 
     Args:
         teacher_hidden: ``[..., H]`` float32 / bfloat16 / float16 / float64 final hidden states.
-        teacher_weight: ``[V_t, H]`` lm_head weight, same dtype.
+        teacher_weight: ``[V_t, H]`` lm_head weight, same dtype (inside ``torch.autocast`` both are cast
+            to its dtype first, as ``torch.nn.functional.linear`` does).
         k: how many tokens to keep per position, ``1 <= k <= V``.
         temperature: the softmax temperature ``T > 0``; distill with the same ``temperature``.
         vocab_size: use only the first ``vocab_size`` rows of the head (a padded head).
@@ -169,7 +170,9 @@ def fused_linear_topk_kd_loss(
 
     Args:
         student_hidden: ``[..., H]`` float32 / bfloat16 / float16 / float64 student hidden states.
-        student_weight: ``[V_s, H]`` student lm_head weight, same dtype; receives a gradient.
+        student_weight: ``[V_s, H]`` student lm_head weight, same dtype; receives a gradient. Inside
+            ``torch.autocast`` hidden states, weight and bias are cast to its dtype first, as
+            ``torch.nn.functional.linear`` does.
         ids: ``[..., k]`` integer teacher token ids (int64 or int32), distinct per position, in [0, V).
         logprobs: ``[..., k]`` teacher log-probabilities of ``ids`` (<= 0, any float dtype).
         labels: ``[...]`` integer targets (already shifted); ``None`` means no cross-entropy, every token

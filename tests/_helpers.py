@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 import fusedkd
-from fusedkd import kernels
+from fusedkd import kernels, reference
+from fusedkd._inputs import prepare_logits_kd, prepare_topk_kd
+from fusedkd._options import tail_precision
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -167,3 +170,139 @@ def fused(backend: str):
         return fusedkd.fused_linear_kd_loss(*args, backend=backend, **kwargs)
 
     return fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Float64 references of the logits-level and top-k losses: the definitions, literally, with autograd
+# (the dense one is `fusedkd.reference`)
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_kd_loss(student_logits, teacher_logits, labels=None, *, return_components=False, **options):
+    """DESIGN.md §2 literally, with autograd, in the dtype of `student_logits` (float64 for ground truth)."""
+    checked = prepare_logits_kd(
+        student_logits,
+        teacher_logits,
+        labels,
+        **{k: options.get(k, v) for k, v in DEFAULTS.items()},
+    )
+    vocab = checked.options.vocab_size
+    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    s = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab].to(compute)
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :vocab].to(compute)
+    out = reference.kd_terms_from_logits(s, t, checked.labels, checked.options)
+    if checked.options.reduction == "none":
+        out = tuple(x.reshape(checked.leading_shape) for x in out)
+    return out if return_components else out[0]
+
+
+DEFAULTS = dict(
+    divergence="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    alpha=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    vocab_size=None,
+)
+
+
+def reference_teacher_topk(teacher_hidden, teacher_weight, k, temperature=1.0, teacher_bias=None):
+    """ids by a stable descending sort of the full log-softmax row (ties: lowest id first)."""
+    logits = teacher_hidden.double() @ teacher_weight.double().T
+    if teacher_bias is not None:
+        logits = logits + teacher_bias.double()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    order = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order, logprobs.gather(-1, order), logprobs
+
+
+def reference_topk_kd_loss(
+    student_hidden,
+    student_weight,
+    ids,
+    logprobs,
+    labels=None,
+    *,
+    divergence="forward_kl",
+    temperature=1.0,
+    alpha=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    tail="bucket",
+    student_bias=None,
+    vocab_size=None,
+    return_components=False,
+):
+    """The sparse loss of fusedkd.topk's docstring from full [N, V] logits (float64 for ground truth).
+
+    Pass `logprobs` in their own dtype: it sets the precision eps of the teacher tail floor
+    tau = eps (1 + sum_K p |log p|), as in the loss.
+    """
+    inputs = prepare_topk_kd(
+        student_hidden,
+        student_weight,
+        ids,
+        logprobs,
+        labels,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        tail=tail,
+        student_bias=student_bias,
+        vocab_size=vocab_size,
+    )
+    options = inputs.options
+    compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    s = inputs.student_hidden @ inputs.student_weight.T
+    if inputs.student_bias is not None:
+        s = s + inputs.student_bias
+    s = s.to(compute)
+    log_q_full = torch.log_softmax(s / temperature, dim=-1)
+    ids, log_p = inputs.ids, inputs.logprobs.to(compute)
+    log_q = log_q_full.gather(-1, ids)
+    k, vocab = ids.shape[-1], s.shape[-1]
+
+    def plogp_ratio(log_x, log_y):  # sum x (log x - log y), 0 log 0 = 0
+        x = log_x.exp()
+        return torch.where(x > 0, x * (log_x - log_y), torch.zeros_like(x))
+
+    if tail == "renormalize":
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True)
+    elif k < vocab:  # bucket: append the tail outcome
+        in_support = torch.zeros_like(s, dtype=torch.bool).scatter(1, ids, True)
+        log_q_tail = torch.logsumexp(log_q_full.masked_fill(in_support, -math.inf), -1, keepdim=True)
+        # The loss under test computes in float32 unless its inputs are float64 (logprobs included).
+        precision = tail_precision(
+            logprobs.dtype, logprobs.dtype if logprobs.dtype == torch.float64 else torch.float32
+        )
+        p = log_p.exp()
+        tau = precision * (1 - torch.where(p > 0, p * log_p, 0).sum(-1, keepdim=True))
+        p_tail = torch.maximum(1 - p.sum(-1, keepdim=True), tau)
+        log_p = torch.cat([log_p, p_tail.log()], -1)
+        log_q = torch.cat([log_q, log_q_tail], -1)
+    if divergence == "forward_kl":
+        per_token = plogp_ratio(log_p, log_q).sum(-1)
+    else:
+        per_token = plogp_ratio(log_q, log_p).sum(-1)
+    if inputs.labels is None:
+        valid = torch.ones_like(per_token, dtype=torch.bool)
+        ce = torch.zeros_like(per_token)
+    else:
+        valid = inputs.labels != ignore_index
+        safe = torch.where(valid, inputs.labels, 0)
+        ce = torch.logsumexp(s, -1) - s.gather(-1, safe[:, None])[:, 0]
+    zero = torch.zeros_like(per_token)
+    per_token, ce = torch.where(valid, per_token, zero), torch.where(valid, ce, zero)
+    loss = options.distill_weight * per_token + options.ce_weight * ce
+    if reduction == "none":
+        result = tuple(x.reshape(inputs.leading_shape) for x in (loss, per_token, ce))
+    elif reduction == "sum":
+        result = (loss.sum(), per_token.sum(), ce.sum())
+    else:
+        count = valid.sum().clamp(min=1)
+        result = (loss.sum() / count, per_token.sum() / count, ce.sum() / count)
+    return result if return_components else result[0]

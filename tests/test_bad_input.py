@@ -77,11 +77,6 @@ def test_bad_input_raises_clearly(fn, overrides, exception, message):
         call(fn, **overrides)
 
 
-def test_chunk_size_must_be_positive():
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        call(chunk_size=0, backend="torch")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_tensors_on_different_devices():
     with pytest.raises(ValueError, match="all tensors must be on one device"):

@@ -1,4 +1,6 @@
-"""Numerical equivalence of `fused_linear_kd_loss` (every backend) with the float64 reference."""
+"""`fused_linear_kd_loss`'s own tests: peaked and flat teachers, extreme logits, low precision, padded
+heads, the module, no_grad, retained graphs, backend choice (the contract shared by every loss, exactness
+on the (divergence, temperature, alpha) grid included, is tests/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -40,52 +42,6 @@ def check_against_reference(backend, case, rtol=FP32_RTOL, grad_outputs=None, **
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 5.0])
-@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
-def test_matches_reference(backend, divergence, beta, temperature, alpha):
-    case = make_case(bias=alpha > 0.5)
-    check_against_reference(
-        backend,
-        case,
-        grad_outputs=[torch.tensor(1.7)],  # grad_output != 1
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-    )
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence,beta", [DIVERGENCES[0], DIVERGENCES[1], DIVERGENCES[3]])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("components", [False, True], ids=["loss", "components"])
-def test_reductions_and_components(backend, divergence, beta, reduction, components):
-    case = make_case(n=29, vocab=517)
-    n = case.labels.numel()
-    shape = (n,) if reduction == "none" else ()
-    # Arbitrary per-output (and, for "none", per-token) weights exercise every backward path.
-    grad_outputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3 if components else 1)]
-    values, _ = check_against_reference(
-        backend,
-        case,
-        grad_outputs=grad_outputs,
-        divergence=divergence,
-        beta=beta,
-        temperature=2.0,
-        alpha=0.6,
-        reduction=reduction,
-        return_components=components,
-    )
-    if components:
-        loss, distill, ce = values
-        torch.testing.assert_close(loss, 0.6 * 4.0 * distill + 0.4 * ce, rtol=1e-6, atol=1e-6)
-    if reduction == "none":
-        ignored = case.labels == -100
-        assert (values[0][ignored.cpu()] == 0).all()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("teacher", ["peaked", "flat"])
 @pytest.mark.parametrize("divergence,beta", [DIVERGENCES[0], DIVERGENCES[1], DIVERGENCES[3]])
 def test_peaked_and_flat_teachers(backend, teacher, divergence, beta):
@@ -109,26 +65,6 @@ def test_extreme_logits(backend, divergence, beta, temperature):
         assert torch.isfinite(a).all()
         allowed = max(3 * rel_err(b, e), FP32_RTOL)
         assert rel_err(a, e) <= allowed, f"{rel_err(a, e):.3g} > {allowed:.3g}"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_tokens_ignored(backend, reduction):
-    case = make_case(n=17, vocab=301, ignore_fraction=1.0)
-    values, grads = run_loss(fused(backend), case, reduction=reduction, alpha=0.5, temperature=2.0)
-    for x in values + grads:
-        assert torch.isfinite(x).all()
-        assert (x == 0).all()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_labels_means_every_token_counts(backend):
-    case = make_case(n=19, vocab=307)
-    case.labels = None
-    options = dict(alpha=1.0, temperature=3.0, divergence="reverse_kl")
-    values, grads = run_loss(fused(backend), case, **options)
-    ref_values, ref_grads = run_loss(reference.fused_linear_kd_loss, as_float64(case), **options)
-    assert_close(values + grads, ref_values + ref_grads, FP32_RTOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,12 +6,17 @@ import math
 
 import pytest
 import torch
-from _helpers import FP32_RTOL, assert_close, rel_err
+from _helpers import (
+    FP32_RTOL,
+    assert_close,
+    reference_teacher_topk,
+    reference_topk_kd_loss,
+    rel_err,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fusedkd
-from fusedkd._inputs import prepare_topk_kd
 from fusedkd._options import tail_precision
 from fusedkd.topk import FusedLinearTopKKDLoss, fused_linear_topk_kd_loss, teacher_topk
 
@@ -23,112 +28,6 @@ TAILS = [
     pytest.param("bucket", id="bucket-small-tiles", marks=pytest.mark.small_tiles(3)),
     pytest.param("renormalize", id="renormalize-small-tiles", marks=pytest.mark.small_tiles(3)),
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Float64 references: the definitions, literally, with autograd
-# ----------------------------------------------------------------------------------------------------
-
-
-def reference_teacher_topk(teacher_hidden, teacher_weight, k, temperature=1.0, teacher_bias=None):
-    """ids by a stable descending sort of the full log-softmax row (ties: lowest id first)."""
-    logits = teacher_hidden.double() @ teacher_weight.double().T
-    if teacher_bias is not None:
-        logits = logits + teacher_bias.double()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    order = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[..., :k]
-    return order, logprobs.gather(-1, order), logprobs
-
-
-def reference_topk_kd_loss(
-    student_hidden,
-    student_weight,
-    ids,
-    logprobs,
-    labels=None,
-    *,
-    divergence="forward_kl",
-    temperature=1.0,
-    alpha=0.5,
-    ignore_index=-100,
-    reduction="mean",
-    tail="bucket",
-    student_bias=None,
-    vocab_size=None,
-    return_components=False,
-):
-    """The sparse loss of fusedkd.topk's docstring from full [N, V] logits (float64 for ground truth).
-
-    Pass `logprobs` in their own dtype: it sets the precision eps of the teacher tail floor
-    tau = eps (1 + sum_K p |log p|), as in the loss.
-    """
-    inputs = prepare_topk_kd(
-        student_hidden,
-        student_weight,
-        ids,
-        logprobs,
-        labels,
-        divergence=divergence,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        tail=tail,
-        student_bias=student_bias,
-        vocab_size=vocab_size,
-    )
-    options = inputs.options
-    compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    s = inputs.student_hidden @ inputs.student_weight.T
-    if inputs.student_bias is not None:
-        s = s + inputs.student_bias
-    s = s.to(compute)
-    log_q_full = torch.log_softmax(s / temperature, dim=-1)
-    ids, log_p = inputs.ids, inputs.logprobs.to(compute)
-    log_q = log_q_full.gather(-1, ids)
-    k, vocab = ids.shape[-1], s.shape[-1]
-
-    def plogp_ratio(log_x, log_y):  # sum x (log x - log y), 0 log 0 = 0
-        x = log_x.exp()
-        return torch.where(x > 0, x * (log_x - log_y), torch.zeros_like(x))
-
-    if tail == "renormalize":
-        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
-        log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True)
-    elif k < vocab:  # bucket: append the tail outcome
-        in_support = torch.zeros_like(s, dtype=torch.bool).scatter(1, ids, True)
-        log_q_tail = torch.logsumexp(log_q_full.masked_fill(in_support, -math.inf), -1, keepdim=True)
-        # The loss under test computes in float32 unless its inputs are float64 (logprobs included).
-        precision = tail_precision(
-            logprobs.dtype, logprobs.dtype if logprobs.dtype == torch.float64 else torch.float32
-        )
-        p = log_p.exp()
-        tau = precision * (1 - torch.where(p > 0, p * log_p, 0).sum(-1, keepdim=True))
-        p_tail = torch.maximum(1 - p.sum(-1, keepdim=True), tau)
-        log_p = torch.cat([log_p, p_tail.log()], -1)
-        log_q = torch.cat([log_q, log_q_tail], -1)
-    if divergence == "forward_kl":
-        per_token = plogp_ratio(log_p, log_q).sum(-1)
-    else:
-        per_token = plogp_ratio(log_q, log_p).sum(-1)
-    if inputs.labels is None:
-        valid = torch.ones_like(per_token, dtype=torch.bool)
-        ce = torch.zeros_like(per_token)
-    else:
-        valid = inputs.labels != ignore_index
-        safe = torch.where(valid, inputs.labels, 0)
-        ce = torch.logsumexp(s, -1) - s.gather(-1, safe[:, None])[:, 0]
-    zero = torch.zeros_like(per_token)
-    per_token, ce = torch.where(valid, per_token, zero), torch.where(valid, ce, zero)
-    loss = options.distill_weight * per_token + options.ce_weight * ce
-    if reduction == "none":
-        result = tuple(x.reshape(inputs.leading_shape) for x in (loss, per_token, ce))
-    elif reduction == "sum":
-        result = (loss.sum(), per_token.sum(), ce.sum())
-    else:
-        count = valid.sum().clamp(min=1)
-        result = (loss.sum() / count, per_token.sum() / count, ce.sum() / count)
-    return result if return_components else result[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,10 +249,10 @@ def test_teacher_topk_bad_input(call, exception, message):
 
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
-@pytest.mark.parametrize(
-    "temperature,alpha,k", [(1.0, 0.0, 16), (2.0, 0.7, 1), (2.0, 0.7, 64), (5.0, 1.0, 16), (0.5, 1.0, 7)]
-)
-def test_matches_reference(tail, divergence, temperature, alpha, k):
+@pytest.mark.parametrize("temperature,alpha,k", [(2.0, 0.7, 1), (2.0, 0.7, 64), (0.5, 1.0, 7)])
+def test_matches_reference_for_any_k(tail, divergence, temperature, alpha, k):
+    """k = 1 and k larger than a block of rows (the (divergence, temperature, alpha) grid at k = 16 is
+    tests/test_contract.py's)."""
     student, ids, logprobs, labels, _ = make_topk_case(k=k, temperature=temperature, bias=alpha > 0.5)
     check_against_reference(
         student,
@@ -366,34 +265,6 @@ def test_matches_reference(tail, divergence, temperature, alpha, k):
         alpha=alpha,
         tail=tail,
     )
-
-
-@pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("divergence", TOPK_DIVERGENCES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("components", [False, True], ids=["loss", "components"])
-def test_reductions_and_components(tail, divergence, reduction, components):
-    student, ids, logprobs, labels, _ = make_topk_case(leading=(3, 9), vocab=517)
-    shape = (3, 9) if reduction == "none" else ()
-    grad_outputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3 if components else 1)]
-    values, _ = check_against_reference(
-        student,
-        ids,
-        logprobs,
-        labels,
-        grad_outputs=grad_outputs,
-        divergence=divergence,
-        temperature=2.0,
-        alpha=0.6,
-        reduction=reduction,
-        tail=tail,
-        return_components=components,
-    )
-    if components:
-        loss, distill, ce = values
-        torch.testing.assert_close(loss, 0.6 * 4.0 * distill + 0.4 * ce, rtol=1e-6, atol=1e-6)
-    if reduction == "none":
-        assert values[0].shape == (3, 9) and (values[0][labels == -100] == 0).all()
 
 
 @pytest.mark.parametrize("tail", TAILS)
@@ -543,40 +414,6 @@ def test_low_precision(tail, dtype, divergence):
             assert rel_err(a, e) <= allowed, f"{what}: {rel_err(a, e):.3g} > {allowed:.3g} ({dtype})"
 
 
-@pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_tokens_ignored(tail, reduction):
-    student, ids, logprobs, labels, _ = make_topk_case(leading=(17,), vocab=301, ignore_fraction=1.0)
-    values, grads = run(
-        fused_linear_topk_kd_loss,
-        student,
-        ids,
-        logprobs,
-        labels,
-        reduction=reduction,
-        tail=tail,
-        temperature=2.0,
-    )
-    for x in values + grads:
-        assert torch.isfinite(x).all() and (x == 0).all()
-
-
-@pytest.mark.parametrize("tail", TAILS)
-def test_no_labels_means_every_token_counts(tail):
-    student, ids, logprobs, _, _ = make_topk_case(leading=(19,), vocab=307)
-    options = dict(alpha=1.0, temperature=2.0, divergence="reverse_kl", tail=tail)
-    values, grads = run(fused_linear_topk_kd_loss, student, ids, logprobs, None, **options)
-    ref_values, ref_grads = run(
-        reference_topk_kd_loss,
-        as_float64(student),
-        ids,
-        logprobs,
-        None,
-        **options,
-    )
-    assert_close(values + grads, ref_values + ref_grads, FP32_RTOL)
-
-
 def test_leading_shape_and_padded_head():
     student, ids, logprobs, labels, _ = make_topk_case(leading=(3, 11), vocab=509, extra_rows=7, bias=True)
     options = dict(vocab_size=509, reduction="none", alpha=0.7, temperature=2.0)
@@ -692,14 +529,9 @@ BAD = [
     (dict(ids=torch.zeros(6, 4)), TypeError, "ids must be an integer tensor"),
     (dict(logprobs=torch.zeros(6, 4, dtype=torch.long)), TypeError, "logprobs must be float32"),
     (dict(student_hidden=torch.randn(6, 9)), ValueError, "student_weight must be"),
-    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels must have the leading shape"),
-    (dict(labels=None, alpha=0.5), ValueError, "labels=None"),
     (dict(divergence="jsd"), ValueError, "divergence must be one of 'forward_kl', 'reverse_kl'"),
     (dict(tail="drop"), ValueError, "tail must be one of 'bucket', 'renormalize'"),
     (dict(backend="triton"), ValueError, "no Triton kernel"),
-    (dict(backend="gpu"), ValueError, "backend must be one of"),
-    (dict(temperature=-1.0), ValueError, "temperature"),
-    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
     (dict(vocab_size=40, labels=None, alpha=1.0), ValueError, r"ids must be token ids in \[0, 40\)"),
 ]
 

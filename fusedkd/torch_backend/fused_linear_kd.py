@@ -14,7 +14,6 @@ differentiated, backward recomputes the tiles with the per-token weights it rece
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fusedkd._autograd import (
     EagerGradients,
@@ -22,6 +21,7 @@ from fusedkd._autograd import (
     gradient_weights,
     input_grads,
     no_output_grad,
+    once_differentiable,
     reduce,
     reduction_scale,
     unit_gradient_weights,

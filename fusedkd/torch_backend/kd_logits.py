@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fusedkd._autograd import (
     EagerGradients,
@@ -19,6 +18,7 @@ from fusedkd._autograd import (
     gradient_weights,
     input_grads,
     no_output_grad,
+    once_differentiable,
     reduce,
     reduction_scale,
     unit_gradient_weights,
