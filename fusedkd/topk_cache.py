@@ -24,7 +24,7 @@ header, that every shard agrees with the index and that each file has exactly th
 implies (a truncated or padded file is an error), and `verify()` checks the CRC32 of the data.
 
 Log-probabilities stored in float16 keep ~3 significant digits (bfloat16: ~2); the loss's bucket tail,
-1 - sum_k p, is then only resolved to about eps (1 + sum_k p |log p|) (`fusedkd.topk.tail_precision`).
+1 - sum_k p, is then only resolved to about eps (1 + sum_k p |log p|) (`fusedkd._options.tail_precision`).
 """
 
 from __future__ import annotations

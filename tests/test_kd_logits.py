@@ -269,6 +269,7 @@ def test_teacher_zero_probabilities_in_forward_kl(backend):
     assert_close(values + grads, ref_values + ref_grads, FP32_RTOL)
 
 
+@pytest.mark.slow  # 15-20 s each under the interpreter
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 def test_triton_kernel_over_many_vocabulary_blocks(monkeypatch, divergence, beta):
     """Small vocabulary blocks, with maxima that move from block to block: the online rescaling is exact."""

@@ -26,6 +26,7 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow  # 8-48 s each on a 2-core CPU (V = 151,936 tiles)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "options",

@@ -205,6 +205,22 @@ def test_block_top_follows_the_exact_tie_rule(dtype, rows):
         assert torch.equal(got_ids, want_ids) and torch.equal(got_values, want_values), k
 
 
+@pytest.mark.parametrize("block_size", [100, 8192])
+def test_teacher_topk_of_a_confident_teacher_is_accepted_by_the_loss(block_size):
+    """float32 logits of magnitude ~40 carry an absolute rounding error of ~eps 40 each: the listed mass
+    must still not exceed 1, or the loss would reject `teacher_topk`'s own output."""
+    teacher_hidden, teacher_weight = torch.randn(53, 40), torch.randn(1201, 40) * 6.0
+    ids, logprobs = teacher_topk(teacher_hidden, teacher_weight, 16, 2.0, block_size=block_size, chunk_size=8)
+    exact = reference_teacher_topk(teacher_hidden, teacher_weight, 16, 2.0)[1]
+    assert (logprobs.double() - exact).abs().max() < 64 * torch.finfo(torch.float32).eps * 80
+    student_hidden = torch.randn(53, 24, requires_grad=True)
+    student_weight = torch.randn(1201, 24, requires_grad=True)
+    loss = fused_linear_topk_kd_loss(
+        student_hidden, student_weight, ids, logprobs, temperature=2.0, alpha=1.0
+    )
+    assert torch.isfinite(loss)
+
+
 def test_teacher_topk_negative_zero_ties_positive_zero():
     """-0.0 and +0.0 logits are equal: the lower id comes first."""
     hidden = torch.ones(1, 1)

@@ -58,6 +58,8 @@ def stream(
     """
     n = student_hidden.shape[0]
     vocab = student_weight.shape[0]
+    # The one place where the temperature becomes a `scale`: t / T = (1/T) (h W^T + b), folded into the
+    # teacher's GEMM (the student's tile is divided by T in `kd_tile_terms`, after its cross-entropy).
     teacher_scale = 1.0 / options.temperature
     dtype = compute_dtype(student_hidden.dtype)
     device = student_hidden.device
@@ -85,7 +87,6 @@ def stream(
         hidden = student_hidden[rows]
         chunk_weights = select_rows(grad_weights, rows)
         s = project(student_tile[:count], hidden, student_weight, student_bias)
-        # t / T: the one place where the temperature becomes a `scale` (1/T), folded into the GEMM.
         t = project(teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, teacher_scale)
         divergence[rows], ce[rows], grad = kd_tile_terms(
             s,
@@ -109,17 +110,6 @@ def stream(
                 grad_bias.add_(grad.sum(0))
         del grad
     return divergence, ce, grads
-
-
-def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
-    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
-    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
-
-
-def _reduce(per_token: torch.Tensor, options: KDOptions, scale: torch.Tensor) -> torch.Tensor:
-    if options.reduction == "none":
-        return per_token
-    return per_token.sum() * scale
 
 
 def _compact_stream(

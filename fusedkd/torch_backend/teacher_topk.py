@@ -111,7 +111,11 @@ def teacher_topk(
                     )
                 top_values, top_ids = values, value_ids
             ids[rows] = top_ids
-            logprobs[rows] = top_values - lse[:, None]  # log p = b - LSE(b)
+            # log p = b - LSE(b). For a confident teacher with large logits the rounding of LSE(b) (an
+            # absolute eps |b|) can leave the listed mass above 1, which the losses reject: take the
+            # excess, a few units of that rounding, off the listed log-probabilities.
+            listed = top_values - lse[:, None]
+            logprobs[rows] = listed - torch.logsumexp(listed, dim=-1, keepdim=True).clamp(min=0.0)
     return ids, logprobs
 
 
