@@ -25,6 +25,7 @@ from _helpers import (
     reference_topk_kd_loss,
     rel_err,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedkd
 from fusedkd import kernels, reference
@@ -735,6 +736,31 @@ class HostSyncError(AssertionError):
     pass
 
 
+class SyncingOps(TorchDispatchMode):
+    """Records the aten ops that read a device tensor on the host: `.item()` at the aten level, and the
+    ops whose output size depends on tensor values (nonzero, boolean-mask indexing)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.seen = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen += 1
+        name = func.overloadpacket.__name__
+        boolean_index = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args
+            if isinstance(a, (list, tuple))
+            for i in a
+        )
+        if name in self.SYNCING or boolean_index:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("key", list(LOSSES))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_host_sync_on_the_loss_path(key, reduction):
@@ -754,9 +780,11 @@ def test_no_host_sync_on_the_loss_path(key, reduction):
 
         for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
             patch.setattr(torch.Tensor, name, sync)
-        out = LOSSES[key].function(*inputs.args.values(), **inputs.kwargs, **options)
-        total = sum(o.sum() for o in out)
-        grads = torch.autograd.grad(total, inputs.students())
+        with SyncingOps() as recorder:
+            out = LOSSES[key].function(*inputs.args.values(), **inputs.kwargs, **options)
+            total = sum(o.sum() for o in out)
+            grads = torch.autograd.grad(total, inputs.students())
+    assert recorder.seen > 100 and recorder.ops == []
     # The same values as the eager, compacting path.
     assert_close([o.detach().double() for o in out], expected[0], 1e-6, "loss")
     assert_close([g.double() for g in grads], expected[1], 1e-6, "grad")
@@ -839,3 +867,13 @@ def test_double_backward_is_a_clear_error(key, backend):
     (grad,) = torch.autograd.grad(out * weight, inputs.students()[0], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         grad.sum().backward()
+
+
+def test_the_sync_detectors_detect():
+    """The detectors of test_no_host_sync_on_the_loss_path fire on what they look for."""
+    x = torch.arange(5.0)
+    with SyncingOps() as recorder:
+        x.nonzero()
+        x[x > 2]
+        torch.ops.aten._local_scalar_dense(x[0])
+    assert len(recorder.ops) == 3, recorder.ops
