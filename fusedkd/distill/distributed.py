@@ -11,6 +11,7 @@ lm_head weight directly). The backend is NCCL on CUDA and gloo on the CPU.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,20 @@ def choose_device(request: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_request: str = "auto") -> DistContext:
-    """Join the `torchrun` job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
+def init_distributed(device_request: str = "auto", timeout_minutes: float | None = None) -> DistContext:
+    """Join the `torchrun` job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any.
+
+    `timeout_minutes`: how long a collective may wait for the slowest process (``--dist-timeout``;
+    None: torch's default, 10 minutes for gloo and NCCL).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_request, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -37,11 +37,10 @@ import torch
 
 import fusedkd
 from fusedkd.distill.cache import building, cache_key, default_cache_dir
-from fusedkd.distill.cli import EXIT_INTERRUPTED, EXIT_OK
 from fusedkd.distill.corpus import Corpus, stdlib_corpus
 from fusedkd.distill.data import Batch, TokenizedSamples, collate, tokenize
 from fusedkd.distill.distributed import DistContext, check_backend, init_distributed
-from fusedkd.distill.errors import UsageError
+from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
     TINY_STUDENT_SHAPE,
@@ -54,7 +53,7 @@ from fusedkd.distill.models import (
 )
 from fusedkd.distill.objectives import CrossEntropyObjective, KDObjective
 from fusedkd.distill.report import format_table
-from fusedkd.distill.run import prepare_output_dir, resolve_precision
+from fusedkd.distill.runtime import prepare_output_dir, resolve_precision
 from fusedkd.distill.threads import ThreadTuner
 from fusedkd.distill.tokenizer import cached_bpe_tokenizer
 from fusedkd.distill.trainer import TrainConfig, Trainer, TrainResult

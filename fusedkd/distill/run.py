@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
-import time
 from functools import partial
 from pathlib import Path
 
@@ -21,12 +20,10 @@ import torch
 
 import fusedkd
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
-from fusedkd.distill.cli import EXIT_INTERRUPTED, EXIT_OK
 from fusedkd.distill.data import TokenizedSamples, load_texts, tokenize
 from fusedkd.distill.distributed import (
     DistContext,
     barrier,
-    broadcast_object,
     check_backend,
     init_distributed,
     is_fsdp,
@@ -34,7 +31,7 @@ from fusedkd.distill.distributed import (
     shutdown,
     wrap_objective,
 )
-from fusedkd.distill.errors import UsageError
+from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
     check_vocabularies,
@@ -50,54 +47,8 @@ from fusedkd.distill.models import (
 from fusedkd.distill.objectives import KDObjective, TopKObjective
 from fusedkd.distill.offline import CachedTopK, build_cache, cache_identity, open_cache
 from fusedkd.distill.report import format_table
+from fusedkd.distill.runtime import FINAL_NAME, prepare_output_dir, resolve_precision, say, writable_dir
 from fusedkd.distill.trainer import TrainConfig, Trainer
-
-FINAL_NAME = "final"
-
-
-def say(ctx: DistContext, message: str) -> None:
-    """Print on rank 0 only."""
-    if ctx.is_main:
-        print(message, flush=True)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 for ``bf16`` (and for ``auto`` on a CUDA device with bf16), else None."""
-    if precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ):
-        return torch.bfloat16
-    return None
-
-
-def writable_dir(path: str, flag: str, ctx: DistContext) -> Path:
-    """`path` created if needed and checked writable (by every process), else a `UsageError`."""
-    directory = Path(path).expanduser()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{ctx.rank}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"{flag} {str(directory)!r} is not writable: {exc.strerror or exc}") from None
-    return directory
-
-
-def prepare_output_dir(path: str | None, *, mode: str, resume: bool, ctx: DistContext) -> Path:
-    """The run directory, created and checked writable; never one whose saved run would be overwritten."""
-    if path is None:
-        if resume:
-            raise UsageError("--resume needs the --output-dir of the run to continue")
-        path = broadcast_object(f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}", ctx)
-    directory = Path(path).expanduser()
-    if not resume:
-        for name, what in ((CHECKPOINT_NAME, "a checkpoint"), (FINAL_NAME, "a finished run")):
-            if (directory / name).exists():
-                raise UsageError(
-                    f"--output-dir {str(directory)!r} already holds {what}; pass --resume to continue it, "
-                    "or choose another --output-dir"
-                )
-    return writable_dir(str(directory), "--output-dir", ctx)
 
 
 def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -182,6 +133,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--seq-len must be at least 2 (one input and one target token), got {args.seq_len}")
     if args.eval_samples < 0:
         raise UsageError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.teacher_topk is not None:
@@ -242,7 +195,7 @@ def run_distillation(args: argparse.Namespace) -> int:
     check_options(args)
     config = train_config(args)
     config.check()
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout)
     try:
         check_backend(args.backend, ctx.device)
         return _run(args, config, ctx)
