@@ -11,8 +11,8 @@ lm_head weight directly). The backend is NCCL on CUDA and gloo on the CPU.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist

@@ -122,18 +122,58 @@ def load_tokenizer(name_or_path: str, *, role: str):
 
 
 def check_supported_head(model, role: str) -> None:
-    """Refuse heads whose logits are not ``W h + b`` (soft-capping, scaling): the loss would be wrong."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(text_config, name, None)
-        if value not in (None, 1, 1.0):
-            raise UsageError(
-                f"--{role}: the model's logits use {name}={value}, which fusedkd's loss (plain W h + b) "
-                "does not apply; distilling it would optimize the wrong distribution"
-            )
+    """`UsageError` for a model without an output embedding (the loss needs its lm_head)."""
     if model.get_output_embeddings() is None:
         raise UsageError(f"--{role}: the model has no output embedding (lm_head); is it a causal LM?")
+
+
+PROBE_TOKENS = 16  # tokens of the startup head check's batch
+
+
+@torch.no_grad()
+def linear_head_error(model, input_ids: torch.Tensor) -> float:
+    """Largest ``|model(x).logits - (hidden @ W.T + b)|`` on `input_ids`, relative to the logits' scale.
+
+    The loss computes the logits as the lm_head's plain ``W h + b`` from the final hidden states; a model
+    whose own logits are anything else (logit multipliers or width scaling, soft-capping, ...) would be
+    distilled towards the wrong distribution. Both sides run in the model's dtype (a full forward of
+    `input_ids`, one short batch).
+    """
+    training = model.training
+    model.eval()
+    try:
+        mask = torch.ones_like(input_ids)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+        hidden = hidden_states(model, input_ids, mask)
+        head = lm_head(model)
+        weight = head.weight.to(hidden.dtype)
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        ours = torch.nn.functional.linear(hidden, weight, bias).float()
+    finally:
+        model.train(training)
+    if logits.shape != ours.shape:
+        return float("inf")
+    scale = float(ours.abs().max()) + 1.0
+    return float((logits - ours).abs().max()) / scale
+
+
+def check_linear_head(model, role: str, input_ids: torch.Tensor) -> None:
+    """`UsageError` unless ``model(x).logits == hidden @ W.T + b`` on `input_ids` (see `linear_head_error`).
+
+    The tolerance follows the dtype of the model's parameters: 1e-4 of the logits' scale in float32,
+    2e-2 in bfloat16 / float16 (rounding of the same matmul); a logit multiplier of 1.05 or a soft-cap
+    on logits of size 10 is far outside it.
+    """
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    error = linear_head_error(model, input_ids)
+    if not error <= tolerance:
+        raise UsageError(
+            f"--{role}: the model's logits are not its lm_head's plain W h + b (relative difference "
+            f"{error:.3g} on a {input_ids.shape[-1]}-token probe; logit scaling, multipliers or "
+            "soft-capping?): "
+            "fusedkd's loss would distill the wrong distribution"
+        )
 
 
 @dataclass(frozen=True)
