@@ -43,6 +43,7 @@ REAL_RUN_ONLY = (
     "shard_teacher",
     "teacher_topk",
     "topk_cache",
+    "topk_part_tokens",
     "gradient_checkpointing",
     "epochs",
     "grad_accum",
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--topk-cache",
         help="real runs: directory of the top-k cache, built on first use (default: none; needed with "
         "--teacher-topk)",
+    )
+    loss.add_argument(
+        "--topk-part-tokens",
+        type=int,
+        default=1 << 20,
+        help="real runs: tokens per part of the top-k cache (the unit of work of one process, and what "
+        "a resumed build keeps)",
     )
     loss.add_argument(
         "--topk-tail",

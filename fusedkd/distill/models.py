@@ -7,10 +7,12 @@ lm_head weight (and bias, if any): `hidden_states` runs the base model only, so 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from fusedkd.distill.distributed import DistContext, broadcast_object, shard_teacher
 from fusedkd.distill.errors import UsageError
 
 # The real pair, for reference (Qwen/Qwen3-4B and Qwen/Qwen3-0.6B on the Hugging Face Hub; both tie the
@@ -106,6 +108,78 @@ def load_model(name_or_path: str, *, role: str, dtype: torch.dtype | None = None
         raise UsageError(f"--{role} {name_or_path!r}: {where}: {_first_line(exc)}") from None
     check_supported_head(model, role)
     return model
+
+
+@contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory) and their buffers real.
+
+    Buffers such as the rotary embedding's frequencies are computed at construction and are not in a
+    checkpoint's state dict; parameters are loaded afterwards.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, parameter):
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(
+                parameter.to("meta"), requires_grad=parameter.requires_grad
+            )
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_teacher(
+    name_or_path: str, *, dtype: torch.dtype, ctx: DistContext, probe: torch.Tensor, shard: bool
+):
+    """The teacher, checked (`check_linear_head` on `probe`), on the CPU, or sharded on `ctx.device`.
+
+    With `shard` (``--shard-teacher``, under torchrun) only rank 0 loads the checkpoint (a full copy in
+    CPU memory); every process builds the model with its parameters on the meta device, shards it
+    (`distributed.shard_teacher`), allocates its own shards on its device and receives their values
+    from rank 0 (``set_model_state_dict(..., broadcast_from_rank0=True)``): no other process ever holds
+    the whole teacher.
+    """
+    if not shard:
+        teacher = load_model(name_or_path, role="teacher", dtype=dtype)
+        check_linear_head(teacher, "teacher", probe)
+        return teacher
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full, message = None, None
+    if ctx.is_main:
+        try:
+            full = load_model(name_or_path, role="teacher", dtype=dtype)
+            check_linear_head(full, "teacher", probe)
+        except UsageError as exc:
+            message = str(exc)
+    message = broadcast_object(message, ctx)
+    if message is not None:
+        raise UsageError(message)
+    config = broadcast_object(full.config if full is not None else None, ctx)
+    with parameters_on_meta():
+        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    teacher.requires_grad_(False).eval()
+    buffers = {name: buffer.clone() for name, buffer in teacher.named_buffers()}
+    tied = teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight
+    shard_teacher(teacher, ctx)
+    teacher.to_empty(device=ctx.device)
+    if tied:  # to_empty gives each module a new parameter: tie the (whole, ignored) head again
+        teacher.get_output_embeddings().weight = teacher.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, buffer in teacher.named_buffers():
+            buffer.copy_(buffers[name])
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(
+        teacher, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    del full, state
+    return teacher
 
 
 def load_tokenizer(name_or_path: str, *, role: str):

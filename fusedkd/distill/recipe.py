@@ -53,7 +53,7 @@ from fusedkd.distill.models import (
 )
 from fusedkd.distill.objectives import CrossEntropyObjective, KDObjective
 from fusedkd.distill.report import format_table
-from fusedkd.distill.runtime import prepare_output_dir, resolve_precision
+from fusedkd.distill.runtime import discard_stale_metrics, prepare_output_dir, resolve_precision
 from fusedkd.distill.threads import ThreadTuner
 from fusedkd.distill.tokenizer import cached_bpe_tokenizer
 from fusedkd.distill.trainer import TrainConfig, Trainer, TrainResult
@@ -335,7 +335,7 @@ def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, c
             ctx,
             pad_id=tokenizer.pad_token_id,
             teacher_inputs=inputs,
-            output_dir=_mkdir(output_dir / name),
+            output_dir=_fresh_dir(output_dir / name, ctx),
             checkpoints=False,
             autocast_dtype=autocast_dtype,
             progress=progress,
@@ -386,6 +386,7 @@ def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, c
     return EXIT_OK
 
 
-def _mkdir(path: Path) -> Path:
+def _fresh_dir(path: Path, ctx: DistContext) -> Path:
     path.mkdir(parents=True, exist_ok=True)
+    discard_stale_metrics(path, ctx)
     return path

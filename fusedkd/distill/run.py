@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import random
 from functools import partial
 from pathlib import Path
@@ -25,15 +26,17 @@ from fusedkd.distill.distributed import (
     DistContext,
     barrier,
     check_backend,
+    gather_objects,
     init_distributed,
     is_fsdp,
-    shard_teacher,
     shutdown,
     wrap_objective,
 )
 from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
+    PROBE_TOKENS,
+    check_linear_head,
     check_vocabularies,
     config_head_rows,
     enable_activation_checkpointing,
@@ -41,6 +44,7 @@ from fusedkd.distill.models import (
     hidden_states,
     lm_head,
     load_model,
+    load_teacher,
     load_tokenizer,
     quiet_transformers,
 )
@@ -79,12 +83,34 @@ def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return texts, eval_texts
 
 
-def fingerprint(samples: TokenizedSamples) -> str:
-    """A hash of the exact training tokens and targets (a resume, a top-k cache must match it)."""
+def fingerprint(samples: TokenizedSamples, *, targets: bool = True) -> str:
+    """A hash of the exact training tokens (and targets): a resume must match it, a top-k cache its tokens."""
     digest = hashlib.sha256()
-    for tensor in (samples.tokens, samples.targets, samples.offsets):
+    for tensor in (
+        (samples.tokens, samples.targets, samples.offsets) if targets else (samples.tokens, samples.offsets)
+    ):
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def probe_ids(samples: TokenizedSamples) -> torch.Tensor:
+    """The startup head check's batch: the first `PROBE_TOKENS` tokens of the first training sample."""
+    return samples[0][0][:PROBE_TOKENS].unsqueeze(0)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's whole definition (vocabulary, merges, normalizer, ...) and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id], default=str)
+    return hashlib.sha256((definition + extra).encode()).hexdigest()[:16]
+
+
+def samples_fingerprint(samples: list) -> str:
+    """A hash of the training samples before tokenization (texts or chat records)."""
+    return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def tokenize_or_fail(texts: list[str], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
@@ -138,6 +164,8 @@ def check_options(args: argparse.Namespace) -> None:
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.teacher_topk is not None:
+        if args.topk_part_tokens < 1:
+            raise UsageError(f"--topk-part-tokens must be >= 1, got {args.topk_part_tokens}")
         if args.teacher_topk < 1:
             raise UsageError(f"--teacher-topk must be >= 1, got {args.teacher_topk}")
         if args.divergence == "jsd":
@@ -239,20 +267,42 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
 
     autocast_dtype = resolve_precision(args.precision, ctx.device)
     teacher_dtype = torch.bfloat16 if autocast_dtype is not None else torch.float32
+    probe = probe_ids(train_samples)
     student = load_model(args.student, role="student", dtype=torch.float32)
-    teacher = None if offline else load_model(args.teacher, role="teacher", dtype=teacher_dtype)
+    check_linear_head(student, "student", probe)
+    teacher = None
+    if not offline:
+        teacher = load_teacher(
+            args.teacher, dtype=teacher_dtype, ctx=ctx, probe=probe, shard=args.shard_teacher
+        )
     teacher_rows = config_head_rows(args.teacher, role="teacher") if offline else head_rows(teacher)
     vocab_size = check_vocabularies(
         teacher_tokenizer, student_tokenizer, teacher_rows, head_rows(student), args.vocab_size
     )
+    if offline and args.teacher_topk > vocab_size:
+        raise UsageError(
+            f"--teacher-topk {args.teacher_topk} is larger than the vocabulary ({vocab_size} rows); "
+            f"use at most {vocab_size}"
+        )
     student.config.use_cache = False
     student.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
     if args.gradient_checkpointing:
         enable_activation_checkpointing(student)
 
     if offline:
+        identity = cache_identity(
+            args.teacher,
+            tokenizer=tokenizer_fingerprint(teacher_tokenizer),
+            data=samples_fingerprint(train_texts),
+            seq_len=args.seq_len,
+            pack=args.pack,
+            k=args.teacher_topk,
+            temperature=args.temperature,
+            vocab_size=vocab_size,
+            tokens=fingerprint(train_samples, targets=False),
+        )
         teacher_inputs = _offline_teacher(
-            args, ctx, topk_dir, vocab_size, train_samples, pad_id, teacher_dtype, autocast_dtype
+            args, ctx, topk_dir, identity, train_samples, pad_id, teacher_dtype, autocast_dtype
         )
         objective = TopKObjective(
             student,
@@ -265,7 +315,8 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
         )
     else:
         teacher.requires_grad_(False).eval()
-        teacher = shard_teacher(teacher, ctx) if args.shard_teacher else teacher.to(ctx.device)
+        if not args.shard_teacher:  # a sharded teacher is on the device already
+            teacher.to(ctx.device)
         teacher_inputs = partial(online_teacher_inputs, teacher)
         criterion = fusedkd.FusedLinearKDLoss(
             divergence=args.divergence,
@@ -314,31 +365,38 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
 
 
 def _offline_teacher(
-    args, ctx, topk_dir: Path, vocab_size: int, train_samples, pad_id, teacher_dtype, autocast_dtype
+    args, ctx, topk_dir: Path, identity: dict, train_samples, pad_id, teacher_dtype, autocast_dtype
 ) -> CachedTopK:
-    """The cached top-k of the training data, built first (on rank 0, the teacher alone) if missing."""
-    identity = cache_identity(
-        args.teacher, fingerprint(train_samples), args.teacher_topk, args.temperature, vocab_size
-    )
+    """The cached top-k of the training data, built first if missing (every process builds its parts)."""
     cache = open_cache(topk_dir, identity)
     if cache is None:
-        if ctx.is_main:
-            say(ctx, f"building the teacher's top-{args.teacher_topk} cache in {topk_dir}")
-            teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype).to(ctx.device).eval()
-            build_cache(
-                topk_dir,
-                identity,
-                teacher,
-                train_samples,
-                batch_size=args.batch_size,
-                pad_id=pad_id,
-                device=ctx.device,
-                autocast_dtype=autocast_dtype,
-                progress=not args.no_progress,
-            )
-            del teacher
-        barrier(ctx)
+        say(
+            ctx,
+            f"building the teacher's top-{args.teacher_topk} cache in {topk_dir} "
+            f"({ctx.world_size} processes)",
+        )
+        teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype)
+        check_linear_head(teacher, "teacher", probe_ids(train_samples))
+        teacher = teacher.to(ctx.device).eval()
+        built = build_cache(
+            topk_dir,
+            identity,
+            teacher,
+            train_samples,
+            batch_size=args.batch_size,
+            pad_id=pad_id,
+            ctx=ctx,
+            autocast_dtype=autocast_dtype,
+            progress=not args.no_progress,
+            part_tokens=args.topk_part_tokens,
+        )
+        del teacher
+        total = sum(gather_objects(len(built), ctx))
         cache = open_cache(topk_dir, identity)
+        if cache is None:
+            raise UsageError(f"--topk-cache {str(topk_dir)!r}: the build finished without a manifest")
+        parts = len(cache.parts)
+        say(ctx, f"built {total} of the cache's {parts} parts ({parts - total} kept from an earlier build)")
     else:
         say(ctx, f"using the teacher's top-{cache.k} cache in {topk_dir} ({len(cache):,} positions)")
     return CachedTopK(cache, train_samples)

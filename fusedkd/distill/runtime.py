@@ -14,6 +14,7 @@ import torch
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
 from fusedkd.distill.distributed import DistContext, broadcast_object
 from fusedkd.distill.errors import UsageError
+from fusedkd.distill.trainer import METRICS_NAME
 
 FINAL_NAME = "final"
 
@@ -60,4 +61,27 @@ def prepare_output_dir(path: str | None, *, mode: str, resume: bool, ctx: DistCo
                     f"--output-dir {str(directory)!r} already holds {what}; pass --resume to continue it, "
                     "or choose another --output-dir"
                 )
-    return writable_dir(str(directory), "--output-dir", ctx)
+    directory = writable_dir(str(directory), "--output-dir", ctx)
+    if not resume:
+        discard_stale_metrics(directory, ctx)
+    return directory
+
+
+def discard_stale_metrics(directory: Path, ctx: DistContext) -> bool:
+    """Remove a ``metrics.jsonl`` a fresh run finds in `directory` (and say so); True if there was one.
+
+    A directory with a checkpoint or a finished run is refused before this; a metrics log without them is
+    from an attempt that stopped before its first checkpoint, which cannot be resumed: the new run starts
+    clean rather than append its steps to the dead attempt's.
+    """
+    path = directory / METRICS_NAME
+    if not path.is_file():
+        return False
+    if ctx.is_main:
+        path.unlink()
+        print(
+            f"{path}: left by an earlier attempt that stopped before its first checkpoint; removed, "
+            "this run starts clean",
+            flush=True,
+        )
+    return True
