@@ -420,7 +420,7 @@ def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsy
 # Scale-out: torchrun, 2 processes on gloo, against 1 process with the same global batch
 
 
-def torchrun(nproc: int, args: list[str], cwd: Path) -> None:
+def torchrun(nproc: int, args: list[str], cwd: Path) -> str:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         "-m", "fusedkd.distill", *args,
@@ -428,6 +428,7 @@ def torchrun(nproc: int, args: list[str], cwd: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return completed.stdout
 
 
 @pytest.mark.parametrize("sharding", [(), ("--fsdp", "--shard-teacher")], ids=["ddp", "fsdp2"])
@@ -516,10 +517,22 @@ def test_chat_dataset_trains_on_the_assistant_turns(tmp_path, capsys):
     assert sum(r["target_tokens"] for r in records(out, "train")) > 0
 
 
+def torch_backend_entry_module():
+    """The module of the torch backend's entry point ``fused_linear_kd(student_hidden, student_weight, ...)``,
+    looked up by name at every call of the loss."""
+    import importlib
+
+    for name in ("fusedkd.torch_backend.fused_linear_kd", "fusedkd.chunked"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise AssertionError("fusedkd's torch backend entry point was not found")
+
+
 def test_bf16_autocast_runs_the_loss_and_the_evaluation_logits_in_bf16(monkeypatch):
     """Under bf16 autocast with float32 master weights, the student head's matmuls run in bf16."""
     import fusedkd
-    from fusedkd import chunked
     from fusedkd.distill import evaluate as evaluate_module
     from fusedkd.distill.objectives import KDObjective
 
@@ -529,7 +542,8 @@ def test_bf16_autocast_runs_the_loss_and_the_evaluation_logits_in_bf16(monkeypat
     mask = torch.ones_like(ids)
     labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], 1)
     seen = []
-    backend = chunked.fused_linear_kd
+    entry_module = torch_backend_entry_module()
+    backend = entry_module.fused_linear_kd
 
     def spy(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *args, **kwargs):
         seen.append((student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype))
@@ -537,7 +551,7 @@ def test_bf16_autocast_runs_the_loss_and_the_evaluation_logits_in_bf16(monkeypat
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *args, **kwargs
         )
 
-    monkeypatch.setattr(chunked, "fused_linear_kd", spy)
+    monkeypatch.setattr(entry_module, "fused_linear_kd", spy)
     criterion = fusedkd.FusedLinearKDLoss(reduction="sum", return_components=True, backend="torch")
     objective = KDObjective(student, criterion)
 
@@ -562,3 +576,148 @@ def test_bf16_autocast_runs_the_loss_and_the_evaluation_logits_in_bf16(monkeypat
     expected = torch.nn.functional.linear(hidden.bfloat16(), student.lm_head.weight.bfloat16()).float()
     assert torch.equal(logits, expected)
     assert torch.equal(evaluate_module._logits(hidden, student, 300), hidden @ student.lm_head.weight.T)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sharded teacher and the parallel top-k cache build, under torchrun (2 processes, gloo)
+
+SHARDED_TEACHER_WORKER = """\
+# run by torchrun, 2 processes on gloo; argv: teacher directory, output directory
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from fusedkd.distill import models
+from fusedkd.distill.distributed import init_distributed, is_fsdp, sharded_bytes, shutdown
+
+teacher_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+ctx = init_distributed("cpu")
+loads = []
+load_model = models.load_model
+
+
+def counting_load_model(*args, **kwargs):
+    loads.append(ctx.rank)
+    return load_model(*args, **kwargs)
+
+
+models.load_model = counting_load_model
+torch.manual_seed(0)
+ids = torch.randint(0, 200, (3, 11))
+mask = torch.ones_like(ids)
+mask[1, 7:] = 0
+probe = ids[:1, :8]
+reference = load_model(teacher_dir, role="teacher", dtype=torch.float32).eval()
+loads.clear()
+with torch.no_grad():
+    expected = models.hidden_states(reference, ids, mask)
+    teacher = models.load_teacher(teacher_dir, dtype=torch.float32, ctx=ctx, probe=probe, shard=True)
+    got = models.hidden_states(teacher, ids, mask)
+    got_again = models.hidden_states(teacher, ids, mask)
+
+layers = [p for layer in teacher.base_model.layers for p in layer.parameters()]
+head = models.lm_head(teacher).weight
+result = {
+    "rank": ctx.rank,
+    "loads": loads,
+    "max_error": float((got - expected).abs().max()),
+    "repeat_equal": bool(torch.equal(got, got_again)),
+    "layers_resharded": all(isinstance(p, DTensor) for p in layers),
+    "root_resharded": all(isinstance(p, DTensor) for p in teacher.base_model.norm.parameters()),
+    "base_is_fsdp": is_fsdp(teacher.base_model),
+    "layers_are_not_roots": all(not layer._get_fsdp_state()._is_root for layer in teacher.base_model.layers),
+    "head_whole": not isinstance(head, DTensor) and head.shape == reference.lm_head.weight.shape,
+    "head_equal": bool(torch.equal(head, reference.lm_head.weight)),
+    "tied": teacher.lm_head.weight is teacher.base_model.embed_tokens.weight,
+    "devices": sorted({str(t.device) for t in list(teacher.parameters()) + list(teacher.buffers())}),
+    "bytes": sharded_bytes(teacher),
+    "full_bytes": sum(p.numel() * p.element_size() for p in reference.parameters()),
+    "layer_bytes": sum(p.numel() * p.element_size() for p in reference.model.layers.parameters()),
+}
+(out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
+shutdown(ctx)
+"""
+
+
+@pytest.mark.slow
+def test_sharded_teacher_equals_the_whole_one_and_stays_sharded(tiny, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(SHARDED_TEACHER_WORKER)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(worker), tiny["teacher"], str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        # the sharded teacher's hidden states are the whole teacher's, and stay so run after run
+        assert result["max_error"] == 0.0 and result["repeat_equal"]
+        # the layers are FSDP2 units under a root (the base model), and after a forward under no_grad
+        # every layer and the root are back to their shards: the teacher is never left gathered
+        assert result["base_is_fsdp"] and result["layers_are_not_roots"]
+        assert result["layers_resharded"] and result["root_resharded"]
+        # the lm_head (tied to the embedding) is whole on every process and equals the checkpoint's
+        assert result["head_whole"] and result["head_equal"] and result["tied"]
+        assert result["devices"] == ["cpu"]  # nothing left on the meta device
+        sharded, whole = result["bytes"]
+        head_bytes = whole  # only the (tied) head is held whole
+        assert sharded < 0.51 * (result["full_bytes"] - head_bytes) and sharded + whole < result["full_bytes"]
+    # only rank 0 ever loaded the checkpoint; the other process built its shards on the meta device
+    assert results[0]["loads"] == [0] and results[1]["loads"] == []
+
+
+def read_cache(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from fusedkd.distill.offline import MANIFEST_NAME, open_cache
+
+    identity = json.loads((directory / MANIFEST_NAME).read_text())["identity"]
+    cache = open_cache(directory, identity)
+    return cache[0 : len(cache)]
+
+
+@pytest.mark.slow
+def test_topk_cache_built_by_two_processes_and_resumed_equals_one_process_build(tiny, tmp_path):
+    one, two = tmp_path / "cache-one", tmp_path / "cache-two"
+    common = ("--eval-samples", "0", "--teacher-topk", "16", "--topk-part-tokens", "700")
+
+    def build(nproc: int, cache: Path, run: str) -> str:
+        args = run_args(tiny, tmp_path / run, *common, "--topk-cache", str(cache), steps=1)
+        return torchrun(nproc, args, tmp_path)
+
+    build(1, one, "run-one")
+    parts = sorted(p.name for p in one.iterdir() if p.name.startswith("part-"))
+    assert len(parts) >= 4
+    printed = build(2, two, "run-two")
+    assert f"built {len(parts)} of the cache's {len(parts)} parts" in printed
+    reference = read_cache(one)
+    for got, expected in zip(read_cache(two), reference, strict=True):
+        assert torch.equal(got, expected)
+    # each process wrote its own parts (round robin): the two processes' parts interleave
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["parts"]] == parts
+
+    # A crash: the manifest was never written, part 1 has shards but no index (it died writing it), and
+    # part 2 has a truncated shard under its temporary name. The rerun keeps every finished part.
+    (two / "manifest.json").unlink()
+    (two / parts[1] / "index.json").unlink()
+    shard = next((two / parts[2]).glob("shard-*"))
+    (two / parts[2] / "index.json").unlink()
+    shard.rename(shard.with_name(f".{shard.name}.tmp"))
+    kept = {
+        path: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for name in parts
+        if name not in parts[1:3]
+        for path in (two / name).iterdir()
+    }
+    printed = build(2, two, "run-resumed")
+    assert (
+        f"built 2 of the cache's {len(parts)} parts ({len(parts) - 2} kept from an earlier build)" in printed
+    )
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in kept} == kept
+    for got, expected in zip(read_cache(two), reference, strict=True):
+        assert torch.equal(got, expected)
