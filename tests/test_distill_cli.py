@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,18 @@ def test_help_exits_zero(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "--teacher-topk" in capsys.readouterr().out
+
+
+def test_mode_dependent_and_shared_defaults_agree_with_the_modules():
+    from fusedkd.distill.cli import MODE_DEFAULTS
+    from fusedkd.distill.offline import PART_TOKENS
+
+    parser = build_parser()
+    assert parser.get_default("topk_part_tokens") == PART_TOKENS
+    actions = {action.dest: action for action in _options(parser)}
+    for name, values in MODE_DEFAULTS.items():
+        help_text = actions[name].help
+        numbers = {float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", help_text)}
+        for value in values:
+            assert value is None or value in numbers, (name, value, help_text)
+        assert "real runs" in help_text and "default" in help_text

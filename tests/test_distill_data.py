@@ -253,3 +253,40 @@ def test_chat_records_need_a_chat_template_and_valid_messages(tmp_path):
             "train_from": 1,
         },
     ]
+
+
+def test_cache_mismatch_names_every_changed_input():
+    from fusedkd.distill.offline import IDENTITY_KEYS, cache_identity, identity_difference
+
+    base = dict(
+        tokenizer="t1",
+        data="d1",
+        seq_len=1024,
+        pack=False,
+        k=64,
+        temperature=1.0,
+        vocab_size=151936,
+        tokens="x1",
+    )
+    built = cache_identity("Qwen/Qwen3-4B", **base)
+    assert {key for key, _, _ in IDENTITY_KEYS} == set(built)
+    assert identity_difference(built, dict(built)) == "different settings"
+    cases = {
+        "teacher": ("Qwen/Qwen3-8B", "teacher 'Qwen/Qwen3-4B' (this run: 'Qwen/Qwen3-8B')"),
+        "tokenizer": ("t2", "different tokenizer"),
+        "data": ("d2", "different training data"),
+        "seq_len": (512, "--seq-len 1024 (this run: 512)"),
+        "pack": (True, "--pack False (this run: True)"),
+        "k": (32, "--teacher-topk 64 (this run: 32)"),
+        "temperature": (2.0, "--temperature 1.0 (this run: 2.0)"),
+        "vocab": (151669, "vocabulary rows 151936 (this run: 151669)"),
+    }
+    for key, (value, expected) in cases.items():
+        # a change of input changes the token sequences too: that consequence is not listed
+        wanted = dict(built, **{key: value, "tokens": "x2"})
+        assert identity_difference(built, wanted) == expected
+    assert identity_difference(built, dict(built, tokens="x2")) == "different token sequences"
+    assert identity_difference(built, dict(built, k=32, seq_len=512)) == (
+        "--seq-len 1024 (this run: 512), --teacher-topk 64 (this run: 32)"
+    )
+    assert identity_difference(None, built) == "it was not written by fusedkd.distill"
