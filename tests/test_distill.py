@@ -224,6 +224,7 @@ def test_gradient_accumulation_takes_the_same_steps(tiny, tmp_path):
         torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, monkeypatch):
     from transformers.models.qwen3 import modeling_qwen3
 
@@ -244,6 +245,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, m
     assert losses(checkpointed) == losses(plain)
 
 
+@pytest.mark.slow
 def test_offline_topk_mode_matches_online_and_reuses_its_cache(tiny, tmp_path, monkeypatch, capsys):
     from transformers import AutoTokenizer
 
@@ -359,6 +361,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, monkeypatch
     assert expected in err[0]
 
 
+@pytest.mark.slow
 def test_command_line_exit_code_and_single_error_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     missing = str(tmp_path / "missing")
@@ -382,6 +385,7 @@ def test_command_line_exit_code_and_single_error_line(tmp_path):
 # The embedded default, shrunk (the real one takes minutes; it is measured, not unit-tested)
 
 
+@pytest.mark.slow
 def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
     corpus = stdlib_corpus()
     small = Corpus(
@@ -431,6 +435,7 @@ def torchrun(nproc: int, args: list[str], cwd: Path) -> str:
     return completed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", [(), ("--fsdp", "--shard-teacher")], ids=["ddp", "fsdp2"])
 def test_two_processes_take_the_same_steps_as_one(sharding, tiny, tmp_path):
     from transformers import AutoModelForCausalLM
