@@ -136,7 +136,7 @@ def parameters_on_meta():
 def load_teacher(
     name_or_path: str, *, dtype: torch.dtype, ctx: DistContext, probe: torch.Tensor, shard: bool
 ):
-    """The teacher, checked (`check_linear_head` on `probe`), on the CPU, or sharded on `ctx.device`.
+    """The teacher, checked (`check_linear_head` on `probe`), on `ctx.device`: whole, or sharded.
 
     With `shard` (``--shard-teacher``, under torchrun) only rank 0 loads the checkpoint (a full copy in
     CPU memory); every process builds the model with its parameters on the meta device, shards it
@@ -145,8 +145,8 @@ def load_teacher(
     the whole teacher.
     """
     if not shard:
-        teacher = load_model(name_or_path, role="teacher", dtype=dtype)
-        check_linear_head(teacher, "teacher", probe)
+        teacher = load_model(name_or_path, role="teacher", dtype=dtype).to(ctx.device)
+        check_linear_head(teacher, "teacher", probe)  # on the device: the teacher may be large
         return teacher
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -215,6 +215,7 @@ def linear_head_error(model, input_ids: torch.Tensor) -> float:
     """
     training = model.training
     model.eval()
+    input_ids = input_ids.to(next(model.parameters()).device)
     try:
         mask = torch.ones_like(input_ids)
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()

@@ -21,7 +21,7 @@ import torch
 
 import fusedkd
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
-from fusedkd.distill.data import TokenizedSamples, load_texts, tokenize
+from fusedkd.distill.data import Sample, TokenizedSamples, load_texts, tokenize
 from fusedkd.distill.distributed import (
     DistContext,
     barrier,
@@ -55,8 +55,10 @@ from fusedkd.distill.runtime import FINAL_NAME, prepare_output_dir, resolve_prec
 from fusedkd.distill.trainer import TrainConfig, Trainer
 
 
-def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(training texts, evaluation texts): evaluation from --eval-dataset, or held out from --dataset."""
+def split_texts(args: argparse.Namespace) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, evaluation samples): evaluation from --eval-dataset, or held out from --dataset.
+
+    A sample is a text or a chat record (`data.chat_record`)."""
     texts = load_texts(
         args.dataset, text_field=args.text_field, split=args.split, config_name=args.dataset_config
     )
@@ -86,9 +88,10 @@ def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def fingerprint(samples: TokenizedSamples, *, targets: bool = True) -> str:
     """A hash of the exact training tokens (and targets): a resume must match it, a top-k cache its tokens."""
     digest = hashlib.sha256()
-    for tensor in (
-        (samples.tokens, samples.targets, samples.offsets) if targets else (samples.tokens, samples.offsets)
-    ):
+    tensors = (
+        [samples.tokens, samples.targets, samples.offsets] if targets else [samples.tokens, samples.offsets]
+    )
+    for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -113,7 +116,7 @@ def samples_fingerprint(samples: list) -> str:
     return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def tokenize_or_fail(texts: list[str], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
+def tokenize_or_fail(texts: list[Sample], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
     samples, report = tokenize(
         texts,
         tokenizer,
@@ -123,7 +126,7 @@ def tokenize_or_fail(texts: list[str], tokenizer, args: argparse.Namespace, what
     )
     if report.kept == 0:
         if report.no_target:
-            reason = "has no target token (no '### Assistant:' turn?)"
+            reason = "has no target token (no assistant turn, or no '### Assistant:' marker?)"
         else:
             reason = "is shorter than 2 tokens"
         raise UsageError(f"every {what} sample {reason}: nothing to train on")
@@ -314,9 +317,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
             backend=args.backend,
         )
     else:
-        teacher.requires_grad_(False).eval()
-        if not args.shard_teacher:  # a sharded teacher is on the device already
-            teacher.to(ctx.device)
+        teacher.requires_grad_(False).eval()  # on ctx.device already (`load_teacher`)
         teacher_inputs = partial(online_teacher_inputs, teacher)
         criterion = fusedkd.FusedLinearKDLoss(
             divergence=args.divergence,
@@ -375,9 +376,8 @@ def _offline_teacher(
             f"building the teacher's top-{args.teacher_topk} cache in {topk_dir} "
             f"({ctx.world_size} processes)",
         )
-        teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype)
+        teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype).to(ctx.device).eval()
         check_linear_head(teacher, "teacher", probe_ids(train_samples))
-        teacher = teacher.to(ctx.device).eval()
         built = build_cache(
             topk_dir,
             identity,
