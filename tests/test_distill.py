@@ -22,9 +22,9 @@ from fusedkd.distill import recipe
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
 from fusedkd.distill.cli import main
 from fusedkd.distill.corpus import Corpus, stdlib_corpus
-from fusedkd.distill.data import tokenize
+from fusedkd.distill.data import load_texts, tokenize
 from fusedkd.distill.distributed import DistContext
-from fusedkd.distill.models import build_model, quiet_transformers, qwen3_config
+from fusedkd.distill.models import PROBE_TOKENS, build_model, quiet_transformers, qwen3_config
 from fusedkd.distill.objectives import CrossEntropyObjective
 from fusedkd.distill.tokenizer import train_bpe_tokenizer
 from fusedkd.distill.trainer import METRICS_NAME, MetricsLog, TrainConfig, Trainer
@@ -63,6 +63,24 @@ def save_model(
     return str(directory)
 
 
+def scaled_logits_model(vocab_size: int, eos: int, logits_scaling: float):
+    """A tiny Granite causal LM: its logits are ``(W h) / logits_scaling``, not the head's plain ``W h``."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(
+        **STUDENT_SHAPE, vocab_size=vocab_size, max_position_embeddings=64, logits_scaling=logits_scaling,
+        tie_word_embeddings=True, eos_token_id=eos, pad_token_id=eos, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    return GraniteForCausalLM(config)
+
+
+def save_scaled_logits_model(directory: Path, tokenizer, *, logits_scaling: float) -> str:
+    scaled_logits_model(len(tokenizer), tokenizer.eos_token_id, logits_scaling).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """Paths of a tiny teacher, student, odd students, and datasets (built once per module)."""
@@ -79,6 +97,7 @@ def tiny(tmp_path_factory) -> dict:
         "student_padded_head": save_model(
             root / "padded", STUDENT_SHAPE, tokenizer, seed=1, vocab_size=len(tokenizer) + 64
         ),
+        "student_scaled_logits": save_scaled_logits_model(root / "scaled", tokenizer, logits_scaling=4.0),
         "data": str(data),
         "root": root,
     }
@@ -90,6 +109,16 @@ def run_args(tiny: dict, output_dir: Path, *extra: str, steps: int = 6) -> list[
         "--seq-len", "40", "--batch-size", "4", "--max-steps", str(steps), "--lr", "3e-3",
         "--eval-samples", "8", "--save-every", "0", "--no-progress", "--output-dir", str(output_dir), *extra,
     ]  # fmt: skip
+
+
+def set_option(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with `flag` set to `value` (replaced if present, else appended)."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
 
 
 def records(output_dir: Path, event: str) -> list[dict]:
@@ -111,13 +140,23 @@ def losses(output_dir: Path) -> list[tuple]:
 def test_end_to_end_never_builds_logits_and_saves_a_loadable_student(tiny, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
-    def no_logits(self, *args, **kwargs):
-        raise AssertionError("the full causal-LM forward (which builds [tokens x vocab] logits) was called")
+    full_forward = Qwen3ForCausalLM.forward
+    probes = []
+
+    def no_logits(self, input_ids=None, **kwargs):
+        # only the startup head check runs the full forward, once per model, on one short batch
+        if input_ids is None or input_ids.numel() > PROBE_TOKENS:
+            raise AssertionError(
+                "the full causal-LM forward (which builds [tokens x vocab] logits) was called"
+            )
+        probes.append(tuple(input_ids.shape))
+        return full_forward(self, input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(Qwen3ForCausalLM, "forward", no_logits)
     out = tmp_path / "run"
     assert main(run_args(tiny, out, "--loss-only-on-response")) == 0
     monkeypatch.undo()
+    assert probes == [(1, PROBE_TOKENS), (1, PROBE_TOKENS)]  # the student's and the teacher's head check
 
     train = records(out, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
@@ -185,6 +224,7 @@ def test_gradient_accumulation_takes_the_same_steps(tiny, tmp_path):
         torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, monkeypatch):
     from transformers.models.qwen3 import modeling_qwen3
 
@@ -205,6 +245,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, m
     assert losses(checkpointed) == losses(plain)
 
 
+@pytest.mark.slow
 def test_offline_topk_mode_matches_online_and_reuses_its_cache(tiny, tmp_path, monkeypatch, capsys):
     from transformers import AutoTokenizer
 
@@ -218,7 +259,7 @@ def test_offline_topk_mode_matches_online_and_reuses_its_cache(tiny, tmp_path, m
     # k = the whole vocabulary: the sparse loss is the full forward KL, up to the float16 storage
     topk = ("--teacher-topk", str(vocab), "--topk-cache", str(cache), "--topk-tail", "renormalize")
     assert main(run_args(tiny, offline, *common, *topk, steps=3)) == 0
-    assert (cache / "index.json").is_file()
+    assert (cache / "manifest.json").is_file() and (cache / "part-00000" / "index.json").is_file()
     for a, b in zip(losses(online), losses(offline), strict=True):
         torch.testing.assert_close(torch.tensor(a[1:4]), torch.tensor(b[1:4]), rtol=2e-3, atol=1e-4)
 
@@ -234,10 +275,26 @@ def test_offline_topk_mode_matches_online_and_reuses_its_cache(tiny, tmp_path, m
     assert "using the teacher's top-" in capsys.readouterr().out
     assert losses(again) == losses(offline)
 
-    # a cache of other settings is never overwritten
-    other_k = ("--teacher-topk", "8", "--topk-cache", str(cache))
-    assert main(run_args(tiny, tmp_path / "other", *common, *other_k, steps=3)) == 2
-    assert "holds the top-k of another run" in capsys.readouterr().err
+    # a cache of other inputs is never overwritten, and the error says which input changed
+    manifest = (cache / "manifest.json").read_bytes()
+    changes = {
+        "k": (("--teacher-topk", "8"), f"--teacher-topk {vocab} (this run: 8)"),
+        "seq len": (("--seq-len", "32"), "--seq-len 40 (this run: 32)"),
+        "temperature": (("--temperature", "2.0"), "--temperature 1.0 (this run: 2.0)"),
+        "data": (("--max-samples", "100"), "different training data"),
+    }
+    for change, expected in changes.values():
+        args = set_option(run_args(tiny, tmp_path / "other", *common, *topk, steps=3), *change)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "holds the top-k of another run" in err and expected in err, err
+    assert (cache / "manifest.json").read_bytes() == manifest
+    # K above the vocabulary is refused before anything is built
+    too_big = ("--teacher-topk", str(vocab + 1), "--topk-cache", str(tmp_path / "big"))
+    assert main(run_args(tiny, tmp_path / "big-run", *common, *too_big, steps=3)) == 2
+    assert (
+        f"--teacher-topk {vocab + 1} is larger than the vocabulary ({vocab} rows)" in capsys.readouterr().err
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,6 +329,11 @@ def bad_input_cases(tiny: dict, tmp_path: Path) -> dict[str, tuple[list[str], st
         "seq len below 2": (with_(seq_len="1"), "at least 2"),
         "tokenizer mismatch": (with_(student=tiny["student_other_tokenizer"]), "tokenizers differ"),
         "head size mismatch": (with_(student=tiny["student_padded_head"]), "--vocab-size"),
+        "logits not W h + b": (
+            with_(student=tiny["student_scaled_logits"]),
+            "not its lm_head's plain W h + b",
+        ),
+        "top-k without its cache": ([*base, "--teacher-topk", "8"], "go together"),
         "unwritable output dir": (with_(output_dir=str(blocker / "out")), "not writable"),
         "alpha out of range": (with_(alpha="1.5"), "--alpha"),
         "teacher without student": (["--teacher", tiny["teacher"]], "needs --student"),
@@ -283,8 +345,8 @@ def bad_input_cases(tiny: dict, tmp_path: Path) -> dict[str, tuple[list[str], st
 CASES = [
     "missing model path", "unknown dataset", "empty dataset", "missing text field",
     "sequences shorter than 2 tokens", "seq len below 2", "tokenizer mismatch", "head size mismatch",
-    "unwritable output dir", "alpha out of range", "teacher without student", "real-run flag in the default",
-    "unknown option",
+    "logits not W h + b", "top-k without its cache", "unwritable output dir", "alpha out of range",
+    "teacher without student", "real-run flag in the default", "unknown option",
 ]  # fmt: skip
 
 
@@ -299,6 +361,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, monkeypatch
     assert expected in err[0]
 
 
+@pytest.mark.slow
 def test_command_line_exit_code_and_single_error_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     missing = str(tmp_path / "missing")
@@ -322,6 +385,7 @@ def test_command_line_exit_code_and_single_error_line(tmp_path):
 # The embedded default, shrunk (the real one takes minutes; it is measured, not unit-tested)
 
 
+@pytest.mark.slow
 def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
     corpus = stdlib_corpus()
     small = Corpus(
@@ -360,7 +424,7 @@ def test_embedded_default_runs_and_reuses_its_cache(tmp_path, monkeypatch, capsy
 # Scale-out: torchrun, 2 processes on gloo, against 1 process with the same global batch
 
 
-def torchrun(nproc: int, args: list[str], cwd: Path) -> None:
+def torchrun(nproc: int, args: list[str], cwd: Path) -> str:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         "-m", "fusedkd.distill", *args,
@@ -368,8 +432,10 @@ def torchrun(nproc: int, args: list[str], cwd: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return completed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", [(), ("--fsdp", "--shard-teacher")], ids=["ddp", "fsdp2"])
 def test_two_processes_take_the_same_steps_as_one(sharding, tiny, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -392,3 +458,271 @@ def test_two_processes_take_the_same_steps_as_one(sharding, tiny, tmp_path):
     final_two = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
     for name, tensor in final_one.items():
         torch.testing.assert_close(final_two[name], tensor, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Startup checks, stale metrics, chat data, bf16 autocast
+
+
+def test_head_check_accepts_plain_heads_and_refuses_scaled_logits():
+    from fusedkd.distill.errors import UsageError
+    from fusedkd.distill.models import check_linear_head, linear_head_error
+
+    ids = torch.randint(0, 300, (1, PROBE_TOKENS))
+    config = qwen3_config(STUDENT_SHAPE, vocab_size=300, max_positions=64, eos_token_id=0)
+    qwen3 = build_model(config, seed=0)
+    assert linear_head_error(qwen3, ids) == 0.0
+    check_linear_head(qwen3, "student", ids)
+    check_linear_head(qwen3.to(torch.bfloat16), "student", ids)  # the same matmul in bf16
+    check_linear_head(scaled_logits_model(300, 0, logits_scaling=1.0), "student", ids)
+    for scaling in (4.0, 1.05):
+        model = scaled_logits_model(300, 0, logits_scaling=scaling)
+        assert linear_head_error(model, ids) > 1e-3
+        with pytest.raises(UsageError, match="--teacher: the model's logits are not its lm_head's plain W h"):
+            check_linear_head(model, "teacher", ids)
+    assert qwen3.training is True  # the check leaves the mode as it was
+
+
+def test_fresh_run_starts_clean_over_a_dead_attempts_metrics(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = {"event": "train", "step": 1, "loss": 123.0}
+    (out / METRICS_NAME).write_text(json.dumps(stale) + "\n" + json.dumps(dict(stale, step=2)) + "\n")
+    assert main(run_args(tiny, out, "--eval-samples", "0", steps=2)) == 0
+    assert "stopped before its first checkpoint; removed, this run starts clean" in capsys.readouterr().out
+    assert [r["step"] for r in records(out, "train")] == [1, 2]
+    assert all(r["loss"] != 123.0 for r in records(out, "train"))
+
+
+def test_chat_dataset_trains_on_the_assistant_turns(tmp_path, capsys):
+    from test_distill_data import CHAT, QWEN3_STYLE_TEMPLATE, chat_tokenizer
+
+    tokenizer = chat_tokenizer(QWEN3_STYLE_TEMPLATE)
+    teacher = save_model(tmp_path / "teacher", TEACHER_SHAPE, tokenizer, seed=0)
+    student = save_model(tmp_path / "student", STUDENT_SHAPE, tokenizer, seed=1)
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": CHAT}] * 12 + [
+        {"prompt": f"what is {a} plus 1?", "completion": f"{a + 1}."} for a in range(12)
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    args = [
+        "--teacher", teacher, "--student", student, "--dataset", str(data), "--seq-len", "128",
+        "--batch-size", "4", "--max-steps", "2", "--eval-samples", "4", "--no-progress",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    samples, _ = tokenize(load_texts(str(data)), tokenizer, seq_len=128)
+    train = printed.split("training: ")[1].split(" target tokens")[0]
+    evaluation = printed.split("evaluation: ")[1].split(" target tokens")[0]
+    counted = [int(text.split(" sequences, ")[1].replace(",", "")) for text in (train, evaluation)]
+    # the run's targets are the assistant turns of every record (unit-tested in test_distill_data)
+    assert sum(counted) == samples.num_targets < samples.num_tokens / 2
+    assert sum(r["target_tokens"] for r in records(out, "train")) > 0
+
+
+def torch_backend_entry_module():
+    """The module of the torch backend's entry point ``fused_linear_kd(student_hidden, student_weight, ...)``,
+    looked up by name at every call of the loss."""
+    import importlib
+
+    for name in ("fusedkd.torch_backend.fused_linear_kd", "fusedkd.chunked"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise AssertionError("fusedkd's torch backend entry point was not found")
+
+
+def test_bf16_autocast_runs_the_loss_and_the_evaluation_logits_in_bf16(monkeypatch):
+    """Under bf16 autocast with float32 master weights, the student head's matmuls run in bf16."""
+    import fusedkd
+    from fusedkd.distill import evaluate as evaluate_module
+    from fusedkd.distill.objectives import KDObjective
+
+    config = qwen3_config(STUDENT_SHAPE, vocab_size=300, max_positions=64, eos_token_id=0)
+    student, teacher = build_model(config, seed=0), build_model(config, seed=1)
+    ids = torch.randint(0, 300, (4, 33))
+    mask = torch.ones_like(ids)
+    labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], 1)
+    seen = []
+    entry_module = torch_backend_entry_module()
+    backend = entry_module.fused_linear_kd
+
+    def spy(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *args, **kwargs):
+        seen.append((student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype))
+        return backend(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, *args, **kwargs
+        )
+
+    monkeypatch.setattr(entry_module, "fused_linear_kd", spy)
+    criterion = fusedkd.FusedLinearKDLoss(reduction="sum", return_components=True, backend="torch")
+    objective = KDObjective(student, criterion)
+
+    def step(autocast: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state
+            loss, _, _ = objective(ids, mask, labels, teacher_hidden, teacher.lm_head.weight)
+        loss.backward()
+
+    step(autocast=False)
+    assert seen.pop() == (torch.float32,) * 4
+    assert student.lm_head.weight.dtype == torch.float32  # float32 master weights
+    step(autocast=True)
+    assert seen.pop() == (torch.bfloat16,) * 4
+    assert student.lm_head.weight.grad.dtype == torch.float32
+
+    # evaluation: the student's logits as training computes them (in the autocast dtype)
+    hidden = torch.randn(5, STUDENT_SHAPE["hidden_size"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = evaluate_module._logits(hidden, student, 300)
+    expected = torch.nn.functional.linear(hidden.bfloat16(), student.lm_head.weight.bfloat16()).float()
+    assert torch.equal(logits, expected)
+    assert torch.equal(evaluate_module._logits(hidden, student, 300), hidden @ student.lm_head.weight.T)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sharded teacher and the parallel top-k cache build, under torchrun (2 processes, gloo)
+
+SHARDED_TEACHER_WORKER = """\
+# run by torchrun, 2 processes on gloo; argv: teacher directory, output directory
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from fusedkd.distill import models
+from fusedkd.distill.distributed import init_distributed, is_fsdp, sharded_bytes, shutdown
+
+teacher_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+ctx = init_distributed("cpu")
+loads = []
+load_model = models.load_model
+
+
+def counting_load_model(*args, **kwargs):
+    loads.append(ctx.rank)
+    return load_model(*args, **kwargs)
+
+
+models.load_model = counting_load_model
+torch.manual_seed(0)
+ids = torch.randint(0, 200, (3, 11))
+mask = torch.ones_like(ids)
+mask[1, 7:] = 0
+probe = ids[:1, :8]
+reference = load_model(teacher_dir, role="teacher", dtype=torch.float32).eval()
+loads.clear()
+with torch.no_grad():
+    expected = models.hidden_states(reference, ids, mask)
+    teacher = models.load_teacher(teacher_dir, dtype=torch.float32, ctx=ctx, probe=probe, shard=True)
+    got = models.hidden_states(teacher, ids, mask)
+    got_again = models.hidden_states(teacher, ids, mask)
+
+layers = [p for layer in teacher.base_model.layers for p in layer.parameters()]
+head = models.lm_head(teacher).weight
+result = {
+    "rank": ctx.rank,
+    "loads": loads,
+    "max_error": float((got - expected).abs().max()),
+    "repeat_equal": bool(torch.equal(got, got_again)),
+    "layers_resharded": all(isinstance(p, DTensor) for p in layers),
+    "root_resharded": all(isinstance(p, DTensor) for p in teacher.base_model.norm.parameters()),
+    "base_is_fsdp": is_fsdp(teacher.base_model),
+    "layers_are_not_roots": all(not layer._get_fsdp_state()._is_root for layer in teacher.base_model.layers),
+    "head_whole": not isinstance(head, DTensor) and head.shape == reference.lm_head.weight.shape,
+    "head_equal": bool(torch.equal(head, reference.lm_head.weight)),
+    "tied": teacher.lm_head.weight is teacher.base_model.embed_tokens.weight,
+    "devices": sorted({str(t.device) for t in list(teacher.parameters()) + list(teacher.buffers())}),
+    "bytes": sharded_bytes(teacher),
+    "full_bytes": sum(p.numel() * p.element_size() for p in reference.parameters()),
+    "layer_bytes": sum(p.numel() * p.element_size() for p in reference.model.layers.parameters()),
+}
+(out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
+shutdown(ctx)
+"""
+
+
+@pytest.mark.slow
+def test_sharded_teacher_equals_the_whole_one_and_stays_sharded(tiny, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(SHARDED_TEACHER_WORKER)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(worker), tiny["teacher"], str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        # the sharded teacher's hidden states are the whole teacher's, and stay so run after run
+        assert result["max_error"] == 0.0 and result["repeat_equal"]
+        # the layers are FSDP2 units under a root (the base model), and after a forward under no_grad
+        # every layer and the root are back to their shards: the teacher is never left gathered
+        assert result["base_is_fsdp"] and result["layers_are_not_roots"]
+        assert result["layers_resharded"] and result["root_resharded"]
+        # the lm_head (tied to the embedding) is whole on every process and equals the checkpoint's
+        assert result["head_whole"] and result["head_equal"] and result["tied"]
+        assert result["devices"] == ["cpu"]  # nothing left on the meta device
+        sharded, whole = result["bytes"]
+        head_bytes = whole  # only the (tied) head is held whole
+        assert sharded < 0.51 * (result["full_bytes"] - head_bytes) and sharded + whole < result["full_bytes"]
+    # only rank 0 ever loaded the checkpoint; the other process built its shards on the meta device
+    assert results[0]["loads"] == [0] and results[1]["loads"] == []
+
+
+def read_cache(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from fusedkd.distill.offline import MANIFEST_NAME, open_cache
+
+    identity = json.loads((directory / MANIFEST_NAME).read_text())["identity"]
+    cache = open_cache(directory, identity)
+    return cache[0 : len(cache)]
+
+
+@pytest.mark.slow
+def test_topk_cache_built_by_two_processes_and_resumed_equals_one_process_build(tiny, tmp_path):
+    one, two = tmp_path / "cache-one", tmp_path / "cache-two"
+    common = ("--eval-samples", "0", "--teacher-topk", "16", "--topk-part-tokens", "700")
+
+    def build(nproc: int, cache: Path, run: str) -> str:
+        args = run_args(tiny, tmp_path / run, *common, "--topk-cache", str(cache), steps=1)
+        return torchrun(nproc, args, tmp_path)
+
+    build(1, one, "run-one")
+    parts = sorted(p.name for p in one.iterdir() if p.name.startswith("part-"))
+    assert len(parts) >= 4
+    printed = build(2, two, "run-two")
+    assert f"built {len(parts)} of the cache's {len(parts)} parts" in printed
+    reference = read_cache(one)
+    for got, expected in zip(read_cache(two), reference, strict=True):
+        assert torch.equal(got, expected)
+    # each process wrote its own parts (round robin): the two processes' parts interleave
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["parts"]] == parts
+
+    # A crash: the manifest was never written, part 1 has shards but no index (it died writing it), and
+    # part 2 has a truncated shard under its temporary name. The rerun keeps every finished part.
+    (two / "manifest.json").unlink()
+    (two / parts[1] / "index.json").unlink()
+    shard = next((two / parts[2]).glob("shard-*"))
+    (two / parts[2] / "index.json").unlink()
+    shard.rename(shard.with_name(f".{shard.name}.tmp"))
+    kept = {
+        path: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for name in parts
+        if name not in parts[1:3]
+        for path in (two / name).iterdir()
+    }
+    printed = build(2, two, "run-resumed")
+    assert (
+        f"built 2 of the cache's {len(parts)} parts ({len(parts) - 2} kept from an earlier build)" in printed
+    )
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in kept} == kept
+    for got, expected in zip(read_cache(two), reference, strict=True):
+        assert torch.equal(got, expected)

@@ -149,3 +149,144 @@ def test_tokenized_samples_roundtrip():
     samples = TokenizedSamples.from_lists([([1, 2, 3], [False, True, True]), ([4, 5], [False, True])])
     assert len(samples) == 2 and samples.num_tokens == 5 and samples.num_targets == 3
     assert samples[1][0].tolist() == [4, 5]
+
+
+# A Qwen3-style chat template (im_start / im_end turns, an empty think block in the last assistant turn),
+# once plain and once with {% generation %} marks around what the assistant generates.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if loop.last %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- message.content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+GENERATION_TEMPLATE = QWEN3_STYLE_TEMPLATE.replace(
+    "{{- '<|im_start|>assistant\\n' }}{%- if loop.last %}",
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{%- if loop.last %}",
+).replace(
+    "{{- message.content + '<|im_end|>\\n' }}{%- else %}",
+    "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}",
+)
+
+CHAT = [
+    {"role": "system", "content": "You add numbers."},
+    {"role": "user", "content": "what is 2 plus 3?"},
+    {"role": "assistant", "content": "2 plus 3 is 5."},
+    {"role": "user", "content": "and 4 plus 4?"},
+    {"role": "assistant", "content": "4 plus 4 is 8."},
+]
+
+
+def chat_tokenizer(template: str):
+    tokenizer = train_bpe_tokenizer(TEXTS + [m["content"] for m in CHAT], vocab_size=320)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "template", [QWEN3_STYLE_TEMPLATE, GENERATION_TEMPLATE], ids=["prefix-diff", "generation"]
+)
+def test_chat_records_train_exactly_on_the_assistant_turns(template, tmp_path):
+    assert "{% generation %}" in GENERATION_TEMPLATE and "{% endgeneration %}" in GENERATION_TEMPLATE
+    tokenizer = chat_tokenizer(template)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": CHAT},
+        {"prompt": "what is 1 plus 1?", "completion": "1 plus 1 is 2."},
+        {"prompt": CHAT[:3] + [CHAT[3]], "completion": [CHAT[4]]},  # a few-shot prompt: its turn is context
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = load_texts(str(data))
+    assert all(isinstance(r, dict) for r in records)
+    samples, report = tokenize(records, tokenizer, seq_len=512)
+    assert report.kept == 3 and report.truncated == 0
+    think = "<think>\n\n</think>\n\n"
+    expected = [
+        ["2 plus 3 is 5.<|im_end|>", think + "4 plus 4 is 8.<|im_end|>"],
+        [think + "1 plus 1 is 2.<|im_end|>"],
+        [think + "4 plus 4 is 8.<|im_end|>"],
+    ]
+    for n, turns in enumerate(expected):
+        ids, targets = samples[n]
+        rendered = tokenizer.apply_chat_template(records[n]["messages"], tokenize=False)
+        assert tokenizer.decode(ids) == rendered  # the template's rendering, nothing added
+        # the targets, run by run, are exactly the assistant turns with their end-of-turn token
+        runs, current = [], []
+        for token, target in zip(ids.tolist(), targets.tolist()):
+            if target:
+                current.append(token)
+            elif current:
+                runs.append(current)
+                current = []
+        if current:
+            runs.append(current)
+        assert [tokenizer.decode(run) for run in runs] == turns
+        assert all(run[-1] == im_end for run in runs)
+        assert ids[-1] == tokenizer.convert_tokens_to_ids("\n") or tokenizer.decode(ids[-1:]) == "\n"
+        assert not targets[-1]  # the newline after <|im_end|> is not a target
+
+
+def test_chat_records_need_a_chat_template_and_valid_messages(tmp_path):
+    tokenizer = train_bpe_tokenizer(TEXTS, vocab_size=300)
+    record = {"messages": CHAT, "train_from": 0}
+    with pytest.raises(UsageError, match="no chat template"):
+        tokenize([record], tokenizer, seq_len=64)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(UsageError, match="'role' and 'content'"):
+        load_texts(str(bad))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(
+        json.dumps({"text": "plain"}) + "\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n"
+    )
+    assert load_texts(str(mixed)) == [
+        "plain",
+        {
+            "messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
+            "train_from": 1,
+        },
+    ]
+
+
+def test_cache_mismatch_names_every_changed_input():
+    from fusedkd.distill.offline import IDENTITY_KEYS, cache_identity, identity_difference
+
+    base = dict(
+        tokenizer="t1",
+        data="d1",
+        seq_len=1024,
+        pack=False,
+        k=64,
+        temperature=1.0,
+        vocab_size=151936,
+        tokens="x1",
+    )
+    built = cache_identity("Qwen/Qwen3-4B", **base)
+    assert {key for key, _, _ in IDENTITY_KEYS} == set(built)
+    assert identity_difference(built, dict(built)) == "different settings"
+    cases = {
+        "teacher": ("Qwen/Qwen3-8B", "teacher 'Qwen/Qwen3-4B' (this run: 'Qwen/Qwen3-8B')"),
+        "tokenizer": ("t2", "different tokenizer"),
+        "data": ("d2", "different training data"),
+        "seq_len": (512, "--seq-len 1024 (this run: 512)"),
+        "pack": (True, "--pack False (this run: True)"),
+        "k": (32, "--teacher-topk 64 (this run: 32)"),
+        "temperature": (2.0, "--temperature 1.0 (this run: 2.0)"),
+        "vocab": (151669, "vocabulary rows 151936 (this run: 151669)"),
+    }
+    for key, (value, expected) in cases.items():
+        # a change of input changes the token sequences too: that consequence is not listed
+        wanted = dict(built, **{key: value, "tokens": "x2"})
+        assert identity_difference(built, wanted) == expected
+    assert identity_difference(built, dict(built, tokens="x2")) == "different token sequences"
+    assert identity_difference(built, dict(built, k=32, seq_len=512)) == (
+        "--seq-len 1024 (this run: 512), --teacher-topk 64 (this run: 32)"
+    )
+    assert identity_difference(None, built) == "it was not written by fusedkd.distill"

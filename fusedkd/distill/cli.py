@@ -12,9 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fusedkd.distill.errors import UsageError
-
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 # Options whose default depends on the mode: (real runs, embedded default). None in argparse = "not given".
 MODE_DEFAULTS: dict[str, tuple[object, object]] = {
@@ -45,19 +43,28 @@ REAL_RUN_ONLY = (
     "shard_teacher",
     "teacher_topk",
     "topk_cache",
+    "topk_part_tokens",
     "gradient_checkpointing",
     "epochs",
     "grad_accum",
     "save_every",
+    "dist_timeout",
 )
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one to show (not None, not a store_true False)."""
+    """Every option's help ends with its default: the value, "off" for a flag, or the help's own words.
+
+    An option whose default is None (it depends on the mode, or means "not given") says in its help text
+    what applies, as ``(default: ...)``; the others get ``(default: <value>)`` appended.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help or ""
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or "(default:" in text:
+            return text
+        if action.default is False and action.nargs == 0:
+            return text + " (default: off)"
         return super()._get_help_string(action)
 
 
@@ -73,95 +80,193 @@ def build_parser() -> argparse.ArgumentParser:
             "Distill a causal LM teacher into a smaller student with fusedkd's fused loss (no "
             "[tokens x vocab] logits). Without --teacher/--student: the embedded default, a real "
             "distillation of a scaled-down Qwen3-4B -> Qwen3-0.6B pair on the Python standard library's "
-            "source, on the CPU in minutes."
+            "source, on the CPU in minutes. Options marked 'real runs' need --teacher and --student."
         ),
         formatter_class=_HelpFormatter,
     )
     models = parser.add_argument_group("models")
-    models.add_argument("--teacher", help="teacher: Hugging Face model name or local directory")
-    models.add_argument("--student", help="student to train, same tokenizer as the teacher")
     models.add_argument(
-        "--vocab-size", type=int, help="distill over the first N vocabulary rows (heads of different sizes)"
+        "--teacher",
+        help="teacher: Hugging Face model name or local directory (default: none, the embedded default)",
+    )
+    models.add_argument(
+        "--student",
+        help="student to train, same tokenizer as the teacher (default: none, the embedded default)",
+    )
+    models.add_argument(
+        "--vocab-size",
+        type=int,
+        help="real runs: distill over the first N vocabulary rows, for heads of different sizes "
+        "(default: the heads' common size)",
     )
 
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--dataset", help="Hugging Face dataset name, or local .json / .jsonl / .txt file or directory"
+        "--dataset",
+        help="real runs: Hugging Face dataset name, or local .json / .jsonl / .txt file or directory; "
+        "records hold plain text (--text-field), chat 'messages', or 'prompt' + 'completion' (default: none)",
     )
-    data.add_argument("--dataset-config", help="configuration name of a Hub dataset")
-    data.add_argument("--split", default="train", help="split of a Hub dataset")
-    data.add_argument("--text-field", default="text", help="field of each record that holds the text")
     data.add_argument(
-        "--eval-dataset", help="evaluation data (as --dataset; default: held out from --dataset)"
+        "--dataset-config", help="real runs: configuration name of a Hub dataset (default: none)"
     )
-    data.add_argument("--eval-split", default="test", help="split of a Hub --eval-dataset")
-    data.add_argument("--eval-samples", type=int, default=64, help="evaluation samples (0: no evaluation)")
-    data.add_argument("--max-samples", type=int, help="use at most N training samples")
-    data.add_argument("--seq-len", type=int, help="tokens per sequence (real runs 1024, default 128)")
+    data.add_argument("--split", default="train", help="real runs: split of a Hub --dataset")
+    data.add_argument(
+        "--text-field", default="text", help="real runs: field of a plain-text record that holds the text"
+    )
+    data.add_argument(
+        "--eval-dataset",
+        help="real runs: evaluation data, as --dataset (default: --eval-samples held out from --dataset)",
+    )
+    data.add_argument("--eval-split", default="test", help="real runs: split of a Hub --eval-dataset")
+    data.add_argument(
+        "--eval-samples", type=int, default=64, help="real runs: evaluation samples (0: no evaluation)"
+    )
+    data.add_argument(
+        "--max-samples", type=int, help="real runs: use at most N training samples (default: all)"
+    )
+    data.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: 1024 for real runs, 128 for the default)"
+    )
     data.add_argument(
         "--loss-only-on-response",
         action="store_true",
-        help="mask the prompt: only '### Assistant:' turns are targets",
+        help="real runs, plain-text records: only '### Assistant:' turns are targets (chat records always "
+        "train on the assistant turns only)",
     )
-    data.add_argument("--pack", action="store_true", help="pack samples into full --seq-len blocks")
+    data.add_argument(
+        "--pack", action="store_true", help="real runs: pack samples into full --seq-len blocks"
+    )
 
     loss = parser.add_argument_group("distillation loss")
-    loss.add_argument("--divergence", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    loss.add_argument(
+        "--divergence",
+        default="forward_kl",
+        choices=("forward_kl", "reverse_kl", "jsd"),
+        help="distillation divergence: KL(teacher||student), KL(student||teacher) or JSD(--beta)",
+    )
     loss.add_argument(
         "--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: CE)"
     )
     loss.add_argument(
         "--temperature", type=float, default=1.0, help="softmax temperature of the distillation term"
     )
-    loss.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
+    loss.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight (--divergence jsd)")
     loss.add_argument(
         "--backend", default="auto", choices=("auto", "torch", "triton"), help="fusedkd loss backend"
     )
     loss.add_argument(
-        "--teacher-topk", type=int, help="offline teacher: distill from the teacher's cached top-K"
+        "--teacher-topk",
+        type=int,
+        help="real runs, offline teacher: distill from the teacher's cached top-K, 1 <= K <= vocabulary "
+        "(default: none, the teacher runs online)",
     )
-    loss.add_argument("--topk-cache", help="directory of the top-k cache (built on first use)")
     loss.add_argument(
-        "--topk-tail", default="bucket", choices=("bucket", "renormalize"), help="mass outside top-k"
+        "--topk-cache",
+        help="real runs: directory of the top-k cache, built on first use (default: none; needed with "
+        "--teacher-topk)",
+    )
+    loss.add_argument(
+        "--topk-part-tokens",
+        type=int,
+        default=1 << 20,
+        help="real runs: tokens per part of the top-k cache (the unit of work of one process, and what "
+        "a resumed build keeps)",
+    )
+    loss.add_argument(
+        "--topk-tail",
+        default="bucket",
+        choices=("bucket", "renormalize"),
+        help="real runs: how the teacher's mass outside its top-k is treated",
     )
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, help="peak learning rate (real runs 2e-5, default 3e-3)")
-    optim.add_argument("--weight-decay", type=float, default=0.0)
     optim.add_argument(
-        "--warmup-ratio", type=float, help="fraction of steps of linear warmup (0.03; default 0.05)"
+        "--lr", type=float, help="peak learning rate (default: 2e-5 for real runs, 3e-3 for the default)"
+    )
+    optim.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms, biases)"
+    )
+    optim.add_argument(
+        "--warmup-ratio",
+        type=float,
+        help="fraction of steps of linear warmup (default: 0.03 for real runs, 0.05 for the default)",
     )
     optim.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr"
     )
-    optim.add_argument("--max-grad-norm", type=float, default=1.0)
-    optim.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (8; default 16)")
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    optim.add_argument("--epochs", type=float, default=1.0)
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping threshold")
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        help="sequences per micro-batch per process (default: 8 for real runs, 16 for the default)",
+    )
+    optim.add_argument(
+        "--grad-accum", type=int, default=1, help="real runs: micro-batches per optimizer step"
+    )
+    optim.add_argument(
+        "--max-steps",
+        type=int,
+        help="optimizer steps, overrides --epochs (default: from --epochs for real runs, 100 for the "
+        "default)",
+    )
+    optim.add_argument(
+        "--epochs", type=float, default=1.0, help="real runs: passes over the data (without --max-steps)"
+    )
+    optim.add_argument("--seed", type=int, default=0, help="seed of the data order, held-out draw and init")
 
     system = parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     system.add_argument(
-        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA"
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available"
     )
-    system.add_argument("--gradient-checkpointing", action="store_true")
-    system.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 (under torchrun)")
-    system.add_argument("--shard-teacher", action="store_true", help="shard the teacher's layers too (FSDP2)")
+    system.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="bf16: bf16 autocast (fp32 master weights; the loss's matmuls in bf16); auto: bf16 on CUDA",
+    )
+    system.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="real runs: recompute each student layer in backward",
+    )
+    system.add_argument(
+        "--fsdp", action="store_true", help="real runs: shard the student with FSDP2 (under torchrun)"
+    )
+    system.add_argument(
+        "--shard-teacher",
+        action="store_true",
+        help="real runs: shard the teacher's layers too (FSDP2, under torchrun; lm_head replicated)",
+    )
+    system.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=120.0,
+        help="real runs under torchrun: minutes a collective may wait (building a top-k cache, saving)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", help="run directory (default: runs/<mode>-<time>)")
     output.add_argument(
-        "--resume", action="store_true", help="continue the run in --output-dir from its checkpoint"
+        "--resume",
+        action="store_true",
+        help="real runs: continue the run in --output-dir from its checkpoint",
     )
     output.add_argument(
-        "--save-every", type=int, default=500, help="checkpoint every N steps (0: only on Ctrl-C)"
+        "--save-every",
+        type=int,
+        default=500,
+        help="real runs: checkpoint every N steps (0: only on Ctrl-C)",
     )
-    output.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    output.add_argument(
+        "--eval-every", type=int, default=0, help="real runs: evaluate every N steps (0: only at the end)"
+    )
     output.add_argument("--log-every", type=int, default=1, help="log metrics every N steps")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
-    output.add_argument("--cache-dir", help="cache of the embedded default (default: ~/.cache/fusedkd)")
+    output.add_argument(
+        "--cache-dir",
+        help="cache of the embedded default (default: $FUSEDKD_CACHE_DIR, else $XDG_CACHE_HOME/fusedkd, "
+        "else ~/.cache/fusedkd)",
+    )
     return parser
 
 

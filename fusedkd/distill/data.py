@@ -26,6 +26,9 @@ from fusedkd.distill.errors import UsageError
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
 
+# A sample: a text, or a chat record {"messages": [...]} (see `chat_record`).
+Sample = str | dict
+
 # The openassistant-guanaco turn markers: "### Human: ... ### Assistant: ...", possibly several turns.
 TURN_MARKER = re.compile(r"###\s*(Human|Assistant)\s*:")
 
@@ -40,8 +43,8 @@ def load_texts(
     text_field: str = "text",
     split: str = "train",
     config_name: str | None = None,
-) -> list[str]:
-    """The texts of a local file / directory (.json, .jsonl, .txt) or of a Hugging Face dataset.
+) -> list[Sample]:
+    """The samples (texts, or chat records: `chat_record`) of local .json / .jsonl / .txt or a Hub dataset.
 
     Local files: ``.jsonl`` holds one JSON object per line, ``.json`` a list of objects (or of strings),
     ``.txt`` one sample per non-empty line (as the ``datasets`` text loader); a directory contributes
@@ -82,11 +85,13 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _field(record: object, text_field: str, where: str) -> str:
+def _field(record: object, text_field: str, where: str) -> Sample:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
         raise UsageError(f"{where}: expected a JSON object or string, got {type(record).__name__}")
+    if text_field not in record and (chat := chat_record(record, where)) is not None:
+        return chat
     if text_field not in record:
         fields = ", ".join(map(repr, record)) or "none"
         raise UsageError(
@@ -98,7 +103,7 @@ def _field(record: object, text_field: str, where: str) -> str:
     return value
 
 
-def _read_local(path: Path, text_field: str) -> list[str]:
+def _read_local(path: Path, text_field: str) -> list[Sample]:
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -125,7 +130,7 @@ def _read_local(path: Path, text_field: str) -> list[str]:
     return [_field(record, text_field, f"{path}[{i}]") for i, record in enumerate(records)]
 
 
-def _load_hub(source: str, *, text_field: str, split: str, config_name: str | None) -> list[str]:
+def _load_hub(source: str, *, text_field: str, split: str, config_name: str | None) -> list[Sample]:
     try:
         import datasets
     except ImportError:
@@ -141,6 +146,10 @@ def _load_hub(source: str, *, text_field: str, split: str, config_name: str | No
             f"cannot load dataset {source!r} (split {split!r}): no such local path, "
             f"and the Hub says: {first_line}"
         ) from None
+    if text_field not in dataset.column_names and (
+        "messages" in dataset.column_names or {"prompt", "completion"} <= set(dataset.column_names)
+    ):
+        return [_field(dict(row), text_field, f"{source}[{i}]") for i, row in enumerate(dataset)]
     if text_field not in dataset.column_names:
         raise UsageError(
             f"dataset {source!r} has no text field {text_field!r} "
@@ -173,6 +182,130 @@ def response_spans(text: str) -> list[tuple[int, int]]:
                 end -= 1
             spans.append((marker.end(), end))
     return spans
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat records
+
+
+def _messages(value: object, where: str, default_role: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise UsageError(f"{where}: expected a non-empty list of messages, got {type(value).__name__}")
+    for number, message in enumerate(value):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise UsageError(
+                f"{where}: message {number} must be an object with string 'role' and 'content', "
+                f"got {message!r:.80}"
+            )
+    return [dict(message) for message in value]
+
+
+def chat_record(record: dict, where: str) -> dict | None:
+    """A conversational sample as ``{"messages": [...], "train_from": i}``, or None for other records.
+
+    - ``{"messages": [{"role", "content"}, ...]}``: every assistant message is a target.
+    - ``{"prompt": ..., "completion": ...}``: each a string (a user / an assistant message) or a list of
+      messages; the assistant messages of the completion are targets (``train_from`` = prompt length).
+
+    Example:
+        >>> chat_record({"prompt": "2+2?", "completion": "4"}, "x")["messages"]
+        [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}]
+    """
+    if "messages" in record:
+        return {"messages": _messages(record["messages"], f"{where}: 'messages'", "user"), "train_from": 0}
+    if "prompt" in record and "completion" in record:
+        prompt = _messages(record["prompt"], f"{where}: 'prompt'", "user")
+        completion = _messages(record["completion"], f"{where}: 'completion'", "assistant")
+        return {"messages": prompt + completion, "train_from": len(prompt)}
+    return None
+
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_PROBE = "\x00fusedkd-probe\x00"
+
+
+def _end_of_turn(tokenizer) -> str:
+    """The text the chat template closes an assistant turn with, less trailing whitespace (``<|im_end|>``)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}], tokenize=False
+    )
+    if _PROBE not in rendered:
+        raise UsageError("the tokenizer's chat template does not render an assistant message's content")
+    return rendered[rendered.rindex(_PROBE) + len(_PROBE) :].rstrip()
+
+
+def assistant_spans(record: dict, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template rendering of `record` and the character spans of its target assistant turns.
+
+    A turn's span starts where the rendered conversation before it, with the generation prompt
+    (``<|im_start|>assistant\\n``), ends (a prefix-diff), and ends after the template's end-of-turn
+    text (``<|im_end|>``) following the message's content; the newline after it is not a target.
+    """
+    messages, train_from = record["messages"], record["train_from"]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    end_of_turn = _end_of_turn(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < train_from:
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        if not text.startswith(before):
+            raise UsageError(
+                "the tokenizer's chat template renders a conversation's start differently from the whole "
+                "conversation, so the assistant turns cannot be located"
+            )
+        content_at = text.find(message["content"], len(before))
+        if content_at < 0:
+            raise UsageError(f"the chat template dropped assistant message {i}'s content")
+        end = content_at + len(message["content"])
+        if end_of_turn:
+            close = text.find(end_of_turn, end)
+            end = len(text) if close < 0 else close + len(end_of_turn)
+        spans.append((len(before), end))
+    return text, spans
+
+
+def chat_tokens(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of `record` rendered with the tokenizer's chat template, and which are targets.
+
+    Targets are exactly the tokens of the assistant turns (from ``train_from`` on) and their end-of-turn
+    token. Templates that mark assistant output with ``{% generation %}`` give the mask themselves
+    (``return_assistant_tokens_mask``); for the others it comes from `assistant_spans` and the token
+    offsets.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UsageError(
+            "the dataset has chat records ('messages' or 'prompt' / 'completion') but the tokenizer has no "
+            "chat template"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError("chat records need a fast tokenizer (one with offset mappings)")
+    messages, train_from = record["messages"], record["train_from"]
+    if isinstance(template, str) and _GENERATION_TAG.search(template):
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, targets = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+        if train_from:
+            before = tokenizer.apply_chat_template(
+                messages[:train_from], tokenize=False, add_generation_prompt=True
+            )
+            prompt_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
+            targets[: len(prompt_ids)] = [False] * min(len(prompt_ids), len(targets))
+        return ids, targets
+    text, spans = assistant_spans(record, tokenizer)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    targets = [
+        end > start and any(a <= start < b for a, b in spans) for start, end in encoded["offset_mapping"]
+    ]
+    return list(encoded["input_ids"]), targets
 
 
 @dataclass
@@ -222,7 +355,7 @@ class TokenizeReport:
 
 
 def tokenize(
-    texts: Iterable[str],
+    texts: Iterable[Sample],
     tokenizer,
     *,
     seq_len: int,
@@ -231,8 +364,9 @@ def tokenize(
 ) -> tuple[TokenizedSamples, TokenizeReport]:
     """Tokenize `texts` into sequences of at most `seq_len` tokens with their target masks.
 
-    Each sample is the tokenizer's encoding (with its own special tokens, e.g. a BOS) plus EOS. Without
-    `pack`, a sample longer than `seq_len` is truncated; with `pack`, all samples are concatenated and
+    A text is the tokenizer's encoding (with its own special tokens, e.g. a BOS) plus EOS; a chat record
+    (`chat_record`) is its chat-template rendering, with the assistant turns as targets (`chat_tokens`).
+    Without `pack`, a sample longer than `seq_len` is truncated; with `pack`, all samples are concatenated and
     cut into `seq_len`-token blocks (the last, shorter block is kept if it has a target). Sequences with
     fewer than 2 tokens, or no target token, are dropped and counted.
 
@@ -250,18 +384,26 @@ def tokenize(
         raise UsageError(f"--seq-len must be at least 2 (one input and one target token), got {seq_len}")
     texts = list(texts)
     eos = tokenizer.eos_token_id
-    if loss_only_on_response and not getattr(tokenizer, "is_fast", False):
+    plain = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    if loss_only_on_response and plain and not getattr(tokenizer, "is_fast", False):
         raise UsageError("--loss-only-on-response needs a fast tokenizer (one with offset mappings)")
-    encoded = tokenizer(texts, return_offsets_mapping=loss_only_on_response)
+    encoded = (
+        tokenizer([texts[i] for i in plain], return_offsets_mapping=loss_only_on_response) if plain else {}
+    )
+    encoded_at = {i: n for n, i in enumerate(plain)}
     report = TokenizeReport(kept=0, too_short=0, no_target=0, truncated=0)
     sequences: list[tuple[list[int], list[bool]]] = []
-    for i, ids in enumerate(encoded["input_ids"]):
-        ids = list(ids)
+    for i, sample in enumerate(texts):
+        if not isinstance(sample, str):  # a chat record: rendered with the template, which ends each turn
+            sequences.append(chat_tokens(sample, tokenizer))
+            continue
+        n = encoded_at[i]
+        ids = list(encoded["input_ids"][n])
         if loss_only_on_response:
-            spans = response_spans(texts[i])
+            spans = response_spans(sample)
             targets = [
                 end > start and any(a <= start < b for a, b in spans)
-                for start, end in encoded["offset_mapping"][i]
+                for start, end in encoded["offset_mapping"][n]
             ]
         else:
             targets = [True] * len(ids)

@@ -3,15 +3,17 @@
 Under ``torchrun --nproc-per-node N`` every process trains on its share of each global batch. The
 student is wrapped (with the loss, see `objectives`) in DistributedDataParallel, or, with ``--fsdp``,
 sharded with ``torch.distributed.fsdp.fully_shard`` per decoder layer and at the root. The teacher
-runs under ``no_grad``: replicated on every process, or with ``--shard-teacher`` its decoder layers
-sharded the same way (its embedding, final norm and lm_head stay replicated, so the loss can read the
-lm_head weight directly). The backend is NCCL on CUDA and gloo on the CPU.
+runs under ``no_grad``: replicated on every process, or with ``--shard-teacher`` sharded with FSDP2
+(`shard_teacher`: decoder layers and the base model resharded after every forward, the lm_head kept
+whole so the loss can read it), loaded without a full copy on every process (`models.load_teacher`).
+The backend is NCCL on CUDA and gloo on the CPU.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,15 +50,20 @@ def choose_device(request: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_request: str = "auto") -> DistContext:
-    """Join the `torchrun` job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any."""
+def init_distributed(device_request: str = "auto", timeout_minutes: float | None = None) -> DistContext:
+    """Join the `torchrun` job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK), if any.
+
+    `timeout_minutes`: how long a collective may wait for the slowest process (``--dist-timeout``;
+    None: torch's default, 10 minutes for gloo and NCCL).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_request, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -138,14 +145,47 @@ def wrap_objective(objective: torch.nn.Module, ctx: DistContext, *, fsdp: bool) 
 
 
 def shard_teacher(teacher: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """Shard the teacher's decoder layers across processes (forward-only, parameters resharded after use)."""
+    """Shard a (frozen, forward-only) teacher across processes with FSDP2; returns it, on `ctx.device`.
+
+    Each decoder layer is its own FSDP2 unit, resharded after its forward; the base model (embedding,
+    final norm, rotary buffers) is the root, so the layers are not roots (a root never reshards after
+    its forward) and its own parameters are resharded after every forward too (a hook). The lm_head, and
+    the embedding when tied to it, are ``ignored_params``: kept whole on every process, so the loss reads
+    the head directly. Everything FSDP2 does not manage (the ignored head, buffers) is moved to
+    `ctx.device`; the teacher may come with its parameters on the meta device (`models.load_teacher`).
+    """
     from torch.distributed.fsdp import fully_shard
 
     if not ctx.distributed:
         raise UsageError("--shard-teacher shards the teacher across processes: run it under torchrun")
+    head = teacher.get_output_embeddings()
+    ignored = set(head.parameters())
+    base = teacher.base_model
     for layer in decoder_layers(teacher):
-        fully_shard(layer)
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(base, ignored_params=ignored, reshard_after_forward=True)
+    base.register_forward_hook(lambda module, args, output: module.reshard())
+    for parameter in ignored:
+        if parameter.device != ctx.device and parameter.device.type != "meta":
+            parameter.data = parameter.data.to(ctx.device)
+    for module in teacher.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != ctx.device and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(ctx.device)
     return teacher
+
+
+def sharded_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of this process's parameter shards, bytes of the parameters held whole) of `model`."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = whole = 0
+    for parameter in model.parameters():
+        if isinstance(parameter, DTensor):
+            sharded += parameter.to_local().numel() * parameter.element_size()
+        else:
+            whole += parameter.numel() * parameter.element_size()
+    return sharded, whole
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:

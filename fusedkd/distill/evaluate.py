@@ -54,9 +54,12 @@ class EvalResult:
 
 
 def _logits(hidden: torch.Tensor, model, vocab: int) -> torch.Tensor:
+    """float32 logits of `hidden`: in the autocast dtype inside an autocast region (as in training), else
+    in the hidden states' dtype."""
     head = lm_head(model)
-    weight = head.weight[:vocab].to(hidden.dtype)
-    bias = None if head.bias is None else head.bias[:vocab].to(hidden.dtype)
+    weight, bias = head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
+    if not torch.is_autocast_enabled(hidden.device.type):
+        weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
     return F.linear(hidden, weight, bias).float()
 
 
@@ -135,7 +138,8 @@ def evaluate(
                         teacher_cache[number] = teacher_hidden
             for start in range(0, labels.numel(), chunk):
                 rows = slice(start, start + chunk)
-                student_logits = _logits(hidden[rows], student, vocab_size)
+                with autocast():  # the student's logits as training computes them
+                    student_logits = _logits(hidden[rows], student, vocab_size)
                 sums[0] += F.cross_entropy(student_logits, labels[rows], reduction="sum").double()
                 sums[4] += student_logits.shape[0]
                 if teacher is None:

@@ -7,10 +7,12 @@ lm_head weight (and bias, if any): `hidden_states` runs the base model only, so 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from fusedkd.distill.distributed import DistContext, broadcast_object, shard_teacher
 from fusedkd.distill.errors import UsageError
 
 # The real pair, for reference (Qwen/Qwen3-4B and Qwen/Qwen3-0.6B on the Hugging Face Hub; both tie the
@@ -108,6 +110,78 @@ def load_model(name_or_path: str, *, role: str, dtype: torch.dtype | None = None
     return model
 
 
+@contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory) and their buffers real.
+
+    Buffers such as the rotary embedding's frequencies are computed at construction and are not in a
+    checkpoint's state dict; parameters are loaded afterwards.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, parameter):
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(
+                parameter.to("meta"), requires_grad=parameter.requires_grad
+            )
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_teacher(
+    name_or_path: str, *, dtype: torch.dtype, ctx: DistContext, probe: torch.Tensor, shard: bool
+):
+    """The teacher, checked (`check_linear_head` on `probe`), on `ctx.device`: whole, or sharded.
+
+    With `shard` (``--shard-teacher``, under torchrun) only rank 0 loads the checkpoint (a full copy in
+    CPU memory); every process builds the model with its parameters on the meta device, shards it
+    (`distributed.shard_teacher`), allocates its own shards on its device and receives their values
+    from rank 0 (``set_model_state_dict(..., broadcast_from_rank0=True)``): no other process ever holds
+    the whole teacher.
+    """
+    if not shard:
+        teacher = load_model(name_or_path, role="teacher", dtype=dtype).to(ctx.device)
+        check_linear_head(teacher, "teacher", probe)  # on the device: the teacher may be large
+        return teacher
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full, message = None, None
+    if ctx.is_main:
+        try:
+            full = load_model(name_or_path, role="teacher", dtype=dtype)
+            check_linear_head(full, "teacher", probe)
+        except UsageError as exc:
+            message = str(exc)
+    message = broadcast_object(message, ctx)
+    if message is not None:
+        raise UsageError(message)
+    config = broadcast_object(full.config if full is not None else None, ctx)
+    with parameters_on_meta():
+        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    teacher.requires_grad_(False).eval()
+    buffers = {name: buffer.clone() for name, buffer in teacher.named_buffers()}
+    tied = teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight
+    shard_teacher(teacher, ctx)
+    teacher.to_empty(device=ctx.device)
+    if tied:  # to_empty gives each module a new parameter: tie the (whole, ignored) head again
+        teacher.get_output_embeddings().weight = teacher.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, buffer in teacher.named_buffers():
+            buffer.copy_(buffers[name])
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(
+        teacher, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    del full, state
+    return teacher
+
+
 def load_tokenizer(name_or_path: str, *, role: str):
     """`AutoTokenizer.from_pretrained`, with one clear `UsageError` when it cannot be loaded."""
     from transformers import AutoTokenizer
@@ -122,18 +196,59 @@ def load_tokenizer(name_or_path: str, *, role: str):
 
 
 def check_supported_head(model, role: str) -> None:
-    """Refuse heads whose logits are not ``W h + b`` (soft-capping, scaling): the loss would be wrong."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(text_config, name, None)
-        if value not in (None, 1, 1.0):
-            raise UsageError(
-                f"--{role}: the model's logits use {name}={value}, which fusedkd's loss (plain W h + b) "
-                "does not apply; distilling it would optimize the wrong distribution"
-            )
+    """`UsageError` for a model without an output embedding (the loss needs its lm_head)."""
     if model.get_output_embeddings() is None:
         raise UsageError(f"--{role}: the model has no output embedding (lm_head); is it a causal LM?")
+
+
+PROBE_TOKENS = 16  # tokens of the startup head check's batch
+
+
+@torch.no_grad()
+def linear_head_error(model, input_ids: torch.Tensor) -> float:
+    """Largest ``|model(x).logits - (hidden @ W.T + b)|`` on `input_ids`, relative to the logits' scale.
+
+    The loss computes the logits as the lm_head's plain ``W h + b`` from the final hidden states; a model
+    whose own logits are anything else (logit multipliers or width scaling, soft-capping, ...) would be
+    distilled towards the wrong distribution. Both sides run in the model's dtype (a full forward of
+    `input_ids`, one short batch).
+    """
+    training = model.training
+    model.eval()
+    input_ids = input_ids.to(next(model.parameters()).device)
+    try:
+        mask = torch.ones_like(input_ids)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+        hidden = hidden_states(model, input_ids, mask)
+        head = lm_head(model)
+        weight = head.weight.to(hidden.dtype)
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        ours = torch.nn.functional.linear(hidden, weight, bias).float()
+    finally:
+        model.train(training)
+    if logits.shape != ours.shape:
+        return float("inf")
+    scale = float(ours.abs().max()) + 1.0
+    return float((logits - ours).abs().max()) / scale
+
+
+def check_linear_head(model, role: str, input_ids: torch.Tensor) -> None:
+    """`UsageError` unless ``model(x).logits == hidden @ W.T + b`` on `input_ids` (see `linear_head_error`).
+
+    The tolerance follows the dtype of the model's parameters: 1e-4 of the logits' scale in float32,
+    2e-2 in bfloat16 / float16 (rounding of the same matmul); a logit multiplier of 1.05 or a soft-cap
+    on logits of size 10 is far outside it.
+    """
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    error = linear_head_error(model, input_ids)
+    if not error <= tolerance:
+        raise UsageError(
+            f"--{role}: the model's logits are not its lm_head's plain W h + b (relative difference "
+            f"{error:.3g} on a {input_ids.shape[-1]}-token probe; logit scaling, multipliers or "
+            "soft-capping?): "
+            "fusedkd's loss would distill the wrong distribution"
+        )
 
 
 @dataclass(frozen=True)

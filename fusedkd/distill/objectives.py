@@ -30,10 +30,6 @@ from fusedkd.topk import fused_linear_topk_kd_loss
 LossSums = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 
 
-def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
-
-
 class KDObjective(torch.nn.Module):
     """Student forward + fused KD loss against a teacher's hidden states and lm_head.
 
@@ -72,18 +68,12 @@ class KDObjective(torch.nn.Module):
         if hidden_only:
             return hidden
         head = lm_head(self.student)
-        # The loss runs outside autocast on the dtypes it is given (it accumulates in float32 itself);
-        # a model's hidden states and head weight must share a dtype.
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.criterion(
-                hidden,
-                head.weight.to(hidden.dtype),
-                teacher_hidden,
-                teacher_weight.to(teacher_hidden.dtype),
-                labels,
-                _cast(head.bias, hidden.dtype),
-                _cast(teacher_bias, teacher_hidden.dtype),
-            )
+        # Called as it is, inside the caller's autocast region if any: under bf16 autocast the loss casts
+        # hidden states, weights and biases to bf16 as F.linear would (the head's matmuls and their
+        # gradients in bf16, accumulation in float32); outside autocast it runs in the tensors' dtypes.
+        return self.criterion(
+            hidden, head.weight, teacher_hidden, teacher_weight, labels, head.bias, teacher_bias
+        )
 
 
 class TopKObjective(torch.nn.Module):
@@ -112,16 +102,10 @@ class TopKObjective(torch.nn.Module):
         if hidden_only:
             return hidden
         head = lm_head(self.student)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fused_linear_topk_kd_loss(
-                hidden,
-                head.weight.to(hidden.dtype),
-                topk_ids,
-                topk_logprobs,
-                labels,
-                student_bias=_cast(head.bias, hidden.dtype),
-                **self.loss_options,
-            )
+        # In the caller's autocast region, if any (see `KDObjective.forward`).
+        return fused_linear_topk_kd_loss(
+            hidden, head.weight, topk_ids, topk_logprobs, labels, student_bias=head.bias, **self.loss_options
+        )
 
 
 def _cross_entropy_sum(
@@ -184,12 +168,6 @@ class CrossEntropyObjective(torch.nn.Module):
         if hidden_only:
             return hidden
         head = lm_head(self.student)
-        with torch.autocast(hidden.device.type, enabled=False):
-            ce = chunked_cross_entropy_sum(
-                hidden,
-                head.weight.to(hidden.dtype),
-                labels,
-                _cast(head.bias, hidden.dtype),
-                vocab_size=self.vocab_size,
-            )
+        # In the caller's autocast region, if any: each chunk's F.linear runs in the autocast dtype.
+        ce = chunked_cross_entropy_sum(hidden, head.weight, labels, head.bias, vocab_size=self.vocab_size)
         return ce, None, ce

@@ -37,11 +37,10 @@ import torch
 
 import fusedkd
 from fusedkd.distill.cache import building, cache_key, default_cache_dir
-from fusedkd.distill.cli import EXIT_INTERRUPTED, EXIT_OK
 from fusedkd.distill.corpus import Corpus, stdlib_corpus
 from fusedkd.distill.data import Batch, TokenizedSamples, collate, tokenize
 from fusedkd.distill.distributed import DistContext, check_backend, init_distributed
-from fusedkd.distill.errors import UsageError
+from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
     TINY_STUDENT_SHAPE,
@@ -54,7 +53,7 @@ from fusedkd.distill.models import (
 )
 from fusedkd.distill.objectives import CrossEntropyObjective, KDObjective
 from fusedkd.distill.report import format_table
-from fusedkd.distill.run import prepare_output_dir, resolve_precision
+from fusedkd.distill.runtime import discard_stale_metrics, prepare_output_dir, resolve_precision
 from fusedkd.distill.threads import ThreadTuner
 from fusedkd.distill.tokenizer import cached_bpe_tokenizer
 from fusedkd.distill.trainer import TrainConfig, Trainer, TrainResult
@@ -336,7 +335,7 @@ def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, c
             ctx,
             pad_id=tokenizer.pad_token_id,
             teacher_inputs=inputs,
-            output_dir=_mkdir(output_dir / name),
+            output_dir=_fresh_dir(output_dir / name, ctx),
             checkpoints=False,
             autocast_dtype=autocast_dtype,
             progress=progress,
@@ -387,6 +386,7 @@ def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, c
     return EXIT_OK
 
 
-def _mkdir(path: Path) -> Path:
+def _fresh_dir(path: Path, ctx: DistContext) -> Path:
     path.mkdir(parents=True, exist_ok=True)
+    discard_stale_metrics(path, ctx)
     return path

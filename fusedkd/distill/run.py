@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import random
-import time
 from functools import partial
 from pathlib import Path
 
@@ -21,22 +21,22 @@ import torch
 
 import fusedkd
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
-from fusedkd.distill.cli import EXIT_INTERRUPTED, EXIT_OK
-from fusedkd.distill.data import TokenizedSamples, load_texts, tokenize
+from fusedkd.distill.data import Sample, TokenizedSamples, load_texts, tokenize
 from fusedkd.distill.distributed import (
     DistContext,
     barrier,
-    broadcast_object,
     check_backend,
+    gather_objects,
     init_distributed,
     is_fsdp,
-    shard_teacher,
     shutdown,
     wrap_objective,
 )
-from fusedkd.distill.errors import UsageError
+from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
+    PROBE_TOKENS,
+    check_linear_head,
     check_vocabularies,
     config_head_rows,
     enable_activation_checkpointing,
@@ -44,64 +44,21 @@ from fusedkd.distill.models import (
     hidden_states,
     lm_head,
     load_model,
+    load_teacher,
     load_tokenizer,
     quiet_transformers,
 )
 from fusedkd.distill.objectives import KDObjective, TopKObjective
 from fusedkd.distill.offline import CachedTopK, build_cache, cache_identity, open_cache
 from fusedkd.distill.report import format_table
+from fusedkd.distill.runtime import FINAL_NAME, prepare_output_dir, resolve_precision, say, writable_dir
 from fusedkd.distill.trainer import TrainConfig, Trainer
 
-FINAL_NAME = "final"
 
+def split_texts(args: argparse.Namespace) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, evaluation samples): evaluation from --eval-dataset, or held out from --dataset.
 
-def say(ctx: DistContext, message: str) -> None:
-    """Print on rank 0 only."""
-    if ctx.is_main:
-        print(message, flush=True)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 for ``bf16`` (and for ``auto`` on a CUDA device with bf16), else None."""
-    if precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ):
-        return torch.bfloat16
-    return None
-
-
-def writable_dir(path: str, flag: str, ctx: DistContext) -> Path:
-    """`path` created if needed and checked writable (by every process), else a `UsageError`."""
-    directory = Path(path).expanduser()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{ctx.rank}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"{flag} {str(directory)!r} is not writable: {exc.strerror or exc}") from None
-    return directory
-
-
-def prepare_output_dir(path: str | None, *, mode: str, resume: bool, ctx: DistContext) -> Path:
-    """The run directory, created and checked writable; never one whose saved run would be overwritten."""
-    if path is None:
-        if resume:
-            raise UsageError("--resume needs the --output-dir of the run to continue")
-        path = broadcast_object(f"runs/{mode}-{time.strftime('%Y%m%d-%H%M%S')}", ctx)
-    directory = Path(path).expanduser()
-    if not resume:
-        for name, what in ((CHECKPOINT_NAME, "a checkpoint"), (FINAL_NAME, "a finished run")):
-            if (directory / name).exists():
-                raise UsageError(
-                    f"--output-dir {str(directory)!r} already holds {what}; pass --resume to continue it, "
-                    "or choose another --output-dir"
-                )
-    return writable_dir(str(directory), "--output-dir", ctx)
-
-
-def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(training texts, evaluation texts): evaluation from --eval-dataset, or held out from --dataset."""
+    A sample is a text or a chat record (`data.chat_record`)."""
     texts = load_texts(
         args.dataset, text_field=args.text_field, split=args.split, config_name=args.dataset_config
     )
@@ -128,15 +85,38 @@ def split_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return texts, eval_texts
 
 
-def fingerprint(samples: TokenizedSamples) -> str:
-    """A hash of the exact training tokens and targets (a resume, a top-k cache must match it)."""
+def fingerprint(samples: TokenizedSamples, *, targets: bool = True) -> str:
+    """A hash of the exact training tokens (and targets): a resume must match it, a top-k cache its tokens."""
     digest = hashlib.sha256()
-    for tensor in (samples.tokens, samples.targets, samples.offsets):
+    tensors = (
+        [samples.tokens, samples.targets, samples.offsets] if targets else [samples.tokens, samples.offsets]
+    )
+    for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def tokenize_or_fail(texts: list[str], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
+def probe_ids(samples: TokenizedSamples) -> torch.Tensor:
+    """The startup head check's batch: the first `PROBE_TOKENS` tokens of the first training sample."""
+    return samples[0][0][:PROBE_TOKENS].unsqueeze(0)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's whole definition (vocabulary, merges, normalizer, ...) and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = (
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id], default=str)
+    return hashlib.sha256((definition + extra).encode()).hexdigest()[:16]
+
+
+def samples_fingerprint(samples: list) -> str:
+    """A hash of the training samples before tokenization (texts or chat records)."""
+    return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenize_or_fail(texts: list[Sample], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
     samples, report = tokenize(
         texts,
         tokenizer,
@@ -146,7 +126,7 @@ def tokenize_or_fail(texts: list[str], tokenizer, args: argparse.Namespace, what
     )
     if report.kept == 0:
         if report.no_target:
-            reason = "has no target token (no '### Assistant:' turn?)"
+            reason = "has no target token (no assistant turn, or no '### Assistant:' marker?)"
         else:
             reason = "is shorter than 2 tokens"
         raise UsageError(f"every {what} sample {reason}: nothing to train on")
@@ -182,9 +162,13 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--seq-len must be at least 2 (one input and one target token), got {args.seq_len}")
     if args.eval_samples < 0:
         raise UsageError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.teacher_topk is not None:
+        if args.topk_part_tokens < 1:
+            raise UsageError(f"--topk-part-tokens must be >= 1, got {args.topk_part_tokens}")
         if args.teacher_topk < 1:
             raise UsageError(f"--teacher-topk must be >= 1, got {args.teacher_topk}")
         if args.divergence == "jsd":
@@ -242,7 +226,7 @@ def run_distillation(args: argparse.Namespace) -> int:
     check_options(args)
     config = train_config(args)
     config.check()
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout)
     try:
         check_backend(args.backend, ctx.device)
         return _run(args, config, ctx)
@@ -286,20 +270,42 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
 
     autocast_dtype = resolve_precision(args.precision, ctx.device)
     teacher_dtype = torch.bfloat16 if autocast_dtype is not None else torch.float32
+    probe = probe_ids(train_samples)
     student = load_model(args.student, role="student", dtype=torch.float32)
-    teacher = None if offline else load_model(args.teacher, role="teacher", dtype=teacher_dtype)
+    check_linear_head(student, "student", probe)
+    teacher = None
+    if not offline:
+        teacher = load_teacher(
+            args.teacher, dtype=teacher_dtype, ctx=ctx, probe=probe, shard=args.shard_teacher
+        )
     teacher_rows = config_head_rows(args.teacher, role="teacher") if offline else head_rows(teacher)
     vocab_size = check_vocabularies(
         teacher_tokenizer, student_tokenizer, teacher_rows, head_rows(student), args.vocab_size
     )
+    if offline and args.teacher_topk > vocab_size:
+        raise UsageError(
+            f"--teacher-topk {args.teacher_topk} is larger than the vocabulary ({vocab_size} rows); "
+            f"use at most {vocab_size}"
+        )
     student.config.use_cache = False
     student.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
     if args.gradient_checkpointing:
         enable_activation_checkpointing(student)
 
     if offline:
+        identity = cache_identity(
+            args.teacher,
+            tokenizer=tokenizer_fingerprint(teacher_tokenizer),
+            data=samples_fingerprint(train_texts),
+            seq_len=args.seq_len,
+            pack=args.pack,
+            k=args.teacher_topk,
+            temperature=args.temperature,
+            vocab_size=vocab_size,
+            tokens=fingerprint(train_samples, targets=False),
+        )
         teacher_inputs = _offline_teacher(
-            args, ctx, topk_dir, vocab_size, train_samples, pad_id, teacher_dtype, autocast_dtype
+            args, ctx, topk_dir, identity, train_samples, pad_id, teacher_dtype, autocast_dtype
         )
         objective = TopKObjective(
             student,
@@ -311,8 +317,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
             backend=args.backend,
         )
     else:
-        teacher.requires_grad_(False).eval()
-        teacher = shard_teacher(teacher, ctx) if args.shard_teacher else teacher.to(ctx.device)
+        teacher.requires_grad_(False).eval()  # on ctx.device already (`load_teacher`)
         teacher_inputs = partial(online_teacher_inputs, teacher)
         criterion = fusedkd.FusedLinearKDLoss(
             divergence=args.divergence,
@@ -361,31 +366,37 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
 
 
 def _offline_teacher(
-    args, ctx, topk_dir: Path, vocab_size: int, train_samples, pad_id, teacher_dtype, autocast_dtype
+    args, ctx, topk_dir: Path, identity: dict, train_samples, pad_id, teacher_dtype, autocast_dtype
 ) -> CachedTopK:
-    """The cached top-k of the training data, built first (on rank 0, the teacher alone) if missing."""
-    identity = cache_identity(
-        args.teacher, fingerprint(train_samples), args.teacher_topk, args.temperature, vocab_size
-    )
+    """The cached top-k of the training data, built first if missing (every process builds its parts)."""
     cache = open_cache(topk_dir, identity)
     if cache is None:
-        if ctx.is_main:
-            say(ctx, f"building the teacher's top-{args.teacher_topk} cache in {topk_dir}")
-            teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype).to(ctx.device).eval()
-            build_cache(
-                topk_dir,
-                identity,
-                teacher,
-                train_samples,
-                batch_size=args.batch_size,
-                pad_id=pad_id,
-                device=ctx.device,
-                autocast_dtype=autocast_dtype,
-                progress=not args.no_progress,
-            )
-            del teacher
-        barrier(ctx)
+        say(
+            ctx,
+            f"building the teacher's top-{args.teacher_topk} cache in {topk_dir} "
+            f"({ctx.world_size} processes)",
+        )
+        teacher = load_model(args.teacher, role="teacher", dtype=teacher_dtype).to(ctx.device).eval()
+        check_linear_head(teacher, "teacher", probe_ids(train_samples))
+        built = build_cache(
+            topk_dir,
+            identity,
+            teacher,
+            train_samples,
+            batch_size=args.batch_size,
+            pad_id=pad_id,
+            ctx=ctx,
+            autocast_dtype=autocast_dtype,
+            progress=not args.no_progress,
+            part_tokens=args.topk_part_tokens,
+        )
+        del teacher
+        total = sum(gather_objects(len(built), ctx))
         cache = open_cache(topk_dir, identity)
+        if cache is None:
+            raise UsageError(f"--topk-cache {str(topk_dir)!r}: the build finished without a manifest")
+        parts = len(cache.parts)
+        say(ctx, f"built {total} of the cache's {parts} parts ({parts - total} kept from an earlier build)")
     else:
         say(ctx, f"using the teacher's top-{cache.k} cache in {topk_dir} ({len(cache):,} positions)")
     return CachedTopK(cache, train_samples)
