@@ -69,7 +69,7 @@ def init_distributed(device_request: str = "auto", timeout_minutes: float | None
 
 def check_backend(backend: str, device: torch.device) -> None:
     """`UsageError` if fusedkd's loss `backend` cannot run on `device` (e.g. "triton" without a GPU)."""
-    from fusedkd.loss import resolve_backend
+    from fusedkd._dispatch import resolve_backend
 
     try:
         resolve_backend(backend, device)
