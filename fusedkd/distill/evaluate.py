@@ -21,10 +21,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from fusedkd.torch_backend.tiles import default_chunk_size
 from fusedkd.distill.data import IGNORE_INDEX, TokenizedSamples, collate
 from fusedkd.distill.distributed import DistContext, all_reduce_sum
 from fusedkd.distill.models import hidden_states, lm_head
+from fusedkd.torch_backend.tiles import default_chunk_size
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fusedkd
-from fusedkd.torch_backend.tiles import default_chunk_size
 from fusedkd.distill.data import IGNORE_INDEX
 from fusedkd.distill.models import hidden_states, lm_head
 from fusedkd.topk import fused_linear_topk_kd_loss
+from fusedkd.torch_backend.tiles import default_chunk_size
 
 LossSums = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 
