@@ -24,6 +24,8 @@ from fusedkd._options import (
     SupportOptions,
     check_choice,
     check_positive_int,
+    check_logit_scale,
+    check_softcap,
     check_temperature,
     check_unit_interval,
     compute_dtype,
@@ -164,6 +166,10 @@ def check_options(
     vocab_size: int,
     has_labels: bool,
     divergences: tuple[str, ...] = DIVERGENCES,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> KDOptions:
     check_choice("divergence", divergence, divergences)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -186,6 +192,10 @@ def check_options(
         reduction=reduction,  # type: ignore[arg-type]
         vocab_size=vocab_size,
         has_labels=has_labels,
+        student_logit_scale=check_logit_scale("student_logit_scale", student_logit_scale),
+        teacher_logit_scale=check_logit_scale("teacher_logit_scale", teacher_logit_scale),
+        student_softcap=check_softcap("student_softcap", student_softcap),
+        teacher_softcap=check_softcap("teacher_softcap", teacher_softcap),
     )
 
 
@@ -251,6 +261,7 @@ def prepare_linear_kd(
     student_bias,
     teacher_bias,
     vocab_size: int | None,
+    **head: float | None,
 ) -> LinearKDInputs:
     check_tensor("student_hidden", student_hidden, min_ndim=1)
     check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
@@ -318,6 +329,7 @@ def prepare_linear_kd(
         reduction=reduction,
         vocab_size=vocab,
         has_labels=labels is not None,
+        **head,
     )
     flat_labels = (
         None
@@ -379,6 +391,7 @@ def prepare_logits_kd(
     ignore_index: int,
     reduction: str,
     vocab_size: int | None,
+    **head: float | None,
 ) -> LogitsKDInputs:
     """Check every argument of `kd_loss` (raising a ValueError / TypeError that names it) before any work."""
     check_tensor("student_logits", student_logits, min_ndim=1)
@@ -404,6 +417,7 @@ def prepare_logits_kd(
         reduction=reduction,
         vocab_size=vocab,
         has_labels=labels is not None,
+        **head,
     )
     flat_labels = (
         None
@@ -444,6 +458,7 @@ def prepare_topk_kd(
     student_bias,
     vocab_size: int | None,
     return_components: bool = False,
+    **head: float | None,
 ) -> TopKKDInputs:
     """Check every argument of `fused_linear_topk_kd_loss` before any work; raise naming the argument."""
     check_tensor("student_hidden", student_hidden, min_ndim=1)
@@ -501,6 +516,7 @@ def prepare_topk_kd(
         reduction=reduction,
         vocab_size=vocab,
         has_labels=labels is not None,
+        **head,
         divergences=TOPK_DIVERGENCES,
     )
     check_choice("tail", tail, TAILS)
@@ -645,6 +661,7 @@ def check_module_options(
     divergences: tuple[str, ...] = DIVERGENCES,
     has_triton: bool = True,
     loss: str = "",
+    **head: float | None,
 ) -> None:
     """The options a loss module takes at construction, checked there: it fails then, not at the first
     batch."""
@@ -658,6 +675,7 @@ def check_module_options(
         vocab_size=1,
         has_labels=True,
         divergences=divergences,
+        **head,
     )
     if vocab_size is not None:
         resolve_vocab_size(vocab_size, {})

@@ -33,6 +33,10 @@ class KDOptions:
     (beta = 0 is forward KL and beta = 1 reverse KL, TRL's GKD convention).
     `vocab_size` is the number of vocabulary rows used from both heads.
     `has_labels` is False when the caller passed `labels=None` (every token counts, alpha == 1).
+    `student_logit_scale`, `student_softcap` (and the teacher's): each model's head transform, applied
+    to its projection z = W h + b before anything else: s = scale * z, then s = softcap *
+    tanh(s / softcap) when `softcap` is not None (Cohere's `logit_scale`, Gemma's
+    `final_logit_softcapping`). The defaults leave the logits as they are.
     """
 
     divergence: Divergence
@@ -43,6 +47,21 @@ class KDOptions:
     reduction: Reduction
     vocab_size: int
     has_labels: bool
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+
+    @property
+    def head_options(self) -> dict[str, float | None]:
+        """The head-transform options that differ from the identity, by name (empty: plain heads)."""
+        values = {
+            "student_logit_scale": (self.student_logit_scale, 1.0),
+            "teacher_logit_scale": (self.teacher_logit_scale, 1.0),
+            "student_softcap": (self.student_softcap, None),
+            "teacher_softcap": (self.teacher_softcap, None),
+        }
+        return {name: value for name, (value, identity) in values.items() if value != identity}
 
     @property
     def distill_weight(self) -> float:
@@ -108,6 +127,37 @@ def check_temperature(temperature: float) -> float:
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     return temperature
+
+
+def check_logit_scale(name: str, value: float) -> float:
+    """A model's logit scale: a finite float > 0 (the logits are multiplied by it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_softcap(name: str, value: float | None) -> float | None:
+    """A model's final-logit soft cap: None (no cap) or a finite float > 0 (logits = c tanh(logits / c))."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be None or a positive float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be None or finite and > 0, got {value}")
+    return value
+
+
+def apply_head(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """The head transform of `KDOptions` on full logits (not in place): scale, then soft cap."""
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

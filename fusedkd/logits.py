@@ -31,6 +31,10 @@ def kd_loss(
     backend: str = "auto",
     return_components: bool = False,
     chunk_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss of student logits against frozen teacher logits, without softmax copies.
 
@@ -58,6 +62,11 @@ def kd_loss(
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         beta: JSD mixture weight in [0, 1]; ``beta=0`` is forward KL and ``beta=1`` reverse KL.
             Used only by ``"jsd"``.
+        student_logit_scale, teacher_logit_scale: each model's logit scale (Cohere's ``logit_scale``):
+            the given logits are multiplied by it first. Finite, > 0; default 1.
+        student_softcap, teacher_softcap: each model's final-logit soft cap ``c`` (Gemma's
+            ``final_logit_softcapping``), applied after the scale: ``c * tanh(logits / c)``. ``None``
+            (default): no cap. The gradient carries the cap's derivative ``1 - tanh^2``.
         temperature: softmax temperature ``T > 0`` of the distillation term (the cross-entropy uses
             the plain logits); the divergence is scaled by ``T^2``.
         alpha: weight in [0, 1] of the distillation term; ``1 - alpha`` weights the cross-entropy.
@@ -101,6 +110,10 @@ def kd_loss(
         ignore_index=ignore_index,
         reduction=reduction,
         vocab_size=vocab_size,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
     )
     outputs = run_loss(
         (inputs.student_logits, inputs.teacher_logits, inputs.labels, inputs.options),
@@ -142,6 +155,10 @@ class KDLoss(torch.nn.Module):
         backend: str = "auto",
         return_components: bool = False,
         chunk_size: int | None = None,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
     ) -> None:
         super().__init__()
         check_module_options(
@@ -154,6 +171,10 @@ class KDLoss(torch.nn.Module):
             vocab_size=vocab_size,
             backend=backend,
             chunk_size=chunk_size,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
         )
         self.options = dict(
             alpha=alpha,
@@ -166,6 +187,10 @@ class KDLoss(torch.nn.Module):
             backend=backend,
             return_components=return_components,
             chunk_size=chunk_size,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
         )
 
     def forward(

@@ -29,6 +29,10 @@ def fused_linear_kd_loss(
     backend: str = "auto",
     return_components: bool = False,
     chunk_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss of a student against a frozen teacher, from hidden states and lm_head weights.
 
@@ -63,6 +67,12 @@ def fused_linear_kd_loss(
         reduction: ``"mean"`` (sum over valid tokens divided by their number; 0 when none is
             valid), ``"sum"``, or ``"none"`` (per-token losses of the leading shape, 0 where ignored).
         student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` lm_head biases.
+        student_logit_scale, teacher_logit_scale: each model's logit scale (Cohere's ``logit_scale``;
+            Granite's ``logits_scaling`` is its reciprocal): ``s = scale * (W_s h + b_s)``. Finite,
+            > 0; default 1. Folded into the projection: free.
+        student_softcap, teacher_softcap: each model's final-logit soft cap ``c`` (Gemma's
+            ``final_logit_softcapping``), applied after the scale: ``s = c * tanh(s / c)``. ``None``
+            (default): no cap. The gradient carries the cap's derivative ``1 - tanh^2``.
         vocab_size: use only the first ``vocab_size`` rows of both heads (padded heads, or heads of
             different sizes over one tokenizer). Required when ``V_s != V_t``.
         backend: ``"auto"`` (Triton kernels on CUDA tensors when Triton is importable, else the
@@ -106,6 +116,10 @@ def fused_linear_kd_loss(
         student_bias=student_bias,
         teacher_bias=teacher_bias,
         vocab_size=vocab_size,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
     )
     outputs = run_loss(
         (
@@ -152,6 +166,10 @@ class FusedLinearKDLoss(torch.nn.Module):
         backend: str = "auto",
         return_components: bool = False,
         chunk_size: int | None = None,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
     ) -> None:
         super().__init__()
         check_module_options(
@@ -164,6 +182,10 @@ class FusedLinearKDLoss(torch.nn.Module):
             vocab_size=vocab_size,
             backend=backend,
             chunk_size=chunk_size,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
         )
         self.options = dict(
             divergence=divergence,
@@ -176,6 +198,10 @@ class FusedLinearKDLoss(torch.nn.Module):
             backend=backend,
             return_components=return_components,
             chunk_size=chunk_size,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
         )
 
     def forward(

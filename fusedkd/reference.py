@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedkd._inputs import prepare_linear_kd
-from fusedkd._options import KDOptions, compute_dtype
+from fusedkd._options import KDOptions, apply_head, compute_dtype
 
 
 def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,13 @@ def kd_terms_from_logits(
     labels: torch.Tensor | None,
     options: KDOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, distill, ce) of [N, V] logits, reduced as `options.reduction` says."""
+    """(loss, distill, ce) of [N, V] logits, reduced as `options.reduction` says.
+
+    The logits are the heads' projections z = W h + b; each model's head transform (logit scale, then
+    soft cap, `KDOptions`) is applied here, with autograd.
+    """
+    student_logits = apply_head(student_logits, options.student_logit_scale, options.student_softcap)
+    teacher_logits = apply_head(teacher_logits, options.teacher_logit_scale, options.teacher_softcap)
     divergence = divergence_from_logits(student_logits, teacher_logits, options)
     if labels is None:
         valid = torch.ones(divergence.shape, dtype=torch.bool, device=divergence.device)
@@ -89,6 +95,10 @@ def fused_linear_kd_loss(
     vocab_size: int | None = None,
     backend: str = "reference",
     return_components: bool = False,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ):
     """Same contract as `fusedkd.fused_linear_kd_loss`, computed naively from full logits.
 
@@ -112,6 +122,10 @@ def fused_linear_kd_loss(
         student_bias=student_bias,
         teacher_bias=teacher_bias,
         vocab_size=vocab_size,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
     )
     student_logits = _logits(inputs.student_hidden, inputs.student_weight, inputs.student_bias)
     teacher_bias_ = None if inputs.teacher_bias is None else inputs.teacher_bias.detach()

@@ -12,7 +12,7 @@ import torch
 import fusedkd
 from fusedkd import kernels, reference
 from fusedkd._inputs import prepare_logits_kd, prepare_topk_kd
-from fusedkd._options import tail_precision
+from fusedkd._options import apply_head, tail_precision
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -204,14 +204,27 @@ DEFAULTS = dict(
     ignore_index=-100,
     reduction="mean",
     vocab_size=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
 )
 
 
-def reference_teacher_topk(teacher_hidden, teacher_weight, k, temperature=1.0, teacher_bias=None):
+def reference_teacher_topk(
+    teacher_hidden,
+    teacher_weight,
+    k,
+    temperature=1.0,
+    teacher_bias=None,
+    teacher_logit_scale=1.0,
+    teacher_softcap=None,
+):
     """ids by a stable descending sort of the full log-softmax row (ties: lowest id first)."""
     logits = teacher_hidden.double() @ teacher_weight.double().T
     if teacher_bias is not None:
         logits = logits + teacher_bias.double()
+    logits = apply_head(logits, teacher_logit_scale, teacher_softcap)
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     order = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[..., :k]
     return order, logprobs.gather(-1, order), logprobs
@@ -233,6 +246,8 @@ def reference_topk_kd_loss(
     student_bias=None,
     vocab_size=None,
     return_components=False,
+    student_logit_scale=1.0,
+    student_softcap=None,
 ):
     """The sparse loss of fusedkd.topk's docstring from full [N, V] logits (float64 for ground truth).
 
@@ -253,13 +268,15 @@ def reference_topk_kd_loss(
         tail=tail,
         student_bias=student_bias,
         vocab_size=vocab_size,
+        student_logit_scale=student_logit_scale,
+        student_softcap=student_softcap,
     )
     options = inputs.options
     compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     s = inputs.student_hidden @ inputs.student_weight.T
     if inputs.student_bias is not None:
         s = s + inputs.student_bias
-    s = s.to(compute)
+    s = apply_head(s.to(compute), student_logit_scale, student_softcap)
     log_q_full = torch.log_softmax(s / temperature, dim=-1)
     ids, log_p = inputs.ids, inputs.logprobs.to(compute)
     log_q = log_q_full.gather(-1, ids)

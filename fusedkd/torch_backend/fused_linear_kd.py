@@ -58,9 +58,10 @@ def stream(
     """
     n = student_hidden.shape[0]
     vocab = student_weight.shape[0]
-    # The one place where the temperature becomes a `scale`: t / T = (1/T) (h W^T + b), folded into the
-    # teacher's GEMM (the student's tile is divided by T in `kd_tile_terms`, after its cross-entropy).
-    teacher_scale = 1.0 / options.temperature
+    # The one place where the temperature and the heads' logit scales become GEMM scales: t / T =
+    # (scale_t / T) (h W^T + b) is folded into the teacher's GEMM (the student's tile is divided by T in
+    # `kd_tile_terms`, after its cross-entropy); for a soft-capped head, tanh's argument (`gemm_scales`).
+    folded = student_scale, teacher_scale = tiles.gemm_scales(options, temper_teacher=True)
     dtype = compute_dtype(student_hidden.dtype)
     device = student_hidden.device
     divergence = torch.zeros(n, dtype=dtype, device=device)
@@ -86,7 +87,7 @@ def stream(
         count = rows.stop - rows.start
         hidden = student_hidden[rows]
         chunk_weights = select_rows(grad_weights, rows)
-        s = project(student_tile[:count], hidden, student_weight, student_bias)
+        s = project(student_tile[:count], hidden, student_weight, student_bias, student_scale)
         t = project(teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, teacher_scale)
         divergence[rows], ce[rows], grad = kd_tile_terms(
             s,
@@ -96,6 +97,7 @@ def stream(
             chunk_weights,
             teacher_tempered=True,
             scratch=scratch,
+            folded=folded,
         )
         if grad is not None:
             if student_weight.dtype == grad.dtype:

@@ -49,13 +49,15 @@ def default_chunk_size(vocab_size: int, element_size: int = 4, tile_bytes: int |
 
 
 class Scratch:
-    """Reusable element-wise scratch of one loss call: three blocks of `rows` x `vocab`, made lazily.
+    """Reusable element-wise scratch of one loss call: blocks of `rows` x `vocab`, made lazily.
 
     `rows` is the row-group size of `kd_tile_terms`: a few rows on a CPU (so a group stays in the
     cache), the whole chunk on other devices (where each pass is one kernel launch).
     """
 
-    BLOCKS = 3
+    # Blocks 0-2: the divergences' arithmetic; block 3: the student's soft-cap derivative (made only
+    # when the student's head is soft-capped).
+    BLOCKS = 4
 
     def __init__(
         self,
@@ -111,6 +113,47 @@ def project(
     return out.copy_(hidden @ weight.T)
 
 
+def gemm_scales(options: KDOptions, *, temper_teacher: bool) -> tuple[float, float]:
+    """The scales a fused linear loss folds into its student and teacher GEMMs (`project`).
+
+    Each tile then holds the argument of the head's last step, which `kd_tile_terms` finishes in place:
+    `scale / softcap` for a soft-capped head (tanh's argument), else `scale` (the student) and
+    `scale / T` (the teacher, when `temper_teacher`: its tile is then t / T, `teacher_tempered`).
+    """
+    student = options.student_logit_scale
+    if options.student_softcap is not None:
+        student /= options.student_softcap
+    teacher = options.teacher_logit_scale
+    if options.teacher_softcap is not None:
+        teacher /= options.teacher_softcap
+    elif temper_teacher:
+        teacher /= options.temperature
+    return student, teacher
+
+
+def _finish_head(
+    x: torch.Tensor,
+    folded: float,
+    logit_scale: float,
+    softcap: float | None,
+    divisor: float,
+    derivative: torch.Tensor | None = None,
+) -> None:
+    """In place: `x` = folded * z (z = W h + b) becomes head(z) / divisor, with head(z) = scale z, then
+    softcap tanh(. / softcap) when capped. `derivative`, when given (capped heads only), receives
+    d head / d(scale z) = 1 - tanh^2 = 1 / cosh^2 of tanh's argument: exact at saturation, where
+    1 - tanh^2 would cancel."""
+    if softcap is None:
+        if logit_scale / divisor != folded:
+            x.mul_(logit_scale / divisor / folded)
+        return
+    if logit_scale / softcap != folded:
+        x.mul_(logit_scale / softcap / folded)
+    if derivative is not None:  # cosh overflows to inf past |x| ~ 89 (float32): 1 / inf^2 = 0, right
+        torch.cosh(x, out=derivative).square_().reciprocal_()
+    x.tanh_().mul_(softcap / divisor)
+
+
 def grad_tile(options: KDOptions, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Which of the two logit tiles `kd_tile_terms` overwrites with G."""
     return s if options.divergence == "forward_kl" else t
@@ -125,11 +168,16 @@ def kd_tile_terms(
     *,
     teacher_tempered: bool = False,
     scratch: Scratch | None = None,
+    folded: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of rows: (divergence [c], ce [c], G [c, V] or None), from logit tiles it overwrites.
 
     Shared by the fused linear loss (after its two logit GEMMs) and the logits-level loss.
-    `teacher_tempered`: `t` already holds t / T (the fused linear loss folds 1/T into its GEMM).
+    `folded`: the factors the student and teacher tiles already carry, relative to the projections
+    z = W h + b (the fused linear loss folds `gemm_scales` into its GEMMs; kd_loss's tiles are the
+    caller's logits, (1, 1)); each model's head transform (logit scale, soft cap) is finished here.
+    `teacher_tempered`: the teacher's tile is to become t / T here (with the fused linear loss's
+    `gemm_scales(temper_teacher=True)`), not t.
     G, when wanted, is written over `grad_tile(options, s, t)` and returned.
 
     `s`, `t` are [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid id,
@@ -152,6 +200,7 @@ def kd_tile_terms(
             scratch,
             divergence[rows],
             ce[rows],
+            folded,
         )
     return divergence, ce, None if grad_weights is None else grad_tile(options, s, t)
 
@@ -175,6 +224,7 @@ def _group_terms(
     scratch: Scratch,
     divergence_out: torch.Tensor,
     ce_out: torch.Tensor,
+    folded: tuple[float, float],
 ) -> None:
     """`kd_tile_terms` on one group of rows, in place: few passes, no allocation of the group's size.
 
@@ -189,6 +239,24 @@ def _group_terms(
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     want_ce_grad = want_grad and labels is not None and w_ce is not None
     rows = torch.arange(n, device=s.device)
+
+    # Each head's transform: s = scale_s z_s, capped; t likewise (DESIGN.md §2). A soft cap multiplies
+    # the gradient by its derivative 1 - tanh^2 (kept in a block of the group), the scale by itself
+    # (folded into the per-row gradient weights: G is linear in them).
+    cap_derivative = None
+    if want_grad and options.student_softcap is not None:
+        cap_derivative = scratch.block(3, n)
+    _finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0, cap_derivative)
+    _finish_head(
+        t,
+        folded[1],
+        options.teacher_logit_scale,
+        options.teacher_softcap,
+        T if teacher_tempered else 1.0,
+    )
+    if want_grad and options.student_logit_scale != 1.0:
+        w_distill = w_distill * options.student_logit_scale
+        w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
     # even for logits of magnitude 1e4 (DESIGN.md §6).
@@ -275,6 +343,8 @@ def _group_terms(
 
     if want_ce_grad:
         grad[rows, labels] -= w_ce
+    if cap_derivative is not None:
+        grad.mul_(cap_derivative)
 
 
 def _zero_where_unweighted(log_ratio: torch.Tensor) -> torch.Tensor:
