@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedkd._dispatch import check_backend
+from fusedkd._dispatch import check_backend, resolve_backend
 from fusedkd._options import (
     DIVERGENCES,
     REDUCTIONS,
@@ -593,6 +593,8 @@ class TeacherTopKInputs:
     chunk_size: int | None
     block_size: int
     leading_shape: torch.Size
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
 
 def prepare_teacher_topk(
@@ -605,6 +607,8 @@ def prepare_teacher_topk(
     teacher_bias,
     chunk_size,
     block_size,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> TeacherTopKInputs:
     """Check every argument of `teacher_topk` before any work; raise naming the argument."""
     check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
@@ -644,6 +648,8 @@ def prepare_teacher_topk(
         chunk_size=chunk_size,
         block_size=block_size,
         leading_shape=teacher_hidden.shape[:-1],
+        logit_scale=check_logit_scale("teacher_logit_scale", teacher_logit_scale),
+        softcap=check_softcap("teacher_softcap", teacher_softcap),
     )
 
 
@@ -665,7 +671,7 @@ def check_module_options(
 ) -> None:
     """The options a loss module takes at construction, checked there: it fails then, not at the first
     batch."""
-    check_options(
+    options = check_options(
         divergence=divergence,
         beta=beta,
         temperature=temperature,
@@ -680,5 +686,9 @@ def check_module_options(
     if vocab_size is not None:
         resolve_vocab_size(vocab_size, {})
     check_backend(backend, has_triton=has_triton, loss=loss)
+    if has_triton and options.head_options:
+        resolve_backend(
+            backend, torch.device("cpu"), loss=loss, torch_only_options=tuple(options.head_options)
+        )
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)

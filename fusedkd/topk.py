@@ -58,10 +58,13 @@ def teacher_topk(
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     block_size: int = 8192,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The teacher's k most likely tokens and their log-probabilities, without ``[N, V]`` logits.
 
-    Equals ``torch.topk(torch.log_softmax((h W^T + b) / T, -1), k)``: the log-probabilities are
+    Equals ``torch.topk(torch.log_softmax(t / T, -1), k)``, ``t = h W^T + b`` (or the head transform of
+    ``teacher_logit_scale`` and ``teacher_softcap``): the log-probabilities are
     normalized over the full vocabulary. The vocabulary is streamed in blocks of ``block_size`` rows of
     the head (a running top-k merge and an online log-sum-exp), for token chunks of ``chunk_size``: the
     working set is ``chunk x block`` logits. No gradient is computed (the teacher is frozen).
@@ -81,6 +84,10 @@ def teacher_topk(
         chunk_size: tokens per chunk (default: sized so that a ``chunk x block`` float32 tile is about
             `fusedkd.torch_backend.tiles.TILE_BYTES`).
         block_size: vocabulary rows per block (default 8192).
+        teacher_logit_scale: the teacher's logit scale (Cohere's ``logit_scale``): ``t = scale * (h W^T +
+            b)``. Finite, > 0; default 1.
+        teacher_softcap: the teacher's final-logit soft cap ``c`` (Gemma's ``final_logit_softcapping``),
+            after the scale: ``t = c * tanh(t / c)``. ``None`` (default): no cap.
 
     Returns:
         ``(ids, logprobs)``: ``[..., k]`` int64 token ids and ``[..., k]`` log-probabilities, float32
@@ -106,6 +113,8 @@ def teacher_topk(
         teacher_bias=teacher_bias,
         chunk_size=chunk_size,
         block_size=block_size,
+        teacher_logit_scale=teacher_logit_scale,
+        teacher_softcap=teacher_softcap,
     )
     # The PyTorch backend, on any device (no Triton kernel for the top-k functions).
     from fusedkd.torch_backend.teacher_topk import teacher_topk as teacher_topk_torch
@@ -119,6 +128,8 @@ def teacher_topk(
             inputs.temperature,
             chunk_size=inputs.chunk_size,
             block_size=inputs.block_size,
+            logit_scale=inputs.logit_scale,
+            softcap=inputs.softcap,
         )
     leading_shape, k = inputs.leading_shape, inputs.k
     return ids.reshape(*leading_shape, k), logprobs.reshape(*leading_shape, k)
@@ -142,6 +153,8 @@ def fused_linear_topk_kd_loss(
     backend: str = "auto",
     return_components: bool = False,
     chunk_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss against a sparse top-k teacher (offline distillation), fused with the lm_head.
 
@@ -192,6 +205,11 @@ def fused_linear_topk_kd_loss(
         chunk_size: tokens per chunk (default: one ``chunk x V`` float32 tile of
             `fusedkd.torch_backend.tiles.LINEAR_TILE_BYTES`, 64 MiB; with ``tail="renormalize"`` and no
             cross-entropy, gathered ``[chunk, k, H]`` head rows of `fusedkd.torch_backend.tiles.TILE_BYTES`).
+        student_logit_scale: the student's logit scale (Cohere's ``logit_scale``): ``s = scale * (W_s h
+            + b_s)``. Finite, > 0; default 1. The teacher's is applied by `teacher_topk`.
+        student_softcap: the student's final-logit soft cap ``c`` (Gemma's ``final_logit_softcapping``),
+            after the scale: ``s = c * tanh(s / c)``. ``None`` (default): no cap. The gradient carries
+            its derivative ``1 - tanh^2``.
 
     Returns:
         The loss (float32, float64 for float64 inputs; ``[...]`` for ``reduction="none"``), or
@@ -226,6 +244,8 @@ def fused_linear_topk_kd_loss(
         student_bias=student_bias,
         vocab_size=vocab_size,
         return_components=return_components,
+        student_logit_scale=student_logit_scale,
+        student_softcap=student_softcap,
     )
     outputs = run_loss(
         (
@@ -274,6 +294,8 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         backend: str = "auto",
         return_components: bool = False,
         chunk_size: int | None = None,
+        student_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
     ) -> None:
         super().__init__()
         check_module_options(
@@ -288,6 +310,8 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
             divergences=TOPK_DIVERGENCES,
             has_triton=False,
             loss=LOSS_NAME,
+            student_logit_scale=student_logit_scale,
+            student_softcap=student_softcap,
         )
         check_choice("tail", tail, TAILS)
         self.options = dict(
@@ -301,6 +325,8 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
             backend=backend,
             return_components=return_components,
             chunk_size=chunk_size,
+            student_logit_scale=student_logit_scale,
+            student_softcap=student_softcap,
         )
 
     def forward(

@@ -355,6 +355,187 @@ def test_no_labels_means_every_token_counts(key, backend):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Heads with a logit scale and a final-logit soft cap (Cohere, Granite, Gemma): scale, then cap
+# ----------------------------------------------------------------------------------------------------
+
+HEADS = [
+    pytest.param(dict(student_logit_scale=0.5, teacher_logit_scale=2.0), id="scales"),
+    pytest.param(dict(student_softcap=4.0, teacher_softcap=6.0), id="caps"),
+    pytest.param(
+        dict(student_logit_scale=3.0, student_softcap=2.5, teacher_logit_scale=0.25, teacher_softcap=1.5),
+        id="scale-then-cap",
+    ),
+]
+
+
+def torch_cases(**kwargs):
+    """`cases` on the PyTorch backend: the Triton kernels refuse the head options
+    (`test_head_options_run_on_the_torch_backend_only`)."""
+    return [c for c in cases(**kwargs) if c.values[1] == "torch"]
+
+
+def _head_options(key: str, head: dict) -> dict:
+    """The head options a loss takes: the top-k loss's teacher is given by its log-probabilities."""
+    return {k: v for k, v in head.items() if key != "topk" or k.startswith("student_")}
+
+
+@pytest.mark.parametrize("key,backend,variant", torch_cases(variants="variants"))
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_head_transforms_match_float64_reference(key, backend, variant, head, temperature):
+    inputs = LOSSES[key].make(bias=True)
+    if key == "topk":
+        inputs = make_topk(bias=True, temperature=temperature)
+    check_against_reference(
+        key,
+        backend,
+        inputs,
+        grad_outputs=[torch.tensor(1.7)],
+        temperature=temperature,
+        alpha=0.7,
+        naive_bound=key == "topk" and temperature < 1.0,
+        **variant,
+        **_head_options(key, head),
+    )
+
+
+def _extreme(key: str) -> Inputs:
+    """Logits of magnitude up to ~1e4: a soft cap of 30 saturates for almost every token of the vocab,
+    its derivative 1 - tanh^2 underflows there, and the gradient comes from the few logits near 0."""
+    inputs = LOSSES[key].make(bias=False)
+    big = {
+        name: (inputs.get(name).detach() * 1e3).requires_grad_(name in inputs.student)
+        for name in ("student_weight", "teacher_weight", "student_logits", "teacher_logits")
+        if name in {**inputs.args, **inputs.kwargs}
+    }
+    return inputs.replace(**big)
+
+
+@pytest.mark.parametrize("key,backend,variant", torch_cases(variants="distinct_variants"))
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(dict(student_softcap=30.0, teacher_softcap=30.0), id="caps"),
+        pytest.param(
+            dict(student_logit_scale=3.0, student_softcap=50.0, teacher_softcap=30.0), id="scale-cap"
+        ),
+    ],
+)
+def test_saturated_soft_caps_match_float64_reference(key, backend, variant, head):
+    # Float32 logits of magnitude 1e4 are known to ~1e-3 absolutely: allow the naive float32 recipe's
+    # error (three times), never less than float32's tolerance.
+    values, grads = check_against_reference(
+        key,
+        backend,
+        _extreme(key),
+        naive_bound=True,
+        temperature=2.0,
+        alpha=0.7,
+        **variant,
+        **_head_options(key, head),
+    )
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("key,backend", [c for c in cases() if c.values[0] != "topk"])
+def test_identity_head_options_change_nothing(key, backend):
+    inputs = LOSSES[key].make(bias=True)
+    plain = run(LOSSES[key].function, inputs, backend=backend)
+    identity = run(
+        LOSSES[key].function,
+        inputs,
+        backend=backend,
+        student_logit_scale=1.0,
+        teacher_logit_scale=1.0,
+        student_softcap=None,
+        teacher_softcap=None,
+    )
+    for a, b in zip([*plain[0], *plain[1]], [*identity[0], *identity[1]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key", ["linear", "logits"])
+@pytest.mark.parametrize(
+    "option", ["student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap"]
+)
+def test_head_options_run_on_the_torch_backend_only(key, option):
+    """The Triton kernels do not implement the head transforms: "triton" refuses them by name, before any
+    work, on any device; "auto" runs the PyTorch backend."""
+    inputs = _small(key)
+    with pytest.raises(ValueError, match=f"{option}.*backend='torch' only"):
+        run(LOSSES[key].function, inputs, backend="triton", **{option: 2.0})
+    module = {"linear": fusedkd.FusedLinearKDLoss, "logits": fusedkd.KDLoss}[key]
+    with pytest.raises(ValueError, match=f"{option}.*backend='torch' only"):
+        module(backend="triton", **{option: 2.0})
+    inputs = LOSSES[key].make(bias=True)
+    auto = run(LOSSES[key].function, inputs, backend="auto", **{option: 2.0})
+    on_torch = run(LOSSES[key].function, inputs, backend="torch", **{option: 2.0})
+    for a, b in zip([*auto[0], *auto[1]], [*on_torch[0], *on_torch[1]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key", ["linear", "logits"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_bad_head_options_raise_clearly(key, side):
+    inputs = _small(key)
+    for option, value, exception, message in _bad_head_options(side):
+        with pytest.raises(exception, match=message):
+            run(LOSSES[key].function, inputs, **{option: value})
+        module = {"linear": fusedkd.FusedLinearKDLoss, "logits": fusedkd.KDLoss}[key]
+        with pytest.raises(exception, match=message):
+            module(**{option: value})
+
+
+def _bad_head_options(side: str):
+    return [
+        (f"{side}_logit_scale", 0.0, ValueError, f"{side}_logit_scale must be finite and > 0"),
+        (f"{side}_logit_scale", -2.0, ValueError, f"{side}_logit_scale must be finite and > 0"),
+        (f"{side}_logit_scale", float("inf"), ValueError, f"{side}_logit_scale"),
+        (f"{side}_logit_scale", None, TypeError, f"{side}_logit_scale must be a positive float"),
+        (f"{side}_logit_scale", True, TypeError, f"{side}_logit_scale must be a positive float"),
+        (f"{side}_softcap", 0.0, ValueError, f"{side}_softcap must be None or finite and > 0"),
+        (f"{side}_softcap", float("nan"), ValueError, f"{side}_softcap"),
+        (f"{side}_softcap", "30", TypeError, f"{side}_softcap must be None or a positive float"),
+    ]
+
+
+def test_bad_student_head_options_of_the_topk_loss_raise_clearly():
+    inputs = _small("topk")
+    for option, value, exception, message in _bad_head_options("student"):
+        with pytest.raises(exception, match=message):
+            run(fusedkd.fused_linear_topk_kd_loss, inputs, **{option: value})
+        with pytest.raises(exception, match=message):
+            fusedkd.FusedLinearTopKKDLoss(**{option: value})
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(dict(teacher_logit_scale=0.4), id="scale"),
+        pytest.param(dict(teacher_softcap=5.0), id="cap"),
+        pytest.param(dict(teacher_logit_scale=0.5, teacher_softcap=4.0), id="scale-then-cap"),
+    ],
+)
+def test_teacher_topk_applies_the_teacher_head(head):
+    hidden = torch.randn(37, 20, device=DEVICE)
+    weight = torch.randn(301, 20, device=DEVICE) * 2.0
+    bias = torch.randn(301, device=DEVICE)
+    ids, logprobs = fusedkd.teacher_topk(
+        hidden, weight, 7, 2.0, teacher_bias=bias, block_size=64, chunk_size=8, **head
+    )
+    ref_ids, ref_logprobs, _ = reference_teacher_topk(hidden, weight, 7, 2.0, bias, **head)
+    assert torch.equal(ids.cpu(), ref_ids.cpu())
+    assert_close([logprobs.double().cpu()], [ref_logprobs.cpu()], FP32_RTOL, "logprobs")
+    # A positive scale and tanh are increasing: the same ids, other log-probabilities.
+    plain_ids, plain_logprobs = fusedkd.teacher_topk(hidden, weight, 7, 2.0, teacher_bias=bias)
+    assert torch.equal(ids, plain_ids)
+    assert rel_err(logprobs.double().cpu(), plain_logprobs.double().cpu()) > 1e-2
+    for option, value, exception, message in _bad_head_options("teacher"):
+        with pytest.raises(exception, match=message):
+            fusedkd.teacher_topk(hidden, weight, 7, **{option: value})
+
+
+# ----------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument, before any work
 # ----------------------------------------------------------------------------------------------------
 

@@ -65,10 +65,13 @@ def teacher_topk(
     *,
     chunk_size: int | None = None,
     block_size: int = 8192,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backend entry point: checked [N, H] hidden states, a [V, H] head (its first V rows), a [V] bias or
     None -> (ids [N, k] int64, logprobs [N, k] in the compute dtype), by decreasing log-probability, ties
     by increasing id. `chunk_size` None: a ``chunk x block`` float32 tile of `tiles.TILE_BYTES`.
+    `logit_scale`, `softcap`: the teacher head's transform (`KDOptions`), applied before the temperature.
     """
     vocab = weight.shape[0]
     block = min(max(block_size, k), vocab)  # a block holds at least k entries, so one topk fills the list
@@ -89,7 +92,7 @@ def teacher_topk(
             top_values = top_ids = lse = None
             for v0 in range(0, vocab, block):
                 v1 = min(vocab, v0 + block)
-                # b = (h W^T + bias) / T for this block.
+                # b = head(h W^T + bias) / T for this block.
                 count = rows.stop - rows.start
                 b = _scaled_logits(
                     buffer[: count * (v1 - v0)].view(count, v1 - v0),
@@ -97,6 +100,8 @@ def teacher_topk(
                     weight[v0:v1],
                     None if bias is None else bias[v0:v1],
                     temperature,
+                    logit_scale,
+                    softcap,
                 )
                 # Running top-k: the block's first k, then the first k of (kept so far, block's).
                 values, value_ids = block_top(b, block_ids[: v1 - v0] + v0, min(k, v1 - v0))
@@ -125,14 +130,13 @@ def _scaled_logits(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """out <- (hidden @ weight.T + bias) / T, `out` a contiguous tile in the compute dtype (the GEMM in
-    the inputs' dtype, as the losses do)."""
-    if weight.dtype == out.dtype:
-        if bias is None:
-            torch.mm(hidden, weight.T, out=out)
-        else:
-            torch.addmm(bias, hidden, weight.T, out=out)
-    else:
-        out.copy_(hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T))
-    return out.div_(temperature) if temperature != 1.0 else out
+    """out <- head(hidden @ weight.T + bias) / T, `out` a contiguous tile in the compute dtype (the GEMM
+    in the inputs' dtype, as the losses do), head(z) = scale z, then softcap tanh(. / softcap) when
+    capped. The GEMM carries scale / T, or tanh's argument scale / softcap (`tiles.gemm_scales`)."""
+    folded = logit_scale / (temperature if softcap is None else softcap)
+    tiles.project(out, hidden, weight, bias, folded)
+    tiles.finish_head(out, folded, logit_scale, softcap, temperature)
+    return out

@@ -131,7 +131,7 @@ def gemm_scales(options: KDOptions, *, temper_teacher: bool) -> tuple[float, flo
     return student, teacher
 
 
-def _finish_head(
+def finish_head(
     x: torch.Tensor,
     folded: float,
     logit_scale: float,
@@ -246,8 +246,8 @@ def _group_terms(
     cap_derivative = None
     if want_grad and options.student_softcap is not None:
         cap_derivative = scratch.block(3, n)
-    _finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0, cap_derivative)
-    _finish_head(
+    finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0, cap_derivative)
+    finish_head(
         t,
         folded[1],
         options.teacher_logit_scale,

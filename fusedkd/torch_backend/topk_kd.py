@@ -131,12 +131,14 @@ def _tile_chunk(
     support: SupportOptions,
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
     scratch: Scratch,
+    folded: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One token chunk through its `c x V` student logits tile `s`, which it overwrites:
     (divergence [c], ce [c], G [c, V] (in `s`) or None).
 
     `labels` are safe (ignored rows hold a valid id; their weights are 0). G = w_distill dD/ds + w_ce dC/ds.
     The element-wise passes run on groups of `scratch.rows` rows, in place (as `tiles.kd_tile_terms`).
+    `folded`: the factor `s` already carries relative to W h + b (`tiles.gemm_scales`).
     """
     c = s.shape[0]
     divergence = s.new_empty(c)
@@ -153,6 +155,7 @@ def _tile_chunk(
             scratch,
             divergence[rows],
             ce[rows],
+            folded,
         )
     return divergence, ce, None if grad_weights is None else s
 
@@ -168,6 +171,7 @@ def _tile_group(
     scratch: Scratch,
     divergence_out: torch.Tensor,
     ce_out: torch.Tensor,
+    folded: float,
 ) -> None:
     """`_tile_chunk` on one group of rows; G, when wanted, is left in `s`."""
     T = options.temperature
@@ -175,6 +179,14 @@ def _tile_group(
     want_grad = grad_weights is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     rows = torch.arange(n, device=s.device)
+
+    # The student's head transform (logit scale, soft cap), finished on the tile `project` scaled by
+    # `tiles.gemm_scales`; the gradient gets the scale (in the row weights) and the cap's derivative.
+    cap_derivative = scratch.block(3, n) if want_grad and options.student_softcap is not None else None
+    tiles.finish_head(s, folded, options.student_logit_scale, options.student_softcap, 1.0, cap_derivative)
+    if want_grad and options.student_logit_scale != 1.0:
+        w_distill = w_distill * options.student_logit_scale
+        w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
     s.sub_(finite(s.amax(dim=-1, keepdim=True)))  # relative to the row maximum (DESIGN.md §6)
     plain = z_plain = None
@@ -214,6 +226,8 @@ def _tile_group(
         grad.addcmul_(plain, (w_ce / z_plain)[:, None])
         grad[rows, labels] -= w_ce
     grad.scatter_add_(1, ids, terms.g_support.mul_((w_distill / T)[:, None]))
+    if cap_derivative is not None:
+        grad.mul_(cap_derivative)
 
 
 def _sparse_chunk(
@@ -238,11 +252,21 @@ def _sparse_chunk(
     s_support = torch.bmm(support_weight, hidden[:, :, None])[:, :, 0]
     if bias is not None:
         s_support = s_support + bias[ids]
-    a_support = s_support.to(dtype) / T
+    # The student's head transform on the k logits: s = c tanh(scale z / c) (or scale z).
+    s_support = s_support.to(dtype) * options.student_logit_scale
+    cap_derivative = None
+    if options.student_softcap is not None:
+        cap = options.student_softcap
+        cap_derivative = (s_support / cap).cosh().square().reciprocal()  # 1 - tanh^2, exact at saturation
+        s_support = cap * torch.tanh(s_support / cap)
+    a_support = s_support / T
     terms = _renormalized_terms(a_support, log_p, options.divergence, grads is not None)
     if grads is not None:
         grad_hidden, grad_weight, grad_bias = grads
-        g_support = terms.g_support.mul_((grad_weights[0] / T)[:, None])  # [c, k]
+        # d/dz = scale (1 - tanh^2) d/ds
+        g_support = terms.g_support.mul_((grad_weights[0] * (options.student_logit_scale / T))[:, None])
+        if cap_derivative is not None:
+            g_support.mul_(cap_derivative)  # [c, k]
         grad_hidden[rows] = torch.bmm(g_support.to(weight.dtype)[:, None, :], support_weight)[:, 0]
         flat_ids = ids.reshape(-1)
         outer = (g_support[:, :, None] * hidden.to(dtype)[:, None, :]).reshape(-1, hidden.shape[1])
@@ -292,6 +316,7 @@ def stream(
             chunk_size = default_chunk_size(
                 weight.shape[0], torch.finfo(dtype).bits // 8, tiles.LINEAR_TILE_BYTES
             )
+    student_scale = tiles.gemm_scales(options, temper_teacher=False)[0]
     if not sparse and n > 0:
         # The logits tile and the scratch are allocated once and reused by every chunk.
         tile = torch.empty(min(n, chunk_size), weight.shape[0], dtype=dtype, device=device)
@@ -306,7 +331,7 @@ def stream(
                 hidden[rows], weight, bias, ids[rows], log_p, options, chunk_weights, grads, rows
             )
             continue
-        s = project(tile[: rows.stop - rows.start], hidden[rows], weight, bias)
+        s = project(tile[: rows.stop - rows.start], hidden[rows], weight, bias, student_scale)
         chunk_divergence, chunk_ce, grad = _tile_chunk(
             s,
             ids[rows],
@@ -316,6 +341,7 @@ def stream(
             support,
             chunk_weights,
             scratch,
+            student_scale,
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce
