@@ -18,9 +18,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from fusedkd._autograd import (
+    gradient_weights,
+    input_grads,
+    no_output_grad,
+    reduce,
+    reduction_scale,
+    unit_gradient_weights,
+)
 from fusedkd._options import KDOptions
-from fusedkd.kernels import INTERPRETER, unavailable_reason
+from fusedkd.kernels import INTERPRETER, launch_device, unavailable_reason
 from fusedkd.kernels.config import KernelConfig, TileConfig, dot_precision, select_config
 from fusedkd.kernels.gradient import gradient_kernel
 from fusedkd.kernels.jsd import NUM_JSD_FIELDS, jsd_kernel, merge_jsd_kernel
@@ -72,12 +81,20 @@ class _Problem:
         """Tensors, sizes and strides in the order the tile kernels take them."""
         sh, sw, th, tw = self.student_hidden, self.student_weight, self.teacher_hidden, self.teacher_weight
         # An absent bias is never read (HAS_*_BIAS is False): any pointer will do.
+        sb, tb = self.student_bias, self.teacher_bias
         return (
-            (sh, sw, sw if self.student_bias is None else self.student_bias),
-            (th, tw, tw if self.teacher_bias is None else self.teacher_bias),
-            (sh.stride(0), sh.stride(1), sw.stride(0), sw.stride(1)),
-            (th.stride(0), th.stride(1), tw.stride(0), tw.stride(1)),
+            (sh, sw, sw if sb is None else sb),
+            (th, tw, tw if tb is None else tb),
+            (sh.stride(0), sh.stride(1), sw.stride(0), sw.stride(1), 1 if sb is None else sb.stride(0)),
+            (th.stride(0), th.stride(1), tw.stride(0), tw.stride(1), 1 if tb is None else tb.stride(0)),
         )
+
+    def label_args(self) -> tuple:
+        """(labels pointer, its stride): the labels as they are (any stride, int32 or int64); without
+        labels any int64 tensor (never read)."""
+        if self.labels is None:
+            return self.token_index, 1
+        return self.labels, self.labels.stride(0)
 
     def tile_flags(self, tile: TileConfig) -> dict:
         """Compile-time features shared by the tile kernels."""
@@ -96,6 +113,12 @@ class _Problem:
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )
+
+
+def inverse_temperature(options: KDOptions) -> float:
+    """The one place where the temperature T of `KDOptions` becomes the kernels' `inv_temperature` = 1/T
+    (the scale of the online log-sum-exp convention, tl_utils.py)."""
+    return 1.0 / options.temperature
 
 
 def _token_order(labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):
@@ -123,6 +146,12 @@ def _vocab_splits(problem: _Problem, tile: TileConfig) -> tuple[int, int]:
 
 
 def _statistics(problem: _Problem, config: KernelConfig):
+    """Pass 1 (and the JSD's pass 2), launched on the inputs' device: see `_launch_statistics`."""
+    with launch_device(problem.student_hidden):
+        return _launch_statistics(problem, config)
+
+
+def _launch_statistics(problem: _Problem, config: KernelConfig):
     """Pass 1 (and the JSD's pass 2): (stats [fields, N], distill [N], ce [N]), float32."""
     options, n, device = problem.options, problem.num_tokens, problem.device
     tile = config.statistics
@@ -133,7 +162,7 @@ def _statistics(problem: _Problem, config: KernelConfig):
         empty = torch.zeros(0, dtype=torch.float32, device=device)
         return torch.zeros((NUM_STAT_FIELDS, 0), dtype=torch.float32, device=device), empty, empty.clone()
     divergence = DIVERGENCE_CODES[options.divergence]
-    inv_temperature = 1.0 / options.temperature
+    inv_temperature = inverse_temperature(options)
     flags = problem.tile_flags(tile)
     sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
 
@@ -141,7 +170,7 @@ def _statistics(problem: _Problem, config: KernelConfig):
     statistics_kernel[grid](
         *student,
         *teacher,
-        problem.token_index if problem.labels is None else problem.labels,
+        *problem.label_args(),
         problem.token_index,
         problem.num_valid,
         partial,
@@ -212,7 +241,13 @@ def _gradient_programs(problem: _Problem, tile: TileConfig) -> int:
     return min(num_vocab_blocks, 3 if INTERPRETER else _multiprocessors(problem.device))
 
 
-def _gradients(
+def _gradients(problem: _Problem, config: KernelConfig, stats, weight_distill, weight_ce, wanted):
+    """Pass 2, launched on the inputs' device: see `_launch_gradients`."""
+    with launch_device(problem.student_hidden):
+        return _launch_gradients(problem, config, stats, weight_distill, weight_ce, wanted)
+
+
+def _launch_gradients(
     problem: _Problem,
     config: KernelConfig,
     stats: torch.Tensor,
@@ -250,7 +285,7 @@ def _gradients(
     gradient_kernel[(programs,)](
         *student,
         *teacher,
-        problem.token_index if problem.labels is None else problem.labels,
+        *problem.label_args(),
         problem.token_index,
         problem.num_valid,
         stats,
@@ -266,7 +301,7 @@ def _gradients(
         problem.teacher_hidden.shape[1],
         *student_strides,
         *teacher_strides,
-        1.0 / options.temperature,
+        inverse_temperature(options),
         beta,
         math.log(beta),
         math.log1p(-beta),
@@ -287,51 +322,21 @@ def _gradients(
 
 
 def _reduction_scale(problem: _Problem) -> torch.Tensor:
-    """1 / max(num_valid, 1) for reduction="mean", else 1 (a device tensor: no host sync)."""
-    if problem.options.reduction == "mean":
-        return 1.0 / problem.num_valid[0].clamp(min=1).to(torch.float32)
-    return torch.ones((), dtype=torch.float32, device=problem.device)
+    return reduction_scale(problem.num_valid, problem.options.reduction, torch.float32)
 
 
 def _outputs(problem: _Problem, distill: torch.Tensor, ce: torch.Tensor, scale: torch.Tensor):
     """(loss, distill, ce) reduced per options.reduction; ignored tokens hold zeros already."""
     options = problem.options
     loss = options.distill_weight * distill + options.ce_weight * ce
-    if options.reduction == "none":
-        return loss, distill, ce
-    return tuple(x.sum() * scale for x in (loss, distill, ce))
-
-
-def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
-    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
-    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
-
-
-def _gradient_weights(problem: _Problem, scale: torch.Tensor, grad_loss, grad_distill, grad_ce):
-    """Per-token weights of dD/ds and dC/ds (DESIGN.md §4), [N] float32 in token order.
-
-    w_D = (g_loss alpha T^2 + g_distill) * scale,  w_C = (g_loss (1 - alpha) + g_ce) * scale;
-    ignored tokens are never visited by the kernels, so their weights do not matter.
-    """
-    options, n = problem.options, problem.num_tokens
-    zero = torch.zeros((), dtype=torch.float32, device=problem.device)
-
-    def as_weight(g):
-        return zero if g is None else g.to(torch.float32)
-
-    g_loss, g_distill, g_ce = (as_weight(g) for g in (grad_loss, grad_distill, grad_ce))
-    weight_distill = ((g_loss * options.distill_weight + g_distill) * scale).expand(n).contiguous()
-    weight_ce = None
-    if _has_ce_grad(options, grad_ce):
-        weight_ce = ((g_loss * options.ce_weight + g_ce) * scale).expand(n).contiguous()
-    return weight_distill, weight_ce
+    return tuple(reduce(x, options.reduction, scale) for x in (loss, distill, ce))
 
 
 def _unit_gradients(problem: _Problem, config: KernelConfig, stats: torch.Tensor):
     """The gradient pass for grad_output = 1 (what autotuning times)."""
-    scale = _reduction_scale(problem)
-    one = torch.ones((), dtype=torch.float32, device=problem.device)
-    weights = _gradient_weights(problem, scale, one, None, None)
+    weights = unit_gradient_weights(
+        problem.options, _reduction_scale(problem), num_tokens=problem.num_tokens, dtype=torch.float32
+    )
     wanted = (True, True, problem.student_bias is not None)
     return _gradients(problem, config, stats, *weights, wanted)
 
@@ -399,6 +404,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         return _outputs(problem, distill, ce, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_distill, grad_ce):
         (
             student_hidden,
@@ -414,8 +420,8 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             scale,
         ) = ctx.saved_tensors
         wanted = ctx.needs_input_grad
-        if grad_loss is None and grad_distill is None and grad_ce is None:
-            return tuple(None for _ in wanted)
+        if no_output_grad(grad_loss, grad_distill, grad_ce):
+            return input_grads(wanted, {})
         problem = _Problem(
             student_hidden,
             student_weight,
@@ -428,7 +434,16 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             num_valid,
             ctx.options,
         )
-        weight_distill, weight_ce = _gradient_weights(problem, scale, grad_loss, grad_distill, grad_ce)
+        # Ignored tokens are never visited by the kernels: their weights do not matter.
+        weight_distill, weight_ce = gradient_weights(
+            ctx.options,
+            scale,
+            grad_loss,
+            grad_distill,
+            grad_ce,
+            num_tokens=problem.num_tokens,
+            dtype=torch.float32,
+        )
         grads = _gradients(
             problem,
             ctx.config,
@@ -437,8 +452,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             weight_ce,
             (wanted[0], wanted[1], student_bias is not None and wanted[2]),
         )
-        by_input = dict(enumerate(grads))
-        return tuple(by_input.get(i) if wanted[i] else None for i in range(len(wanted)))
+        return input_grads(wanted, dict(enumerate(grads)))
 
 
 def _make_problem(
@@ -490,12 +504,15 @@ def fused_linear_kd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked, flattened inputs -> (loss, distill, ce), float32, reduced per `options`.
 
-    Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows, any
-    strides), [V] biases, [N] int64 labels (or None), in float32, bfloat16 or float16 (the teacher's
-    dtype may differ from the student's). The teacher gets no gradient. Under torch.no_grad, or when
-    no student tensor requires grad, only the forward passes run and nothing is saved.
+    Inputs are [N, H] hidden states and [V, H] heads (already cut to `options.vocab_size` rows), [V]
+    biases, [N] int64 or int32 labels (or None), each of any strides; float32, bfloat16 or float16
+    (the teacher's dtype may differ from the student's). The teacher gets no gradient. Under
+    torch.no_grad, or when no student tensor requires grad, only the forward passes run and nothing
+    is saved. The backward is once-differentiable (double backward raises).
     """
     _check_supported(student_hidden, teacher_hidden)
+    if labels is not None and labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     args = (

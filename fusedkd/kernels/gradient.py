@@ -119,6 +119,7 @@ def gradient_kernel(
     teacher_weight_ptr,
     teacher_bias_ptr,
     labels_ptr,
+    stride_labels,
     token_index_ptr,
     num_valid_ptr,
     stats_ptr,
@@ -136,10 +137,12 @@ def gradient_kernel(
     stride_student_hidden_h,
     stride_student_weight_v,
     stride_student_weight_h,
+    stride_student_bias,
     stride_teacher_hidden_n,
     stride_teacher_hidden_h,
     stride_teacher_weight_v,
     stride_teacher_weight_h,
+    stride_teacher_bias,
     inv_temperature,
     beta,
     log_beta,
@@ -196,19 +199,21 @@ def gradient_kernel(
             s = logits_tile(
                 student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
                 student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-                student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+                student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+                STUDENT_UPCAST,
                 DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             t = logits_tile(
                 teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
                 teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-                teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+                teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+                TEACHER_UPCAST,
                 DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             weight_distill = tl.load(weight_distill_ptr + rows, mask=row_mask, other=0.0)
             if HAS_CE_GRAD:
                 weight_ce = tl.load(weight_ce_ptr + rows, mask=row_mask, other=0.0)
-                labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+                labels = tl.load(labels_ptr + rows * stride_labels, mask=row_mask, other=0)
             else:
                 weight_ce = weight_distill
                 labels = rows

@@ -51,10 +51,12 @@ def jsd_kernel(
     stride_student_hidden_h,
     stride_student_weight_v,
     stride_student_weight_h,
+    stride_student_bias,
     stride_teacher_hidden_n,
     stride_teacher_hidden_h,
     stride_teacher_weight_v,
     stride_teacher_weight_h,
+    stride_teacher_bias,
     inv_temperature,
     log_beta,
     log_one_minus_beta,
@@ -96,13 +98,15 @@ def jsd_kernel(
         s = logits_tile(
             student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
             student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-            student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+            student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+            STUDENT_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         t = logits_tile(
             teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
             teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-            teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+            teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+            TEACHER_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.

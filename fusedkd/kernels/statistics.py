@@ -72,6 +72,7 @@ def statistics_kernel(
     teacher_weight_ptr,
     teacher_bias_ptr,
     labels_ptr,
+    stride_labels,
     token_index_ptr,
     num_valid_ptr,
     partial_ptr,
@@ -84,10 +85,12 @@ def statistics_kernel(
     stride_student_hidden_h,
     stride_student_weight_v,
     stride_student_weight_h,
+    stride_student_bias,
     stride_teacher_hidden_n,
     stride_teacher_hidden_h,
     stride_teacher_weight_v,
     stride_teacher_weight_h,
+    stride_teacher_bias,
     inv_temperature,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -119,7 +122,7 @@ def statistics_kernel(
     student_rows = rows * stride_student_hidden_n
     teacher_rows = rows * stride_teacher_hidden_n
     if HAS_LABELS:
-        labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+        labels = tl.load(labels_ptr + rows * stride_labels, mask=row_mask, other=0)
 
     neg_inf = float("-inf")
     m_student = tl.full([BLOCK_N], neg_inf, tl.float32)
@@ -141,13 +144,15 @@ def statistics_kernel(
         s = logits_tile(
             student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
             student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-            student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+            student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+            STUDENT_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         t = logits_tile(
             teacher_hidden_ptr, teacher_rows, row_mask, stride_teacher_hidden_h,
             teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-            teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+            teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+            TEACHER_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         if HAS_LABELS:
