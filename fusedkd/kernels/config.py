@@ -83,11 +83,17 @@ FLOAT32_CANDIDATES = (
 )
 
 
+def gpu_config(dtype: torch.dtype) -> KernelConfig:
+    """The fixed GPU configuration for inputs of `dtype` (the student's), interpreter or not."""
+    return FLOAT32_CONFIG if dtype == torch.float32 else HALF_CONFIG
+
+
 def default_config(dtype: torch.dtype) -> KernelConfig:
-    """The fixed configuration for inputs of `dtype` (the student's)."""
+    """The configuration the kernels launch with for inputs of `dtype`: small tiles under the
+    interpreter, `gpu_config(dtype)` on a GPU."""
     if INTERPRETER:
         return INTERPRETER_CONFIG
-    return FLOAT32_CONFIG if dtype == torch.float32 else HALF_CONFIG
+    return gpu_config(dtype)
 
 
 def dot_precision() -> str:

@@ -136,13 +136,25 @@ def _multiprocessors(device: torch.device) -> int:
     return 1
 
 
-def _vocab_splits(problem: _Problem, tile: TileConfig) -> tuple[int, int]:
+def statistics_grid(
+    num_tokens: int, vocab_size: int, tile: TileConfig, multiprocessors: int, interpreter: bool = False
+) -> tuple[int, int]:
     """(splits, vocabulary blocks per split) of the statistics grid: enough programs to fill the GPU."""
-    num_vocab_blocks = math.ceil(problem.vocab_size / tile.block_v)
-    num_token_blocks = math.ceil(problem.num_tokens / tile.block_n)
-    wanted = 2 if INTERPRETER else math.ceil(2 * _multiprocessors(problem.device) / num_token_blocks)
+    num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
+    num_token_blocks = math.ceil(num_tokens / tile.block_n)
+    wanted = 2 if interpreter else math.ceil(2 * multiprocessors / max(1, num_token_blocks))
     blocks_per_split = math.ceil(num_vocab_blocks / max(1, min(wanted, num_vocab_blocks)))
     return math.ceil(num_vocab_blocks / blocks_per_split), blocks_per_split
+
+
+def _vocab_splits(problem: _Problem, tile: TileConfig) -> tuple[int, int]:
+    sms = _multiprocessors(problem.device)
+    return statistics_grid(problem.num_tokens, problem.vocab_size, tile, sms, INTERPRETER)
+
+
+def statistics_program(pid: int, num_token_blocks: int, splits: int) -> tuple[int, int]:
+    """(token block, split) of statistics program `pid`: what the kernels compute from tl.program_id."""
+    return pid % num_token_blocks, pid // num_token_blocks
 
 
 def _statistics(problem: _Problem, config: KernelConfig):
@@ -236,9 +248,14 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
     return stats, distill, ce
 
 
+def gradient_programs(vocab_size: int, tile: TileConfig, multiprocessors: int, interpreter: bool = False) -> int:
+    """Programs of the (persistent) gradient grid: one per multiprocessor, at most one per vocab block."""
+    num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
+    return min(num_vocab_blocks, 3 if interpreter else multiprocessors)
+
+
 def _gradient_programs(problem: _Problem, tile: TileConfig) -> int:
-    num_vocab_blocks = math.ceil(problem.vocab_size / tile.block_v)
-    return min(num_vocab_blocks, 3 if INTERPRETER else _multiprocessors(problem.device))
+    return gradient_programs(problem.vocab_size, tile, _multiprocessors(problem.device), INTERPRETER)
 
 
 def _gradients(problem: _Problem, config: KernelConfig, stats, weight_distill, weight_ce, wanted):
