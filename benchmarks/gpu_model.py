@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -178,11 +177,12 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
 
     A program holds one token block and walks the vocabulary blocks of its split; every step loads a
     [BLOCK_N, H] hidden tile and a [BLOCK_V, H] weight tile per model through the L2."""
-    tile = kernel_config.gpu_config(_dtype()).statistics
+    cfg = kernel_config.gpu_config(_dtype())
+    tile = cfg.statistics
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
     token_blocks, vocab_blocks = _cdiv(n, tile.block_n), _cdiv(v, tile.block_v)
-    splits, blocks_per_split = fused_linear_kd.statistics_grid(n, v, tile, hw.sms)
+    splits, blocks_per_split = fused_linear_kd.statistics_grid(n, v, cfg, hw.sms)
     programs = token_blocks * splits
     wave = min(programs, hw.sms)
     # The programs running together (the first `wave` program ids): the token blocks and splits they cover.
@@ -218,7 +218,9 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
             hbm_when_missing=weight_total,
         )
     )
-    p.streams.append(Stream("statistics out", n * splits * 8 * 4 * (0.25 if jsd_pass else 1.0), working_set=0))
+    p.streams.append(
+        Stream("statistics out", n * splits * 8 * 4 * (0.25 if jsd_pass else 1.0), working_set=0)
+    )
     entries = n * v
     if jsd_pass:
         p.mufu, p.alu = 6 * entries, 24 * entries  # log m (2 exp + log), p, q; the KL sums
@@ -229,41 +231,42 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
 
 
 def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
-    """gradient.py: see `fused_linear_kd.gradient_traffic` for the work split the model follows."""
+    """gradient.py: persistent programs own vocabulary blocks and walk all tokens, SUB_BLOCKS token
+    blocks per update: logits recomputed per token block, G staged, then the dW product with
+    K = SUB_BLOCKS * BLOCK_N tokens per float32 read-modify-write and the dh product per token block."""
     cfg = kernel_config.gpu_config(_dtype())
-    tile = cfg.gradient
+    tile = cfg.gradient_tile(shapes.divergence)
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
     programs = fused_linear_kd.gradient_programs(v, tile, hw.sms)
     token_blocks, vocab_blocks = _cdiv(n, tile.block_n), _cdiv(v, tile.block_v)
     tiles = token_blocks * vocab_blocks
-    sub_blocks = 1  # token blocks per dW read-modify-write
+    sub_blocks = cfg.gradient_sub_blocks
     tokens_per_update = tile.block_n * sub_blocks
-    updates = _cdiv(n, tokens_per_update) * vocab_blocks  # dW read-modify-writes of [BLOCK_V, H_s]
+    updates = _cdiv(token_blocks, sub_blocks) * vocab_blocks  # dW read-modify-writes of [BLOCK_V, H_s]
     row_bytes = (hs + ht) * eb
     logits_flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
     grad_flops = 2 * 2 * tiles * tile.block_n * tile.block_v * hs
     p = Prediction("gradient_kernel", flops=logits_flops + grad_flops)
     groups = min(cfg.token_groups, programs)
-    # Hidden tiles (both models; the student's again for dW): the programs of a group walk the token
-    # blocks in step, so a group's tile comes from HBM once per owned vocabulary block of its programs.
+    # Hidden tiles (both models for the logits, the student's again for dW): the programs of a group
+    # walk the updates in step, so an update's tiles come from HBM once per group and owned block.
     hidden_total = tiles * tile.block_n * (row_bytes + hs * eb)
     p.streams.append(
         Stream(
             "hidden (token-group lockstep)",
             hidden_total,
-            working_set=groups * 2 * tile.block_n * row_bytes,
+            working_set=groups * tokens_per_update * row_bytes,
             from_hbm_once=groups * (vocab_blocks / programs) * n * row_bytes,
         )
     )
-    # Weight rows of the program's own vocabulary block: for the logits at every token step, and the
-    # student's for G W_s once per dh product (every sub-block, or once per update when staged).
-    weight_reads_per_step = tile.block_v * row_bytes
-    dh_weight_reads = tiles / sub_blocks * tile.block_v * hs * eb
+    # Weight rows of the program's own vocabulary block: both models' for the logits at every token
+    # block, the student's for G W_s once per update and hidden chunk.
+    dh_weight_reads = updates * tile.block_v * hs * eb
     p.streams.append(
         Stream(
-            "own weight rows (re-read per token step)",
-            tiles * weight_reads_per_step + dh_weight_reads,
+            "own weight rows (re-read per token block)",
+            tiles * tile.block_v * row_bytes + dh_weight_reads,
             working_set=programs * tile.block_v * (row_bytes + hs * eb),
             from_hbm_once=v * row_bytes,
         )
@@ -277,10 +280,27 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
             from_hbm_once=v * hs * (4 + eb),
         )
     )
-    # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary extent that a
-    # product covers.
+    # G staging: written once and read twice (dW and dh products) per entry, per-program scratch.
+    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    p.streams.append(
+        Stream(
+            "G staging (written once, read twice)",
+            tiles * tile.block_n * tile.block_v * staged_bytes * 3,
+            working_set=programs * tokens_per_update * tile.block_v * staged_bytes,
+        )
+    )
+    # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary block. The rows
+    # being added to at a time are those of the groups' current updates; each pass of the programs
+    # over the tokens (one per owned vocabulary block) brings all of dh through the L2 once.
     p.atomics = token_blocks * tile.block_n * hs * vocab_blocks
-    p.streams.append(Stream("dh float32 atomics", p.atomics * 4, working_set=n * hs * 4, from_hbm_once=n * hs * 8))
+    p.streams.append(
+        Stream(
+            "dh float32 atomics",
+            p.atomics * 4,
+            working_set=groups * tokens_per_update * hs * 4,
+            from_hbm_once=(vocab_blocks / programs) * n * hs * 4 * 2,
+        )
+    )
     entries = n * v
     p.mufu, p.alu = 3 * entries, 22 * entries  # q, p, q at T = 1; G, the casts
     p.note = (
@@ -299,13 +319,18 @@ def fusedkd(shapes: Shapes, hw: Hardware) -> list[Prediction]:
 
 
 def fusedkd_extra_memory(shapes: Shapes) -> float:
-    """Bytes the fused loss allocates besides its inputs and the gradients (forward + backward)."""
+    """Bytes the fused loss allocates besides its inputs and the gradients (forward + backward): the
+    statistics, the float32 dh accumulator, the per-program dW rows and G staging (fused_linear_kd)."""
     cfg = kernel_config.gpu_config(_dtype())
     n, v, hs = shapes.tokens, shapes.vocab, shapes.student_dim
-    splits, _ = fused_linear_kd.statistics_grid(n, v, cfg.statistics, _SMS)
-    programs = fused_linear_kd.gradient_programs(v, cfg.gradient, _SMS)
-    statistics = (splits * int(fused_linear_kd.NUM_PARTIAL_FIELDS.value) + int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
-    return statistics + n * hs * 4 + programs * cfg.gradient.block_v * hs * 4
+    splits, _ = fused_linear_kd.statistics_grid(n, v, cfg, _SMS)
+    tile = cfg.gradient_tile(shapes.divergence)
+    programs = fused_linear_kd.gradient_programs(v, tile, _SMS)
+    partial_fields = int(fused_linear_kd.NUM_PARTIAL_FIELDS.value)
+    statistics = (splits * partial_fields + int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
+    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    staging = programs * cfg.gradient_sub_blocks * tile.block_n * tile.block_v * staged_bytes
+    return statistics + n * hs * 4 + programs * tile.block_v * hs * 4 + staging
 
 
 # --- Liger-Kernel: LigerFusedLinearJSDLoss (chunked_loss/fused_linear_distillation.py) ---------------
@@ -319,7 +344,13 @@ LIGER_ELEMENTWISE_BYTES = 22
 
 
 def liger(shapes: Shapes, hw: Hardware) -> list[Prediction]:
-    n, v, hs, ht, eb = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim, shapes.element_bytes
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
     chunks = max(1, n // LIGER_CHUNK)
     entries = n * v
     gemm = Prediction("cuBLAS GEMMs (s, t, G W_s, G^T h_s)", flops=2 * entries * (ht + 3 * hs))
@@ -341,7 +372,10 @@ def liger(shapes: Shapes, hw: Hardware) -> list[Prediction]:
 
 def liger_extra_memory(shapes: Shapes) -> float:
     """Two bf16 logits chunks, G, float32 log-softmax intermediates (~3 chunk x V float32 live)."""
-    return LIGER_CHUNK * shapes.vocab * (3 * shapes.element_bytes + 3 * 4) + shapes.vocab * shapes.student_dim * 2
+    return (
+        LIGER_CHUNK * shapes.vocab * (3 * shapes.element_bytes + 3 * 4)
+        + shapes.vocab * shapes.student_dim * 2
+    )
 
 
 # --- TRL 1.16: trl.kernels.chunked_divergence.ChunkedDivergenceFunction -----------------------------
@@ -355,27 +389,45 @@ def trl(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     Triton statistics kernel reading them (the JSD repeats both: a second pass). Backward: both
     projections again, a Triton kernel writing G (float32, in place), its bf16 cast, two cuBLAS
     products accumulating into float32 dh and dW. No cross-entropy (TRL computes the divergence only)."""
-    n, v, hs, ht, eb = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim, shapes.element_bytes
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
     entries = n * v
     token_chunks, vocab_chunks = _cdiv(n, TRL_TOKEN_CHUNK), _cdiv(v, TRL_VOCAB_CHUNK)
     passes = 2 if shapes.divergence == "jsd" else 1
     projection_flops = 2 * entries * (hs + ht)
     weights_per_projection = token_chunks * v * (hs + ht) * eb
     hidden_per_projection = vocab_chunks * n * (hs + ht) * eb
-    forward = Prediction(f"forward: projections x{passes} (float32 out) + statistics", flops=passes * projection_flops)
+    forward = Prediction(
+        f"forward: projections x{passes} (float32 out) + statistics", flops=passes * projection_flops
+    )
     forward.streams += [
         Stream("weights, hidden", passes * (weights_per_projection + hidden_per_projection), working_set=0),
         Stream("float32 logits written and read", passes * entries * 2 * (4 + 4), working_set=0),
     ]
     forward.mufu, forward.alu = passes * 4 * entries, passes * 20 * entries
-    backward = Prediction("backward: projections + G + dh, dW (cuBLAS)", flops=projection_flops + 4 * entries * hs)
+    backward = Prediction(
+        "backward: projections + G + dh, dW (cuBLAS)", flops=projection_flops + 4 * entries * hs
+    )
     backward.streams += [
         Stream("weights, hidden", weights_per_projection + hidden_per_projection, working_set=0),
         # s, t written (8 B); read by the kernel (8 B); G written float32 (4); cast: read 4, write 2;
         # the two products read G (2 x 2).
         Stream("float32 logits, G", entries * (8 + 8 + 4 + 6 + 4), working_set=0),
-        Stream("dW float32 per token chunk", token_chunks * v * hs * 4 * 2 + token_chunks * v * hs * eb, working_set=0),
-        Stream("dh float32 per vocab chunk", vocab_chunks * n * hs * 4 * 2 + vocab_chunks * v * hs * eb, working_set=0),
+        Stream(
+            "dW float32 per token chunk",
+            token_chunks * v * hs * 4 * 2 + token_chunks * v * hs * eb,
+            working_set=0,
+        ),
+        Stream(
+            "dh float32 per vocab chunk",
+            vocab_chunks * n * hs * 4 * 2 + vocab_chunks * v * hs * eb,
+            working_set=0,
+        ),
     ]
     backward.mufu, backward.alu = 3 * entries, 16 * entries
     return [forward, backward]
@@ -452,7 +504,13 @@ def backward_traffic(shapes: Shapes, hw: Hardware) -> dict:
     accumulator once)."""
     grad = fusedkd_gradient(shapes, hw)
     grad.place(hw)
-    n, v, hs, ht, eb = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim, shapes.element_bytes
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
     per = _cdiv(n, 512)
     unavoidable = per * (v * (hs + ht) * eb + v * hs * 4 * 2) + n * (hs + ht) * eb + n * hs * 4 * 2
     return {"hbm_bytes": grad.hbm, "unavoidable_bytes": unavoidable, "ratio": grad.hbm / unavoidable}
@@ -463,7 +521,10 @@ def _fmt_bytes(x: float) -> str:
 
 
 def print_table(results: list[dict], hw: Hardware) -> None:
-    print(f"Roofline PREDICTIONS for {hw.name} (no GPU ran): peak {hw.bf16_flops / 1e12:.0f} TFLOP/s bf16 dense,")
+    print(
+        f"Roofline PREDICTIONS for {hw.name} (no GPU ran): "
+        f"peak {hw.bf16_flops / 1e12:.0f} TFLOP/s bf16 dense,"
+    )
     print(
         f"HBM {hw.hbm_bytes_per_s / 1e12:.1f} TB/s, L2 {hw.l2_bytes_per_s / 1e12:.1f} TB/s (assumed), "
         f"{hw.atomics_per_s:.2g} float32 atomics/s (assumed), MMA efficiency {hw.mma_efficiency} (assumed)."
@@ -473,16 +534,21 @@ def print_table(results: list[dict], hw: Hardware) -> None:
         print()
         print(
             f"N = {s['tokens']}, V = {s['vocab']}, H_t = {s['teacher_dim']}, H_s = {s['student_dim']}, bf16, "
-            f"{s['divergence']} + CE: unavoidable GEMMs 2NV(H_t+3H_s) = {result['unavoidable_flops'] / 1e12:.1f} "
+            f"{s['divergence']} + CE: unavoidable GEMMs 2NV(H_t+3H_s) = "
+            f"{result['unavoidable_flops'] / 1e12:.1f} "
             f"TFLOP; fused 2NV(2H_t+4H_s) = {result['fused_flops'] / 1e12:.1f} TFLOP"
         )
-        header = f"  {'method / kernel':<46} {'TFLOP':>7} {'HBM':>11} {'L2':>11} {'atomics':>9} {'bound':>8} {'time':>9}"
+        header = (
+            f"  {'method / kernel':<46} {'TFLOP':>7} {'HBM':>11} {'L2':>11} {'atomics':>9} "
+            f"{'bound':>8} {'time':>9}"
+        )
         print(header)
         for method, row in result["methods"].items():
             for k in row["kernels"]:
                 print(
-                    f"  {method + ': ' + k['kernel']:<46.46} {k['flops'] / 1e12:7.1f} {_fmt_bytes(k['hbm_bytes'])} "
-                    f"{_fmt_bytes(k['l2_bytes'])} {k['atomics']:9.2e} {k['bound']:>8} {k['time_s'] * 1e3:7.1f}ms"
+                    f"  {method + ': ' + k['kernel']:<46.46} {k['flops'] / 1e12:7.1f} "
+                    f"{_fmt_bytes(k['hbm_bytes'])} {_fmt_bytes(k['l2_bytes'])} {k['atomics']:9.2e} "
+                    f"{k['bound']:>8} {k['time_s'] * 1e3:7.1f}ms"
                 )
             print(
                 f"  {method + ' total':<46} {row['flops'] / 1e12:7.1f} {_fmt_bytes(row['hbm_bytes'])} "
@@ -494,7 +560,9 @@ def print_table(results: list[dict], hw: Hardware) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", default="4096,16384,32768")
     parser.add_argument("--divergences", default="forward_kl,jsd")
     parser.add_argument("--l2-tbps", type=float, default=Hardware.l2_bytes_per_s / 1e12)
@@ -502,7 +570,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     hw = replace(Hardware(), l2_bytes_per_s=args.l2_tbps * 1e12)
     results = [
-        evaluate(Shapes(int(n), divergence=d), hw) for d in args.divergences.split(",") for n in args.tokens.split(",")
+        evaluate(Shapes(int(n), divergence=d), hw)
+        for d in args.divergences.split(",")
+        for n in args.tokens.split(",")
     ]
     traffic = backward_traffic(Shapes(16384), hw)
     if args.json:
@@ -515,13 +585,16 @@ def main(argv=None) -> int:
         f"{traffic['ratio']:.1f}x the unavoidable {traffic['unavoidable_bytes'] / GB:.1f} GB "
         "(weights + hidden states + gradients once per 512 tokens)"
     )
-    print("Sensitivity to the L2 bandwidth assumption (fusedkd forward + backward, N = 16384, forward_kl + CE):")
+    print(
+        "Sensitivity to the L2 bandwidth assumption (fusedkd forward + backward, N = 16384, forward_kl + CE):"
+    )
     for tbps in (7.0, 10.0, 12.0):
         other = replace(hw, l2_bytes_per_s=tbps * 1e12)
         row = evaluate(Shapes(16384), other)["methods"]
         print(
             f"  L2 {tbps:4.1f} TB/s: fusedkd {row['fusedkd']['time_s'] * 1e3:6.1f} ms "
-            f"({100 * row['fusedkd']['fraction_of_peak']:.0f}% of peak), liger {row['liger']['time_s'] * 1e3:6.1f} ms, "
+            f"({100 * row['fusedkd']['fraction_of_peak']:.0f}% of peak), "
+            f"liger {row['liger']['time_s'] * 1e3:6.1f} ms, "
             f"trl {row['trl']['time_s'] * 1e3:6.1f} ms"
         )
     return 0

@@ -30,7 +30,7 @@ from fusedkd._autograd import (
 )
 from fusedkd._options import KDOptions
 from fusedkd.kernels import INTERPRETER, launch_device, unavailable_reason
-from fusedkd.kernels.config import KernelConfig, TileConfig, dot_precision, select_config
+from fusedkd.kernels.config import KernelConfig, TileConfig, config_dtype, dot_precision, select_config
 from fusedkd.kernels.gradient import gradient_kernel
 from fusedkd.kernels.jsd import NUM_JSD_FIELDS, jsd_kernel, merge_jsd_kernel
 from fusedkd.kernels.statistics import (
@@ -137,24 +137,32 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def statistics_grid(
-    num_tokens: int, vocab_size: int, tile: TileConfig, multiprocessors: int, interpreter: bool = False
+    num_tokens: int, vocab_size: int, config: KernelConfig, multiprocessors: int, interpreter: bool = False
 ) -> tuple[int, int]:
-    """(splits, vocabulary blocks per split) of the statistics grid: enough programs to fill the GPU."""
+    """(splits, vocabulary blocks per split) of the statistics grid.
+
+    `config.vocab_splits` splits (more when there are too few token blocks to fill the GPU twice):
+    with the grouped raster, a wave of `multiprocessors` programs covers about
+    multiprocessors / splits token blocks, whose hidden states stay in L2 while the wave walks the
+    vocabulary, and reads each weight tile from HBM once.
+    """
+    tile = config.statistics
     num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
     num_token_blocks = math.ceil(num_tokens / tile.block_n)
-    wanted = 2 if interpreter else math.ceil(2 * multiprocessors / max(1, num_token_blocks))
+    fill = math.ceil(2 * multiprocessors / max(1, num_token_blocks))
+    wanted = 2 if interpreter else max(config.vocab_splits, fill)
     blocks_per_split = math.ceil(num_vocab_blocks / max(1, min(wanted, num_vocab_blocks)))
     return math.ceil(num_vocab_blocks / blocks_per_split), blocks_per_split
 
 
-def _vocab_splits(problem: _Problem, tile: TileConfig) -> tuple[int, int]:
+def _vocab_splits(problem: _Problem, config: KernelConfig) -> tuple[int, int]:
     sms = _multiprocessors(problem.device)
-    return statistics_grid(problem.num_tokens, problem.vocab_size, tile, sms, INTERPRETER)
+    return statistics_grid(problem.num_tokens, problem.vocab_size, config, sms, INTERPRETER)
 
 
 def statistics_program(pid: int, num_token_blocks: int, splits: int) -> tuple[int, int]:
     """(token block, split) of statistics program `pid`: what the kernels compute from tl.program_id."""
-    return pid % num_token_blocks, pid // num_token_blocks
+    return pid // splits, pid % splits
 
 
 def _statistics(problem: _Problem, config: KernelConfig):
@@ -168,7 +176,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
     options, n, device = problem.options, problem.num_tokens, problem.device
     tile = config.statistics
     student, teacher, student_strides, teacher_strides = problem.tile_args()
-    splits, blocks_per_split = _vocab_splits(problem, tile)
+    splits, blocks_per_split = _vocab_splits(problem, config)
     grid = (math.ceil(n / tile.block_n) * splits,)
     if n == 0:  # no token: nothing to launch (an empty grid is not valid everywhere)
         empty = torch.zeros(0, dtype=torch.float32, device=device)
@@ -188,6 +196,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
         partial,
         *sizes,
         blocks_per_split,
+        splits,
         *student_strides,
         *teacher_strides,
         inv_temperature,
@@ -227,6 +236,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
             jsd_partial,
             *sizes,
             blocks_per_split,
+            splits,
             *student_strides,
             *teacher_strides,
             inv_temperature,
@@ -248,7 +258,9 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
     return stats, distill, ce
 
 
-def gradient_programs(vocab_size: int, tile: TileConfig, multiprocessors: int, interpreter: bool = False) -> int:
+def gradient_programs(
+    vocab_size: int, tile: TileConfig, multiprocessors: int, interpreter: bool = False
+) -> int:
     """Programs of the (persistent) gradient grid: one per multiprocessor, at most one per vocab block."""
     num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
     return min(num_vocab_blocks, 3 if interpreter else multiprocessors)
@@ -256,6 +268,39 @@ def gradient_programs(vocab_size: int, tile: TileConfig, multiprocessors: int, i
 
 def _gradient_programs(problem: _Problem, tile: TileConfig) -> int:
     return gradient_programs(problem.vocab_size, tile, _multiprocessors(problem.device), INTERPRETER)
+
+
+def staging_dtype(hidden_dtype: torch.dtype, interpreter: bool = False) -> torch.dtype:
+    """The dtype G is staged in and the gradient products run in: the student's, except bf16 under the
+    interpreter (float32: its bf16 dot is wrong, DESIGN.md §7)."""
+    if interpreter and hidden_dtype == torch.bfloat16:
+        return torch.float32
+    return hidden_dtype
+
+
+def gradient_scale(
+    options: KDOptions,
+    weight_distill: torch.Tensor,
+    weight_ce: torch.Tensor | None,
+    staged_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The power of two G is multiplied by before its cast to fp16 (and divided by after the products):
+    a [1] float32 device tensor, no host sync; 1 for other dtypes.
+
+    |G| <= bound = max_i (|w_D,i| c / T + |w_C,i|), with c = 1 for the KL and a small multiple for the
+    log-ratio factors of the reverse KL and the JSD; the scale maps the bound to [2^-1, 2^0), so the
+    largest entries of G stay far below fp16's maximum (65504) while the small ones, scaled by 1 / N
+    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (DESIGN.md §6).
+    """
+    one = torch.ones(1, dtype=torch.float32, device=weight_distill.device)
+    if staged_dtype != torch.float16:
+        return one
+    bound = weight_distill.abs() * inverse_temperature(options)
+    if weight_ce is not None:
+        bound = bound + weight_ce.abs()
+    largest = bound.max().reshape(1) if bound.numel() else one
+    exponent = torch.ceil(torch.log2(largest.clamp(min=2.0**-100)))
+    return torch.exp2(-exponent).clamp(max=2.0**100)
 
 
 def _gradients(problem: _Problem, config: KernelConfig, stats, weight_distill, weight_ce, wanted):
@@ -278,7 +323,7 @@ def _launch_gradients(
     """
     options, n, device = problem.options, problem.num_tokens, problem.device
     want_hidden, want_weight, want_bias = wanted
-    tile = config.gradient
+    tile = config.gradient_tile(options.divergence)
     hidden, weight = problem.student_hidden, problem.student_weight
     vocab, student_dim = problem.vocab_size, hidden.shape[1]
     student, teacher, student_strides, teacher_strides = problem.tile_args()
@@ -296,6 +341,11 @@ def _launch_gradients(
     else:
         grad_weight = grad_weight_acc = torch.zeros((vocab, student_dim), **f32)
     grad_bias = torch.empty(vocab, **f32) if want_bias else None
+    staged_dtype = staging_dtype(hidden.dtype, INTERPRETER)
+    staging = torch.empty(
+        (programs, config.gradient_sub_blocks * tile.block_n, tile.block_v), dtype=staged_dtype, device=device
+    )
+    grad_scale = gradient_scale(options, weight_distill, weight_ce, staged_dtype)
 
     beta = options.beta if options.divergence == "jsd" else 0.5
     placeholder = stats  # for the pointers of outputs that are not computed (never touched)
@@ -308,6 +358,8 @@ def _launch_gradients(
         stats,
         weight_distill,
         placeholder if weight_ce is None else weight_ce,
+        grad_scale,
+        staging,
         placeholder if grad_hidden_acc is None else grad_hidden_acc,
         placeholder if grad_weight_acc is None else grad_weight_acc,
         placeholder if grad_weight is None else grad_weight,
@@ -330,6 +382,7 @@ def _launch_gradients(
         GRAD_BIAS=want_bias,
         WEIGHT_SCRATCH=weight_scratch,
         TOKEN_GROUPS=config.token_groups,
+        SUB_BLOCKS=config.gradient_sub_blocks,
         **problem.tile_flags(tile),
     )
     grad_hidden = None if grad_hidden_acc is None else grad_hidden_acc.to(hidden.dtype)
@@ -374,7 +427,7 @@ def _select_config(problem: _Problem) -> KernelConfig:
         stats, _, _ = _statistics(problem, config)
         return _unit_gradients(problem, config, stats)
 
-    return select_config(key, hidden.dtype, problem.device, run)
+    return select_config(key, config_dtype(hidden.dtype, teacher.dtype), problem.device, run)
 
 
 class _FusedLinearKDFunction(torch.autograd.Function):

@@ -47,6 +47,7 @@ def jsd_kernel(
     student_dim,
     teacher_dim,
     blocks_per_split,
+    num_splits,
     stride_student_hidden_n,
     stride_student_hidden_h,
     stride_student_weight_v,
@@ -71,10 +72,12 @@ def jsd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    num_token_blocks = tl.cdiv(num_tokens, BLOCK_N)
+    # Grouped raster (fused_linear_kd.statistics_program): consecutive programs take the splits of one
+    # token block, so the programs running together share a few hidden-state tiles (L2-resident) and
+    # walk the splits' weight tiles in step (each read from HBM once per wave, then from L2).
     pid = tl.program_id(0)
-    token_block = pid % num_token_blocks
-    split = pid // num_token_blocks
+    token_block = pid // num_splits
+    split = pid % num_splits
     num_valid = tl.load(num_valid_ptr)
     if token_block * BLOCK_N >= num_valid:
         return

@@ -1,9 +1,10 @@
 """Pass 1: the per-token statistics kernel (lm_head projections + online log-sum-exp + one-pass KL).
 
-Grid: (token blocks) x (vocabulary splits). A program takes one block of BLOCK_N tokens and walks the
-vocabulary blocks of its split; for each (token x vocab) tile it computes the student and the teacher
-logit tiles with `tl.dot` over the hidden dimension (two hidden sizes), in registers, and folds them
-into per-token online states (DESIGN.md §3), all merged exactly across blocks:
+Grid: (token blocks) x (vocabulary splits), the splits of a token block on consecutive programs. A
+program takes one block of BLOCK_N tokens and walks the vocabulary blocks of its split; for each (token
+x vocab) tile it computes the student and the teacher logit tiles with `tl.dot` over the hidden
+dimension (two hidden sizes), in registers, and folds them into per-token online states (DESIGN.md §3),
+all merged exactly across blocks:
 
     student:  m_s = max_v s_v,  Z_a = sum_v e^((s_v - m_s)/T),  Z_s = sum_v e^(s_v - m_s)  (CE, T != 1)
     teacher:  m_t = max_v t_v,  Z_b = sum_v e^((t_v - m_t)/T)
@@ -81,6 +82,7 @@ def statistics_kernel(
     student_dim,
     teacher_dim,
     blocks_per_split,
+    num_splits,
     stride_student_hidden_n,
     stride_student_hidden_h,
     stride_student_weight_v,
@@ -106,12 +108,12 @@ def statistics_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    # Consecutive programs take consecutive token blocks of the same split: the programs running
-    # together stream the same weight tiles, which then come from L2.
-    num_token_blocks = tl.cdiv(num_tokens, BLOCK_N)
+    # Grouped raster (fused_linear_kd.statistics_program): consecutive programs take the splits of one
+    # token block, so the programs running together share a few hidden-state tiles (L2-resident) and
+    # walk the splits' weight tiles in step (each read from HBM once per wave, then from L2).
     pid = tl.program_id(0)
-    token_block = pid % num_token_blocks
-    split = pid // num_token_blocks
+    token_block = pid // num_splits
+    split = pid % num_splits
     num_valid = tl.load(num_valid_ptr)
     if token_block * BLOCK_N >= num_valid:
         return
