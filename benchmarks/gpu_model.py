@@ -231,52 +231,55 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
 
 
 def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
-    """gradient.py: persistent programs own vocabulary blocks and walk all tokens, SUB_BLOCKS token
-    blocks per update: logits recomputed per token block, G staged, then the dW product with
-    K = SUB_BLOCKS * BLOCK_N tokens per float32 read-modify-write and the dh product per token block."""
+    """gradient.py: persistent programs own vocabulary groups (VOCAB_SUB_BLOCKS x BLOCK_V columns) and
+    walk all tokens, SUB_BLOCKS token blocks per update: logits recomputed per (token block, vocabulary
+    block) tile, G staged, then the dW product with K = SUB_BLOCKS * BLOCK_N tokens per float32
+    read-modify-write of the group's rows and the dh product with K = the group's width."""
     cfg = kernel_config.gpu_config(_dtype())
     tile = cfg.gradient_tile(shapes.divergence)
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
-    programs = fused_linear_kd.gradient_programs(v, tile, hw.sms)
-    token_blocks, vocab_blocks = _cdiv(n, tile.block_n), _cdiv(v, tile.block_v)
-    tiles = token_blocks * vocab_blocks
+    group = fused_linear_kd.gradient_group_width(cfg, tile)
+    programs = fused_linear_kd.gradient_programs(v, group, hw.sms)
+    token_blocks, groups_v = _cdiv(n, tile.block_n), _cdiv(v, group)
+    tiles = token_blocks * groups_v * cfg.gradient_vocab_sub_blocks  # logits tiles, padded
     sub_blocks = cfg.gradient_sub_blocks
     tokens_per_update = tile.block_n * sub_blocks
-    updates = _cdiv(token_blocks, sub_blocks) * vocab_blocks  # dW read-modify-writes of [BLOCK_V, H_s]
+    updates = _cdiv(token_blocks, sub_blocks) * groups_v  # dW read-modify-writes of [group, H_s]
     row_bytes = (hs + ht) * eb
     logits_flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
     grad_flops = 2 * 2 * tiles * tile.block_n * tile.block_v * hs
     p = Prediction("gradient_kernel", flops=logits_flops + grad_flops)
-    groups = min(cfg.token_groups, programs)
-    # Hidden tiles (both models for the logits, the student's again for dW): the programs of a group
-    # walk the updates in step, so an update's tiles come from HBM once per group and owned block.
-    hidden_total = tiles * tile.block_n * (row_bytes + hs * eb)
+    token_groups = min(cfg.token_groups, programs)
+    # Hidden tiles: both models' for the logits of every tile, the student's again for the dW product
+    # once per (token block, group). The programs of a token group walk the updates in step, so an
+    # update's tiles come from HBM once per token group and owned vocabulary group.
+    hidden_total = tiles * tile.block_n * row_bytes + token_blocks * groups_v * tile.block_n * hs * eb
     p.streams.append(
         Stream(
             "hidden (token-group lockstep)",
             hidden_total,
-            working_set=groups * tokens_per_update * row_bytes,
-            from_hbm_once=groups * (vocab_blocks / programs) * n * row_bytes,
+            working_set=token_groups * tokens_per_update * row_bytes,
+            from_hbm_once=token_groups * (groups_v / programs) * n * row_bytes,
         )
     )
-    # Weight rows of the program's own vocabulary block: both models' for the logits at every token
-    # block, the student's for G W_s once per update and hidden chunk.
-    dh_weight_reads = updates * tile.block_v * hs * eb
+    # Weight rows of the program's own group: both models' for the logits at every token block, the
+    # student's for G W_s once per update and hidden chunk.
+    dh_weight_reads = updates * group * hs * eb
     p.streams.append(
         Stream(
             "own weight rows (re-read per token block)",
             tiles * tile.block_v * row_bytes + dh_weight_reads,
-            working_set=programs * tile.block_v * (row_bytes + hs * eb),
+            working_set=programs * group * (row_bytes + hs * eb),
             from_hbm_once=v * row_bytes,
         )
     )
-    # dW accumulator: one float32 [BLOCK_V, H_s] read-modify-write per update (per program: its own).
+    # dW accumulator: one float32 [group, H_s] read-modify-write per update (per program: its own).
     p.streams.append(
         Stream(
             "dW float32 read-modify-write",
-            updates * tile.block_v * hs * 4 * 2,
-            working_set=programs * tile.block_v * hs * 4,
+            updates * group * hs * 4 * 2,
+            working_set=programs * group * hs * 4,
             from_hbm_once=v * hs * (4 + eb),
         )
     )
@@ -286,26 +289,26 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
         Stream(
             "G staging (written once, read twice)",
             tiles * tile.block_n * tile.block_v * staged_bytes * 3,
-            working_set=programs * tokens_per_update * tile.block_v * staged_bytes,
+            working_set=programs * tokens_per_update * group * staged_bytes,
         )
     )
-    # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary block. The rows
-    # being added to at a time are those of the groups' current updates; each pass of the programs
-    # over the tokens (one per owned vocabulary block) brings all of dh through the L2 once.
-    p.atomics = token_blocks * tile.block_n * hs * vocab_blocks
+    # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary group. The rows
+    # being added to at a time are those of the token groups' current updates; each pass of the
+    # programs over the tokens (one per owned vocabulary group) brings all of dh through the L2 once.
+    p.atomics = token_blocks * tile.block_n * hs * groups_v
     p.streams.append(
         Stream(
             "dh float32 atomics",
             p.atomics * 4,
-            working_set=groups * tokens_per_update * hs * 4,
-            from_hbm_once=(vocab_blocks / programs) * n * hs * 4 * 2,
+            working_set=token_groups * tokens_per_update * hs * 4,
+            from_hbm_once=(groups_v / programs) * n * hs * 4 * 2,
         )
     )
     entries = n * v
     p.mufu, p.alu = 3 * entries, 22 * entries  # q, p, q at T = 1; G, the casts
     p.note = (
-        f"tile {tile.block_n}x{tile.block_v}x{tile.block_h}, {programs} programs, "
-        f"{tokens_per_update} tokens per dW update"
+        f"tile {tile.block_n}x{tile.block_v}x{tile.block_h}, {group} columns per product, "
+        f"{programs} programs, {tokens_per_update} tokens per dW update"
     )
     return p
 
@@ -325,12 +328,13 @@ def fusedkd_extra_memory(shapes: Shapes) -> float:
     n, v, hs = shapes.tokens, shapes.vocab, shapes.student_dim
     splits, _ = fused_linear_kd.statistics_grid(n, v, cfg, _SMS)
     tile = cfg.gradient_tile(shapes.divergence)
-    programs = fused_linear_kd.gradient_programs(v, tile, _SMS)
+    group = fused_linear_kd.gradient_group_width(cfg, tile)
+    programs = fused_linear_kd.gradient_programs(v, group, _SMS)
     partial_fields = int(fused_linear_kd.NUM_PARTIAL_FIELDS.value)
     statistics = (splits * partial_fields + int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
     staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
-    staging = programs * cfg.gradient_sub_blocks * tile.block_n * tile.block_v * staged_bytes
-    return statistics + n * hs * 4 + programs * tile.block_v * hs * 4 + staging
+    staging = programs * cfg.gradient_sub_blocks * tile.block_n * group * staged_bytes
+    return statistics + n * hs * 4 + programs * group * hs * 4 + staging
 
 
 # --- Liger-Kernel: LigerFusedLinearJSDLoss (chunked_loss/fused_linear_distillation.py) ---------------

@@ -72,8 +72,9 @@ def test_allocates_nothing_of_tokens_by_vocab(dtype, options):
     from fusedkd.kernels import config, fused_linear_kd
 
     tiles = config.default_config(dtype)
-    programs = fused_linear_kd.gradient_programs(vocab, tiles.gradient, 1, kernels.INTERPRETER)
-    staging = programs * tiles.gradient_sub_blocks * tiles.gradient.block_n * tiles.gradient.block_v * 4
+    group_width = fused_linear_kd.gradient_group_width(tiles, tiles.gradient)
+    programs = fused_linear_kd.gradient_programs(vocab, group_width, 1, kernels.INTERPRETER)
+    staging = programs * tiles.gradient_sub_blocks * tiles.gradient.block_n * group_width * 4
     assert max(largest_input, staging) * 4 < n * vocab * case.student_weight.element_size()
     with LargestOutput() as largest:
         out = fusedkd.fused_linear_kd_loss(

@@ -46,6 +46,10 @@ class KernelConfig:
     # Gradient pass: token blocks whose G tiles are staged before one update of the float32 weight-
     # gradient rows (K = gradient_sub_blocks * BLOCK_N tokens per read-modify-write; gradient.py).
     gradient_sub_blocks: int = 4
+    # Gradient pass: vocabulary blocks per program group: the gradient products (G W_s, one float32
+    # atomic add per token and hidden unit; G^T h_s) run over gradient_vocab_sub_blocks * BLOCK_V
+    # columns at once, while the logits are formed BLOCK_V columns at a time (register budget).
+    gradient_vocab_sub_blocks: int = 2
     # The gradient tile of the reverse KL, when its G (a log-ratio more per entry) needs another
     # (same BLOCK_N, BLOCK_V, BLOCK_H: the staging and the K-order stay the same).
     reverse_kl_gradient: TileConfig | None = None
@@ -58,13 +62,14 @@ class KernelConfig:
 
 
 # Under the interpreter every tile is a numpy operation: small, odd-shape-friendly tiles (two token
-# blocks per weight-gradient update, so the staging is exercised by small tests).
+# blocks and two vocabulary blocks per weight-gradient update, so small tests exercise the staging).
 INTERPRETER_CONFIG = KernelConfig(
     statistics=TileConfig(32, 128, 32, num_warps=4, num_stages=1),
-    gradient=TileConfig(32, 128, 32, num_warps=4, num_stages=1),
+    gradient=TileConfig(32, 64, 32, num_warps=4, num_stages=1),
     token_groups=2,
     vocab_splits=2,
     gradient_sub_blocks=2,
+    gradient_vocab_sub_blocks=2,
 )
 
 # The GPU tiles below were sized by `python -m fusedkd.kernels.compile_check` (Triton 3.9, sm_90, Qwen3
@@ -74,7 +79,8 @@ INTERPRETER_CONFIG = KernelConfig(
 # thread at 8 warps, 128 at 16), and so does BLOCK_H = 64 in the gradient kernel (8-16 bytes).
 #
 # bf16 / fp16: wgmma dots. Statistics 64 x 128 tiles; gradient 128 x 64 tiles (128 tokens per reload
-# of a weight tile), G staged for 4 token blocks (512 tokens) per float32 weight-gradient update.
+# of a weight tile), G staged for 4 token blocks (512 tokens) x 2 vocabulary blocks (128 columns)
+# per float32 weight-gradient update, and 128 columns per dh atomic add.
 # Both passes use BLOCK_H = 32: the gradient pass recomputes the logits with the statistics pass's
 # K-order. 16 vocabulary splits per token block: a wave of 132 programs covers ~8 token blocks.
 HALF_CONFIG = KernelConfig(
@@ -83,6 +89,7 @@ HALF_CONFIG = KernelConfig(
     token_groups=4,
     vocab_splits=16,
     gradient_sub_blocks=4,
+    gradient_vocab_sub_blocks=2,
     # The reverse KL's G spills 8 bytes with two pipeline stages; one stage does not spill.
     reverse_kl_gradient=TileConfig(128, 64, 32, num_warps=8, num_stages=1),
 )

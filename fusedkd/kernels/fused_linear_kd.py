@@ -5,8 +5,9 @@ per-token statistics and the per-token divergence and cross-entropy. Backward: t
 (gradient.py) recomputes the logit tiles and forms G from those statistics, weighted per token by
 the incoming gradients. Nothing of size N x V is ever allocated; what the passes hold besides the
 inputs and the student's gradients is O(N) floats, a float32 [N, H_s] accumulator for the hidden-state
-gradient (the gradient itself for float32 inputs) and, for 16-bit weights, a float32 scratch of
-(gradient programs) x BLOCK_V x H_s.
+gradient (the gradient itself for float32 inputs), for 16-bit weights a float32 scratch of
+(gradient programs) x (vocabulary group) x H_s, and the G staging of (gradient programs) x (512 tokens)
+x (vocabulary group) entries: 155 MiB in all at Qwen3-0.6B shapes and N = 16,384 (RESULTS.md).
 
 Tokens are processed in an order that puts the valid ones (label != ignore_index) first, computed on
 the device without a host sync; blocks of ignored tokens are skipped by the kernels.
@@ -258,16 +259,21 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
     return stats, distill, ce
 
 
+def gradient_group_width(config: KernelConfig, tile: TileConfig) -> int:
+    """Vocabulary columns a gradient program owns at a time (the width of its gradient products)."""
+    return tile.block_v * config.gradient_vocab_sub_blocks
+
+
 def gradient_programs(
-    vocab_size: int, tile: TileConfig, multiprocessors: int, interpreter: bool = False
+    vocab_size: int, group_width: int, multiprocessors: int, interpreter: bool = False
 ) -> int:
-    """Programs of the (persistent) gradient grid: one per multiprocessor, at most one per vocab block."""
-    num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
-    return min(num_vocab_blocks, 3 if interpreter else multiprocessors)
+    """Programs of the (persistent) gradient grid: one per multiprocessor, at most one per vocab group."""
+    num_vocab_groups = math.ceil(vocab_size / group_width)
+    return min(num_vocab_groups, 3 if interpreter else multiprocessors)
 
 
-def _gradient_programs(problem: _Problem, tile: TileConfig) -> int:
-    return gradient_programs(problem.vocab_size, tile, _multiprocessors(problem.device), INTERPRETER)
+def _gradient_programs(problem: _Problem, group_width: int) -> int:
+    return gradient_programs(problem.vocab_size, group_width, _multiprocessors(problem.device), INTERPRETER)
 
 
 def staging_dtype(hidden_dtype: torch.dtype, interpreter: bool = False) -> torch.dtype:
@@ -327,7 +333,8 @@ def _launch_gradients(
     hidden, weight = problem.student_hidden, problem.student_weight
     vocab, student_dim = problem.vocab_size, hidden.shape[1]
     student, teacher, student_strides, teacher_strides = problem.tile_args()
-    programs = _gradient_programs(problem, tile)
+    group_width = gradient_group_width(config, tile)
+    programs = _gradient_programs(problem, group_width)
     f32 = dict(dtype=torch.float32, device=device)
 
     # float32 accumulators: the outputs themselves for float32 tensors.
@@ -337,13 +344,13 @@ def _launch_gradients(
         grad_weight = grad_weight_acc = None
     elif weight_scratch:
         grad_weight = torch.empty((vocab, student_dim), dtype=weight.dtype, device=device)
-        grad_weight_acc = torch.empty((programs * tile.block_v, student_dim), **f32)
+        grad_weight_acc = torch.empty((programs * group_width, student_dim), **f32)
     else:
         grad_weight = grad_weight_acc = torch.zeros((vocab, student_dim), **f32)
-    grad_bias = torch.empty(vocab, **f32) if want_bias else None
+    grad_bias = torch.zeros(vocab, **f32) if want_bias else None
     staged_dtype = staging_dtype(hidden.dtype, INTERPRETER)
     staging = torch.empty(
-        (programs, config.gradient_sub_blocks * tile.block_n, tile.block_v), dtype=staged_dtype, device=device
+        (programs, config.gradient_sub_blocks * tile.block_n, group_width), dtype=staged_dtype, device=device
     )
     grad_scale = gradient_scale(options, weight_distill, weight_ce, staged_dtype)
 
@@ -383,6 +390,7 @@ def _launch_gradients(
         WEIGHT_SCRATCH=weight_scratch,
         TOKEN_GROUPS=config.token_groups,
         SUB_BLOCKS=config.gradient_sub_blocks,
+        VOCAB_SUB_BLOCKS=config.gradient_vocab_sub_blocks,
         **problem.tile_flags(tile),
     )
     grad_hidden = None if grad_hidden_acc is None else grad_hidden_acc.to(hidden.dtype)

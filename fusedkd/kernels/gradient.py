@@ -176,47 +176,57 @@ def gradient_kernel(
     WEIGHT_SCRATCH: tl.constexpr,
     TOKEN_GROUPS: tl.constexpr,
     SUB_BLOCKS: tl.constexpr,
+    VOCAB_SUB_BLOCKS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """grad_hidden_ptr: float32 [N, H_s], zeroed (atomics). grad_weight_acc_ptr: float32, the output
-    [V, H_s] itself (WEIGHT_SCRATCH False) or a [num_programs * BLOCK_V, H_s] scratch whose rows are
-    cast into grad_weight_ptr [V, H_s]. grad_bias_ptr: float32 [V]. staging_ptr: a per-program
-    [SUB_BLOCKS * BLOCK_N, BLOCK_V] scratch for the G tiles of one update, in the dtype the gradient
-    products run in. grad_scale_ptr: a power of two G is multiplied by before that cast and divided
-    by after the products (fp16: keeps G above fp16's underflow; 1 otherwise). All gradient and
-    scratch buffers are contiguous."""
+    """A program owns vocabulary groups of GROUP_V = VOCAB_SUB_BLOCKS * BLOCK_V columns: the logits
+    and G are formed BLOCK_V columns at a time, the gradient products run over the whole group.
+
+    grad_hidden_ptr: float32 [N, H_s], zeroed (atomics). grad_weight_acc_ptr: float32, the output [V, H_s]
+    itself (WEIGHT_SCRATCH False) or a [num_programs * GROUP_V, H_s] scratch whose rows are cast into
+    grad_weight_ptr [V, H_s]. grad_bias_ptr: float32 [V], zeroed (read-modify-written by the owner of the
+    columns). staging_ptr: a per-program [SUB_BLOCKS * BLOCK_N, GROUP_V] scratch for the G tiles of one
+    update, in the dtype the gradient products run in. grad_scale_ptr: a power of two G is multiplied by
+    before that cast and divided by after the products (fp16: keeps G above fp16's underflow; 1
+    otherwise). All gradient and scratch buffers are contiguous."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_valid = tl.load(num_valid_ptr)
     num_token_blocks = tl.cdiv(num_valid, BLOCK_N)
     num_updates = tl.cdiv(num_token_blocks, SUB_BLOCKS)
     rotation = ((pid % TOKEN_GROUPS) * num_updates) // TOKEN_GROUPS
-    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+    GROUP_V: tl.constexpr = VOCAB_SUB_BLOCKS * BLOCK_V
+    num_vocab_groups = tl.cdiv(vocab_size, GROUP_V)
     offs_n = tl.arange(0, BLOCK_N)
     offs_v = tl.arange(0, BLOCK_V)
+    offs_g = tl.arange(0, GROUP_V)
     offs_h = tl.arange(0, BLOCK_H)
     grad_scale = tl.load(grad_scale_ptr)
     inv_grad_scale = 1.0 / grad_scale
-    staging = staging_ptr + pid.to(tl.int64) * (SUB_BLOCKS * BLOCK_N * BLOCK_V)
+    staging = staging_ptr + pid.to(tl.int64) * (SUB_BLOCKS * BLOCK_N * GROUP_V)
     staged_dtype = staging_ptr.dtype.element_ty
 
-    for vocab_block in range(pid, num_vocab_blocks, num_programs):
-        cols = vocab_block * BLOCK_V + offs_v
-        col_mask = cols < vocab_size
-        cols_64 = cols.to(tl.int64)
+    for vocab_group in range(pid, num_vocab_groups, num_programs):
+        group_cols = vocab_group * GROUP_V + offs_g
+        group_mask = group_cols < vocab_size
+        group_cols_64 = group_cols.to(tl.int64)
         if WEIGHT_SCRATCH:
-            acc_rows = (pid * BLOCK_V + offs_v).to(tl.int64) * student_dim
+            acc_rows = (pid * GROUP_V + offs_g).to(tl.int64) * student_dim
         else:
-            acc_rows = cols_64 * student_dim
-        grad_bias = tl.zeros([BLOCK_V], tl.float32)
+            acc_rows = group_cols_64 * student_dim
 
         for update in range(0, num_updates):
             first_block = ((update + rotation) % num_updates) * SUB_BLOCKS
-            # (a) The G tiles of SUB_BLOCKS token blocks, formed from recomputed logits and staged.
-            for sub in range(0, SUB_BLOCKS):
+            # (a) The G tiles of SUB_BLOCKS token blocks x VOCAB_SUB_BLOCKS vocabulary blocks, formed
+            # from recomputed logits and staged.
+            for tile in range(0, SUB_BLOCKS * VOCAB_SUB_BLOCKS):
+                sub = tile // VOCAB_SUB_BLOCKS
+                vocab_sub = tile % VOCAB_SUB_BLOCKS
                 token_block = first_block + sub
+                cols = vocab_group * GROUP_V + vocab_sub * BLOCK_V + offs_v
+                col_mask = cols < vocab_size
                 if token_block < num_token_blocks:
                     positions = token_block * BLOCK_N + offs_n
                     row_mask = positions < num_valid
@@ -246,11 +256,21 @@ def gradient_kernel(
                         DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
                     )  # fmt: skip
                     if GRAD_BIAS:
-                        grad_bias += tl.sum(grad, axis=0)
+                        # The program owns these columns: a read-modify-write of the float32 sums.
+                        bias_ptrs = grad_bias_ptr + cols
+                        bias = tl.load(bias_ptrs, mask=col_mask, other=0.0)
+                        tl.store(bias_ptrs, bias + tl.sum(grad, axis=0), mask=col_mask)
                     # The gradient products run at the input precision (G rounded to the input dtype,
                     # float32 accumulation), as the matmuls of a materialized-logits recipe would.
-                    staged = staging + (sub * BLOCK_N + offs_n)[:, None] * BLOCK_V + offs_v[None, :]
+                    staged = (
+                        staging
+                        + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V
+                        + (vocab_sub * BLOCK_V + offs_v)[None, :]
+                    )
                     tl.store(staged, (grad * grad_scale).to(staged_dtype))
+                    if GRAD_BIAS:
+                        # The next tile of these columns reads the sums back (other threads, maybe).
+                        tl.debug_barrier()
             # The staged tiles are read back below by other threads of the CTA (the compiler picks
             # the layouts): a CTA barrier orders the stores before the loads (once per update).
             tl.debug_barrier()
@@ -267,21 +287,21 @@ def gradient_kernel(
                 if GRAD_HIDDEN:
                     weight = tl.load(
                         student_weight_ptr
-                        + cols_64[:, None] * stride_student_weight_v
+                        + group_cols_64[:, None] * stride_student_weight_v
                         + h[None, :] * stride_student_weight_h,
-                        mask=col_mask[:, None] & in_h[None, :],
+                        mask=group_mask[:, None] & in_h[None, :],
                         other=0.0,
                     )
                 if GRAD_WEIGHT:
-                    contribution = tl.zeros([BLOCK_V, BLOCK_H], tl.float32)
+                    contribution = tl.zeros([GROUP_V, BLOCK_H], tl.float32)
                 for sub in range(0, SUB_BLOCKS):
                     positions = (first_block + sub) * BLOCK_N + offs_n
                     row_mask = positions < num_valid
                     rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
                     if GRAD_WEIGHT:
-                        # G^T, loaded transposed ([BLOCK_V, BLOCK_N]); rows past num_valid are stale.
+                        # G^T, loaded transposed ([GROUP_V, BLOCK_N]); rows past num_valid are stale.
                         staged_t = tl.load(
-                            staging + (sub * BLOCK_N + offs_n)[None, :] * BLOCK_V + offs_v[:, None],
+                            staging + (sub * BLOCK_N + offs_n)[None, :] * GROUP_V + offs_g[:, None],
                             mask=row_mask[None, :],
                             other=0.0,
                         )
@@ -295,7 +315,7 @@ def gradient_kernel(
                         contribution = dot(staged_t, hidden, contribution, STUDENT_UPCAST, DOT_PRECISION)
                     if GRAD_HIDDEN:
                         staged_g = tl.load(
-                            staging + (sub * BLOCK_N + offs_n)[:, None] * BLOCK_V + offs_v[None, :],
+                            staging + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V + offs_g[None, :],
                             mask=row_mask[:, None],
                             other=0.0,
                         )
@@ -315,28 +335,26 @@ def gradient_kernel(
                 if GRAD_WEIGHT:
                     # The program's own rows (the first update starts from zero).
                     acc_ptrs = grad_weight_acc_ptr + acc_rows[:, None] + h[None, :]
-                    acc_mask = col_mask[:, None] & in_h[None, :]
+                    acc_mask = group_mask[:, None] & in_h[None, :]
                     acc = tl.load(acc_ptrs, mask=acc_mask & (update > 0), other=0.0)
                     tl.store(acc_ptrs, acc + contribution * inv_grad_scale, mask=acc_mask)
             # The next update overwrites the staged tiles and reads these rows back: order them.
             tl.debug_barrier()
 
-        if GRAD_BIAS:
-            tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
         if GRAD_WEIGHT and WEIGHT_SCRATCH:
             # Cast the finished float32 rows into the output (zeros when no token is valid); the barrier
             # after the copy orders it before the next vocabulary block overwrites the scratch.
             accumulated_dim = tl.where(num_token_blocks > 0, student_dim, 0)
             for start in range(0, student_dim, BLOCK_H):
                 h = start + offs_h
-                mask = col_mask[:, None] & (h < student_dim)[None, :]
+                mask = group_mask[:, None] & (h < student_dim)[None, :]
                 acc = tl.load(
                     grad_weight_acc_ptr + acc_rows[:, None] + h[None, :],
-                    mask=col_mask[:, None] & (h < accumulated_dim)[None, :],
+                    mask=group_mask[:, None] & (h < accumulated_dim)[None, :],
                     other=0.0,
                 )
                 tl.store(
-                    grad_weight_ptr + cols_64[:, None] * student_dim + h[None, :],
+                    grad_weight_ptr + group_cols_64[:, None] * student_dim + h[None, :],
                     acc.to(grad_weight_ptr.dtype.element_ty),
                     mask=mask,
                 )

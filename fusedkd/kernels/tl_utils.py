@@ -136,10 +136,14 @@ def running_max(old_max, block):
 
 @triton.jit
 def logaddexp(x, y):
-    """log(e^x + e^y), elementwise, exact for finite values of any magnitude; -inf where both are -inf."""
+    """log(e^x + e^y), elementwise, for values of any magnitude; -inf where both are -inf (never NaN).
+
+    One exp and one log: larger + log(1 + e^(smaller - larger)).
+    """
     larger = tl.maximum(x, y)
-    shift = tl.where(larger == float("-inf"), 0.0, larger)
-    return shift + tl.log(tl.exp(x - shift) + tl.exp(y - shift))
+    smaller = tl.minimum(x, y)
+    both_empty = larger == float("-inf")
+    return tl.where(both_empty, larger, larger + tl.log(1.0 + tl.exp(smaller - larger)))
 
 
 @triton.jit
