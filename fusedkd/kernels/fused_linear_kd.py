@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fusedkd._autograd import (
     gradient_weights,
     input_grads,
     no_output_grad,
+    once_differentiable,
     reduce,
     reduction_scale,
     unit_gradient_weights,

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from fusedkd._autograd import (
     EagerGradients,
     gradient_weights,
     input_grads,
     no_output_grad,
+    once_differentiable,
     reduce,
     reduction_scale,
     unit_gradient_weights,
