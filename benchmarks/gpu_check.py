@@ -12,7 +12,12 @@
    cross-entropy (alpha = 0.5), for
      - fusedkd  `fused_linear_kd_loss(..., backend="triton")`;
      - naive    the usual recipe: both models' logits, log_softmax / softmax, KL and cross-entropy;
-     - liger    `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0)` (forward KL), compiled.
+     - liger    `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0)` (forward KL), compiled;
+     - trl      TRL's `trl.kernels.chunked_divergence.ChunkedDivergenceFunction` (beta = 0: forward KL;
+                TRL computes the divergence only, no cross-entropy), when TRL >= 1.16 is importable
+                (the GPU machine has no network: without TRL the row says "not installed").
+   Each row also shows the time `benchmarks/gpu_model.py` PREDICTS for it (the roofline model), so a
+   GPU run tests the model's predictions too.
    Peak memory is `torch.cuda.max_memory_allocated()` after a reset, minus the memory held before the
    step (the inputs) and minus the student gradients: the loss's own extra memory. Achieved TFLOP/s
    uses the fused FLOP count 2 N V (2 H_t + 4 H_s) (DESIGN.md §5), against a bf16 matmul measured on
@@ -71,7 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-hidden", type=int, default=None, help="H_t (default 2560)")
     parser.add_argument("--check-tokens", type=int, default=None, help="N of the correctness check (1024)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 5)")
-    parser.add_argument("--methods", default="fusedkd,naive,liger", help="subset of fusedkd,naive,liger")
+    parser.add_argument(
+        "--methods", default="fusedkd,naive,liger,trl", help="subset of fusedkd,naive,liger,trl"
+    )
     parser.add_argument("--no-liger-compile", action="store_true", help="run Liger eagerly (compiled=False)")
     parser.add_argument("--output", default="gpu_check.json", help="where to write the details (JSON)")
     args = parser.parse_args(argv)
@@ -120,7 +127,7 @@ def machine(torch) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-    for name in ("triton", "liger_kernel"):
+    for name in ("triton", "liger_kernel", "trl"):
         try:
             module = __import__(name)
             info[name] = getattr(module, "__version__", None) or _dist_version(name)
@@ -246,6 +253,10 @@ def make_inputs(torch, n, args, device, dtype):
 TEMPERATURE, ALPHA = 2.0, 0.5
 
 
+class NotInstalled(RuntimeError):
+    """A compared method whose package is not installed here."""
+
+
 def build_loss(torch, method, inputs, compile_liger: bool):
     import torch.nn.functional as F
 
@@ -287,6 +298,19 @@ def build_loss(torch, method, inputs, compile_liger: bool):
             compiled=compile_liger,
         )
         return lambda: criterion(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+    if method == "trl":
+        try:
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+        except ImportError as exc:
+            raise NotInstalled(f"TRL's chunked divergence is not importable ({exc})") from None
+
+        def trl_loss():
+            divergence, _ = ChunkedDivergenceFunction.apply(
+                student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, 0.0, TEMPERATURE
+            )
+            return ALPHA * TEMPERATURE**2 * divergence.mean()
+
+        return trl_loss
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -309,7 +333,6 @@ def measure(torch, method, n, args, device) -> dict:
     dtype = torch.bfloat16
     inputs = make_inputs(torch, n, args, device, dtype)
     student_hidden, student_weight = inputs[0], inputs[1]
-    loss_fn = build_loss(torch, method, inputs, compile_liger=not (args.no_liger_compile or args.dry_run))
 
     def step():
         student_hidden.grad = student_weight.grad = None
@@ -318,6 +341,11 @@ def measure(torch, method, n, args, device) -> dict:
         return loss
 
     result = {"method": method, "tokens": n}
+    try:
+        loss_fn = build_loss(torch, method, inputs, compile_liger=not (args.no_liger_compile or args.dry_run))
+    except (NotInstalled, ImportError) as exc:
+        result["error"] = f"not installed ({type(exc).__name__})"
+        return result
     try:
         # One warm-up call compiles (Triton, torch.compile); a dry run only exercises the code.
         seconds, samples = time_calls(torch, step, repeats=args.repeats, warmup=0 if args.dry_run else 1)
@@ -359,6 +387,17 @@ def matmul_tflops(torch, args, device) -> dict:
     }
 
 
+def predicted_seconds(args, method: str, n: int) -> float | None:
+    """The time benchmarks/gpu_model.py predicts for `method` at N = n on an H200 (None: not modelled)."""
+    if method not in ("fusedkd", "liger", "trl"):
+        return None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_model
+
+    shapes = gpu_model.Shapes(n, args.vocab, args.student_hidden, args.teacher_hidden)
+    return gpu_model.evaluate(shapes, gpu_model.Hardware())["methods"][method]["time_s"]
+
+
 def fused_flops(n: int, args) -> float:
     """2 N V (2 H_t + 4 H_s): both models' logits twice (statistics, gradient) and two gradient GEMMs."""
     return 2.0 * n * args.vocab * (2 * args.teacher_hidden + 4 * args.student_hidden)
@@ -372,23 +411,26 @@ def summarize(args, matmul, results) -> tuple[list[str], dict]:
     lines = []
     header = (
         f"{'N':>6} {'method':<8} {'fwd+bwd ms':>10} {'vs liger':>8} {'extra MiB':>9} {'TFLOP/s':>8} "
-        f"{'% matmul':>8}"
+        f"{'% matmul':>8} {'predicted ms':>12}"
     )
     lines.append(header)
     lines.append("-" * len(header))
     for r in results:
         liger = by_key.get(("liger", r["tokens"]), {})
         if "error" in r:
-            lines.append(f"{r['tokens']:>6} {r['method']:<8} {'failed: ' + r['error']}")
+            status = r["error"] if r["error"].startswith("not installed") else "failed: " + r["error"]
+            lines.append(f"{r['tokens']:>6} {r['method']:<8} {status}")
             continue
         tflops = fused_flops(r["tokens"], args) / r["seconds"] / 1e12
         r["fused_tflops"] = tflops
         vs_liger = f"{r['seconds'] / liger['seconds']:.2f}x" if "seconds" in liger else "n/a"
         extra = "n/a" if r.get("peak_extra_mib") is None else f"{r['peak_extra_mib']:.0f}"
         share = f"{100 * tflops / matmul['tflops']:.0f}%"
+        predicted = r.get("predicted_seconds")
+        predicted = "n/a" if predicted is None else f"{1e3 * predicted:.1f}"
         lines.append(
             f"{r['tokens']:>6} {r['method']:<8} {1e3 * r['seconds']:>10.1f} {vs_liger:>8} {extra:>9} "
-            f"{tflops:>8.3g} {share:>8}"
+            f"{tflops:>8.3g} {share:>8} {predicted:>12}"
         )
 
     targets = {}
@@ -438,7 +480,9 @@ def main(argv=None) -> int:
     for n in args.tokens:
         for method in args.methods:
             log(f"N={n} {method} ...")
-            results.append(measure(torch, method, n, args, device))
+            result = measure(torch, method, n, args, device)
+            result["predicted_seconds"] = predicted_seconds(args, method, n)
+            results.append(result)
             gc.collect()  # the method's inputs and buffers go before the next one is measured
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -476,7 +520,8 @@ def main(argv=None) -> int:
     print(f"details: {args.output} ({details['seconds']:.0f} s)")
     print(
         f"\nforward + backward, bf16, {shapes}, forward KL T={TEMPERATURE} + CE alpha={ALPHA}, "
-        f"median of {args.repeats}; extra = peak - inputs - student gradients; TFLOP/s on 2NV(2H_t+4H_s)"
+        f"median of {args.repeats}; extra = peak - inputs - student gradients; TFLOP/s on 2NV(2H_t+4H_s); "
+        "predicted = benchmarks/gpu_model.py's H200 prediction (trl: divergence only, no CE)"
     )
     print("\n".join(lines))
     return 1 if failures else 0

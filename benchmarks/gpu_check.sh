@@ -8,6 +8,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform any -d .whl liger-kernel==0.8.5
 # and carry `.whl` to the GPU machine; this script installs it into /tmp/site there.
+# TRL (`trl.kernels.chunked_divergence`, >= 1.16) is compared when it imports there; it needs
+# transformers and accelerate besides its own wheel, so on a machine without them (and without
+# network) its rows say "not installed" and the rest of the check runs as usual.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -1026,18 +1026,7 @@ def test_no_host_sync_on_cuda(key, backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _double_backward_cases():
-    # The Triton Functions (fusedkd/kernels/) take fusedkd._autograd.once_differentiable in their own
-    # change; until then their gradients are constants under create_graph=True. strict: the mark must
-    # go when they do.
-    pending = pytest.mark.xfail(strict=True, reason="Triton Functions not yet once_differentiable")
-    return [
-        pytest.param(*c.values, id=c.id, marks=[*c.marks, pending] if c.values[1] == "triton" else c.marks)
-        for c in cases()
-    ]
-
-
-@pytest.mark.parametrize("key,backend", _double_backward_cases())
+@pytest.mark.parametrize("key,backend", cases())
 def test_double_backward_is_a_clear_error(key, backend):
     inputs = LOSSES[key].make(leading=(9,), vocab=101)
     out = LOSSES[key].function(*inputs.args.values(), **inputs.kwargs, backend=backend, temperature=2.0)

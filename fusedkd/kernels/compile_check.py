@@ -1,13 +1,19 @@
-"""Compile the fused linear KD kernels for a GPU architecture, without a GPU, and report their resources.
+"""Compile every Triton kernel of fusedkd as it is launched, for a GPU architecture, without a GPU.
 
-    python -m fusedkd.kernels.compile_check                 # sm_90 (Hopper), every dtype and divergence
-    python -m fusedkd.kernels.compile_check --arch 80 --dtypes bf16
+    python -m fusedkd.kernels.compile_check                       # sm_90 (Hopper), Qwen3 shapes, all dtypes
+    python -m fusedkd.kernels.compile_check --dtypes bf16 --tokens 16384 --json
 
-Triton's interpreter (the CPU test path) does not type-check or lower the kernels the way the compiler
-does; this runs the real compiler (Triton's bundled ptxas) on every kernel specialization that the
-backend would launch at Qwen-like shapes, and prints each one's registers, stack (spills), shared
-memory and tensor-core instructions. It needs TRITON_INTERPRET unset. The configurations in config.py
-were sized with it (the largest tiles that do not spill).
+Triton's interpreter (the CPU test path) neither type-checks nor lowers the kernels as the compiler
+does. This runs the backend's own launch code (`fused_linear_kd`, `kd_logits`) on meta tensors of
+the given shapes (Qwen3-4B -> Qwen3-0.6B by default: V = 151,936, H_t = 2560, H_s = 1024), with every
+kernel replaced by a recorder; then it binds each recorded launch with Triton's own launcher binder
+for the target (the same `create_function_from_signature` a real launch uses: the same stride == 1
+constants, divisibility-by-16 attributes and integer specializations; meta tensors sit at address 0,
+i.e. aligned like fresh CUDA allocations) and compiles it with the real compiler (Triton's bundled
+ptxas). For each kernel it reports registers, spilled bytes (ptxas), shared memory, the number of
+`tl.dot`s in the kernel and how many of them lowered to Hopper warp-group MMAs
+(`ttng.warp_group_dot` in the TTGIR), and the `wgmma.mma_async` / `mma.sync` instructions in the PTX.
+It needs TRITON_INTERPRET unset. The configurations in config.py were sized with it.
 """
 
 from __future__ import annotations
@@ -24,17 +30,18 @@ import tempfile
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-KERNEL_NAMES = (
+FUSED_KERNELS = (
     "statistics_kernel",
     "merge_statistics_kernel",
     "jsd_kernel",
     "merge_jsd_kernel",
     "gradient_kernel",
 )
+LOGITS_KERNELS = ("kd_logits_forward_kernel", "kd_logits_backward_kernel")
 
 
 @contextlib.contextmanager
-def _recorded_launches(module, launches: list):
+def _recorded_launches(module, names, launches: list):
     """Replace the module's kernels by recorders of (kernel, args, kwargs) for the duration."""
 
     class Recorder:
@@ -44,7 +51,7 @@ def _recorded_launches(module, launches: list):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    saved = {name: getattr(module, name) for name in KERNEL_NAMES}
+    saved = {name: getattr(module, name) for name in names}
     try:
         for name, kernel in saved.items():
             setattr(module, name, Recorder(kernel))
@@ -54,89 +61,156 @@ def _recorded_launches(module, launches: list):
             setattr(module, name, kernel)
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
-        return "*" + names[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if abs(value) < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {value!r}")
-
-
-def launches(dtype: torch.dtype, divergence: str, tokens=512, vocab=4096, student_dim=1024, teacher_dim=2560):
-    """The (kernel, args, kwargs) the backend launches for one loss evaluation and its gradient."""
+def fused_linear_launches(
+    dtype: torch.dtype,
+    divergence: str,
+    tokens: int,
+    vocab: int,
+    student_dim: int,
+    teacher_dim: int,
+    multiprocessors: int,
+    teacher_dtype: torch.dtype | None = None,
+):
+    """The (kernel, args, kwargs) the fused linear backend launches for a loss and its gradient."""
     from fusedkd._options import KDOptions
-    from fusedkd.kernels import config, fused_linear_kd
+    from fusedkd.kernels import fused_linear_kd
 
+    teacher_dtype = teacher_dtype or dtype
+    meta = dict(device="meta")
     options = KDOptions(divergence, 0.5, 2.0, 0.7, -100, "mean", vocab, True)
     problem = fused_linear_kd._make_problem(
-        torch.zeros(tokens, student_dim, dtype=dtype),
-        torch.zeros(vocab, student_dim, dtype=dtype),
-        torch.zeros(vocab, dtype=dtype),
-        torch.zeros(tokens, teacher_dim, dtype=dtype),
-        torch.zeros(vocab, teacher_dim, dtype=dtype),
+        torch.empty(tokens, student_dim, dtype=dtype, **meta),
+        torch.empty(vocab, student_dim, dtype=dtype, **meta),
         None,
-        torch.zeros(tokens, dtype=torch.int64),
+        torch.empty(tokens, teacher_dim, dtype=teacher_dtype, **meta),
+        torch.empty(vocab, teacher_dim, dtype=teacher_dtype, **meta),
+        None,
+        torch.empty(tokens, dtype=torch.int64, **meta),
         options,
     )
-    kernel_config = config.FLOAT32_CONFIG if dtype == torch.float32 else config.HALF_CONFIG
     recorded: list = []
-    with _recorded_launches(fused_linear_kd, recorded):
-        stats, _, _ = fused_linear_kd._statistics(problem, kernel_config)
-        weights = torch.ones(tokens)
-        fused_linear_kd._gradients(problem, kernel_config, stats, weights, weights, (True, True, True))
+    saved_multiprocessors = fused_linear_kd._multiprocessors
+    fused_linear_kd._multiprocessors = lambda device: multiprocessors
+    try:
+        with _recorded_launches(fused_linear_kd, FUSED_KERNELS, recorded):
+            config = fused_linear_kd._select_config(problem)
+            stats, _, _ = fused_linear_kd._statistics(problem, config)
+            weights = torch.empty(tokens, dtype=torch.float32, **meta)
+            fused_linear_kd._gradients(problem, config, stats, weights, weights, (True, True, False))
+    finally:
+        fused_linear_kd._multiprocessors = saved_multiprocessors
     return recorded
 
 
+def kd_logits_launches(dtype: torch.dtype, divergence: str, tokens: int, vocab: int):
+    """The launches of the logits-level loss: forward with the fused gradient, and the backward kernel."""
+    from fusedkd._options import KDOptions
+    from fusedkd.kernels import kd_logits
+
+    recorded: list = []
+    with _recorded_launches(kd_logits, LOGITS_KERNELS, recorded):
+        for reduction in ("mean", "none"):
+            options = KDOptions(divergence, 0.5, 2.0, 0.7, -100, reduction, vocab, True)
+            student = torch.empty(tokens, vocab, dtype=dtype, device="meta", requires_grad=True)
+            teacher = torch.empty(tokens, vocab, dtype=dtype, device="meta")
+            labels = torch.empty(tokens, dtype=torch.int64, device="meta")
+            loss, _, _ = kd_logits.kd_logits(student, teacher, labels, options)
+            if reduction == "none":
+                loss.sum().backward()
+    return recorded
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself runs for `arch` (it ships two)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def _count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text, flags=re.MULTILINE))
+
+
 def compile_launch(kernel, args, kwargs, arch: int) -> dict:
-    """Compile one recorded launch for sm_<arch>; its resource use as a dict."""
+    """Bind one recorded launch as Triton's launcher would, compile it for sm_<arch>, report its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
-    signature = {name: _arg_type(value) for name, value in zip(kernel.arg_names, args)}
-    signature.update({name: "constexpr" for name in kwargs})
-    compiled = triton.compile(
-        ASTSource(kernel, signature, kwargs), target=GPUTarget("cuda", arch, 32), options=options
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options
     )
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
+
     ptx = compiled.asm["ptx"]
+    arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        report = subprocess.run(
+            # The options Triton's own make_cubin passes (its report is what the cubin got).
+            [
+                _ptxas(arch),
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={arch_name}",
+                source.name,
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+        ).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spill_stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
+    spill_loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", report))
+    constants = {
+        k: v
+        for k, v in kwargs.items()
+        if k in ("DIVERGENCE", "BLOCK_N", "BLOCK_V", "BLOCK_H", "SUB_BLOCKS", "FUSE_GRAD", "ACC_DTYPE")
+    }
     return {
         "kernel": kernel.__name__,
-        "constexprs": {
-            k: v for k, v in kwargs.items() if k in ("DIVERGENCE", "BLOCK_N", "BLOCK_V", "BLOCK_H")
-        },
-        **options,
-        "registers": int(found.group(1)) if found else None,
-        "stack_bytes": int(found.group(2)) if found else None,
+        "constexprs": {k: str(v) if k == "ACC_DTYPE" else v for k, v in constants.items()},
+        "num_warps": options.num_warps,
+        "num_stages": options.num_stages,
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_bytes": spill_stores + spill_loads,
         "shared_bytes": compiled.metadata.shared,
-        "tensor_core_ops": ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
+        # Dots in the kernel, and those the compiler turned into Hopper warp-group MMAs.
+        "dots": _count(r"\btt\.dot\b", compiled.asm["ttir"]),
+        "wgmma_dots": _count(r"\bttng\.warp_group_dot\b", compiled.asm["ttgir"]),
+        # Instructions in the PTX (lines that start with the opcode, not comments).
+        "wgmma_instructions": _count(r"^\s*wgmma\.mma_async\b", ptx),
+        "mma_sync_instructions": _count(r"^\s*mma\.sync\b", ptx),
+        "specialized_ones": sum(1 for s in specialization if s[0] == "constexpr" and s[1] == 1),
     }
 
 
-def compile_all(dtypes, divergences, arch: int):
+def compile_all(
+    dtypes, divergences, arch: int, tokens: int, vocab: int, student_dim: int, teacher_dim: int, sms: int
+):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError(
             "unset TRITON_INTERPRET: the compile check runs Triton's compiler, not its interpreter"
         )
     seen, rows = set(), []
     for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
         for divergence in divergences:
-            for kernel, args, kwargs in launches(DTYPES[dtype_name], divergence):
+            launches = fused_linear_launches(dtype, divergence, tokens, vocab, student_dim, teacher_dim, sms)
+            launches += kd_logits_launches(dtype, divergence, min(tokens, 64), vocab)
+            for kernel, args, kwargs in launches:
                 key = (
                     kernel.__name__,
-                    tuple(_arg_type(a) for a in args),
+                    tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args),
                     tuple(sorted(map(str, kwargs.items()))),
                 )
                 if key in seen:
@@ -155,28 +229,60 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--divergences", default="forward_kl,reverse_kl,jsd")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--student-hidden", type=int, default=1024)
+    parser.add_argument("--teacher-hidden", type=int, default=2560)
+    parser.add_argument(
+        "--sms", type=int, default=132, help="multiprocessors the grids are sized for (H100/H200)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-    rows = compile_all(args.dtypes.split(","), args.divergences.split(","), args.arch)
+    rows = compile_all(
+        args.dtypes.split(","),
+        args.divergences.split(","),
+        args.arch,
+        args.tokens,
+        args.vocab,
+        args.student_hidden,
+        args.teacher_hidden,
+        args.sms,
+    )
     if args.json:
         print(json.dumps(rows))
         return 0
-    columns = ("kernel", "dtype", "div", "tile", "warps", "regs", "stack", "smem", "mma")
-    widths = (24, 5, 3, 12, 5, 4, 5, 6, 4)
+    columns = (
+        "kernel",
+        "dtype",
+        "div",
+        "tile",
+        "warps",
+        "regs",
+        "spill",
+        "smem",
+        "dots",
+        "wgmma",
+        "wgmma-ins",
+    )
+    widths = (26, 5, 3, 14, 5, 4, 5, 6, 4, 5, 9)
     print(" ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(columns, widths))))
     for row in rows:
         c = row["constexprs"]
-        tile = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H") if k in c) or "-"
+        tile = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H") if k in c)
+        if "SUB_BLOCKS" in c:
+            tile += f"/{c['SUB_BLOCKS']}"
         values = (
             row["kernel"],
             row["dtype"],
             c.get("DIVERGENCE", "-"),
-            tile,
+            tile or str(c.get("BLOCK_V", "-")),
             row["num_warps"],
             row["registers"],
-            row["stack_bytes"],
+            row["spill_bytes"],
             row["shared_bytes"],
-            row["tensor_core_ops"],
+            row["dots"],
+            row["wgmma_dots"],
+            row["wgmma_instructions"],
         )
         print(
             " ".join(f"{v:<{w}}" if i < 2 else f"{v!s:>{w}}" for i, (v, w) in enumerate(zip(values, widths)))

@@ -41,40 +41,73 @@ class KernelConfig:
     # Gradient pass: programs in one group walk the token blocks in step (L2 reuse of the hidden
     # states); different groups start at different token blocks (fewer colliding atomic adds).
     token_groups: int = 8
+    # Statistics pass: vocabulary splits per token block (the grouped raster's group width).
+    vocab_splits: int = 16
+    # Gradient pass: token blocks whose G tiles are staged before one update of the float32 weight-
+    # gradient rows (K = gradient_sub_blocks * BLOCK_N tokens per read-modify-write; gradient.py).
+    gradient_sub_blocks: int = 4
+    # Gradient pass: vocabulary blocks per program group: the gradient products (G W_s, one float32
+    # atomic add per token and hidden unit; G^T h_s) run over gradient_vocab_sub_blocks * BLOCK_V
+    # columns at once, while the logits are formed BLOCK_V columns at a time (register budget).
+    gradient_vocab_sub_blocks: int = 2
+    # The gradient tile of the reverse KL, when its G (a log-ratio more per entry) needs another
+    # (same BLOCK_N, BLOCK_V, BLOCK_H: the staging and the K-order stay the same).
+    reverse_kl_gradient: TileConfig | None = None
+
+    def gradient_tile(self, divergence: str) -> TileConfig:
+        """The gradient pass's tile for `divergence`."""
+        if divergence == "reverse_kl" and self.reverse_kl_gradient is not None:
+            return self.reverse_kl_gradient
+        return self.gradient
 
 
-# Under the interpreter every tile is a numpy operation: small, odd-shape-friendly tiles.
+# Under the interpreter every tile is a numpy operation: small, odd-shape-friendly tiles (two token
+# blocks and two vocabulary blocks per weight-gradient update, so small tests exercise the staging).
 INTERPRETER_CONFIG = KernelConfig(
     statistics=TileConfig(32, 128, 32, num_warps=4, num_stages=1),
-    gradient=TileConfig(32, 128, 32, num_warps=4, num_stages=1),
+    gradient=TileConfig(32, 64, 32, num_warps=4, num_stages=1),
     token_groups=2,
+    vocab_splits=2,
+    gradient_sub_blocks=2,
+    gradient_vocab_sub_blocks=2,
 )
 
-# The GPU tiles below were sized by compiling every kernel for sm_90 with Triton 3.9 (no GPU needed)
-# and reading the register and stack use of the cubins: the largest tiles that do not spill. Two fp32
-# accumulators (student and teacher logits) live in registers at once, plus the elementwise softmax
-# work, so the tiles are smaller than a plain GEMM's.
+# The GPU tiles below were sized by `python -m fusedkd.kernels.compile_check` (Triton 3.9, sm_90, Qwen3
+# shapes, no GPU needed): the largest tiles whose kernels neither spill nor leave the tensor cores.
+# Two float32 logit accumulators (student and teacher) live in registers at once, plus the softmax
+# work, so an accumulator holds at most 64 x 128 = 8192 entries: 128 x 128 spills (255 registers per
+# thread at 8 warps, 128 at 16), and so does BLOCK_H = 64 in the gradient kernel (8-16 bytes).
 #
-# bf16 / fp16: tensor-core (wgmma) dots; statistics 64 x 128 tiles, gradient 64 x 64 (it also holds
-# the G tile and the two gradient products).
+# bf16 / fp16: wgmma dots. Statistics 64 x 128 tiles; gradient 128 x 64 tiles (128 tokens per reload
+# of a weight tile), G staged for 4 token blocks (512 tokens) x 2 vocabulary blocks (128 columns)
+# per float32 weight-gradient update, and 128 columns per dh atomic add.
+# Both passes use BLOCK_H = 32: the gradient pass recomputes the logits with the statistics pass's
+# K-order. 16 vocabulary splits per token block: a wave of 132 programs covers ~8 token blocks.
 HALF_CONFIG = KernelConfig(
     statistics=TileConfig(64, 128, 32, num_warps=8, num_stages=3),
-    gradient=TileConfig(64, 64, 32, num_warps=8, num_stages=2),
+    gradient=TileConfig(128, 64, 32, num_warps=8, num_stages=2),
+    token_groups=4,
+    vocab_splits=16,
+    gradient_sub_blocks=4,
+    gradient_vocab_sub_blocks=2,
+    # The reverse KL's G spills 8 bytes with two pipeline stages; one stage does not spill.
+    reverse_kl_gradient=TileConfig(128, 64, 32, num_warps=8, num_stages=1),
 )
 
 # fp32 ("highest" matmul precision: IEEE fp32 on the CUDA cores, which needs more registers per tile).
 FLOAT32_CONFIG = KernelConfig(
     statistics=TileConfig(64, 64, 16, num_warps=8, num_stages=2),
     gradient=TileConfig(32, 64, 16, num_warps=8, num_stages=2),
+    gradient_sub_blocks=4,
 )
 
 # Candidates timed by FUSEDKD_AUTOTUNE=1 (the default first); within one, both passes share BLOCK_H.
 HALF_CANDIDATES = (
     HALF_CONFIG,
-    KernelConfig(TileConfig(64, 128, 32, 8, 4), TileConfig(64, 64, 32, 8, 3)),
-    KernelConfig(TileConfig(64, 64, 64, 8, 3), TileConfig(64, 64, 64, 8, 2)),
-    KernelConfig(TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 8, 1), token_groups=4),
-    KernelConfig(TileConfig(128, 64, 32, 8, 3), TileConfig(128, 64, 32, 8, 2), token_groups=16),
+    KernelConfig(TileConfig(64, 128, 32, 8, 4), TileConfig(128, 64, 32, 8, 3)),
+    KernelConfig(TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 2), gradient_sub_blocks=8),
+    KernelConfig(TileConfig(64, 128, 64, 8, 3), TileConfig(128, 64, 64, 8, 1), token_groups=4),
+    KernelConfig(TileConfig(128, 64, 32, 8, 3), TileConfig(128, 64, 32, 8, 2), vocab_splits=8),
 )
 FLOAT32_CANDIDATES = (
     FLOAT32_CONFIG,
@@ -83,11 +116,26 @@ FLOAT32_CANDIDATES = (
 )
 
 
+def config_dtype(student_dtype: torch.dtype, teacher_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a configuration is chosen for, from both models' dtypes (one kernel computes both
+    models' tiles, so one tile shape must suit both): float32 when either model is float32 (its dots
+    run at float32 precision and need the float32 tiles), else the student's 16-bit dtype."""
+    if torch.float32 in (student_dtype, teacher_dtype):
+        return torch.float32
+    return student_dtype
+
+
+def gpu_config(dtype: torch.dtype) -> KernelConfig:
+    """The fixed GPU configuration for inputs of `dtype` (the student's), interpreter or not."""
+    return FLOAT32_CONFIG if dtype == torch.float32 else HALF_CONFIG
+
+
 def default_config(dtype: torch.dtype) -> KernelConfig:
-    """The fixed configuration for inputs of `dtype` (the student's)."""
+    """The configuration the kernels launch with for inputs of `dtype`: small tiles under the
+    interpreter, `gpu_config(dtype)` on a GPU."""
     if INTERPRETER:
         return INTERPRETER_CONFIG
-    return FLOAT32_CONFIG if dtype == torch.float32 else HALF_CONFIG
+    return gpu_config(dtype)
 
 
 def dot_precision() -> str:

@@ -5,8 +5,9 @@ per-token statistics and the per-token divergence and cross-entropy. Backward: t
 (gradient.py) recomputes the logit tiles and forms G from those statistics, weighted per token by
 the incoming gradients. Nothing of size N x V is ever allocated; what the passes hold besides the
 inputs and the student's gradients is O(N) floats, a float32 [N, H_s] accumulator for the hidden-state
-gradient (the gradient itself for float32 inputs) and, for 16-bit weights, a float32 scratch of
-(gradient programs) x BLOCK_V x H_s.
+gradient (the gradient itself for float32 inputs), for 16-bit weights a float32 scratch of
+(gradient programs) x (vocabulary group) x H_s, and the G staging of (gradient programs) x (512 tokens)
+x (vocabulary group) entries: 155 MiB in all at Qwen3-0.6B shapes and N = 16,384 (RESULTS.md).
 
 Tokens are processed in an order that puts the valid ones (label != ignore_index) first, computed on
 the device without a host sync; blocks of ignored tokens are skipped by the kernels.
@@ -19,9 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedkd._autograd import (
+    gradient_weights,
+    input_grads,
+    no_output_grad,
+    once_differentiable,
+    reduce,
+    reduction_scale,
+    unit_gradient_weights,
+)
 from fusedkd._options import KDOptions
-from fusedkd.kernels import INTERPRETER, unavailable_reason
-from fusedkd.kernels.config import KernelConfig, TileConfig, dot_precision, select_config
+from fusedkd.kernels import INTERPRETER, launch_device, unavailable_reason
+from fusedkd.kernels.config import KernelConfig, TileConfig, config_dtype, dot_precision, select_config
 from fusedkd.kernels.gradient import gradient_kernel
 from fusedkd.kernels.jsd import NUM_JSD_FIELDS, jsd_kernel, merge_jsd_kernel
 from fusedkd.kernels.statistics import (
@@ -72,12 +82,20 @@ class _Problem:
         """Tensors, sizes and strides in the order the tile kernels take them."""
         sh, sw, th, tw = self.student_hidden, self.student_weight, self.teacher_hidden, self.teacher_weight
         # An absent bias is never read (HAS_*_BIAS is False): any pointer will do.
+        sb, tb = self.student_bias, self.teacher_bias
         return (
-            (sh, sw, sw if self.student_bias is None else self.student_bias),
-            (th, tw, tw if self.teacher_bias is None else self.teacher_bias),
-            (sh.stride(0), sh.stride(1), sw.stride(0), sw.stride(1)),
-            (th.stride(0), th.stride(1), tw.stride(0), tw.stride(1)),
+            (sh, sw, sw if sb is None else sb),
+            (th, tw, tw if tb is None else tb),
+            (sh.stride(0), sh.stride(1), sw.stride(0), sw.stride(1), 1 if sb is None else sb.stride(0)),
+            (th.stride(0), th.stride(1), tw.stride(0), tw.stride(1), 1 if tb is None else tb.stride(0)),
         )
+
+    def label_args(self) -> tuple:
+        """(labels pointer, its stride): the labels as they are (any stride, int32 or int64); without
+        labels any int64 tensor (never read)."""
+        if self.labels is None:
+            return self.token_index, 1
+        return self.labels, self.labels.stride(0)
 
     def tile_flags(self, tile: TileConfig) -> dict:
         """Compile-time features shared by the tile kernels."""
@@ -98,6 +116,12 @@ class _Problem:
         )
 
 
+def inverse_temperature(options: KDOptions) -> float:
+    """The one place where the temperature T of `KDOptions` becomes the kernels' `inv_temperature` = 1/T
+    (the scale of the online log-sum-exp convention, tl_utils.py)."""
+    return 1.0 / options.temperature
+
+
 def _token_order(labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):
     """(token_index [N] int64 with the valid tokens first, num_valid [1] int64): no host sync."""
     if labels is None:
@@ -113,27 +137,53 @@ def _multiprocessors(device: torch.device) -> int:
     return 1
 
 
-def _vocab_splits(problem: _Problem, tile: TileConfig) -> tuple[int, int]:
-    """(splits, vocabulary blocks per split) of the statistics grid: enough programs to fill the GPU."""
-    num_vocab_blocks = math.ceil(problem.vocab_size / tile.block_v)
-    num_token_blocks = math.ceil(problem.num_tokens / tile.block_n)
-    wanted = 2 if INTERPRETER else math.ceil(2 * _multiprocessors(problem.device) / num_token_blocks)
+def statistics_grid(
+    num_tokens: int, vocab_size: int, config: KernelConfig, multiprocessors: int, interpreter: bool = False
+) -> tuple[int, int]:
+    """(splits, vocabulary blocks per split) of the statistics grid.
+
+    `config.vocab_splits` splits (more when there are too few token blocks to fill the GPU twice):
+    with the grouped raster, a wave of `multiprocessors` programs covers about
+    multiprocessors / splits token blocks, whose hidden states stay in L2 while the wave walks the
+    vocabulary, and reads each weight tile from HBM once.
+    """
+    tile = config.statistics
+    num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
+    num_token_blocks = math.ceil(num_tokens / tile.block_n)
+    fill = math.ceil(2 * multiprocessors / max(1, num_token_blocks))
+    wanted = 2 if interpreter else max(config.vocab_splits, fill)
     blocks_per_split = math.ceil(num_vocab_blocks / max(1, min(wanted, num_vocab_blocks)))
     return math.ceil(num_vocab_blocks / blocks_per_split), blocks_per_split
 
 
+def _vocab_splits(problem: _Problem, config: KernelConfig) -> tuple[int, int]:
+    sms = _multiprocessors(problem.device)
+    return statistics_grid(problem.num_tokens, problem.vocab_size, config, sms, INTERPRETER)
+
+
+def statistics_program(pid: int, num_token_blocks: int, splits: int) -> tuple[int, int]:
+    """(token block, split) of statistics program `pid`: what the kernels compute from tl.program_id."""
+    return pid // splits, pid % splits
+
+
 def _statistics(problem: _Problem, config: KernelConfig):
+    """Pass 1 (and the JSD's pass 2), launched on the inputs' device: see `_launch_statistics`."""
+    with launch_device(problem.student_hidden):
+        return _launch_statistics(problem, config)
+
+
+def _launch_statistics(problem: _Problem, config: KernelConfig):
     """Pass 1 (and the JSD's pass 2): (stats [fields, N], distill [N], ce [N]), float32."""
     options, n, device = problem.options, problem.num_tokens, problem.device
     tile = config.statistics
     student, teacher, student_strides, teacher_strides = problem.tile_args()
-    splits, blocks_per_split = _vocab_splits(problem, tile)
+    splits, blocks_per_split = _vocab_splits(problem, config)
     grid = (math.ceil(n / tile.block_n) * splits,)
     if n == 0:  # no token: nothing to launch (an empty grid is not valid everywhere)
         empty = torch.zeros(0, dtype=torch.float32, device=device)
         return torch.zeros((NUM_STAT_FIELDS, 0), dtype=torch.float32, device=device), empty, empty.clone()
     divergence = DIVERGENCE_CODES[options.divergence]
-    inv_temperature = 1.0 / options.temperature
+    inv_temperature = inverse_temperature(options)
     flags = problem.tile_flags(tile)
     sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
 
@@ -141,12 +191,13 @@ def _statistics(problem: _Problem, config: KernelConfig):
     statistics_kernel[grid](
         *student,
         *teacher,
-        problem.token_index if problem.labels is None else problem.labels,
+        *problem.label_args(),
         problem.token_index,
         problem.num_valid,
         partial,
         *sizes,
         blocks_per_split,
+        splits,
         *student_strides,
         *teacher_strides,
         inv_temperature,
@@ -186,6 +237,7 @@ def _statistics(problem: _Problem, config: KernelConfig):
             jsd_partial,
             *sizes,
             blocks_per_split,
+            splits,
             *student_strides,
             *teacher_strides,
             inv_temperature,
@@ -207,12 +259,63 @@ def _statistics(problem: _Problem, config: KernelConfig):
     return stats, distill, ce
 
 
-def _gradient_programs(problem: _Problem, tile: TileConfig) -> int:
-    num_vocab_blocks = math.ceil(problem.vocab_size / tile.block_v)
-    return min(num_vocab_blocks, 3 if INTERPRETER else _multiprocessors(problem.device))
+def gradient_group_width(config: KernelConfig, tile: TileConfig) -> int:
+    """Vocabulary columns a gradient program owns at a time (the width of its gradient products)."""
+    return tile.block_v * config.gradient_vocab_sub_blocks
 
 
-def _gradients(
+def gradient_programs(
+    vocab_size: int, group_width: int, multiprocessors: int, interpreter: bool = False
+) -> int:
+    """Programs of the (persistent) gradient grid: one per multiprocessor, at most one per vocab group."""
+    num_vocab_groups = math.ceil(vocab_size / group_width)
+    return min(num_vocab_groups, 3 if interpreter else multiprocessors)
+
+
+def _gradient_programs(problem: _Problem, group_width: int) -> int:
+    return gradient_programs(problem.vocab_size, group_width, _multiprocessors(problem.device), INTERPRETER)
+
+
+def staging_dtype(hidden_dtype: torch.dtype, interpreter: bool = False) -> torch.dtype:
+    """The dtype G is staged in and the gradient products run in: the student's, except bf16 under the
+    interpreter (float32: its bf16 dot is wrong, DESIGN.md §7)."""
+    if interpreter and hidden_dtype == torch.bfloat16:
+        return torch.float32
+    return hidden_dtype
+
+
+def gradient_scale(
+    options: KDOptions,
+    weight_distill: torch.Tensor,
+    weight_ce: torch.Tensor | None,
+    staged_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The power of two G is multiplied by before its cast to fp16 (and divided by after the products):
+    a [1] float32 device tensor, no host sync; 1 for other dtypes.
+
+    |G| <= bound = max_i (|w_D,i| c / T + |w_C,i|), with c = 1 for the KL and a small multiple for the
+    log-ratio factors of the reverse KL and the JSD; the scale maps the bound to [2^-1, 2^0), so the
+    largest entries of G stay far below fp16's maximum (65504) while the small ones, scaled by 1 / N
+    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (DESIGN.md §6).
+    """
+    one = torch.ones(1, dtype=torch.float32, device=weight_distill.device)
+    if staged_dtype != torch.float16:
+        return one
+    bound = weight_distill.abs() * inverse_temperature(options)
+    if weight_ce is not None:
+        bound = bound + weight_ce.abs()
+    largest = bound.max().reshape(1) if bound.numel() else one
+    exponent = torch.ceil(torch.log2(largest.clamp(min=2.0**-100)))
+    return torch.exp2(-exponent).clamp(max=2.0**100)
+
+
+def _gradients(problem: _Problem, config: KernelConfig, stats, weight_distill, weight_ce, wanted):
+    """Pass 2, launched on the inputs' device: see `_launch_gradients`."""
+    with launch_device(problem.student_hidden):
+        return _launch_gradients(problem, config, stats, weight_distill, weight_ce, wanted)
+
+
+def _launch_gradients(
     problem: _Problem,
     config: KernelConfig,
     stats: torch.Tensor,
@@ -226,11 +329,12 @@ def _gradients(
     """
     options, n, device = problem.options, problem.num_tokens, problem.device
     want_hidden, want_weight, want_bias = wanted
-    tile = config.gradient
+    tile = config.gradient_tile(options.divergence)
     hidden, weight = problem.student_hidden, problem.student_weight
     vocab, student_dim = problem.vocab_size, hidden.shape[1]
     student, teacher, student_strides, teacher_strides = problem.tile_args()
-    programs = _gradient_programs(problem, tile)
+    group_width = gradient_group_width(config, tile)
+    programs = _gradient_programs(problem, group_width)
     f32 = dict(dtype=torch.float32, device=device)
 
     # float32 accumulators: the outputs themselves for float32 tensors.
@@ -240,22 +344,29 @@ def _gradients(
         grad_weight = grad_weight_acc = None
     elif weight_scratch:
         grad_weight = torch.empty((vocab, student_dim), dtype=weight.dtype, device=device)
-        grad_weight_acc = torch.empty((programs * tile.block_v, student_dim), **f32)
+        grad_weight_acc = torch.empty((programs * group_width, student_dim), **f32)
     else:
         grad_weight = grad_weight_acc = torch.zeros((vocab, student_dim), **f32)
-    grad_bias = torch.empty(vocab, **f32) if want_bias else None
+    grad_bias = torch.zeros(vocab, **f32) if want_bias else None
+    staged_dtype = staging_dtype(hidden.dtype, INTERPRETER)
+    staging = torch.empty(
+        (programs, config.gradient_sub_blocks * tile.block_n, group_width), dtype=staged_dtype, device=device
+    )
+    grad_scale = gradient_scale(options, weight_distill, weight_ce, staged_dtype)
 
     beta = options.beta if options.divergence == "jsd" else 0.5
     placeholder = stats  # for the pointers of outputs that are not computed (never touched)
     gradient_kernel[(programs,)](
         *student,
         *teacher,
-        problem.token_index if problem.labels is None else problem.labels,
+        *problem.label_args(),
         problem.token_index,
         problem.num_valid,
         stats,
         weight_distill,
         placeholder if weight_ce is None else weight_ce,
+        grad_scale,
+        staging,
         placeholder if grad_hidden_acc is None else grad_hidden_acc,
         placeholder if grad_weight_acc is None else grad_weight_acc,
         placeholder if grad_weight is None else grad_weight,
@@ -266,7 +377,7 @@ def _gradients(
         problem.teacher_hidden.shape[1],
         *student_strides,
         *teacher_strides,
-        1.0 / options.temperature,
+        inverse_temperature(options),
         beta,
         math.log(beta),
         math.log1p(-beta),
@@ -278,6 +389,8 @@ def _gradients(
         GRAD_BIAS=want_bias,
         WEIGHT_SCRATCH=weight_scratch,
         TOKEN_GROUPS=config.token_groups,
+        SUB_BLOCKS=config.gradient_sub_blocks,
+        VOCAB_SUB_BLOCKS=config.gradient_vocab_sub_blocks,
         **problem.tile_flags(tile),
     )
     grad_hidden = None if grad_hidden_acc is None else grad_hidden_acc.to(hidden.dtype)
@@ -287,51 +400,21 @@ def _gradients(
 
 
 def _reduction_scale(problem: _Problem) -> torch.Tensor:
-    """1 / max(num_valid, 1) for reduction="mean", else 1 (a device tensor: no host sync)."""
-    if problem.options.reduction == "mean":
-        return 1.0 / problem.num_valid[0].clamp(min=1).to(torch.float32)
-    return torch.ones((), dtype=torch.float32, device=problem.device)
+    return reduction_scale(problem.num_valid, problem.options.reduction, torch.float32)
 
 
 def _outputs(problem: _Problem, distill: torch.Tensor, ce: torch.Tensor, scale: torch.Tensor):
     """(loss, distill, ce) reduced per options.reduction; ignored tokens hold zeros already."""
     options = problem.options
     loss = options.distill_weight * distill + options.ce_weight * ce
-    if options.reduction == "none":
-        return loss, distill, ce
-    return tuple(x.sum() * scale for x in (loss, distill, ce))
-
-
-def _has_ce_grad(options: KDOptions, grad_ce: torch.Tensor | None) -> bool:
-    """Whether G has a cross-entropy part at all (labels, and a nonzero weight or a gradient of ce)."""
-    return options.has_labels and (options.ce_weight != 0.0 or grad_ce is not None)
-
-
-def _gradient_weights(problem: _Problem, scale: torch.Tensor, grad_loss, grad_distill, grad_ce):
-    """Per-token weights of dD/ds and dC/ds (DESIGN.md §4), [N] float32 in token order.
-
-    w_D = (g_loss alpha T^2 + g_distill) * scale,  w_C = (g_loss (1 - alpha) + g_ce) * scale;
-    ignored tokens are never visited by the kernels, so their weights do not matter.
-    """
-    options, n = problem.options, problem.num_tokens
-    zero = torch.zeros((), dtype=torch.float32, device=problem.device)
-
-    def as_weight(g):
-        return zero if g is None else g.to(torch.float32)
-
-    g_loss, g_distill, g_ce = (as_weight(g) for g in (grad_loss, grad_distill, grad_ce))
-    weight_distill = ((g_loss * options.distill_weight + g_distill) * scale).expand(n).contiguous()
-    weight_ce = None
-    if _has_ce_grad(options, grad_ce):
-        weight_ce = ((g_loss * options.ce_weight + g_ce) * scale).expand(n).contiguous()
-    return weight_distill, weight_ce
+    return tuple(reduce(x, options.reduction, scale) for x in (loss, distill, ce))
 
 
 def _unit_gradients(problem: _Problem, config: KernelConfig, stats: torch.Tensor):
     """The gradient pass for grad_output = 1 (what autotuning times)."""
-    scale = _reduction_scale(problem)
-    one = torch.ones((), dtype=torch.float32, device=problem.device)
-    weights = _gradient_weights(problem, scale, one, None, None)
+    weights = unit_gradient_weights(
+        problem.options, _reduction_scale(problem), num_tokens=problem.num_tokens, dtype=torch.float32
+    )
     wanted = (True, True, problem.student_bias is not None)
     return _gradients(problem, config, stats, *weights, wanted)
 
@@ -352,7 +435,7 @@ def _select_config(problem: _Problem) -> KernelConfig:
         stats, _, _ = _statistics(problem, config)
         return _unit_gradients(problem, config, stats)
 
-    return select_config(key, hidden.dtype, problem.device, run)
+    return select_config(key, config_dtype(hidden.dtype, teacher.dtype), problem.device, run)
 
 
 class _FusedLinearKDFunction(torch.autograd.Function):
@@ -399,6 +482,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         return _outputs(problem, distill, ce, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_distill, grad_ce):
         (
             student_hidden,
@@ -414,8 +498,8 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             scale,
         ) = ctx.saved_tensors
         wanted = ctx.needs_input_grad
-        if grad_loss is None and grad_distill is None and grad_ce is None:
-            return tuple(None for _ in wanted)
+        if no_output_grad(grad_loss, grad_distill, grad_ce):
+            return input_grads(wanted, {})
         problem = _Problem(
             student_hidden,
             student_weight,
@@ -428,7 +512,16 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             num_valid,
             ctx.options,
         )
-        weight_distill, weight_ce = _gradient_weights(problem, scale, grad_loss, grad_distill, grad_ce)
+        # Ignored tokens are never visited by the kernels: their weights do not matter.
+        weight_distill, weight_ce = gradient_weights(
+            ctx.options,
+            scale,
+            grad_loss,
+            grad_distill,
+            grad_ce,
+            num_tokens=problem.num_tokens,
+            dtype=torch.float32,
+        )
         grads = _gradients(
             problem,
             ctx.config,
@@ -437,8 +530,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             weight_ce,
             (wanted[0], wanted[1], student_bias is not None and wanted[2]),
         )
-        by_input = dict(enumerate(grads))
-        return tuple(by_input.get(i) if wanted[i] else None for i in range(len(wanted)))
+        return input_grads(wanted, dict(enumerate(grads)))
 
 
 def _make_problem(
@@ -490,12 +582,15 @@ def fused_linear_kd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked, flattened inputs -> (loss, distill, ce), float32, reduced per `options`.
 
-    Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows, any
-    strides), [V] biases, [N] int64 labels (or None), in float32, bfloat16 or float16 (the teacher's
-    dtype may differ from the student's). The teacher gets no gradient. Under torch.no_grad, or when
-    no student tensor requires grad, only the forward passes run and nothing is saved.
+    Inputs are [N, H] hidden states and [V, H] heads (already cut to `options.vocab_size` rows), [V]
+    biases, [N] int64 or int32 labels (or None), each of any strides; float32, bfloat16 or float16
+    (the teacher's dtype may differ from the student's). The teacher gets no gradient. Under
+    torch.no_grad, or when no student tensor requires grad, only the forward passes run and nothing
+    is saved. The backward is once-differentiable (double backward raises).
     """
     _check_supported(student_hidden, teacher_hidden)
+    if labels is not None and labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     args = (

@@ -3,24 +3,35 @@ per-token statistics (DESIGN.md §4) and multiplies it straight into the student
 
     grad_student_hidden = G W_s      grad_student_weight = G^T h_s      grad_student_bias = sum_i G
 
-No [N, V] buffer exists: each [BLOCK_N, BLOCK_V] tile of G lives in registers only. The logits are
+No [N, V] buffer exists: a tile of G lives in registers and in a small per-program staging scratch
+(a few token blocks x one vocabulary block), never more. The logits are
 computed once here, so the pass costs 2 N V (H_t + H_s) for the recomputation plus 4 N V H_s for the
 two gradient products (DESIGN.md §5).
 
-Work split (the choice and its reasons):
+Work split (the choice and its reasons; benchmarks/gpu_model.py models it):
 
-* A persistent grid of `num_programs` programs; each owns whole vocabulary blocks (vb = pid, pid + P,
-  ...) and, for each, walks *all* token blocks. grad_student_weight rows of an owned block therefore
-  have a single writer: they are accumulated in float32 by plain read-modify-writes into a per-program
-  scratch of [BLOCK_V, H_s] (L2-resident, P * BLOCK_V * H_s floats in all, independent of N and V),
+* A persistent grid of `num_programs` programs (one per SM); each owns whole vocabulary blocks (vb =
+  pid, pid + P, ...) and, for each, walks *all* tokens. The weight-gradient rows of an owned block
+  therefore have a single writer: they are accumulated in float32 by plain read-modify-writes into a
+  per-program scratch of [BLOCK_V, H_s] (P * BLOCK_V * H_s floats in all, independent of N and V),
   then cast once into the output; with float32 weights the output itself is the accumulator. This
   makes grad_student_weight and grad_student_bias deterministic and needs no float32 [V, H_s] buffer
   (for Qwen3-0.6B that buffer alone would be 622 MB), which atomics on the weight side would.
+* Tokens are taken SUB_BLOCKS token blocks at a time (an "update", 512 tokens on a GPU). (a) For each
+  token block the logits are recomputed (BLOCK_N = 128 tokens per reload of the weight tile), G is
+  formed and staged, in the dtype of the products (bf16/fp16; float32 for float32 inputs or under the
+  interpreter), in a per-program [SUB_BLOCKS * BLOCK_N, BLOCK_V] scratch (L2-resident: 128 KiB per
+  program). (b) Then, one hidden chunk at a time, grad_W[block] += G^T h_s runs as one product with
+  K = SUB_BLOCKS * BLOCK_N tokens into a [BLOCK_V, BLOCK_H] float32 accumulator: the float32 rows
+  are read and written once per 512 tokens instead of once per token block (8x less traffic than 64
+  tokens per update). The student's weight chunk for grad_h = G W_s is loaded once per update too.
 * grad_student_hidden ([N, H_s], the small one) is accumulated with float32 atomic adds (relaxed
   ordering: no fences) into a float32 [N, H_s] buffer: each element receives one add per vocabulary
   block, so its summation order, and its last bits, may vary from run to run. Contention is kept low
-  by starting the programs of different TOKEN_GROUPS at different token blocks (programs of one group
-  walk the tokens in step, so a hidden-state tile read from HBM serves the whole group through L2).
+  by starting the programs of different TOKEN_GROUPS at different updates (programs of one group walk
+  the tokens in step, so a hidden-state tile read from HBM serves the whole group through L2).
+* fp16: G is multiplied by a power of two before its cast (fused_linear_kd.gradient_scale) and the
+  products are divided by it in float32, so G does not underflow fp16 at N >= 16k under "mean".
 * The alternative, one pass owning token blocks for grad_student_hidden and one owning vocabulary
   blocks for grad_student_weight, would be deterministic but recomputes both models' logits twice:
   2 N V (3 H_t + 5 H_s) FLOPs instead of 2 N V (2 H_t + 4 H_s), +39% at Qwen3-4B -> 0.6B shapes.
@@ -119,11 +130,14 @@ def gradient_kernel(
     teacher_weight_ptr,
     teacher_bias_ptr,
     labels_ptr,
+    stride_labels,
     token_index_ptr,
     num_valid_ptr,
     stats_ptr,
     weight_distill_ptr,
     weight_ce_ptr,
+    grad_scale_ptr,
+    staging_ptr,
     grad_hidden_ptr,
     grad_weight_acc_ptr,
     grad_weight_ptr,
@@ -136,10 +150,12 @@ def gradient_kernel(
     stride_student_hidden_h,
     stride_student_weight_v,
     stride_student_weight_h,
+    stride_student_bias,
     stride_teacher_hidden_n,
     stride_teacher_hidden_h,
     stride_teacher_weight_v,
     stride_teacher_weight_h,
+    stride_teacher_bias,
     inv_temperature,
     beta,
     log_beta,
@@ -159,134 +175,186 @@ def gradient_kernel(
     GRAD_BIAS: tl.constexpr,
     WEIGHT_SCRATCH: tl.constexpr,
     TOKEN_GROUPS: tl.constexpr,
+    SUB_BLOCKS: tl.constexpr,
+    VOCAB_SUB_BLOCKS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """grad_hidden_ptr: float32 [N, H_s], zeroed (atomics). grad_weight_acc_ptr: float32, the output
-    [V, H_s] itself (WEIGHT_SCRATCH False) or a [num_programs * BLOCK_V, H_s] scratch whose rows are
-    cast into grad_weight_ptr [V, H_s]. grad_bias_ptr: float32 [V]. All gradient buffers contiguous."""
+    """A program owns vocabulary groups of GROUP_V = VOCAB_SUB_BLOCKS * BLOCK_V columns: the logits
+    and G are formed BLOCK_V columns at a time, the gradient products run over the whole group.
+
+    grad_hidden_ptr: float32 [N, H_s], zeroed (atomics). grad_weight_acc_ptr: float32, the output [V, H_s]
+    itself (WEIGHT_SCRATCH False) or a [num_programs * GROUP_V, H_s] scratch whose rows are cast into
+    grad_weight_ptr [V, H_s]. grad_bias_ptr: float32 [V], zeroed (read-modify-written by the owner of the
+    columns). staging_ptr: a per-program [SUB_BLOCKS * BLOCK_N, GROUP_V] scratch for the G tiles of one
+    update, in the dtype the gradient products run in. grad_scale_ptr: a power of two G is multiplied by
+    before that cast and divided by after the products (fp16: keeps G above fp16's underflow; 1
+    otherwise). All gradient and scratch buffers are contiguous."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_valid = tl.load(num_valid_ptr)
     num_token_blocks = tl.cdiv(num_valid, BLOCK_N)
-    rotation = ((pid % TOKEN_GROUPS) * num_token_blocks) // TOKEN_GROUPS
-    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+    num_updates = tl.cdiv(num_token_blocks, SUB_BLOCKS)
+    rotation = ((pid % TOKEN_GROUPS) * num_updates) // TOKEN_GROUPS
+    GROUP_V: tl.constexpr = VOCAB_SUB_BLOCKS * BLOCK_V
+    num_vocab_groups = tl.cdiv(vocab_size, GROUP_V)
     offs_n = tl.arange(0, BLOCK_N)
     offs_v = tl.arange(0, BLOCK_V)
+    offs_g = tl.arange(0, GROUP_V)
     offs_h = tl.arange(0, BLOCK_H)
-    grad_dtype = student_hidden_ptr.dtype.element_ty
+    grad_scale = tl.load(grad_scale_ptr)
+    inv_grad_scale = 1.0 / grad_scale
+    staging = staging_ptr + pid.to(tl.int64) * (SUB_BLOCKS * BLOCK_N * GROUP_V)
+    staged_dtype = staging_ptr.dtype.element_ty
 
-    for vocab_block in range(pid, num_vocab_blocks, num_programs):
-        cols = vocab_block * BLOCK_V + offs_v
-        col_mask = cols < vocab_size
-        cols_64 = cols.to(tl.int64)
+    for vocab_group in range(pid, num_vocab_groups, num_programs):
+        group_cols = vocab_group * GROUP_V + offs_g
+        group_mask = group_cols < vocab_size
+        group_cols_64 = group_cols.to(tl.int64)
         if WEIGHT_SCRATCH:
-            acc_rows = (pid * BLOCK_V + offs_v).to(tl.int64) * student_dim
+            acc_rows = (pid * GROUP_V + offs_g).to(tl.int64) * student_dim
         else:
-            acc_rows = cols_64 * student_dim
-        grad_bias = tl.zeros([BLOCK_V], tl.float32)
+            acc_rows = group_cols_64 * student_dim
 
-        for step in range(0, num_token_blocks):
-            token_block = (step + rotation) % num_token_blocks
-            positions = token_block * BLOCK_N + offs_n
-            row_mask = positions < num_valid
-            rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-            student_rows = rows * stride_student_hidden_n
-            s = logits_tile(
-                student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
-                student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-                student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
-                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
-            )  # fmt: skip
-            t = logits_tile(
-                teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
-                teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-                teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
-                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
-            )  # fmt: skip
-            weight_distill = tl.load(weight_distill_ptr + rows, mask=row_mask, other=0.0)
-            if HAS_CE_GRAD:
-                weight_ce = tl.load(weight_ce_ptr + rows, mask=row_mask, other=0.0)
-                labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-            else:
-                weight_ce = weight_distill
-                labels = rows
-            grad = gradient_tile(
-                s, t, cols, col_mask, row_mask, labels, stats_ptr + positions, num_tokens,
-                weight_distill, weight_ce, inv_temperature, beta, log_beta, log_one_minus_beta,
-                DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
-            )  # fmt: skip
-            if GRAD_BIAS:
-                grad_bias += tl.sum(grad, axis=0)
-            # The gradient products run at the input precision (G rounded to the input dtype, float32
-            # accumulation), as the matmuls of a materialized-logits recipe would.
-            if STUDENT_UPCAST:
-                grad_in = grad
-            else:
-                grad_in = grad.to(grad_dtype)
+        for update in range(0, num_updates):
+            first_block = ((update + rotation) % num_updates) * SUB_BLOCKS
+            # (a) The G tiles of SUB_BLOCKS token blocks x VOCAB_SUB_BLOCKS vocabulary blocks, formed
+            # from recomputed logits and staged.
+            for tile in range(0, SUB_BLOCKS * VOCAB_SUB_BLOCKS):
+                sub = tile // VOCAB_SUB_BLOCKS
+                vocab_sub = tile % VOCAB_SUB_BLOCKS
+                token_block = first_block + sub
+                cols = vocab_group * GROUP_V + vocab_sub * BLOCK_V + offs_v
+                col_mask = cols < vocab_size
+                if token_block < num_token_blocks:
+                    positions = token_block * BLOCK_N + offs_n
+                    row_mask = positions < num_valid
+                    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+                    s = logits_tile(
+                        student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
+                        student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+                        student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS,
+                        EVEN_STUDENT_DIM, STUDENT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                    )  # fmt: skip
+                    t = logits_tile(
+                        teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
+                        teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
+                        teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS,
+                        EVEN_TEACHER_DIM, TEACHER_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                    )  # fmt: skip
+                    weight_distill = tl.load(weight_distill_ptr + rows, mask=row_mask, other=0.0)
+                    if HAS_CE_GRAD:
+                        weight_ce = tl.load(weight_ce_ptr + rows, mask=row_mask, other=0.0)
+                        labels = tl.load(labels_ptr + rows * stride_labels, mask=row_mask, other=0)
+                    else:
+                        weight_ce = weight_distill
+                        labels = rows
+                    grad = gradient_tile(
+                        s, t, cols, col_mask, row_mask, labels, stats_ptr + positions, num_tokens,
+                        weight_distill, weight_ce, inv_temperature, beta, log_beta, log_one_minus_beta,
+                        DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
+                    )  # fmt: skip
+                    if GRAD_BIAS:
+                        # The program owns these columns: a read-modify-write of the float32 sums.
+                        bias_ptrs = grad_bias_ptr + cols
+                        bias = tl.load(bias_ptrs, mask=col_mask, other=0.0)
+                        tl.store(bias_ptrs, bias + tl.sum(grad, axis=0), mask=col_mask)
+                    # The gradient products run at the input precision (G rounded to the input dtype,
+                    # float32 accumulation), as the matmuls of a materialized-logits recipe would.
+                    staged = (
+                        staging
+                        + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V
+                        + (vocab_sub * BLOCK_V + offs_v)[None, :]
+                    )
+                    tl.store(staged, (grad * grad_scale).to(staged_dtype))
+                    if GRAD_BIAS:
+                        # The next tile of these columns reads the sums back (other threads, maybe).
+                        tl.debug_barrier()
+            # The staged tiles are read back below by other threads of the CTA (the compiler picks
+            # the layouts): a CTA barrier orders the stores before the loads (once per update).
+            tl.debug_barrier()
+
+            # (b) The student's gradient products over the staged tokens, one hidden chunk at a time:
+            # grad_W[cols] += G^T h_s with K = SUB_BLOCKS * BLOCK_N tokens per read-modify-write of
+            # the float32 rows; grad_h[rows] += G W_s[cols], one atomic add per token and unit.
             for start in range(0, student_dim, BLOCK_H):
                 h = start + offs_h
                 if EVEN_STUDENT_DIM:
                     in_h = offs_h < BLOCK_H
                 else:
                     in_h = h < student_dim
-                if GRAD_WEIGHT:
-                    # grad_W[cols] += G^T h_s  (read-modify-write of this program's own rows; the
-                    # first token block starts from zero)
-                    hidden = tl.load(
-                        student_hidden_ptr + student_rows[:, None] + h[None, :] * stride_student_hidden_h,
-                        mask=row_mask[:, None] & in_h[None, :],
-                        other=0.0,
-                    )
-                    acc_ptrs = grad_weight_acc_ptr + acc_rows[:, None] + h[None, :]
-                    acc_mask = col_mask[:, None] & in_h[None, :]
-                    acc = tl.load(acc_ptrs, mask=acc_mask & (step > 0), other=0.0)
-                    acc = dot(tl.trans(grad_in), hidden, acc, STUDENT_UPCAST, DOT_PRECISION)
-                    tl.store(acc_ptrs, acc, mask=acc_mask)
                 if GRAD_HIDDEN:
-                    # grad_h[rows] += G W_s[cols]
                     weight = tl.load(
                         student_weight_ptr
-                        + cols_64[:, None] * stride_student_weight_v
+                        + group_cols_64[:, None] * stride_student_weight_v
                         + h[None, :] * stride_student_weight_h,
-                        mask=col_mask[:, None] & in_h[None, :],
+                        mask=group_mask[:, None] & in_h[None, :],
                         other=0.0,
                     )
-                    partial = dot(
-                        grad_in,
-                        weight,
-                        tl.zeros([BLOCK_N, BLOCK_H], tl.float32),
-                        STUDENT_UPCAST,
-                        DOT_PRECISION,
-                    )
-                    tl.atomic_add(
-                        grad_hidden_ptr + rows[:, None] * student_dim + h[None, :],
-                        partial,
-                        mask=row_mask[:, None] & in_h[None, :],
-                        sem="relaxed",
-                    )
-            if GRAD_WEIGHT:
-                # The next step reads these rows back, possibly through other threads of the CTA (the
-                # compiler picks the layouts): a CTA barrier orders the read-modify-writes (once a tile).
-                tl.debug_barrier()
+                if GRAD_WEIGHT:
+                    contribution = tl.zeros([GROUP_V, BLOCK_H], tl.float32)
+                for sub in range(0, SUB_BLOCKS):
+                    positions = (first_block + sub) * BLOCK_N + offs_n
+                    row_mask = positions < num_valid
+                    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+                    if GRAD_WEIGHT:
+                        # G^T, loaded transposed ([GROUP_V, BLOCK_N]); rows past num_valid are stale.
+                        staged_t = tl.load(
+                            staging + (sub * BLOCK_N + offs_n)[None, :] * GROUP_V + offs_g[:, None],
+                            mask=row_mask[None, :],
+                            other=0.0,
+                        )
+                        hidden = tl.load(
+                            student_hidden_ptr
+                            + rows[:, None] * stride_student_hidden_n
+                            + h[None, :] * stride_student_hidden_h,
+                            mask=row_mask[:, None] & in_h[None, :],
+                            other=0.0,
+                        )
+                        contribution = dot(staged_t, hidden, contribution, STUDENT_UPCAST, DOT_PRECISION)
+                    if GRAD_HIDDEN:
+                        staged_g = tl.load(
+                            staging + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V + offs_g[None, :],
+                            mask=row_mask[:, None],
+                            other=0.0,
+                        )
+                        partial = dot(
+                            staged_g,
+                            weight,
+                            tl.zeros([BLOCK_N, BLOCK_H], tl.float32),
+                            STUDENT_UPCAST,
+                            DOT_PRECISION,
+                        )
+                        tl.atomic_add(
+                            grad_hidden_ptr + rows[:, None] * student_dim + h[None, :],
+                            partial * inv_grad_scale,
+                            mask=row_mask[:, None] & in_h[None, :],
+                            sem="relaxed",
+                        )
+                if GRAD_WEIGHT:
+                    # The program's own rows (the first update starts from zero).
+                    acc_ptrs = grad_weight_acc_ptr + acc_rows[:, None] + h[None, :]
+                    acc_mask = group_mask[:, None] & in_h[None, :]
+                    acc = tl.load(acc_ptrs, mask=acc_mask & (update > 0), other=0.0)
+                    tl.store(acc_ptrs, acc + contribution * inv_grad_scale, mask=acc_mask)
+            # The next update overwrites the staged tiles and reads these rows back: order them.
+            tl.debug_barrier()
 
-        if GRAD_BIAS:
-            tl.store(grad_bias_ptr + cols, grad_bias, mask=col_mask)
         if GRAD_WEIGHT and WEIGHT_SCRATCH:
             # Cast the finished float32 rows into the output (zeros when no token is valid); the barrier
             # after the copy orders it before the next vocabulary block overwrites the scratch.
             accumulated_dim = tl.where(num_token_blocks > 0, student_dim, 0)
             for start in range(0, student_dim, BLOCK_H):
                 h = start + offs_h
-                mask = col_mask[:, None] & (h < student_dim)[None, :]
+                mask = group_mask[:, None] & (h < student_dim)[None, :]
                 acc = tl.load(
                     grad_weight_acc_ptr + acc_rows[:, None] + h[None, :],
-                    mask=col_mask[:, None] & (h < accumulated_dim)[None, :],
+                    mask=group_mask[:, None] & (h < accumulated_dim)[None, :],
                     other=0.0,
                 )
                 tl.store(
-                    grad_weight_ptr + cols_64[:, None] * student_dim + h[None, :],
+                    grad_weight_ptr + group_cols_64[:, None] * student_dim + h[None, :],
                     acc.to(grad_weight_ptr.dtype.element_ty),
                     mask=mask,
                 )

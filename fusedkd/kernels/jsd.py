@@ -47,14 +47,17 @@ def jsd_kernel(
     student_dim,
     teacher_dim,
     blocks_per_split,
+    num_splits,
     stride_student_hidden_n,
     stride_student_hidden_h,
     stride_student_weight_v,
     stride_student_weight_h,
+    stride_student_bias,
     stride_teacher_hidden_n,
     stride_teacher_hidden_h,
     stride_teacher_weight_v,
     stride_teacher_weight_h,
+    stride_teacher_bias,
     inv_temperature,
     log_beta,
     log_one_minus_beta,
@@ -69,10 +72,12 @@ def jsd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    num_token_blocks = tl.cdiv(num_tokens, BLOCK_N)
+    # Grouped raster (fused_linear_kd.statistics_program): consecutive programs take the splits of one
+    # token block, so the programs running together share a few hidden-state tiles (L2-resident) and
+    # walk the splits' weight tiles in step (each read from HBM once per wave, then from L2).
     pid = tl.program_id(0)
-    token_block = pid % num_token_blocks
-    split = pid // num_token_blocks
+    token_block = pid // num_splits
+    split = pid % num_splits
     num_valid = tl.load(num_valid_ptr)
     if token_block * BLOCK_N >= num_valid:
         return
@@ -96,13 +101,15 @@ def jsd_kernel(
         s = logits_tile(
             student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
             student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-            student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+            student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+            STUDENT_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         t = logits_tile(
             teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
             teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-            teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+            teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+            TEACHER_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.

@@ -13,7 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedkd._autograd import (
+    EagerGradients,
+    gradient_weights,
+    input_grads,
+    no_output_grad,
+    once_differentiable,
+    reduce,
+    reduction_scale,
+    unit_gradient_weights,
+)
 from fusedkd._options import KDOptions
+from fusedkd.kernels import launch_device
 from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
 from fusedkd.kernels.tl_utils import DIVERGENCE_CODES
@@ -42,7 +53,11 @@ def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 
 
 def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
-    """Arguments shared by both kernels: row addressing, labels, sizes, scalars and flags."""
+    """Arguments shared by both kernels: row addressing, labels, sizes, scalars and flags.
+
+    Labels arrive contiguous int64 (`kd_logits` converts any other layout). The temperature goes to
+    the kernels as T itself: they divide by it (exact for float64 rows).
+    """
     has_labels = labels is not None
     student_offsets = row_offsets(student_logits)
     block_v, num_warps = _block_and_warps(options.vocab_size)
@@ -67,10 +82,6 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
     return leading, scalars, flags
 
 
-def _reduce(per_token: torch.Tensor, options: KDOptions, scale: torch.Tensor) -> torch.Tensor:
-    return per_token if options.reduction == "none" else per_token.sum() * scale
-
-
 class KDLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, options: KDOptions):
@@ -79,13 +90,10 @@ class KDLogitsFunction(torch.autograd.Function):
         device = student_logits.device
         leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
         if labels is None:
-            num_valid = torch.tensor(n, dtype=dtype, device=device)
+            num_valid = torch.full((), n, dtype=torch.int64, device=device)
         else:
-            num_valid = (labels != options.ignore_index).sum().to(dtype)
-        if options.reduction == "mean":
-            scale = 1.0 / num_valid.clamp(min=1)
-        else:
-            scale = torch.ones((), dtype=dtype, device=device)
+            num_valid = (labels != options.ignore_index).sum()
+        scale = reduction_scale(num_valid, options.reduction, dtype)
 
         stats = torch.empty(n, NUM_STATS, dtype=dtype, device=device)
         divergence = torch.empty(n, dtype=dtype, device=device)
@@ -93,55 +101,59 @@ class KDLogitsFunction(torch.autograd.Function):
         fuse_grad = ctx.needs_input_grad[0] and options.reduction != "none"
         if fuse_grad:
             grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=device)
-            w_distill = (options.distill_weight * scale).reshape(1)
-            w_ce = (options.ce_weight * scale).reshape(1)
+            # Weights for an output gradient of 1; one element each (the kernel reads element 0).
+            w_distill, w_ce = unit_gradient_weights(options, scale, num_tokens=1, dtype=dtype)
+            if w_ce is None:
+                w_ce = torch.zeros_like(w_distill)
         else:
             grad = w_distill = w_ce = divergence  # never written or read without FUSE_GRAD
         if n > 0:
-            kd_logits_forward_kernel[(n,)](
-                *leading, stats, divergence, ce, grad, w_distill, w_ce, *scalars, FUSE_GRAD=fuse_grad, **flags
-            )
+            with launch_device(student_logits):
+                kd_logits_forward_kernel[(n,)](
+                    *leading,
+                    stats,
+                    divergence,
+                    ce,
+                    grad,
+                    w_distill,
+                    w_ce,
+                    *scalars,
+                    FUSE_GRAD=fuse_grad,
+                    **flags,
+                )
         loss = options.distill_weight * divergence + options.ce_weight * ce
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(student_logits, teacher_logits, labels, stats, scale)
         ctx.options = options
-        ctx.eager_grad = grad if fuse_grad else None
-        return tuple(_reduce(x, options, scale) for x in (loss, divergence, ce))
+        ctx.eager = EagerGradients([grad] if fuse_grad else None)
+        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_divergence, grad_ce):
         student_logits, teacher_logits, labels, stats, scale = ctx.saved_tensors
         options: KDOptions = ctx.options
-        no_grads = (None,) * 4
-        if not ctx.needs_input_grad[0] or (grad_loss is None and grad_divergence is None and grad_ce is None):
-            return no_grads
-        if ctx.eager_grad is not None and grad_divergence is None and grad_ce is None:
-            # G was formed in the forward for an output gradient of 1: scale it (once; a second backward
-            # through a retained graph takes the recomputing path below).
-            grad = ctx.eager_grad.mul_(grad_loss.to(ctx.eager_grad.dtype))
-            ctx.eager_grad = None
-            return (grad, *no_grads[1:])
+        if not ctx.needs_input_grad[0] or no_output_grad(grad_loss, grad_divergence, grad_ce):
+            return input_grads(ctx.needs_input_grad, {})
+        eager = ctx.eager.take(grad_loss, grad_divergence, grad_ce)
+        if eager is not None:
+            # G was formed in the forward for an output gradient of 1, now scaled by grad_loss (once; a
+            # second backward through a retained graph takes the recomputing path below).
+            return input_grads(ctx.needs_input_grad, {0: eager[0]})
 
-        # Per-row weights: w_distill = (g_loss alpha T^2 + g_distill) * scale, w_ce likewise with 1 - alpha.
-        dtype = stats.dtype
-        zero = torch.zeros((), dtype=dtype, device=stats.device)
-        g_loss, g_div, g_ce = (
-            zero if g is None else g.to(dtype) for g in (grad_loss, grad_divergence, grad_ce)
+        n = stats.shape[0]
+        w_distill, w_ce = gradient_weights(
+            options, scale, grad_loss, grad_divergence, grad_ce, num_tokens=n, dtype=stats.dtype
         )
-        w_distill = ((g_loss * options.distill_weight + g_div) * scale).reshape(-1).contiguous()
-        w_ce = ((g_loss * options.ce_weight + g_ce) * scale).reshape(-1).contiguous()
-        if w_distill.numel() != w_ce.numel():
-            n = stats.shape[0]
-            w_distill, w_ce = w_distill.expand(n).contiguous(), w_ce.expand(n).contiguous()
-        w_stride = 0 if w_distill.numel() == 1 else 1
+        if w_ce is None:
+            w_ce = torch.zeros_like(w_distill)
         leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
         grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
-        if stats.shape[0] > 0:
-            kd_logits_backward_kernel[(stats.shape[0],)](
-                *leading, stats, grad, w_distill, w_ce, w_stride, *scalars, **flags
-            )
-        return (grad, *no_grads[1:])
+        if n > 0:
+            with launch_device(student_logits):
+                kd_logits_backward_kernel[(n,)](*leading, stats, grad, w_distill, w_ce, 1, *scalars, **flags)
+        return input_grads(ctx.needs_input_grad, {0: grad})
 
 
 def kd_logits(
@@ -153,10 +165,17 @@ def kd_logits(
     """Backend entry point: checked inputs -> (loss, distill, ce), reduced per `options`, flat for "none".
 
     `student_logits` [..., V_s] and `teacher_logits` [..., V_t] (same leading shape, any strides, only the
-    first `options.vocab_size` entries used); `labels` flat [N] int64 or None. Outputs are float32
-    (float64 for float64 student logits); the gradient has the student logits' shape and dtype.
+    first `options.vocab_size` entries used); `labels` flat [N] int64 or int32 of any stride, or None.
+    Outputs are float32 (float64 for float64 student logits); the gradient has the student logits'
+    shape and dtype. The backward is once-differentiable (double backward raises).
     """
     teacher_logits = teacher_logits.detach()
+    if labels is not None and labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
+    if labels is not None:
+        # The kernels read labels as contiguous int64: a no-op for the public path, an O(N) copy for
+        # a direct call with a strided view or int32 labels.
+        labels = labels.to(torch.int64).contiguous()
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return KDLogitsFunction.apply(student_logits, teacher_logits, labels, options)
     with torch.no_grad():

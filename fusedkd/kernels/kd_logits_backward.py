@@ -18,8 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedkd.kernels.kd_logits_math import logaddexp, zero_row
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, logaddexp, zero_row
 
 # Columns of the per-row statistics [N, NUM_STATS]. Each log-sum-exp is kept as a shift and a log-sum:
 # c_s = max(s), c_t = max(t) and LSE(s / T) = c_s / T + log Z_a, LSE(t / T) = c_t / T + log Z_b,

@@ -22,8 +22,7 @@ from fusedkd.kernels.kd_logits_backward import (
     STAT_SHIFT_TEACHER,
     kd_logits_grad_row,
 )
-from fusedkd.kernels.kd_logits_math import logaddexp, running_max, zero_row
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, logaddexp, running_max, zero_row
 
 
 @triton.jit
@@ -55,7 +54,8 @@ def kd_logits_forward_kernel(
     """Per row: stats [N, NUM_STATS], D [N] and C [N]; with FUSE_GRAD also G, with one-element weights.
 
     Rows are addressed through int64 element offsets, so any leading-dimension strides work (a
-    `logits[:, :-1]` view needs no copy). Ignored rows get zeros everywhere.
+    `logits[:, :-1]` view needs no copy). Labels are contiguous int64 (kd_logits.py makes them so).
+    Ignored rows get zeros everywhere.
     """
     row = tl.program_id(0).to(tl.int64)
     stats_row = stats_ptr + row * NUM_STATS

@@ -1,9 +1,10 @@
 """Pass 1: the per-token statistics kernel (lm_head projections + online log-sum-exp + one-pass KL).
 
-Grid: (token blocks) x (vocabulary splits). A program takes one block of BLOCK_N tokens and walks the
-vocabulary blocks of its split; for each (token x vocab) tile it computes the student and the teacher
-logit tiles with `tl.dot` over the hidden dimension (two hidden sizes), in registers, and folds them
-into per-token online states (DESIGN.md §3), all merged exactly across blocks:
+Grid: (token blocks) x (vocabulary splits), the splits of a token block on consecutive programs. A
+program takes one block of BLOCK_N tokens and walks the vocabulary blocks of its split; for each (token
+x vocab) tile it computes the student and the teacher logit tiles with `tl.dot` over the hidden
+dimension (two hidden sizes), in registers, and folds them into per-token online states (DESIGN.md §3),
+all merged exactly across blocks:
 
     student:  m_s = max_v s_v,  Z_a = sum_v e^((s_v - m_s)/T),  Z_s = sum_v e^(s_v - m_s)  (CE, T != 1)
     teacher:  m_t = max_v t_v,  Z_b = sum_v e^((t_v - m_t)/T)
@@ -72,6 +73,7 @@ def statistics_kernel(
     teacher_weight_ptr,
     teacher_bias_ptr,
     labels_ptr,
+    stride_labels,
     token_index_ptr,
     num_valid_ptr,
     partial_ptr,
@@ -80,14 +82,17 @@ def statistics_kernel(
     student_dim,
     teacher_dim,
     blocks_per_split,
+    num_splits,
     stride_student_hidden_n,
     stride_student_hidden_h,
     stride_student_weight_v,
     stride_student_weight_h,
+    stride_student_bias,
     stride_teacher_hidden_n,
     stride_teacher_hidden_h,
     stride_teacher_weight_v,
     stride_teacher_weight_h,
+    stride_teacher_bias,
     inv_temperature,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
@@ -103,12 +108,12 @@ def statistics_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    # Consecutive programs take consecutive token blocks of the same split: the programs running
-    # together stream the same weight tiles, which then come from L2.
-    num_token_blocks = tl.cdiv(num_tokens, BLOCK_N)
+    # Grouped raster (fused_linear_kd.statistics_program): consecutive programs take the splits of one
+    # token block, so the programs running together share a few hidden-state tiles (L2-resident) and
+    # walk the splits' weight tiles in step (each read from HBM once per wave, then from L2).
     pid = tl.program_id(0)
-    token_block = pid % num_token_blocks
-    split = pid // num_token_blocks
+    token_block = pid // num_splits
+    split = pid % num_splits
     num_valid = tl.load(num_valid_ptr)
     if token_block * BLOCK_N >= num_valid:
         return
@@ -119,7 +124,7 @@ def statistics_kernel(
     student_rows = rows * stride_student_hidden_n
     teacher_rows = rows * stride_teacher_hidden_n
     if HAS_LABELS:
-        labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+        labels = tl.load(labels_ptr + rows * stride_labels, mask=row_mask, other=0)
 
     neg_inf = float("-inf")
     m_student = tl.full([BLOCK_N], neg_inf, tl.float32)
@@ -141,13 +146,15 @@ def statistics_kernel(
         s = logits_tile(
             student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
             student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-            student_bias_ptr, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM, STUDENT_UPCAST,
+            student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+            STUDENT_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         t = logits_tile(
             teacher_hidden_ptr, teacher_rows, row_mask, stride_teacher_hidden_h,
             teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-            teacher_bias_ptr, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM, TEACHER_UPCAST,
+            teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+            TEACHER_UPCAST,
             DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         if HAS_LABELS:

@@ -1,11 +1,18 @@
-"""Triton helpers shared by the fused linear KD kernels: logit tiles, online log-sum-exp merges.
+"""Triton helpers shared by every kernel of fusedkd: logit tiles, the online log-sum-exp, logaddexp.
 
-Conventions (DESIGN.md §3): a running softmax state over a set of vocabulary entries is kept as the
-raw (unscaled) maximum logit `m` and `Z = sum_v exp((x_v - m) * scale)`, where `scale` is 1/T for
-the temperature softmaxes and 1 for the cross-entropy. Keeping the raw maximum means the student's
-T-softmax and T=1 softmax share one maximum, and log-probabilities are formed as
-`(x_v - m) * scale - log Z`: relative to the row maximum, so the likely tokens' log-probabilities stay
-exact even for logits of magnitude 1e4. An empty state is (m = -inf, Z = 0) and merges as the identity.
+The one online log-sum-exp convention (DESIGN.md §3), used by the fused linear kernels and the
+logits-level kernels alike: a running softmax state over a set of vocabulary entries is the raw
+(unscaled) maximum logit `m` and `Z = sum_v exp((x_v - m) * scale)`, where `scale` is 1/T for the
+temperature softmaxes and 1 for the cross-entropy (`inv_temperature` in the kernels; the logits-level
+kernels divide by T instead, which is the same number to rounding and exact for float64 rows).
+Keeping the raw maximum means the student's T-softmax and T=1 softmax share one maximum, and
+log-probabilities are formed as `(x_v - m) * scale - log Z`: relative to the row maximum, so the
+likely tokens' log-probabilities stay exact even for logits of magnitude 1e4. An empty state is
+(m = -inf, Z = 0) and merges as the identity: every helper treats -inf as an exact zero probability
+(DESIGN.md §6) and never forms exp(-inf - (-inf)).
+
+Where 1/T is formed: `fusedkd.kernels.fused_linear_kd.inverse_temperature(options)` is the one place
+the temperature of `KDOptions` becomes the kernels' `inv_temperature`.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def logits_tile(
     stride_weight_v,
     stride_weight_h,
     bias_ptr,
+    stride_bias,
     hidden_dim,
     HAS_BIAS: tl.constexpr,
     EVEN_H: tl.constexpr,
@@ -82,7 +90,8 @@ def logits_tile(
             w = tl.load(weight_ptrs, mask=in_h[:, None] & col_mask[None, :], other=0.0)
         acc = dot(x, w, acc, UPCAST, DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     return acc
 
 
@@ -116,8 +125,31 @@ def shift_kl_accumulator(acc, z_w, m_w_old, m_o_old, m_w, m_o, scale):
 
 
 @triton.jit
+def running_max(old_max, block):
+    """One online log-sum-exp step over a 1-D block that may hold -inf (masked entries): the new
+    running maximum M = max(m, max(block)) and the shift c that sums are taken relative to: M, or 0
+    while every value so far is -inf, so that exp(x - c) and the rescale factor exp(m - c) are 0
+    there, never NaN."""
+    new_max = tl.maximum(old_max, tl.max(block, 0))
+    return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
+
+
+@triton.jit
 def logaddexp(x, y):
-    """log(e^x + e^y) for finite x, y."""
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    return hi + tl.log(1.0 + tl.exp(lo - hi))
+    """log(e^x + e^y), elementwise, for values of any magnitude; -inf where both are -inf (never NaN).
+
+    One exp and one log: larger + log(1 + e^(smaller - larger)).
+    """
+    larger = tl.maximum(x, y)
+    smaller = tl.minimum(x, y)
+    both_empty = larger == float("-inf")
+    return tl.where(both_empty, larger, larger + tl.log(1.0 + tl.exp(smaller - larger)))
+
+
+@triton.jit
+def zero_row(row_ptr, num_cols, BLOCK_V: tl.constexpr):
+    """Write zeros to the `num_cols` entries of one contiguous row."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, num_cols, BLOCK_V):
+        offsets = start + cols
+        tl.store(row_ptr + offsets, tl.zeros([BLOCK_V], row_ptr.dtype.element_ty), mask=offsets < num_cols)

@@ -1,0 +1,608 @@
+"""A roofline model of the fused linear KD loss on an H200: PREDICTIONS, not measurements.
+
+    python benchmarks/gpu_model.py                      # Qwen3-4B -> 0.6B, N = 4k/16k/32k, bf16
+    python benchmarks/gpu_model.py --l2-tbps 7 --json   # another L2 bandwidth assumption; JSON rows
+
+Nothing here ran on a GPU. For each kernel of fusedkd's Triton backend (with the launch configurations
+the code actually uses: imported from `fusedkd.kernels.config` and `fusedkd.kernels.fused_linear_kd`,
+never copied) and for the two chunked peers (Liger-Kernel's fused linear JSD, TRL 1.16's
+`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`), it counts
+
+    FLOPs      tensor-core FLOPs of the dots / GEMMs (2 per multiply-add, padded tiles included)
+    HBM bytes  bytes that miss the L2 and go to HBM (reads + writes)
+    L2 bytes   bytes moved between the SMs and the L2 (every global load/store and atomic)
+    atomics    float32 atomic adds (red.global.add.f32)
+    MUFU, ALU  exp/log (special-function unit) and other float32 operations of the softmax work
+
+and predicts the time as
+
+    max(FLOPs / (peak * MMA_EFFICIENCY), HBM / HBM_BW, L2 / L2_BW, atomics / ATOMIC_RATE) + elementwise
+
+where `elementwise = MUFU / MUFU_RATE + ALU / ALU_RATE` is *added*, not overlapped: in a Triton
+kernel without warp specialization the softmax work of a tile runs in the same warps as its dots (a
+pessimistic choice for fusedkd, neutral for the peers, whose elementwise work is memory-bound kernels).
+
+Whether a re-read stream hits the L2 is decided from its working set: the bytes that the programs
+running at the same time (one per SM) keep re-reading. Streams are placed in the L2 smallest first
+until L2_USABLE of its capacity is used; the rest go to HBM. That is a coarse stand-in for LRU.
+
+Hardware figures (H200 SXM, GH100 with 132 SMs; H100 SXM has the same SMs and L2):
+  * 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e: NVIDIA H200 datasheet. 50 MB L2: NVIDIA Hopper
+    architecture whitepaper (H100 SXM5).
+  * MMA_EFFICIENCY 0.75: the fraction of the dense peak a large bf16 GEMM sustains (cuBLAS on H100
+    SXM reaches ~700-750 TFLOP/s of 989). Assumption; applied to cuBLAS and Triton wgmma alike.
+  * L2_BW 10 TB/s: assumption. Chips and Cheese measured ~5.5-7 TB/s on an H100 *PCIe* (114 SMs,
+    clocks down to 1.4 GHz under load: "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023);
+    scaled to 132 SMs at ~1.8 GHz that is ~8-11 TB/s; third-party SXM figures quote ~12 TB/s. The
+    predictions depend on it: `--l2-tbps` varies it, and the table's last section prints 7 and 12.
+  * ATOMIC_RATE 1.25e12 float32 adds/s: assumption (half the L2's 32-byte sector rate at L2_BW,
+    8 floats per sector, for coalesced warp-wide reductions). No public H100 figure was found.
+  * MUFU 16 and ALU 128 float32 operations per clock per SM at 1.83 GHz (Hopper SM: 4 partitions
+    x 4 SFUs / 32 FP32 lanes).
+
+The unavoidable GEMM FLOPs of any exact KD loss with the student's gradients, when the logits are
+kept (one projection per model, two gradient products): 2 N V (H_t + 3 H_s). A fully fused loss that
+never stores the logits recomputes both projections in the backward: 2 N V (2 H_t + 4 H_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from fusedkd.kernels import config as kernel_config  # noqa: E402
+from fusedkd.kernels import fused_linear_kd  # noqa: E402
+
+MB = 1e6
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str = "H200 SXM (132 SMs)"
+    bf16_flops: float = 989e12
+    hbm_bytes_per_s: float = 4.8e12
+    l2_bytes_per_s: float = 10e12
+    l2_capacity: float = 50 * MB
+    l2_usable: float = 0.7  # the fraction of the L2 that re-read streams may count on
+    sms: int = 132
+    clock_hz: float = 1.83e9
+    mma_efficiency: float = 0.75
+    atomics_per_s: float = 1.25e12
+    mufu_per_clock_per_sm: int = 16
+    alu_per_clock_per_sm: int = 128
+
+    @property
+    def mufu_per_s(self) -> float:
+        return self.mufu_per_clock_per_sm * self.sms * self.clock_hz
+
+    @property
+    def alu_per_s(self) -> float:
+        return self.alu_per_clock_per_sm * self.sms * self.clock_hz
+
+
+@dataclass(frozen=True)
+class Shapes:
+    tokens: int
+    vocab: int = 151_936
+    student_dim: int = 1024
+    teacher_dim: int = 2560
+    element_bytes: int = 2  # bf16
+    divergence: str = "forward_kl"  # "forward_kl" (+ CE) or "jsd" (+ CE)
+
+    @property
+    def unavoidable_flops(self) -> float:
+        """2 N V (H_t + 3 H_s): one projection per model and the two gradient products."""
+        return 2 * self.tokens * self.vocab * (self.teacher_dim + 3 * self.student_dim)
+
+    @property
+    def fused_flops(self) -> float:
+        """2 N V (2 H_t + 4 H_s): both projections again in the backward (DESIGN.md §5)."""
+        return 2 * self.tokens * self.vocab * (2 * self.teacher_dim + 4 * self.student_dim)
+
+
+@dataclass
+class Stream:
+    """A stream of bytes through the L2: `total` bytes moved, re-reading a working set of `working_set`
+    bytes (0: streamed once, never re-read: always HBM; None: always L2, e.g. a program's own scratch
+    written and read back at once)."""
+
+    name: str
+    total: float
+    working_set: float | None
+    from_hbm_once: float = 0.0  # HBM bytes even when the stream hits the L2 (the first touch)
+    hbm_when_missing: float | None = None  # HBM bytes when it misses (default: all of `total`)
+
+
+@dataclass
+class Prediction:
+    kernel: str
+    flops: float = 0.0
+    streams: list[Stream] = field(default_factory=list)
+    atomics: float = 0.0
+    mufu: float = 0.0
+    alu: float = 0.0
+    elementwise_overlapped: bool = False  # memory-bound kernels: their ALU work hides under memory
+    note: str = ""
+    hbm: float = 0.0
+    l2: float = 0.0
+    l2_resident: list[str] = field(default_factory=list)
+
+    def place(self, hw: Hardware) -> None:
+        """Decide which streams hit the L2 (smallest working set first) and total the bytes."""
+        budget = hw.l2_capacity * hw.l2_usable
+        self.hbm, self.l2, self.l2_resident = 0.0, 0.0, []
+        for stream in sorted(self.streams, key=lambda s: -1 if s.working_set is None else s.working_set):
+            self.l2 += stream.total
+            if stream.working_set is None or (0 < stream.working_set <= budget):
+                if stream.working_set is not None:
+                    budget -= stream.working_set
+                self.l2_resident.append(stream.name)
+                self.hbm += stream.from_hbm_once
+            else:
+                self.hbm += stream.total if stream.hbm_when_missing is None else stream.hbm_when_missing
+
+    def times(self, hw: Hardware) -> dict:
+        self.place(hw)
+        parts = {
+            "mma_s": self.flops / (hw.bf16_flops * hw.mma_efficiency),
+            "hbm_s": self.hbm / hw.hbm_bytes_per_s,
+            "l2_s": self.l2 / hw.l2_bytes_per_s,
+            "atomics_s": self.atomics / hw.atomics_per_s,
+        }
+        elementwise = self.mufu / hw.mufu_per_s + self.alu / hw.alu_per_s
+        bound = max(parts, key=parts.get)
+        total = parts[bound] + (0.0 if self.elementwise_overlapped else elementwise)
+        if self.elementwise_overlapped:
+            total = max(total, elementwise)
+        return {**parts, "elementwise_s": elementwise, "time_s": total, "bound": bound.removesuffix("_s")}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- fusedkd ---------------------------------------------------------------------------------------
+
+
+def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> Prediction:
+    """statistics.py (or jsd.py with `jsd_pass`): token blocks x vocabulary splits, logits in registers.
+
+    A program holds one token block and walks the vocabulary blocks of its split; every step loads a
+    [BLOCK_N, H] hidden tile and a [BLOCK_V, H] weight tile per model through the L2."""
+    cfg = kernel_config.gpu_config(_dtype())
+    tile = cfg.statistics
+    n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
+    eb = shapes.element_bytes
+    token_blocks, vocab_blocks = _cdiv(n, tile.block_n), _cdiv(v, tile.block_v)
+    splits, blocks_per_split = fused_linear_kd.statistics_grid(n, v, cfg, hw.sms)
+    programs = token_blocks * splits
+    wave = min(programs, hw.sms)
+    # The programs running together (the first `wave` program ids): the token blocks and splits they cover.
+    placed = [fused_linear_kd.statistics_program(pid, token_blocks, splits) for pid in range(wave)]
+    wave_token_blocks = len({token_block for token_block, _ in placed})
+    wave_splits = len({split for _, split in placed})
+    waves = programs / wave
+    tiles = token_blocks * vocab_blocks
+    row_bytes = (hs + ht) * eb  # one token's (or one vocabulary entry's) hidden + weight row, both models
+    flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
+    p = Prediction("jsd_kernel" if jsd_pass else "statistics_kernel", flops=flops)
+    # Hidden tiles: re-read at every vocabulary step by their program; shared by no other program
+    # except those of the same token block (other splits) in the same wave.
+    hidden_total = tiles * tile.block_n * row_bytes
+    p.streams.append(
+        Stream(
+            "hidden (re-read per vocab block)",
+            hidden_total,
+            working_set=wave_token_blocks * tile.block_n * row_bytes,
+            from_hbm_once=waves * wave_token_blocks * tile.block_n * row_bytes,
+        )
+    )
+    # Weight tiles: the programs of a wave that share a split walk its blocks in step: each block is
+    # read from HBM once per wave (the working set is the few blocks in flight per split).
+    weight_total = tiles * tile.block_v * row_bytes
+    weight_hbm = waves * wave_splits * blocks_per_split * tile.block_v * row_bytes
+    p.streams.append(
+        Stream(
+            "weights (walked in step by a wave)",
+            weight_total,
+            working_set=wave_splits * 2 * tile.block_v * row_bytes,
+            from_hbm_once=weight_hbm,
+            hbm_when_missing=weight_total,
+        )
+    )
+    p.streams.append(
+        Stream("statistics out", n * splits * 8 * 4 * (0.25 if jsd_pass else 1.0), working_set=0)
+    )
+    entries = n * v
+    if jsd_pass:
+        p.mufu, p.alu = 6 * entries, 24 * entries  # log m (2 exp + log), p, q; the KL sums
+    else:
+        p.mufu, p.alu = 3 * entries, 28 * entries  # e^a, e^b, e^s (CE at T != 1); maxima, sums, KL
+    p.note = f"tile {tile.block_n}x{tile.block_v}x{tile.block_h}, {programs} programs, {splits} splits"
+    return p
+
+
+def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
+    """gradient.py: persistent programs own vocabulary groups (VOCAB_SUB_BLOCKS x BLOCK_V columns) and
+    walk all tokens, SUB_BLOCKS token blocks per update: logits recomputed per (token block, vocabulary
+    block) tile, G staged, then the dW product with K = SUB_BLOCKS * BLOCK_N tokens per float32
+    read-modify-write of the group's rows and the dh product with K = the group's width."""
+    cfg = kernel_config.gpu_config(_dtype())
+    tile = cfg.gradient_tile(shapes.divergence)
+    n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
+    eb = shapes.element_bytes
+    group = fused_linear_kd.gradient_group_width(cfg, tile)
+    programs = fused_linear_kd.gradient_programs(v, group, hw.sms)
+    token_blocks, groups_v = _cdiv(n, tile.block_n), _cdiv(v, group)
+    tiles = token_blocks * groups_v * cfg.gradient_vocab_sub_blocks  # logits tiles, padded
+    sub_blocks = cfg.gradient_sub_blocks
+    tokens_per_update = tile.block_n * sub_blocks
+    updates = _cdiv(token_blocks, sub_blocks) * groups_v  # dW read-modify-writes of [group, H_s]
+    row_bytes = (hs + ht) * eb
+    logits_flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
+    grad_flops = 2 * 2 * tiles * tile.block_n * tile.block_v * hs
+    p = Prediction("gradient_kernel", flops=logits_flops + grad_flops)
+    token_groups = min(cfg.token_groups, programs)
+    # Hidden tiles: both models' for the logits of every tile, the student's again for the dW product
+    # once per (token block, group). The programs of a token group walk the updates in step, so an
+    # update's tiles come from HBM once per token group and owned vocabulary group.
+    hidden_total = tiles * tile.block_n * row_bytes + token_blocks * groups_v * tile.block_n * hs * eb
+    p.streams.append(
+        Stream(
+            "hidden (token-group lockstep)",
+            hidden_total,
+            working_set=token_groups * tokens_per_update * row_bytes,
+            from_hbm_once=token_groups * (groups_v / programs) * n * row_bytes,
+        )
+    )
+    # Weight rows of the program's own group: both models' for the logits at every token block, the
+    # student's for G W_s once per update and hidden chunk.
+    dh_weight_reads = updates * group * hs * eb
+    p.streams.append(
+        Stream(
+            "own weight rows (re-read per token block)",
+            tiles * tile.block_v * row_bytes + dh_weight_reads,
+            working_set=programs * group * (row_bytes + hs * eb),
+            from_hbm_once=v * row_bytes,
+        )
+    )
+    # dW accumulator: one float32 [group, H_s] read-modify-write per update (per program: its own).
+    p.streams.append(
+        Stream(
+            "dW float32 read-modify-write",
+            updates * group * hs * 4 * 2,
+            working_set=programs * group * hs * 4,
+            from_hbm_once=v * hs * (4 + eb),
+        )
+    )
+    # G staging: written once and read twice (dW and dh products) per entry, per-program scratch.
+    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    p.streams.append(
+        Stream(
+            "G staging (written once, read twice)",
+            tiles * tile.block_n * tile.block_v * staged_bytes * 3,
+            working_set=programs * tokens_per_update * group * staged_bytes,
+        )
+    )
+    # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary group. The rows
+    # being added to at a time are those of the token groups' current updates; each pass of the
+    # programs over the tokens (one per owned vocabulary group) brings all of dh through the L2 once.
+    p.atomics = token_blocks * tile.block_n * hs * groups_v
+    p.streams.append(
+        Stream(
+            "dh float32 atomics",
+            p.atomics * 4,
+            working_set=token_groups * tokens_per_update * hs * 4,
+            from_hbm_once=(groups_v / programs) * n * hs * 4 * 2,
+        )
+    )
+    entries = n * v
+    p.mufu, p.alu = 3 * entries, 22 * entries  # q, p, q at T = 1; G, the casts
+    p.note = (
+        f"tile {tile.block_n}x{tile.block_v}x{tile.block_h}, {group} columns per product, "
+        f"{programs} programs, {tokens_per_update} tokens per dW update"
+    )
+    return p
+
+
+def fusedkd(shapes: Shapes, hw: Hardware) -> list[Prediction]:
+    kernels = [fusedkd_statistics(shapes, hw)]
+    if shapes.divergence == "jsd":
+        kernels.append(fusedkd_statistics(shapes, hw, jsd_pass=True))
+    kernels.append(fusedkd_gradient(shapes, hw))
+    return kernels
+
+
+def fusedkd_extra_memory(shapes: Shapes) -> float:
+    """Bytes the fused loss allocates besides its inputs and the gradients (forward + backward): the
+    statistics, the float32 dh accumulator, the per-program dW rows and G staging (fused_linear_kd)."""
+    cfg = kernel_config.gpu_config(_dtype())
+    n, v, hs = shapes.tokens, shapes.vocab, shapes.student_dim
+    splits, _ = fused_linear_kd.statistics_grid(n, v, cfg, _SMS)
+    tile = cfg.gradient_tile(shapes.divergence)
+    group = fused_linear_kd.gradient_group_width(cfg, tile)
+    programs = fused_linear_kd.gradient_programs(v, group, _SMS)
+    partial_fields = int(fused_linear_kd.NUM_PARTIAL_FIELDS.value)
+    statistics = (splits * partial_fields + int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
+    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    staging = programs * cfg.gradient_sub_blocks * tile.block_n * group * staged_bytes
+    return statistics + n * hs * 4 + programs * group * hs * 4 + staging
+
+
+# --- Liger-Kernel: LigerFusedLinearJSDLoss (chunked_loss/fused_linear_distillation.py) ---------------
+
+
+LIGER_CHUNK = 1024  # LigerFusedLinearDistillationBase.forward(chunk_size=1024)
+# Bytes per (token, vocabulary) entry of the torch.compile'd loss + its gradient on a chunk: reads of
+# both bf16 logits chunks for the log-softmaxes and the KL (assumed 3 reads each: 12 B), the CE's
+# float32 log-softmax (written and read: 8 B), G written in bf16 (2 B). An assumption, not a count.
+LIGER_ELEMENTWISE_BYTES = 22
+
+
+def liger(shapes: Shapes, hw: Hardware) -> list[Prediction]:
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
+    chunks = max(1, n // LIGER_CHUNK)
+    entries = n * v
+    gemm = Prediction("cuBLAS GEMMs (s, t, G W_s, G^T h_s)", flops=2 * entries * (ht + 3 * hs))
+    # Weights re-read once per chunk (and per GEMM), logits written in bf16, G read by two GEMMs, the
+    # bf16 weight gradient accumulated across chunks (chunk result written, then add_: read 2, write 1).
+    weights = chunks * v * (ht + hs + hs + hs) * eb
+    logits_io = entries * (2 + 2) * eb  # s, t written; G read twice
+    dw = chunks * v * hs * eb * 4
+    gemm.streams += [
+        Stream("weights per chunk", weights, working_set=0),
+        Stream("logits and G", logits_io, working_set=0),
+        Stream("dW bf16 accumulation", dw, working_set=0),
+    ]
+    loss = Prediction("compiled loss + grad (elementwise)", elementwise_overlapped=True)
+    loss.streams.append(Stream("logits chunk passes", entries * LIGER_ELEMENTWISE_BYTES, working_set=0))
+    loss.mufu, loss.alu = (8 if shapes.divergence == "jsd" else 5) * entries, 30 * entries
+    return [gemm, loss]
+
+
+def liger_extra_memory(shapes: Shapes) -> float:
+    """Two bf16 logits chunks, G, float32 log-softmax intermediates (~3 chunk x V float32 live)."""
+    return (
+        LIGER_CHUNK * shapes.vocab * (3 * shapes.element_bytes + 3 * 4)
+        + shapes.vocab * shapes.student_dim * 2
+    )
+
+
+# --- TRL 1.16: trl.kernels.chunked_divergence.ChunkedDivergenceFunction -----------------------------
+
+
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # chunked_divergence.TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE
+
+
+def trl(shapes: Shapes, hw: Hardware) -> list[Prediction]:
+    """Forward: per (4096 tokens x 32768 vocab) tile, two cuBLAS projections into float32 buffers and a
+    Triton statistics kernel reading them (the JSD repeats both: a second pass). Backward: both
+    projections again, a Triton kernel writing G (float32, in place), its bf16 cast, two cuBLAS
+    products accumulating into float32 dh and dW. No cross-entropy (TRL computes the divergence only)."""
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
+    entries = n * v
+    token_chunks, vocab_chunks = _cdiv(n, TRL_TOKEN_CHUNK), _cdiv(v, TRL_VOCAB_CHUNK)
+    passes = 2 if shapes.divergence == "jsd" else 1
+    projection_flops = 2 * entries * (hs + ht)
+    weights_per_projection = token_chunks * v * (hs + ht) * eb
+    hidden_per_projection = vocab_chunks * n * (hs + ht) * eb
+    forward = Prediction(
+        f"forward: projections x{passes} (float32 out) + statistics", flops=passes * projection_flops
+    )
+    forward.streams += [
+        Stream("weights, hidden", passes * (weights_per_projection + hidden_per_projection), working_set=0),
+        Stream("float32 logits written and read", passes * entries * 2 * (4 + 4), working_set=0),
+    ]
+    forward.mufu, forward.alu = passes * 4 * entries, passes * 20 * entries
+    backward = Prediction(
+        "backward: projections + G + dh, dW (cuBLAS)", flops=projection_flops + 4 * entries * hs
+    )
+    backward.streams += [
+        Stream("weights, hidden", weights_per_projection + hidden_per_projection, working_set=0),
+        # s, t written (8 B); read by the kernel (8 B); G written float32 (4); cast: read 4, write 2;
+        # the two products read G (2 x 2).
+        Stream("float32 logits, G", entries * (8 + 8 + 4 + 6 + 4), working_set=0),
+        Stream(
+            "dW float32 per token chunk",
+            token_chunks * v * hs * 4 * 2 + token_chunks * v * hs * eb,
+            working_set=0,
+        ),
+        Stream(
+            "dh float32 per vocab chunk",
+            vocab_chunks * n * hs * 4 * 2 + vocab_chunks * v * hs * eb,
+            working_set=0,
+        ),
+    ]
+    backward.mufu, backward.alu = 3 * entries, 16 * entries
+    return [forward, backward]
+
+
+def trl_extra_memory(shapes: Shapes) -> float:
+    """Two float32 [4096, 32768] buffers per pass, float32 dW and dh accumulators, a bf16 G tile."""
+    rows = min(shapes.tokens, TRL_TOKEN_CHUNK)
+    buffers = 2 * rows * TRL_VOCAB_CHUNK * 4 + rows * TRL_VOCAB_CHUNK * shapes.element_bytes
+    return buffers + shapes.vocab * shapes.student_dim * 4 + shapes.tokens * shapes.student_dim * 4
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+_SMS = Hardware().sms
+
+
+def _dtype():
+    import torch
+
+    return torch.bfloat16
+
+
+def evaluate(shapes: Shapes, hw: Hardware) -> dict:
+    rows = {}
+    for method, kernels, memory in (
+        ("fusedkd", fusedkd(shapes, hw), fusedkd_extra_memory(shapes)),
+        ("liger", liger(shapes, hw), liger_extra_memory(shapes)),
+        ("trl", trl(shapes, hw), trl_extra_memory(shapes)),
+    ):
+        kernel_rows = []
+        for k in kernels:
+            t = k.times(hw)
+            kernel_rows.append(
+                {
+                    "kernel": k.kernel,
+                    "flops": k.flops,
+                    "hbm_bytes": k.hbm,
+                    "l2_bytes": k.l2,
+                    "atomics": k.atomics,
+                    **t,
+                    "l2_resident": k.l2_resident,
+                    "note": k.note,
+                }
+            )
+        time = sum(r["time_s"] for r in kernel_rows)
+        flops = sum(r["flops"] for r in kernel_rows)
+        rows[method] = {
+            "kernels": kernel_rows,
+            "time_s": time,
+            "flops": flops,
+            "hbm_bytes": sum(r["hbm_bytes"] for r in kernel_rows),
+            "l2_bytes": sum(r["l2_bytes"] for r in kernel_rows),
+            "atomics": sum(r["atomics"] for r in kernel_rows),
+            # Achieved rate on the FLOPs it executes, and as a fraction of the bf16 peak.
+            "tflops": flops / time / 1e12,
+            "fraction_of_peak": flops / time / hw.bf16_flops,
+            # The rate on the unavoidable FLOPs 2NV(H_t + 3H_s): comparable across methods.
+            "useful_fraction_of_peak": shapes.unavoidable_flops / time / hw.bf16_flops,
+            "extra_memory_bytes": memory,
+        }
+    return {
+        "shapes": asdict(shapes),
+        "unavoidable_flops": shapes.unavoidable_flops,
+        "fused_flops": shapes.fused_flops,
+        "methods": rows,
+    }
+
+
+def backward_traffic(shapes: Shapes, hw: Hardware) -> dict:
+    """fusedkd's backward HBM traffic against the unavoidable: weights, hidden states and the student's
+    gradients moved once per ~512 tokens (the float32 dW accumulator read and written, the dh
+    accumulator once)."""
+    grad = fusedkd_gradient(shapes, hw)
+    grad.place(hw)
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
+    per = _cdiv(n, 512)
+    unavoidable = per * (v * (hs + ht) * eb + v * hs * 4 * 2) + n * (hs + ht) * eb + n * hs * 4 * 2
+    return {"hbm_bytes": grad.hbm, "unavoidable_bytes": unavoidable, "ratio": grad.hbm / unavoidable}
+
+
+def _fmt_bytes(x: float) -> str:
+    return f"{x / GB:8.1f} GB"
+
+
+def print_table(results: list[dict], hw: Hardware) -> None:
+    print(
+        f"Roofline PREDICTIONS for {hw.name} (no GPU ran): "
+        f"peak {hw.bf16_flops / 1e12:.0f} TFLOP/s bf16 dense,"
+    )
+    print(
+        f"HBM {hw.hbm_bytes_per_s / 1e12:.1f} TB/s, L2 {hw.l2_bytes_per_s / 1e12:.1f} TB/s (assumed), "
+        f"{hw.atomics_per_s:.2g} float32 atomics/s (assumed), MMA efficiency {hw.mma_efficiency} (assumed)."
+    )
+    for result in results:
+        s = result["shapes"]
+        print()
+        print(
+            f"N = {s['tokens']}, V = {s['vocab']}, H_t = {s['teacher_dim']}, H_s = {s['student_dim']}, bf16, "
+            f"{s['divergence']} + CE: unavoidable GEMMs 2NV(H_t+3H_s) = "
+            f"{result['unavoidable_flops'] / 1e12:.1f} "
+            f"TFLOP; fused 2NV(2H_t+4H_s) = {result['fused_flops'] / 1e12:.1f} TFLOP"
+        )
+        header = (
+            f"  {'method / kernel':<46} {'TFLOP':>7} {'HBM':>11} {'L2':>11} {'atomics':>9} "
+            f"{'bound':>8} {'time':>9}"
+        )
+        print(header)
+        for method, row in result["methods"].items():
+            for k in row["kernels"]:
+                print(
+                    f"  {method + ': ' + k['kernel']:<46.46} {k['flops'] / 1e12:7.1f} "
+                    f"{_fmt_bytes(k['hbm_bytes'])} {_fmt_bytes(k['l2_bytes'])} {k['atomics']:9.2e} "
+                    f"{k['bound']:>8} {k['time_s'] * 1e3:7.1f}ms"
+                )
+            print(
+                f"  {method + ' total':<46} {row['flops'] / 1e12:7.1f} {_fmt_bytes(row['hbm_bytes'])} "
+                f"{_fmt_bytes(row['l2_bytes'])} {row['atomics']:9.2e} {'':>8} {row['time_s'] * 1e3:7.1f}ms"
+                f"   {row['tflops']:.0f} TFLOP/s = {100 * row['fraction_of_peak']:.0f}% of peak; "
+                f"useful {100 * row['useful_fraction_of_peak']:.0f}%; extra memory "
+                f"{row['extra_memory_bytes'] / 2**20:.0f} MiB"
+            )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", default="4096,16384,32768")
+    parser.add_argument("--divergences", default="forward_kl,jsd")
+    parser.add_argument("--l2-tbps", type=float, default=Hardware.l2_bytes_per_s / 1e12)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    hw = replace(Hardware(), l2_bytes_per_s=args.l2_tbps * 1e12)
+    results = [
+        evaluate(Shapes(int(n), divergence=d), hw)
+        for d in args.divergences.split(",")
+        for n in args.tokens.split(",")
+    ]
+    traffic = backward_traffic(Shapes(16384), hw)
+    if args.json:
+        print(json.dumps({"hardware": asdict(hw), "results": results, "backward_traffic_16k": traffic}))
+        return 0
+    print_table(results, hw)
+    print()
+    print(
+        f"fusedkd backward HBM traffic at N = 16384: {traffic['hbm_bytes'] / GB:.1f} GB, "
+        f"{traffic['ratio']:.1f}x the unavoidable {traffic['unavoidable_bytes'] / GB:.1f} GB "
+        "(weights + hidden states + gradients once per 512 tokens)"
+    )
+    print(
+        "Sensitivity to the L2 bandwidth assumption (fusedkd forward + backward, N = 16384, forward_kl + CE):"
+    )
+    for tbps in (7.0, 10.0, 12.0):
+        other = replace(hw, l2_bytes_per_s=tbps * 1e12)
+        row = evaluate(Shapes(16384), other)["methods"]
+        print(
+            f"  L2 {tbps:4.1f} TB/s: fusedkd {row['fusedkd']['time_s'] * 1e3:6.1f} ms "
+            f"({100 * row['fusedkd']['fraction_of_peak']:.0f}% of peak), "
+            f"liger {row['liger']['time_s'] * 1e3:6.1f} ms, "
+            f"trl {row['trl']['time_s'] * 1e3:6.1f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
