@@ -137,8 +137,6 @@ def fused_linear_kd_loss(
         chunk_size=chunk_size,
         torch_entry="fusedkd.torch_backend.fused_linear_kd:fused_linear_kd",
         triton_entry="fusedkd.kernels.fused_linear_kd:fused_linear_kd",
-        # The Triton kernels do not implement the heads' logit scale and soft cap: PyTorch runs them.
-        torch_only_options=tuple(inputs.options.head_options),
     )
     return shaped_outputs(outputs, reduction, inputs.leading_shape, return_components)
 

@@ -108,12 +108,27 @@ class _Problem:
             STUDENT_UPCAST=INTERPRETER and self.student_hidden.dtype == torch.bfloat16,
             TEACHER_UPCAST=INTERPRETER and self.teacher_hidden.dtype == torch.bfloat16,
             DOT_PRECISION=dot_precision(),
+            **head_arguments(self.options),
             BLOCK_N=tile.block_n,
             BLOCK_V=tile.block_v,
             BLOCK_H=tile.block_h,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )
+
+
+def head_arguments(options: KDOptions) -> dict:
+    """Each head's transform (`KDOptions`) as the tile kernels take it: the logit scale a runtime float,
+    the soft cap a runtime float (1.0 when absent, unused) behind a STUDENT_SOFTCAP / TEACHER_SOFTCAP
+    constexpr."""
+    return dict(
+        student_logit_scale=options.student_logit_scale,
+        student_softcap=1.0 if options.student_softcap is None else options.student_softcap,
+        teacher_logit_scale=options.teacher_logit_scale,
+        teacher_softcap=1.0 if options.teacher_softcap is None else options.teacher_softcap,
+        STUDENT_SOFTCAP=options.student_softcap is not None,
+        TEACHER_SOFTCAP=options.teacher_softcap is not None,
+    )
 
 
 def inverse_temperature(options: KDOptions) -> float:
@@ -329,6 +344,10 @@ def _launch_gradients(
     """
     options, n, device = problem.options, problem.num_tokens, problem.device
     want_hidden, want_weight, want_bias = wanted
+    if options.student_logit_scale != 1.0:
+        # s = scale z (then capped): dloss/dz = scale dloss/ds, G being linear in the token weights.
+        weight_distill = weight_distill * options.student_logit_scale
+        weight_ce = None if weight_ce is None else weight_ce * options.student_logit_scale
     tile = config.gradient_tile(options.divergence)
     hidden, weight = problem.student_hidden, problem.student_weight
     vocab, student_dim = problem.vocab_size, hidden.shape[1]

@@ -51,7 +51,15 @@ from fusedkd.kernels.statistics import (
     STAT_M_TEACHER,
     STAT_TEACHER_AT_TOP,
 )
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, dot, logaddexp, logits_tile
+from fusedkd.kernels.tl_utils import (
+    FORWARD_KL,
+    REVERSE_KL,
+    dot,
+    logaddexp,
+    logits_tile,
+    soft_cap,
+    soft_cap_derivative,
+)
 
 
 @triton.jit
@@ -163,6 +171,12 @@ def gradient_kernel(
     DIVERGENCE: tl.constexpr,
     HAS_CE_GRAD: tl.constexpr,
     SEPARATE_CE: tl.constexpr,
+    student_logit_scale,
+    student_softcap,
+    teacher_logit_scale,
+    teacher_softcap,
+    STUDENT_SOFTCAP: tl.constexpr,
+    TEACHER_SOFTCAP: tl.constexpr,
     HAS_STUDENT_BIAS: tl.constexpr,
     HAS_TEACHER_BIAS: tl.constexpr,
     EVEN_STUDENT_DIM: tl.constexpr,
@@ -236,12 +250,17 @@ def gradient_kernel(
                         student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
                         student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS,
                         EVEN_STUDENT_DIM, STUDENT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                        student_logit_scale, student_softcap, False,
                     )  # fmt: skip
+                    if STUDENT_SOFTCAP:  # s = c tanh(x / c) of x = scale z; G picks up dx/ds below
+                        cap_derivative = soft_cap_derivative(s, student_softcap)
+                        s = soft_cap(s, student_softcap)
                     t = logits_tile(
                         teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
                         teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
                         teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS,
                         EVEN_TEACHER_DIM, TEACHER_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                        teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
                     )  # fmt: skip
                     weight_distill = tl.load(weight_distill_ptr + rows, mask=row_mask, other=0.0)
                     if HAS_CE_GRAD:
@@ -255,6 +274,9 @@ def gradient_kernel(
                         weight_distill, weight_ce, inv_temperature, beta, log_beta, log_one_minus_beta,
                         DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
                     )  # fmt: skip
+                    if STUDENT_SOFTCAP:
+                        # dloss/dx = G (1 - tanh^2); the logit scale (dx/dz) is in the token weights.
+                        grad = grad * cap_derivative
                     if GRAD_BIAS:
                         # The program owns these columns: a read-modify-write of the float32 sums.
                         bias_ptrs = grad_bias_ptr + cols

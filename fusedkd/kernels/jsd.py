@@ -61,6 +61,12 @@ def jsd_kernel(
     inv_temperature,
     log_beta,
     log_one_minus_beta,
+    student_logit_scale,
+    student_softcap,
+    teacher_logit_scale,
+    teacher_softcap,
+    STUDENT_SOFTCAP: tl.constexpr,
+    TEACHER_SOFTCAP: tl.constexpr,
     HAS_STUDENT_BIAS: tl.constexpr,
     HAS_TEACHER_BIAS: tl.constexpr,
     EVEN_STUDENT_DIM: tl.constexpr,
@@ -103,14 +109,14 @@ def jsd_kernel(
             student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
             student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
             STUDENT_UPCAST,
-            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, student_logit_scale, student_softcap, STUDENT_SOFTCAP,
         )  # fmt: skip
         t = logits_tile(
             teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
             teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
             teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
             TEACHER_UPCAST,
-            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
         )  # fmt: skip
         # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.
         s = tl.where(col_mask[None, :], s, m_student[:, None])

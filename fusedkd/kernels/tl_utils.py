@@ -63,8 +63,14 @@ def logits_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    logit_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_V] float32 logits x = h W^T (+ b) of one (token block x vocab block) tile.
+    """[BLOCK_N, BLOCK_V] float32 logits x = head(h W^T (+ b)) of one (token block x vocab block) tile.
+
+    The epilogue applies the model's head transform (`KDOptions`): x = logit_scale * z, then
+    x = softcap * tanh(x / softcap) when HAS_SOFTCAP (`soft_cap`).
 
     `row_offsets` are int64 element offsets of the rows in `hidden_ptr`; masked rows and columns load
     zeros (their logits are finite; callers mask them). The loop over the hidden dimension keeps the
@@ -92,7 +98,31 @@ def logits_tile(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
+    acc = acc * logit_scale
+    if HAS_SOFTCAP:
+        acc = soft_cap(acc, softcap)
     return acc
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = 2 sigmoid(2x) - 1 (`tl` has no tanh in every version): exactly -1 and 1 at saturation
+    (sigmoid(-inf) = 1 / (1 + inf) = 0), never NaN for finite or infinite x."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def soft_cap(x, softcap):
+    """Final-logit soft-capping (Gemma): softcap * tanh(x / softcap)."""
+    return softcap * tanh(x / softcap)
+
+
+@triton.jit
+def soft_cap_derivative(x, softcap):
+    """d soft_cap(x) / dx = 1 - tanh^2(x / softcap) = 4 sigmoid(u) sigmoid(-u), u = 2 x / softcap: no
+    cancellation where tanh saturates (1 - tanh^2 would round to 0 long before it underflows)."""
+    u = 2.0 * x / softcap
+    return 4.0 * tl.sigmoid(u) * tl.sigmoid(-u)
 
 
 @triton.jit
