@@ -28,27 +28,11 @@ def check_backend(backend: str, *, has_triton: bool = True, loss: str = "this lo
 
 
 def resolve_backend(
-    backend: str,
-    device: torch.device,
-    *,
-    has_triton: bool = True,
-    loss: str = "this loss",
-    torch_only_options: tuple[str, ...] = (),
+    backend: str, device: torch.device, *, has_triton: bool = True, loss: str = "this loss"
 ) -> str:
-    """The backend that will run on `device`: "torch" or "triton" (raises if the request cannot run).
-
-    `torch_only_options` names options in use that the Triton kernels do not implement: "auto" then
-    picks the PyTorch backend and "triton" is an error naming them.
-    """
+    """The backend that will run on `device`: "torch" or "triton" (raises if the request cannot run)."""
     check_backend(backend, has_triton=has_triton, loss=loss)
     if not has_triton:
-        return "torch"
-    if torch_only_options:
-        if backend == "triton":
-            raise ValueError(
-                f"{', '.join(torch_only_options)} (a head's logit scale or soft cap) is implemented by "
-                "backend='torch' only; use backend='torch' or 'auto'"
-            )
         return "torch"
     from fusedkd import kernels
 
@@ -81,18 +65,10 @@ def run_loss(
     torch_entry: str,
     triton_entry: str | None = None,
     loss: str = "this loss",
-    torch_only_options: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, distill, ce) of the backend `backend` resolves to on `device`, from its entry point
-    (``"module:function"``) called on the prepared `args`, with autocast off (`torch_only_options`: as
-    `resolve_backend`)."""
-    chosen = resolve_backend(
-        backend,
-        device,
-        has_triton=triton_entry is not None,
-        loss=loss,
-        torch_only_options=torch_only_options,
-    )
+    (``"module:function"``) called on the prepared `args`, with autocast off."""
+    chosen = resolve_backend(backend, device, has_triton=triton_entry is not None, loss=loss)
     check_chunk_size(chunk_size, chosen)
     module, name = (torch_entry if chosen == "torch" else triton_entry).split(":")
     entry = getattr(import_module(module), name)

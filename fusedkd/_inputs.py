@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedkd._dispatch import check_backend, resolve_backend
+from fusedkd._dispatch import check_backend
 from fusedkd._options import (
     DIVERGENCES,
     REDUCTIONS,
@@ -671,7 +671,7 @@ def check_module_options(
 ) -> None:
     """The options a loss module takes at construction, checked there: it fails then, not at the first
     batch."""
-    options = check_options(
+    check_options(
         divergence=divergence,
         beta=beta,
         temperature=temperature,
@@ -686,9 +686,5 @@ def check_module_options(
     if vocab_size is not None:
         resolve_vocab_size(vocab_size, {})
     check_backend(backend, has_triton=has_triton, loss=loss)
-    if has_triton and options.head_options:
-        resolve_backend(
-            backend, torch.device("cpu"), loss=loss, torch_only_options=tuple(options.head_options)
-        )
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)

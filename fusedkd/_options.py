@@ -53,17 +53,6 @@ class KDOptions:
     teacher_softcap: float | None = None
 
     @property
-    def head_options(self) -> dict[str, float | None]:
-        """The head-transform options that differ from the identity, by name (empty: plain heads)."""
-        values = {
-            "student_logit_scale": (self.student_logit_scale, 1.0),
-            "teacher_logit_scale": (self.teacher_logit_scale, 1.0),
-            "student_softcap": (self.student_softcap, None),
-            "teacher_softcap": (self.teacher_softcap, None),
-        }
-        return {name: value for name, (value, identity) in values.items() if value != identity}
-
-    @property
     def distill_weight(self) -> float:
         """Per-token weight of the divergence in the loss: alpha * T^2."""
         return self.alpha * self.temperature * self.temperature

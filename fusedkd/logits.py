@@ -122,8 +122,6 @@ def kd_loss(
         chunk_size=chunk_size,
         torch_entry="fusedkd.torch_backend.kd_logits:kd_logits",
         triton_entry="fusedkd.kernels.kd_logits:kd_logits",
-        # The Triton kernels do not implement the heads' logit scale and soft cap: PyTorch runs them.
-        torch_only_options=tuple(inputs.options.head_options),
     )
     return shaped_outputs(outputs, reduction, inputs.leading_shape, return_components)
 

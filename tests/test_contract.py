@@ -368,18 +368,12 @@ HEADS = [
 ]
 
 
-def torch_cases(**kwargs):
-    """`cases` on the PyTorch backend: the Triton kernels refuse the head options
-    (`test_head_options_run_on_the_torch_backend_only`)."""
-    return [c for c in cases(**kwargs) if c.values[1] == "torch"]
-
-
 def _head_options(key: str, head: dict) -> dict:
     """The head options a loss takes: the top-k loss's teacher is given by its log-probabilities."""
     return {k: v for k, v in head.items() if key != "topk" or k.startswith("student_")}
 
 
-@pytest.mark.parametrize("key,backend,variant", torch_cases(variants="variants"))
+@pytest.mark.parametrize("key,backend,variant", cases(variants="variants"))
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("temperature", [0.7, 2.0])
 def test_head_transforms_match_float64_reference(key, backend, variant, head, temperature):
@@ -411,7 +405,7 @@ def _extreme(key: str) -> Inputs:
     return inputs.replace(**big)
 
 
-@pytest.mark.parametrize("key,backend,variant", torch_cases(variants="distinct_variants"))
+@pytest.mark.parametrize("key,backend,variant", cases(variants="distinct_variants"))
 @pytest.mark.parametrize(
     "head",
     [
@@ -451,26 +445,6 @@ def test_identity_head_options_change_nothing(key, backend):
         teacher_softcap=None,
     )
     for a, b in zip([*plain[0], *plain[1]], [*identity[0], *identity[1]]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("key", ["linear", "logits"])
-@pytest.mark.parametrize(
-    "option", ["student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap"]
-)
-def test_head_options_run_on_the_torch_backend_only(key, option):
-    """The Triton kernels do not implement the head transforms: "triton" refuses them by name, before any
-    work, on any device; "auto" runs the PyTorch backend."""
-    inputs = _small(key)
-    with pytest.raises(ValueError, match=f"{option}.*backend='torch' only"):
-        run(LOSSES[key].function, inputs, backend="triton", **{option: 2.0})
-    module = {"linear": fusedkd.FusedLinearKDLoss, "logits": fusedkd.KDLoss}[key]
-    with pytest.raises(ValueError, match=f"{option}.*backend='torch' only"):
-        module(backend="triton", **{option: 2.0})
-    inputs = LOSSES[key].make(bias=True)
-    auto = run(LOSSES[key].function, inputs, backend="auto", **{option: 2.0})
-    on_torch = run(LOSSES[key].function, inputs, backend="torch", **{option: 2.0})
-    for a, b in zip([*auto[0], *auto[1]], [*on_torch[0], *on_torch[1]]):
         assert torch.equal(a, b)
 
 

@@ -71,8 +71,16 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
         labels if has_labels else student_offsets,  # never read without labels
         options.ignore_index,
     )
-    scalars = (options.vocab_size, student_logits.shape[-1], options.temperature, options.beta)
+    scalars = (
+        options.vocab_size,
+        student_logits.shape[-1],
+        options.temperature,
+        options.beta,
+        *head_scalars(options),
+    )
     flags = dict(
+        STUDENT_SOFTCAP=options.student_softcap is not None,
+        TEACHER_SOFTCAP=options.teacher_softcap is not None,
         DIVERGENCE=DIVERGENCE_CODES[options.divergence],
         HAS_LABELS=has_labels,
         ACC_DTYPE=_acc_dtype(student_logits.dtype)[1],
@@ -80,6 +88,25 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
         num_warps=num_warps,
     )
     return leading, scalars, flags
+
+
+def head_scalars(options: KDOptions) -> tuple[float, float, float, float]:
+    """The heads' transforms as runtime floats (a soft cap's constexpr flag says whether it is used)."""
+    return (
+        options.student_logit_scale,
+        1.0 if options.student_softcap is None else options.student_softcap,
+        options.teacher_logit_scale,
+        1.0 if options.teacher_softcap is None else options.teacher_softcap,
+    )
+
+
+def head_weights(options: KDOptions, w_distill: torch.Tensor, w_ce: torch.Tensor | None):
+    """The gradient weights for the given logits z: with s = scale z, dloss/dz = scale dloss/ds (G is
+    linear in the weights; the soft cap's derivative is applied in the kernel)."""
+    scale = options.student_logit_scale
+    if scale == 1.0:
+        return w_distill, w_ce
+    return w_distill * scale, None if w_ce is None else w_ce * scale
 
 
 class KDLogitsFunction(torch.autograd.Function):
@@ -102,7 +129,9 @@ class KDLogitsFunction(torch.autograd.Function):
         if fuse_grad:
             grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=device)
             # Weights for an output gradient of 1; one element each (the kernel reads element 0).
-            w_distill, w_ce = unit_gradient_weights(options, scale, num_tokens=1, dtype=dtype)
+            w_distill, w_ce = head_weights(
+                options, *unit_gradient_weights(options, scale, num_tokens=1, dtype=dtype)
+            )
             if w_ce is None:
                 w_ce = torch.zeros_like(w_distill)
         else:
@@ -143,8 +172,11 @@ class KDLogitsFunction(torch.autograd.Function):
             return input_grads(ctx.needs_input_grad, {0: eager[0]})
 
         n = stats.shape[0]
-        w_distill, w_ce = gradient_weights(
-            options, scale, grad_loss, grad_divergence, grad_ce, num_tokens=n, dtype=stats.dtype
+        w_distill, w_ce = head_weights(
+            options,
+            *gradient_weights(
+                options, scale, grad_loss, grad_divergence, grad_ce, num_tokens=n, dtype=stats.dtype
+            ),
         )
         if w_ce is None:
             w_ce = torch.zeros_like(w_distill)

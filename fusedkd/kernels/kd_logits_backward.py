@@ -18,7 +18,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, logaddexp, zero_row
+from fusedkd.kernels.tl_utils import (
+    FORWARD_KL,
+    REVERSE_KL,
+    head_logits,
+    logaddexp,
+    soft_cap_derivative,
+    zero_row,
+)
 
 # Columns of the per-row statistics [N, NUM_STATS]. Each log-sum-exp is kept as a shift and a log-sum:
 # c_s = max(s), c_t = max(t) and LSE(s / T) = c_s / T + log Z_a, LSE(t / T) = c_t / T + log Z_b,
@@ -53,10 +60,16 @@ def kd_logits_grad_row(
     grad_cols,
     temperature,
     beta,
+    student_logit_scale,
+    student_softcap,
+    teacher_logit_scale,
+    teacher_softcap,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STUDENT_SOFTCAP: tl.constexpr,
+    TEACHER_SOFTCAP: tl.constexpr,
 ):
     """Write G for one row: `grad_cols` contiguous entries, zero past `vocab_size` (padded vocabulary).
 
@@ -74,6 +87,10 @@ def kd_logits_grad_row(
         v64 = v.to(tl.int64)
         s = tl.load(student_row + v64 * student_stride_v, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
         t = tl.load(teacher_row + v64 * teacher_stride_v, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
+        if STUDENT_SOFTCAP:  # G is taken wrt the scaled logits x = scale s: times d cap(x) / dx below
+            cap_derivative = soft_cap_derivative(s * student_logit_scale, student_softcap)
+        s = head_logits(s, in_vocab, student_logit_scale, student_softcap, STUDENT_SOFTCAP)
+        t = head_logits(t, in_vocab, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP)
         log_q = (s - shift_student) / temperature - logz_student
         log_p = (t - shift_teacher) / temperature - logz_teacher
         q = tl.exp(log_q)
@@ -93,6 +110,8 @@ def kd_logits_grad_row(
             # dC/ds = softmax(s) - onehot(y)
             plain_probs = tl.exp((s - shift_student) - logz_plain)
             grad += w_ce * (plain_probs - tl.where(v == label, 1.0, 0.0))
+        if STUDENT_SOFTCAP:
+            grad = grad * cap_derivative
         tl.store(grad_row + v, grad.to(grad_row.dtype.element_ty), mask=v < grad_cols)
 
 
@@ -115,10 +134,16 @@ def kd_logits_backward_kernel(
     grad_cols,
     temperature,
     beta,
+    student_logit_scale,
+    student_softcap,
+    teacher_logit_scale,
+    teacher_softcap,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STUDENT_SOFTCAP: tl.constexpr,
+    TEACHER_SOFTCAP: tl.constexpr,
 ):
     """One program per token row: G from the saved statistics, with per-row weights (w_stride 0 or 1).
 
@@ -152,8 +177,14 @@ def kd_logits_backward_kernel(
         grad_cols,
         temperature,
         beta,
+        student_logit_scale,
+        student_softcap,
+        teacher_logit_scale,
+        teacher_softcap,
         DIVERGENCE,
         HAS_LABELS,
         ACC_DTYPE,
         BLOCK_V,
+        STUDENT_SOFTCAP,
+        TEACHER_SOFTCAP,
     )

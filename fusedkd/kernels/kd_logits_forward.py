@@ -22,7 +22,7 @@ from fusedkd.kernels.kd_logits_backward import (
     STAT_SHIFT_TEACHER,
     kd_logits_grad_row,
 )
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, logaddexp, running_max, zero_row
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, head_logits, logaddexp, running_max, zero_row
 
 
 @triton.jit
@@ -45,11 +45,17 @@ def kd_logits_forward_kernel(
     grad_cols,
     temperature,
     beta,
+    student_logit_scale,
+    student_softcap,
+    teacher_logit_scale,
+    teacher_softcap,
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     FUSE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STUDENT_SOFTCAP: tl.constexpr,
+    TEACHER_SOFTCAP: tl.constexpr,
 ):
     """Per row: stats [N, NUM_STATS], D [N] and C [N]; with FUSE_GRAD also G, with one-element weights.
 
@@ -92,6 +98,8 @@ def kd_logits_forward_kernel(
         in_vocab = v < vocab_size
         s = tl.load(student_row + v * student_stride_v, mask=in_vocab, other=neg_inf).to(ACC_DTYPE)
         t = tl.load(teacher_row + v * teacher_stride_v, mask=in_vocab, other=neg_inf).to(ACC_DTYPE)
+        s = head_logits(s, in_vocab, student_logit_scale, student_softcap, STUDENT_SOFTCAP)
+        t = head_logits(t, in_vocab, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP)
         new_max_s, new_shift_s = running_max(max_s, s)
         new_max_t, new_shift_t = running_max(max_t, t)
         a_shifted = (s - new_shift_s) / temperature
@@ -136,6 +144,8 @@ def kd_logits_forward_kernel(
             in_vocab = v < vocab_size
             s = tl.load(student_row + v * student_stride_v, mask=in_vocab, other=neg_inf).to(ACC_DTYPE)
             t = tl.load(teacher_row + v * teacher_stride_v, mask=in_vocab, other=neg_inf).to(ACC_DTYPE)
+            s = head_logits(s, in_vocab, student_logit_scale, student_softcap, STUDENT_SOFTCAP)
+            t = head_logits(t, in_vocab, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP)
             log_q = (s - shift_s) / temperature - logz_a
             log_p = (t - shift_t) / temperature - logz_b
             log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
@@ -151,7 +161,9 @@ def kd_logits_forward_kernel(
     if HAS_LABELS:
         # C = LSE(s) - s_y = log Z_s - (s_y - c_s)
         logz_s = tl.log(sum_s)
-        ce = logz_s - (tl.load(student_row + label * student_stride_v).to(ACC_DTYPE) - shift_s)
+        label_logit = tl.load(student_row + label * student_stride_v).to(ACC_DTYPE)
+        label_logit = head_logits(label_logit, True, student_logit_scale, student_softcap, STUDENT_SOFTCAP)
+        ce = logz_s - (label_logit - shift_s)
 
     tl.store(stats_row + STAT_SHIFT_STUDENT, shift_s)
     tl.store(stats_row + STAT_LOGZ_STUDENT, logz_a)
@@ -182,8 +194,14 @@ def kd_logits_forward_kernel(
             grad_cols,
             temperature,
             beta,
+            student_logit_scale,
+            student_softcap,
+            teacher_logit_scale,
+            teacher_softcap,
             DIVERGENCE,
             HAS_LABELS,
             ACC_DTYPE,
             BLOCK_V,
+            STUDENT_SOFTCAP,
+            TEACHER_SOFTCAP,
         )

@@ -118,6 +118,16 @@ def soft_cap(x, softcap):
 
 
 @triton.jit
+def head_logits(x, in_vocab, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Loaded logits through the model's head transform (scale, then `soft_cap`); entries outside the
+    vocabulary (loaded as -inf) stay -inf, where the cap would make them -softcap."""
+    x = x * logit_scale
+    if HAS_SOFTCAP:
+        x = tl.where(in_vocab, soft_cap(x, softcap), float("-inf"))
+    return x
+
+
+@triton.jit
 def soft_cap_derivative(x, softcap):
     """d soft_cap(x) / dx = 1 - tanh^2(x / softcap) = 4 sigmoid(u) sigmoid(-u), u = 2 x / softcap: no
     cancellation where tanh saturates (1 - tanh^2 would round to 0 long before it underflows)."""
