@@ -332,11 +332,11 @@ def test_scaled_or_softcapped_heads_are_refused(models_and_tokenizer, tmp_path, 
 
 @pytest.mark.slow
 def test_one_gkd_step_takes_less_memory_than_trls(tmp_path):
-    """examples/trl_gkd_memory.py at V = 32,768: each trainer's training step in its own process."""
+    """examples/trl_step_memory.py at V = 32,768: each trainer's training step in its own process."""
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "examples" / "trl_gkd_memory.py"),
+            str(ROOT / "examples" / "trl_step_memory.py"),
             "--vocab",
             "32768",
             "--batch",

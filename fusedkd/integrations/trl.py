@@ -214,6 +214,7 @@ def _build_gkd_trainer() -> type:
             return normalize(divergence_sum, valid, num_items_in_batch)
 
     FusedGKDTrainer.__module__ = __name__
+    FusedGKDTrainer.__qualname__ = "FusedGKDTrainer"  # found through the module's __getattr__
     return FusedGKDTrainer
 
 

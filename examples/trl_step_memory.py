@@ -1,17 +1,24 @@
-"""Peak memory of one GKD training step: TRL's GKDTrainer against fusedkd's FusedGKDTrainer.
+"""Peak memory of one training step: TRL's trainers against fusedkd's (`fusedkd.integrations.trl`).
 
     pip install -e ".[trl]"
-    python examples/trl_gkd_memory.py                       # V = 151,936 (Qwen3), 2 x 256 tokens
-    python examples/trl_gkd_memory.py --vocab 32768 --batch 4 --length 128
+    python examples/trl_step_memory.py                       # GKD, V = 151,936 (Qwen3), 2 x 256 tokens
+    python examples/trl_step_memory.py --vocab 32768 --batch 4 --length 128
+    python examples/trl_step_memory.py --trainer distillation
 
 Offline: tiny Qwen3-config student (hidden 64) and teacher (hidden 128) with the given vocabulary
-are built here. Each trainer runs in its own process: one warm-up `training_step` (forward and
-backward of the loss, no optimizer step; lmbda = 0, so the batch is the collated one), then a
-second step is measured: the peak growth of the process's resident set over the resident set just
-before the step (Linux: VmHWM reset through /proc/self/clear_refs, glibc told to return freed large
-buffers to the OS, so the resident set follows live memory). Both steps see the same batch, so the
-two losses are also compared. On a CUDA machine, `--device cuda` measures
-`torch.cuda.max_memory_allocated()` instead.
+are built here. Each trainer runs in its own process: one warm-up step, then a second step is
+measured: the peak growth of the process's resident set over the resident set just before the step
+(Linux: VmHWM reset through /proc/self/clear_refs, glibc told to return freed large buffers to the
+OS, so the resident set follows live memory). On a CUDA machine, `--device cuda` measures
+`torch.cuda.max_memory_allocated()` instead. Both trainers see the same batch, so their losses are
+also compared.
+
+- `--trainer gkd` (default): `GKDTrainer` vs `FusedGKDTrainer`, one `training_step` (forward and
+  backward, no optimizer step; lmbda = 0, so the batch is the collated one; the first quarter of
+  each sequence is a prompt, -100 in the labels).
+- `--trainer distillation`: `DistillationTrainer` vs `FusedDistillationTrainer`, the loss's forward
+  and backward (`compute_loss`, then `backward`) on a prompt / completion batch (the completion is
+  three quarters of the length), generation excluded: a step without its on-policy generation.
 """
 
 from __future__ import annotations
@@ -60,9 +67,10 @@ def worker(args) -> dict:
     from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from trl import DistillationConfig, DistillationTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from fusedkd.integrations.trl import FusedGKDTrainer
+    from fusedkd.integrations.trl import FusedDistillationTrainer, FusedGKDTrainer
 
     def model(hidden: int, seed: int):
         torch.manual_seed(seed)
@@ -88,36 +96,60 @@ def worker(args) -> dict:
         unk_token="<unk>",
     )
     student, teacher = model(64, 0), model(128, 1)
-    cls = GKDTrainer if args.worker == "trl" else FusedGKDTrainer
-    config = GKDConfig(
+    common = dict(
         output_dir=os.path.join(args.scratch, args.worker),
         report_to="none",
         use_cpu=args.device == "cpu",
         bf16=False,  # float32 on both sides (TRL defaults to bf16 autocast)
         beta=args.beta,
-        lmbda=0.0,
         save_strategy="no",
     )
-    trainer = cls(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        data_collator=lambda examples: examples,
-        train_dataset=Dataset.from_dict({"prompt": ["unused"]}),
-        processing_class=tokenizer,
-    )
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, args.vocab, (args.batch, args.length), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : args.length // 4] = -100  # the prompt
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    batch = {k: v.to(args.device) for k, v in batch.items()}
-    num_items = (labels[:, 1:] != -100).sum().to(args.device)
-    trainer.model.train()
+    input_ids = torch.randint(3, args.vocab, (args.batch, args.length), generator=generator).to(args.device)
+    prompt_length = args.length // 4
     losses = []
+    if args.trainer == "gkd":
+        cls = GKDTrainer if args.worker == "trl" else FusedGKDTrainer
+        trainer = cls(
+            model=student,
+            teacher_model=teacher,
+            args=GKDConfig(lmbda=0.0, **common),
+            data_collator=lambda examples: examples,
+            train_dataset=Dataset.from_dict({"prompt": ["unused"]}),
+            processing_class=tokenizer,
+        )
+        labels = input_ids.clone()
+        labels[:, :prompt_length] = -100
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+        num_items = (labels[:, 1:] != -100).sum()
 
-    def step():
-        losses.append(trainer.training_step(trainer.model, dict(batch), num_items).float().item())
+        def step():
+            losses.append(trainer.training_step(trainer.model, dict(batch), num_items).float().item())
+
+    else:
+        cls = DistillationTrainer if args.worker == "trl" else FusedDistillationTrainer
+        trainer = cls(
+            model=student,
+            teacher_model=teacher,
+            args=DistillationConfig(temperature=1.0, **common),
+            train_dataset=Dataset.from_dict({"prompt": ["unused"]}),
+            processing_class=tokenizer,
+        )
+        prompt, completion = input_ids[:, :prompt_length], input_ids[:, prompt_length:]
+        batch = {
+            "prompt_ids": prompt,
+            "prompt_mask": torch.ones_like(prompt),
+            "completion_ids": completion,
+            "completion_mask": torch.ones_like(completion),
+        }
+
+        def step():
+            trainer.model.zero_grad(set_to_none=True)
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+            loss.backward()
+            losses.append(loss.float().item())
+
+    trainer.model.train()
 
     step()  # warm-up: first-call allocations (thread pools, autograd graph caches)
     trainer.model.zero_grad(set_to_none=True)
@@ -134,6 +166,7 @@ def worker(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trainer", default="gkd", choices=["gkd", "distillation"])
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=256)
@@ -142,7 +175,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", choices=["trl", "fusedkd"], help=argparse.SUPPRESS)
     parser.add_argument(
-        "--scratch", default=os.path.join("/tmp", "fusedkd_trl_gkd_memory"), help=argparse.SUPPRESS
+        "--scratch", default=os.path.join("/tmp", "fusedkd_trl_step_memory"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
@@ -161,16 +194,28 @@ def main() -> None:
             sys.exit(f"{method} worker failed (exit code {proc.returncode}):\n{proc.stderr[-3000:]}")
         results[method] = json.loads(lines[-1])
     tokens = args.batch * args.length
+    what = (
+        "one GKD training step"
+        if args.trainer == "gkd"
+        else "one DistillationTrainer loss forward + backward"
+    )
     logits_mib = tokens * args.vocab * 4 / 2**20
     trl_loss, fused_loss = results["trl"]["loss"], results["fusedkd"]["loss"]
     results["loss_rel_diff"] = abs(fused_loss - trl_loss) / abs(trl_loss)
-    results["config"] = {k: getattr(args, k) for k in ("vocab", "batch", "length", "beta", "device")}
+    results["config"] = {
+        k: getattr(args, k) for k in ("trainer", "vocab", "batch", "length", "beta", "device")
+    }
     print(
-        f"one GKD training step, V = {args.vocab:,}, {args.batch} x {args.length} tokens, "
+        f"{what}, V = {args.vocab:,}, {args.batch} x {args.length} tokens, "
         f"beta = {args.beta}, {args.device} (one [tokens x V] float32 tensor: {logits_mib:,.0f} MiB)"
     )
     print("| trainer | peak MiB | seconds | loss |\n|---|--:|--:|--:|")
-    for method, name in (("trl", "trl GKDTrainer"), ("fusedkd", "fusedkd FusedGKDTrainer")):
+    names = (
+        ("GKDTrainer", "FusedGKDTrainer")
+        if args.trainer == "gkd"
+        else ("DistillationTrainer", "FusedDistillationTrainer")
+    )
+    for method, name in zip(("trl", "fusedkd"), (f"trl {names[0]}", f"fusedkd {names[1]}")):
         r = results[method]
         print(f"| {name} | {r['peak_mib']:,.1f} | {r['seconds']:.3f} | {r['loss']:.7g} |")
     print(f"loss relative difference: {results['loss_rel_diff']:.2e}")
