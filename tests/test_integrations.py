@@ -95,3 +95,34 @@ def test_a_module_that_is_not_a_causal_lm_is_refused():
 
     with pytest.raises(ValueError, match="model must be a transformers causal LM"):
         check_plain_head(torch.nn.Linear(3, 3), "model")
+
+
+def test_forward_redirection_runs_the_method_inside_the_wrapper_and_restores_forward():
+    import torch
+
+    from fusedkd.integrations._common import ForwardRedirection
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP: its forward calls the module's
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    inner = torch.nn.Linear(2, 2)
+    wrapper = Wrapper(inner)
+    seen = []
+    out = ForwardRedirection()(
+        wrapper, inner, lambda x, scale: seen.append(x) or scale * x, torch.ones(2), scale=3
+    )
+    assert wrapper.calls == 1 and len(seen) == 1 and torch.equal(out, torch.full((2,), 3.0))
+    assert "forward" not in inner.__dict__  # the class's forward again
+    # An instance-level forward (accelerate's autocast wrapper) is put back, also after an error.
+    patched = inner.forward = lambda x: x
+    try:
+        ForwardRedirection()(wrapper, inner, lambda x: 1 / 0, torch.ones(2))
+    except ZeroDivisionError:
+        pass
+    assert inner.__dict__["forward"] is patched

@@ -50,12 +50,16 @@ def check_plain_head(model: torch.nn.Module, role: str) -> None:
         raise ValueError(f"{role} has no output embedding (lm_head); is it a causal LM?")
 
 
-def head_parameters(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_parameters(
+    model: torch.nn.Module, hidden_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head's ``(weight [V, H], bias [V] or None)`` as full tensors.
 
     Under FSDP2 the parameters are DTensors: ``full_tensor()`` gathers them once (its backward
-    scatters the gradient back). DeepSpeed ZeRO-3 partitions parameters outside their module's
-    forward, and the fused loss reads the head without calling it: refused.
+    scatters the gradient back), cast to the hidden states' dtype (under mixed precision the
+    gathered weight is the float32 master copy), as TRL does. DeepSpeed ZeRO-3 partitions
+    parameters outside their module's forward, and the fused loss reads the head without calling
+    it: refused.
     """
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -70,9 +74,9 @@ def head_parameters(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
         from torch.distributed.tensor import DTensor
 
         if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
+            weight = weight.full_tensor().to(hidden_dtype)
         if isinstance(bias, DTensor):
-            bias = bias.full_tensor()
+            bias = bias.full_tensor().to(hidden_dtype)
     return weight, bias
 
 

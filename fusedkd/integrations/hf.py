@@ -144,10 +144,8 @@ class KDTrainer(Trainer):
         else:  # position i predicts token i + 1
             labels = inputs["labels"][..., 1:]
             student_hidden, teacher_hidden = student_hidden[..., :-1, :], teacher_hidden[..., :-1, :]
-        (student_weight, student_bias), (teacher_weight, teacher_bias) = (
-            head_parameters(student),
-            head_parameters(teacher),
-        )
+        student_weight, student_bias = head_parameters(student, student_hidden.dtype)
+        teacher_weight, teacher_bias = head_parameters(teacher, teacher_hidden.dtype)
         loss = fused_linear_kd_loss(
             student_hidden,
             student_weight,

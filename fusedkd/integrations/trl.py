@@ -117,8 +117,8 @@ class FusedDistillationTrainer(DistillationTrainer):
                 logits_to_keep,
                 **multimodal_inputs,
             )
-        student_head = head_parameters(unwrapped_student)
-        teacher_head = head_parameters(unwrapped_teacher)
+        student_head = head_parameters(unwrapped_student, student_hidden.dtype)
+        teacher_head = head_parameters(unwrapped_teacher, teacher_hidden.dtype)
         device = student_head[0].device
         if teacher_head[0].device != device:
             raise ValueError(
@@ -197,8 +197,8 @@ def _build_gkd_trainer() -> type:
                     input_ids,
                     attention_mask,
                 )
-            student_head = head_parameters(unwrapped_student)
-            teacher_head = head_parameters(unwrapped_teacher)
+            student_head = head_parameters(unwrapped_student, student_hidden.dtype)
+            teacher_head = head_parameters(unwrapped_teacher, teacher_hidden.dtype)
             device = student_head[0].device
             # Position i predicts token i + 1; GKD's loss counts the shifted labels that are not -100.
             valid = inputs["labels"][:, 1:].to(device) != -100
