@@ -238,6 +238,7 @@ def machine_description() -> dict:
         ("fusedkd", "fusedkd"),
         ("triton", "triton"),
         ("liger_kernel", "liger-kernel"),
+        ("trl", "trl"),
         ("matplotlib", "matplotlib"),
     ):
         try:

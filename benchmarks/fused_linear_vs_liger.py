@@ -1,7 +1,8 @@
-"""fusedkd (torch backend) vs Liger-Kernel vs the naive recipe: forward + backward time and peak memory.
+"""fusedkd (torch backend) vs Liger-Kernel, TRL and the naive recipe: forward + backward time, peak memory.
 
     python benchmarks/fused_linear_vs_liger.py            # N=1024, V=151,936, H_s=256, H_t=512, fp32
     python benchmarks/fused_linear_vs_liger.py --tokens 256 --repeats 2
+    python benchmarks/fused_linear_vs_liger.py --alpha 1  # KD only: adds TRL's chunked divergence
 
 Every method runs on the same inputs (seeded), each in its own subprocess (benchmarks/_measure.py says
 how the CPU peak is measured), with the student gradients (hidden states, lm_head weight) included:
@@ -11,11 +12,17 @@ how the CPU peak is measured), with the student gradients (hidden states, lm_hea
 - liger:   `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0)` (forward KL), torch.compile'd,
            timed warm (after its compilation). Its soft term has no T^2 factor
            (alpha KL + (1 - alpha) CE), so its printed loss is lower; the work is the same;
+- trl:     `trl.kernels.chunked_divergence.ChunkedDivergenceFunction(beta=0)` (forward KL at T, the
+           loss of TRL's `DistillationTrainer`), mean over tokens, times T^2 so that its loss is
+           fusedkd's. It has no cross-entropy term: it runs at `--alpha 1` only, and is skipped,
+           saying why, otherwise. Its statistics are Triton kernels on CUDA / XPU; on a CPU its torch
+           fallback runs (4,096 x 32,768 float32 tiles);
 - fusedkd: `fusedkd.fused_linear_kd_loss(..., backend="torch")`.
 
-The table reports the median time of `--repeats` warm calls, the ratio to Liger, and the peak resident
-memory growth of one warm call over the inputs. The floor is the float32 student weight gradient
-(V x H_s x 4 bytes), which every method must hold.
+The table reports the median time of `--repeats` warm calls, the ratio to Liger, the peak resident
+memory growth of one warm call over the inputs, and the machine's 1-minute load average after each
+method (times are only comparable on a quiet machine; memory does not depend on the load). The floor
+is the float32 student weight gradient (V x H_s x 4 bytes), which every method must hold.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from _measure import (  # noqa: E402
     run_in_subprocess,
 )
 
-METHODS = ("naive", "liger", "fusedkd")
+METHODS = ("naive", "liger", "trl", "fusedkd")
 
 
 def make_inputs(args):
@@ -78,6 +85,21 @@ def build_step(method, args, inputs):
         def loss_fn():
             return criterion(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
 
+    elif method == "trl":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        if alpha != 1:
+            raise ValueError(
+                f"TRL's ChunkedDivergenceFunction has no cross-entropy term: needs alpha=1, got {alpha}"
+            )
+
+        def loss_fn():
+            # Per-token KL(p_teacher || p_student) at T (beta=0), and the student entropy (unused).
+            divergence, _ = ChunkedDivergenceFunction.apply(
+                student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, 0.0, T
+            )
+            return T * T * divergence.mean()
+
     elif method == "fusedkd":
         import fusedkd
 
@@ -106,6 +128,20 @@ def build_step(method, args, inputs):
     return step
 
 
+def trl_unavailable_reason(alpha: float) -> str | None:
+    """Why TRL's ChunkedDivergenceFunction cannot run in this comparison, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return 'trl is not installed (pip install -e ".[trl]")'
+    if alpha != 1:
+        return (
+            "TRL's ChunkedDivergenceFunction has no cross-entropy term: "
+            f"compared at --alpha 1 only (alpha={alpha})"
+        )
+    return None
+
+
 def worker(args) -> None:
     import torch
 
@@ -116,11 +152,9 @@ def worker(args) -> None:
     inputs[0].grad = inputs[1].grad = None
     peak = cpu_peak_growth_mib(step)
     loss = step().item()
-    print(
-        json.dumps(
-            {"method": args.worker, "seconds": seconds, "samples": samples, "peak_mib": peak, "loss": loss}
-        )
-    )
+    record = {"method": args.worker, "seconds": seconds, "samples": samples, "peak_mib": peak, "loss": loss}
+    record["load_1min"] = os.getloadavg()[0]  # after the method's calls
+    print(json.dumps(record))
 
 
 def main() -> None:
@@ -157,7 +191,15 @@ def main() -> None:
         f"--threads={args.threads}",
     ]
     results = {}
+    skipped = {}
+    load_start = os.getloadavg()[0]
     for method in args.methods.split(","):
+        if method == "trl":
+            reason = trl_unavailable_reason(args.alpha)
+            if reason:
+                skipped[method] = reason
+                print(f"skipping trl: {reason}", file=sys.stderr, flush=True)
+                continue
         print(f"running {method} ...", file=sys.stderr, flush=True)
         results[method] = run_in_subprocess(__file__, [*forwarded, f"--worker={method}"], args.timeout)
 
@@ -168,21 +210,36 @@ def main() -> None:
         f"T={args.temperature} alpha={args.alpha}; forward + backward, median of {args.repeats} warm calls"
     )
     print(f"machine: {machine}")
+    print(f"1-minute load average: {load_start:.2f} at the start")
     print(f"floor (float32 student weight gradient): {floor_mib:.0f} MiB\n")
     liger_time = results.get("liger", {}).get("seconds")
-    print(f"{'method':<10} {'time (s)':>9} {'vs liger':>9} {'peak (MiB)':>11} {'loss':>12}")
+    print(f"{'method':<10} {'time (s)':>9} {'vs liger':>9} {'peak (MiB)':>11} {'loss':>12} {'load':>6}")
     for method, r in results.items():
         if "error" in r:
             print(f"{method:<10} failed: {r['error']}")
             continue
         ratio = f"{r['seconds'] / liger_time:.2f}x" if liger_time else "n/a"
-        print(f"{method:<10} {r['seconds']:>9.2f} {ratio:>9} {r['peak_mib']:>11.0f} {r['loss']:>12.5f}")
+        print(
+            f"{method:<10} {r['seconds']:>9.2f} {ratio:>9} {r['peak_mib']:>11.0f} {r['loss']:>12.5f} "
+            f"{r['load_1min']:>6.2f}"
+        )
+    for method, reason in skipped.items():
+        print(f"{method:<10} skipped: {reason}")
     if "liger" in results:
         print("(liger's loss omits the T^2 factor of the distillation term: alpha KL + (1 - alpha) CE)")
+    if "trl" in results:
+        print("(trl: ChunkedDivergenceFunction's mean KL times T^2, no cross-entropy term; alpha = 1)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"args": vars(args), "machine": machine, "floor_mib": floor_mib, "results": results},
+                {
+                    "args": vars(args),
+                    "machine": machine,
+                    "floor_mib": floor_mib,
+                    "load_start": load_start,
+                    "results": results,
+                    "skipped": skipped,
+                },
                 f,
                 indent=2,
             )

@@ -17,6 +17,13 @@ in what is timed and measured:
                tensor (`full_like(-inf).scatter_`), the student over the full vocabulary;
 - liger:       `LigerFusedLinearJSDLoss(beta=0)` (forward KL; its soft weight is alpha*T^2 so that it
                computes the same loss), torch.compile'd, when liger-kernel is installed;
+- trl:         TRL's `trl.kernels.chunked_divergence.ChunkedDivergenceFunction(beta=0)` (forward KL;
+               the loss of TRL's `DistillationTrainer`), times T^2, mean over tokens, when trl is
+               installed. It computes the divergence only, no cross-entropy term: it runs at
+               `--alpha 1` only (KD-only comparison) and is skipped, saying so, at any other alpha.
+               It projects 4,096 x 32,768 float32 tiles with torch matmuls; its per-tile statistics
+               run as Triton kernels on CUDA / XPU and as torch operations elsewhere (so on a CPU
+               this measures its torch fallback);
 - fusedkd:     `fusedkd.fused_linear_kd_loss` (backend "auto": PyTorch on a CPU, Triton on CUDA);
 - sparse_topk: `fusedkd.fused_linear_topk_kd_loss` from the teacher's top-k, when this fusedkd has it.
                Offline setting: `fusedkd.teacher_topk` runs once per point, outside the timed region,
@@ -48,6 +55,8 @@ gradient every method must hold):
 - masked_topk: 8 N V b + N k (b + 8): the naive recipe's seven plus the full-size masked teacher
   tensor, and `topk`'s values and int64 indices.
 - liger: >= 2 min(N, 1024) V b + floor: both models' logits of a 1024-token chunk (a lower bound).
+- trl: >= 2 min(N, 4096) min(V, 32768) 4 + floor: its two float32 tile buffers (a lower bound; on a
+  CPU its torch fallback also makes several tile-sized temporaries per tile).
 - fusedkd: torch backend floor + 2 c V 4 + 3 r V 4 (its two float32 `c x V` logit tiles, c its
   default token chunk, and three scratch blocks of r rows, its element-wise row group on the device);
   Triton backend floor (O(N) statistics beyond it).
@@ -90,17 +99,19 @@ from _measure import (  # noqa: E402
     time_and_peak,
 )
 
-METHODS = ("naive", "vocab_chunk", "masked_topk", "liger", "fusedkd", "sparse_topk")
+METHODS = ("naive", "vocab_chunk", "masked_topk", "liger", "trl", "fusedkd", "sparse_topk")
 TOPK_METHODS = ("masked_topk", "sparse_topk")
 COLORS = {
     "naive": "tab:gray",
     "vocab_chunk": "tab:red",
     "masked_topk": "tab:blue",
     "liger": "tab:purple",
+    "trl": "tab:brown",
     "fusedkd": "tab:green",
     "sparse_topk": "tab:orange",
 }
 LIGER_CHUNK_TOKENS = 1024  # LigerFusedLinearJSDLoss's default chunk_size
+TRL_TILE = (4096, 32768)  # trl.kernels.chunked_divergence TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE
 CSV_COLUMNS = (
     "method",
     "detail",
@@ -225,10 +236,22 @@ def sparse_topk_api() -> tuple[Callable, Callable] | str:
     return tuple(getattr(module, name) for name in names)  # type: ignore[return-value]
 
 
+def trl_unavailable_reason(cfg: Config) -> str | None:
+    """Why TRL's ChunkedDivergenceFunction cannot be a row of this run, or None."""
+    if importlib.util.find_spec("trl") is None:
+        return 'trl is not installed (pip install -e ".[trl]")'
+    if cfg.alpha != 1:
+        return (
+            f"TRL's ChunkedDivergenceFunction has no cross-entropy term, so it is compared at --alpha 1 "
+            f"only (this run: alpha={cfg.alpha})"
+        )
+    return None
+
+
 def fusedkd_backend(device: str) -> str:
     import torch
 
-    from fusedkd.loss import resolve_backend
+    from fusedkd._dispatch import resolve_backend
 
     return resolve_backend("auto", torch.device(device))
 
@@ -305,6 +328,21 @@ def build_loss(method: str, k: int | None, inputs, cfg: Config) -> Callable[[], 
 
         def loss_fn():
             return criterion(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+
+    elif method == "trl":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        if alpha != 1:
+            raise ValueError(
+                f"TRL's ChunkedDivergenceFunction has no cross-entropy term: needs alpha=1, got {alpha}"
+            )
+
+        def loss_fn():
+            # Per-token KL(p_teacher || p_student) at T (beta=0), and the student entropy (unused).
+            divergence, _ = ChunkedDivergenceFunction.apply(
+                student_hidden, student_weight, None, teacher_hidden, teacher_weight, None, 0.0, T
+            )
+            return T * T * divergence.mean()  # alpha = 1: the loss of the other methods
 
     elif method == "fusedkd":
         import fusedkd
@@ -476,7 +514,7 @@ def theory(method: str, tokens: int, k: int | None, cfg: Config, backend: str) -
     """(expected peak bytes, formula) of one method at one point; see the module docstring."""
     import torch
 
-    from fusedkd.chunked import LINEAR_TILE_BYTES, Scratch, default_chunk_size
+    from fusedkd.torch_backend.tiles import LINEAR_TILE_BYTES, Scratch, default_chunk_size
 
     b = torch.finfo(torch_dtype(cfg.dtype)).bits // 8
     nv = tokens * cfg.vocab
@@ -489,6 +527,9 @@ def theory(method: str, tokens: int, k: int | None, cfg: Config, backend: str) -
         return 8 * nv * b + tokens * k * (b + 8), "8NVb+Nk(b+8)"
     if method == "liger":
         return 2 * min(tokens, LIGER_CHUNK_TOKENS) * cfg.vocab * b + floor, ">=2min(N,1024)Vb+floor"
+    if method == "trl":
+        tile = min(tokens, TRL_TILE[0]) * min(cfg.vocab, TRL_TILE[1]) * 4
+        return 2 * tile + floor, ">=2min(N,4096)min(V,32768)4+floor"
     if method == "fusedkd" and backend == "torch":
         chunk = min(tokens, default_chunk_size(cfg.vocab, 4, LINEAR_TILE_BYTES))
         rows = Scratch(chunk, cfg.vocab, torch.float32, torch.device(cfg.device)).rows
@@ -520,6 +561,12 @@ def method_detail(method: str, cfg: Config, backend: str) -> str:
         "vocab_chunk": f"softmax per {cfg.vocab_chunk}-wide vocab chunk",
         "masked_topk": "teacher top-k by -inf masking",
         "liger": "LigerFusedLinearJSDLoss(beta=0), " + ("compiled" if cfg.liger_compiled else "eager"),
+        "trl": "trl ChunkedDivergenceFunction(beta=0), KD only (alpha=1), "
+        + (
+            "Triton statistics"
+            if cfg.device.startswith(("cuda", "xpu"))
+            else "torch fallback (no Triton on CPU)"
+        ),
         "fusedkd": f"{backend} backend",
         "sparse_topk": f"student loss from precomputed teacher top-k, tail={cfg.topk_tail}",
     }[method]
@@ -537,6 +584,7 @@ def method_label(method: str, k: int | None, cfg: Config, backend: str) -> str:
         "vocab_chunk": "vocab-chunk softmax",
         "masked_topk": "masked top-k",
         "liger": "Liger " + ("(compiled)" if cfg.liger_compiled else "(eager)"),
+        "trl": "TRL chunked divergence",
         "fusedkd": f"fusedkd ({backend})",
         "sparse_topk": "fusedkd sparse top-k",
     }
@@ -1029,6 +1077,18 @@ def main() -> None:
     if "liger" in methods and importlib.util.find_spec("liger_kernel") is None:
         methods.remove("liger")
         notes.append("Liger-Kernel is not installed: no Liger row.")
+    if "trl" in methods:
+        reason = trl_unavailable_reason(cfg)
+        if reason:
+            methods.remove("trl")
+            notes.append(f"No TRL row: {reason}.")
+            print(f"skipping trl: {reason}", file=sys.stderr)
+        else:
+            notes.append(
+                "TRL row: ChunkedDivergenceFunction(beta=0) times T^2, no cross-entropy term (alpha = 1); "
+                + method_detail("trl", cfg, backend).split(", ")[-1]
+                + "."
+            )
     if "sparse_topk" in methods:
         api = sparse_topk_api()
         if isinstance(api, str):

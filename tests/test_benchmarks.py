@@ -2,7 +2,9 @@
 
 Smoke mode uses tiny shapes (V = 3001, N = 64 and 128) and one worker process, so the numbers are only
 checked for sanity: every point measured, the exact methods exact, the biased ones visibly biased, and
-the naive recipe's memory where its formula puts it.
+the naive recipe's memory where its formula puts it. TRL's chunked divergence has no cross-entropy
+term: the default smoke run (alpha = 0.5) says it skips it, and a second, KD-only smoke run
+(alpha = 1) measures it when trl is installed.
 """
 
 from __future__ import annotations
@@ -42,11 +44,9 @@ VOCAB, EXACT_TOKENS, TOKENS, KS = 3001, 64, (64, 128), (1, 8, 64, 3001)
 FP32_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory_vs_topk")
+def run_smoke(out: Path, *options: str) -> tuple[Path, str, list[str] | None, list[dict]]:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *options],
         capture_output=True,
         text=True,
         timeout=300,
@@ -58,6 +58,11 @@ def smoke(tmp_path_factory):
         header = reader.fieldnames
         rows = list(reader)
     return out, proc.stdout, header, rows
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return run_smoke(tmp_path_factory.mktemp("memory_vs_topk"))
 
 
 def find(rows: list[dict], method: str, tokens: int, k: int | None = None) -> dict:
@@ -133,3 +138,29 @@ def test_smoke_memory_follows_the_naive_formula(smoke):
         # 7 live [N, V] float32 tensors at the forward's peak (the script's docstring).
         assert 0.8 < float(r["peak_mib"]) / float(r["theory_mib"]) < 1.25, r
     assert float(find(rows, "fusedkd", 128)["peak_mib"]) < float(find(rows, "naive", 128)["peak_mib"])
+
+
+def test_smoke_says_why_it_has_no_trl_row(smoke):
+    _, stdout, _, rows = smoke
+    assert not [r for r in rows if r["method"] == "trl"]
+    reason = "has no cross-entropy term" if importlib.util.find_spec("trl") else "trl is not installed"
+    assert "No TRL row: " in stdout and reason in stdout
+
+
+def test_kd_only_smoke_measures_trls_chunked_divergence(tmp_path):
+    pytest.importorskip("trl", reason='trl is not installed (pip install -e ".[trl]")')
+    _, stdout, _, rows = run_smoke(tmp_path, "--alpha", "1", "--methods", "naive,trl,fusedkd")
+    assert not [r for r in rows if r["error"]], [(r["method"], r["error"]) for r in rows if r["error"]]
+    assert "TRL row: ChunkedDivergenceFunction(beta=0)" in stdout
+    for n in TOKENS:
+        r = find(rows, "trl", n)
+        assert float(r["seconds"]) > 0 and float(r["peak_mib"]) > 0, r
+        # At least its two float32 [N, min(V, 32768)] tiles (and the student weight gradient).
+        assert float(r["peak_mib"]) > 0.8 * float(r["theory_mib"]), r
+    for method in ("naive", "trl", "fusedkd"):
+        r = find(rows, method, EXACT_TOKENS)
+        errors = [float(r[c]) for c in ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err")]
+        assert max(errors) < FP32_RTOL, (method, errors)
+    # alpha = 1: every method computes T^2 KL alone, the same loss.
+    losses = [float(find(rows, m, EXACT_TOKENS)["loss"]) for m in ("naive", "trl", "fusedkd")]
+    assert max(losses) - min(losses) < FP32_RTOL * abs(losses[0]), losses

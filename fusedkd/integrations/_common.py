@@ -1,0 +1,172 @@
+"""What the trainer integrations share: plain-head checks, hidden states, lm_head parameters, the
+token-summed divergence.
+
+Only torch and fusedkd are imported here; transformers is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedkd.loss import fused_linear_kd_loss
+
+# Config attributes of heads whose logits are not ``W h + b``: a multiplier (Cohere's ``logit_scale``,
+# Granite's ``logits_scaling`` divisor, ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``)
+# or Gemma's ``final_logit_softcapping``. fusedkd's loss does not apply them yet.
+SCALED_HEAD_ATTRIBUTES = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a PEFT wrapper (``PeftModel.get_base_model()``), else the model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def check_plain_head(model: torch.nn.Module, role: str) -> None:
+    """Raise ValueError unless ``model`` is a causal LM whose logits are its lm_head's ``W h + b``."""
+    model = causal_lm(model)
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "get_output_embeddings", None)):
+        raise ValueError(
+            f"{role} must be a transformers causal LM (with a config and get_output_embeddings()), "
+            f"got {type(model).__name__}"
+        )
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in SCALED_HEAD_ATTRIBUTES:
+        value = getattr(text_config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(
+                f"{role}: its logits use {name}={value}; fusedkd's loss computes plain W h + b logits and "
+                "does not apply logit scaling or soft-capping yet (planned), so it would distill the wrong "
+                "distribution. Use a model without them, or the trainer's own loss."
+            )
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{role} has no output embedding (lm_head); is it a causal LM?")
+
+
+def head_parameters(
+    model: torch.nn.Module, hidden_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head's ``(weight [V, H], bias [V] or None)`` as full tensors.
+
+    Under FSDP2 the parameters are DTensors: ``full_tensor()`` gathers them once (its backward
+    scatters the gradient back), cast to the hidden states' dtype (under mixed precision the
+    gathered weight is the float32 master copy), as TRL does. DeepSpeed ZeRO-3 partitions
+    parameters outside their module's forward, and the fused loss reads the head without calling
+    it: refused.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is not supported: the fused loss reads lm_head.weight directly, which ZeRO-3 "
+            "keeps partitioned; use FSDP2, DDP or ZeRO-1/2"
+        )
+    head = causal_lm(model).get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor().to(hidden_dtype)
+        if isinstance(bias, DTensor):
+            bias = bias.full_tensor().to(hidden_dtype)
+    return weight, bias
+
+
+def backbone_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """Final hidden states ``[B, L, H]`` of a causal LM's backbone (``input_ids``, ``attention_mask``,
+    and any other model inputs): what its lm_head would project. The lm_head is not called."""
+    backbone = causal_lm(model).base_model
+    return backbone(**inputs, use_cache=False).last_hidden_state
+
+
+class ForwardRedirection:
+    """Run ``method(*args)`` inside ``wrapper(*args)``'s forward (PyTorch Lightning's forward redirection).
+
+    A loss that calls the backbone and reads the lm_head directly must still go through the DDP /
+    FSDP wrapper's ``forward``: DDP prepares its gradient reduction there, FSDP unshards the
+    parameters. The wrapped module's ``forward`` is swapped for ``method`` for one call.
+    """
+
+    def __call__(self, wrapper: torch.nn.Module, module: torch.nn.Module, method, *args, **kwargs):
+        patched = module.__dict__.get("forward")  # e.g. accelerate's autocast wrapper, else None
+
+        def restore() -> None:
+            if patched is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = patched
+
+        def forward(*inner_args, **inner_kwargs):
+            restore()
+            return method(*inner_args, **inner_kwargs)
+
+        module.forward = forward
+        try:
+            return wrapper(*args, **kwargs)
+        finally:
+            restore()
+
+
+def divergence_of_beta(beta: float) -> str:
+    """TRL's generalized JSD convention: beta = 0 is forward KL, beta = 1 reverse KL, else the JSD."""
+    if beta == 0:
+        return "forward_kl"
+    if beta == 1:
+        return "reverse_kl"
+    return "jsd"
+
+
+def summed_divergence(
+    student_hidden: torch.Tensor,
+    student_head: tuple[torch.Tensor, torch.Tensor | None],
+    teacher_hidden: torch.Tensor,
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None],
+    valid: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Sum over the tokens where ``valid`` is nonzero of the divergence D at ``temperature``, no T^2.
+
+    D is TRL's generalized JSD (`divergence_of_beta`). Hidden states are ``[..., H]`` with ``valid``
+    of their leading shape. fusedkd's loss at ``alpha=1`` is ``T^2 D`` per token; the sum is divided
+    by ``T^2`` here, so the result is the plain divergence sum that TRL's losses normalize.
+    """
+    (student_weight, student_bias), (teacher_weight, teacher_bias) = student_head, teacher_head
+    # Labels only select the tokens (alpha = 1: there is no cross-entropy term); 0 is a valid id.
+    labels = torch.where(valid.to(device=student_hidden.device) != 0, 0, -100)
+    divergence_sum = fused_linear_kd_loss(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        divergence=divergence_of_beta(beta),
+        beta=beta,
+        temperature=temperature,
+        alpha=1.0,
+        reduction="sum",
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+    )
+    return divergence_sum if temperature == 1 else divergence_sum / temperature**2
+
+
+def normalize(
+    loss_sum: torch.Tensor, valid: torch.Tensor, num_items_in_batch: torch.Tensor | int | float | None
+) -> torch.Tensor:
+    """``loss_sum / num_items_in_batch`` when given (gradient-accumulation-correct), else the mean over
+    the valid tokens (0 when there are none)."""
+    if num_items_in_batch is None:
+        return loss_sum / (valid != 0).sum().clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
