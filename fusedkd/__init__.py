@@ -8,10 +8,12 @@ hard-label cross-entropy are streamed over vocabulary blocks with an online log-
 - `kd_loss` / `KDLoss`: from logits the caller already holds.
 - `teacher_topk`, `fused_linear_topk_kd_loss` / `FusedLinearTopKKDLoss`, `topk_cache`: offline
   distillation from a sparse top-k teacher.
+- `head_transform` / `HeadTransform`: a model's logit scale and soft cap, read from its config.
 - `reference`: the naive, exact losses the tests compare against.
 """
 
 from fusedkd import reference, topk_cache
+from fusedkd.heads import HeadTransform, head_transform
 from fusedkd.logits import KDLoss, kd_loss
 from fusedkd.loss import FusedLinearKDLoss, fused_linear_kd_loss
 from fusedkd.topk import FusedLinearTopKKDLoss, fused_linear_topk_kd_loss, teacher_topk
@@ -21,9 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedLinearKDLoss",
     "FusedLinearTopKKDLoss",
+    "HeadTransform",
     "KDLoss",
     "fused_linear_kd_loss",
     "fused_linear_topk_kd_loss",
+    "head_transform",
     "kd_loss",
     "reference",
     "teacher_topk",

@@ -8,6 +8,7 @@ The models are saved with ``save_pretrained`` and loaded by path, the data is a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import reference_kd_loss
 
+import fusedkd
 from fusedkd.distill import recipe
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
 from fusedkd.distill.cli import main
@@ -64,7 +67,8 @@ def save_model(
 
 
 def scaled_logits_model(vocab_size: int, eos: int, logits_scaling: float):
-    """A tiny Granite causal LM: its logits are ``(W h) / logits_scaling``, not the head's plain ``W h``."""
+    """A tiny Granite causal LM: its logits are ``(W h) / logits_scaling``, not the head's plain ``W h``
+    (`fusedkd.head_transform` reads the divisor from its config)."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
     config = GraniteConfig(
@@ -73,6 +77,20 @@ def scaled_logits_model(vocab_size: int, eos: int, logits_scaling: float):
     )  # fmt: skip
     torch.manual_seed(2)
     return GraniteForCausalLM(config)
+
+
+def falsely_capped_model(vocab_size: int, eos: int):
+    """A tiny Qwen3 whose config claims a final-logit soft cap its architecture does not apply: its logits
+    are plain ``W h``, not what `fusedkd.head_transform` reads from the config."""
+    config = qwen3_config(STUDENT_SHAPE, vocab_size=vocab_size, max_positions=64, eos_token_id=eos)
+    config.final_logit_softcapping = 2.0
+    return build_model(config, seed=3)
+
+
+def save_falsely_capped_model(directory: Path, tokenizer) -> str:
+    falsely_capped_model(len(tokenizer), tokenizer.eos_token_id).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
 def save_scaled_logits_model(directory: Path, tokenizer, *, logits_scaling: float) -> str:
@@ -98,6 +116,7 @@ def tiny(tmp_path_factory) -> dict:
             root / "padded", STUDENT_SHAPE, tokenizer, seed=1, vocab_size=len(tokenizer) + 64
         ),
         "student_scaled_logits": save_scaled_logits_model(root / "scaled", tokenizer, logits_scaling=4.0),
+        "student_false_softcap": save_falsely_capped_model(root / "false-cap", tokenizer),
         "data": str(data),
         "root": root,
     }
@@ -329,9 +348,9 @@ def bad_input_cases(tiny: dict, tmp_path: Path) -> dict[str, tuple[list[str], st
         "seq len below 2": (with_(seq_len="1"), "at least 2"),
         "tokenizer mismatch": (with_(student=tiny["student_other_tokenizer"]), "tokenizers differ"),
         "head size mismatch": (with_(student=tiny["student_padded_head"]), "--vocab-size"),
-        "logits not W h + b": (
-            with_(student=tiny["student_scaled_logits"]),
-            "not its lm_head's plain W h + b",
+        "logits not the config's head transform": (
+            with_(student=tiny["student_false_softcap"]),
+            "not its lm_head's W h + b through the head transform of its config",
         ),
         "top-k without its cache": ([*base, "--teacher-topk", "8"], "go together"),
         "unwritable output dir": (with_(output_dir=str(blocker / "out")), "not writable"),
@@ -345,7 +364,8 @@ def bad_input_cases(tiny: dict, tmp_path: Path) -> dict[str, tuple[list[str], st
 CASES = [
     "missing model path", "unknown dataset", "empty dataset", "missing text field",
     "sequences shorter than 2 tokens", "seq len below 2", "tokenizer mismatch", "head size mismatch",
-    "logits not W h + b", "top-k without its cache", "unwritable output dir", "alpha out of range",
+    "logits not the config's head transform", "top-k without its cache", "unwritable output dir",
+    "alpha out of range",
     "teacher without student", "real-run flag in the default", "unknown option",
 ]  # fmt: skip
 
@@ -464,9 +484,9 @@ def test_two_processes_take_the_same_steps_as_one(sharding, tiny, tmp_path):
 # Startup checks, stale metrics, chat data, bf16 autocast
 
 
-def test_head_check_accepts_plain_heads_and_refuses_scaled_logits():
+def test_head_check_accepts_plain_and_scaled_heads_and_refuses_other_logits():
     from fusedkd.distill.errors import UsageError
-    from fusedkd.distill.models import check_linear_head, linear_head_error
+    from fusedkd.distill.models import check_linear_head, linear_head_error, lm_head
 
     ids = torch.randint(0, 300, (1, PROBE_TOKENS))
     config = qwen3_config(STUDENT_SHAPE, vocab_size=300, max_positions=64, eos_token_id=0)
@@ -474,13 +494,72 @@ def test_head_check_accepts_plain_heads_and_refuses_scaled_logits():
     assert linear_head_error(qwen3, ids) == 0.0
     check_linear_head(qwen3, "student", ids)
     check_linear_head(qwen3.to(torch.bfloat16), "student", ids)  # the same matmul in bf16
-    check_linear_head(scaled_logits_model(300, 0, logits_scaling=1.0), "student", ids)
-    for scaling in (4.0, 1.05):
+    # Granite divides its logits by logits_scaling: the head transform the loss applies.
+    for scaling in (1.0, 4.0, 1.05):
         model = scaled_logits_model(300, 0, logits_scaling=scaling)
+        assert lm_head(model).transform == fusedkd.HeadTransform(logit_scale=1.0 / scaling)
+        assert linear_head_error(model, ids) < 1e-6
+        check_linear_head(model, "student", ids)
+    # Logits that are not what the config says: a cap the architecture ignores, a multiplier outside it.
+    capped = falsely_capped_model(300, 0)
+    assert lm_head(capped).transform.softcap == 2.0
+    multiplied = scaled_logits_model(300, 0, logits_scaling=4.0)
+    multiplied.lm_head.register_forward_hook(lambda module, args, out: out * 1.05)
+    for model in (capped, multiplied):
         assert linear_head_error(model, ids) > 1e-3
-        with pytest.raises(UsageError, match="--teacher: the model's logits are not its lm_head's plain W h"):
+        with pytest.raises(UsageError, match="--teacher: the model's logits are not its lm_head's W h"):
             check_linear_head(model, "teacher", ids)
     assert qwen3.training is True  # the check leaves the mode as it was
+
+
+def test_scaled_student_is_distilled_with_its_own_logits():
+    """The recipe's loss options for a Granite student (logits = W h / logits_scaling) and a soft-capped
+    teacher: the fused loss equals the float64 reference loss on the models' own logits."""
+    from fusedkd.distill.models import hidden_states, lm_head
+
+    student = scaled_logits_model(300, 0, logits_scaling=4.0).double()
+    teacher = scaled_logits_model(300, 0, logits_scaling=0.5).double()
+    ids = torch.randint(0, 300, (2, 11))
+    mask = torch.ones_like(ids)
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    options = dict(temperature=2.0, alpha=0.6, divergence="jsd", beta=0.3)
+    loss = fusedkd.fused_linear_kd_loss(
+        hidden_states(student, ids, mask),
+        lm_head(student).weight,
+        hidden_states(teacher, ids, mask),
+        lm_head(teacher).weight,
+        labels,
+        backend="torch",
+        **options,
+        **lm_head(student).transform.options("student"),
+        **lm_head(teacher).transform.options("teacher"),
+    )
+    with torch.no_grad():
+        expected = reference_kd_loss(
+            student(input_ids=ids).logits, teacher(input_ids=ids).logits, labels, **options
+        )
+    assert abs(loss.item() - expected.item()) <= 1e-10 * abs(expected.item())
+
+
+def test_run_distills_a_scaled_logits_student(tiny, tmp_path, monkeypatch):
+    """A Granite student (logits = W h / 4) passes the startup head check and trains, its loss built with
+    its own logit scale; eval logits use it too."""
+    seen = []
+    original = fusedkd.FusedLinearKDLoss.__init__
+
+    def record(self, **options):
+        seen.append(options)
+        original(self, **options)
+
+    monkeypatch.setattr(fusedkd.FusedLinearKDLoss, "__init__", record)
+    out = tmp_path / "run"
+    args = set_option(run_args(tiny, out, steps=2), "--student", tiny["student_scaled_logits"])
+    assert main(args) == 0
+    assert seen and seen[0]["student_logit_scale"] == 0.25 and seen[0]["teacher_logit_scale"] == 1.0
+    assert seen[0]["student_softcap"] is None and seen[0]["teacher_softcap"] is None
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in train)
 
 
 def test_fresh_run_starts_clean_over_a_dead_attempts_metrics(tiny, tmp_path, capsys):

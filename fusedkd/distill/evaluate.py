@@ -60,7 +60,7 @@ def _logits(hidden: torch.Tensor, model, vocab: int) -> torch.Tensor:
     weight, bias = head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
     if not torch.is_autocast_enabled(hidden.device.type):
         weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
-    return F.linear(hidden, weight, bias).float()
+    return head.transform(F.linear(hidden, weight, bias).float())  # the model's logit scale and soft cap
 
 
 def _shard(num_samples: int, batch_size: int, ctx: DistContext) -> list[tuple[list[int], list[bool]]]:

@@ -14,6 +14,7 @@ import torch
 
 from fusedkd.distill.distributed import DistContext, broadcast_object, shard_teacher
 from fusedkd.distill.errors import UsageError
+from fusedkd.heads import HeadTransform, head_transform
 
 # The real pair, for reference (Qwen/Qwen3-4B and Qwen/Qwen3-0.6B on the Hugging Face Hub; both tie the
 # lm_head to the input embedding and share the tokenizer, vocabulary 151,936 rows).
@@ -196,9 +197,14 @@ def load_tokenizer(name_or_path: str, *, role: str):
 
 
 def check_supported_head(model, role: str) -> None:
-    """`UsageError` for a model without an output embedding (the loss needs its lm_head)."""
+    """`UsageError` for a model without an output embedding (the loss needs its lm_head), or whose config
+    asks for a head transform fusedkd does not apply (`fusedkd.head_transform`)."""
     if model.get_output_embeddings() is None:
         raise UsageError(f"--{role}: the model has no output embedding (lm_head); is it a causal LM?")
+    try:
+        head_transform(model.config)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--{role}: {exc}") from None
 
 
 PROBE_TOKENS = 16  # tokens of the startup head check's batch
@@ -206,12 +212,14 @@ PROBE_TOKENS = 16  # tokens of the startup head check's batch
 
 @torch.no_grad()
 def linear_head_error(model, input_ids: torch.Tensor) -> float:
-    """Largest ``|model(x).logits - (hidden @ W.T + b)|`` on `input_ids`, relative to the logits' scale.
+    """Largest ``|model(x).logits - head(hidden @ W.T + b)|`` on `input_ids`, relative to the logits'
+    scale, with ``head`` the transform read from the model's config (`fusedkd.head_transform`: logit
+    scale, then soft cap).
 
-    The loss computes the logits as the lm_head's plain ``W h + b`` from the final hidden states; a model
-    whose own logits are anything else (logit multipliers or width scaling, soft-capping, ...) would be
+    The loss computes the logits as that transform of the lm_head's ``W h + b`` from the final hidden
+    states; a model whose own logits are anything else (other multipliers or width scaling, ...) would be
     distilled towards the wrong distribution. Both sides run in the model's dtype (a full forward of
-    `input_ids`, one short batch).
+    `input_ids`, one short batch); the transform is applied in float32.
     """
     training = model.training
     model.eval()
@@ -223,7 +231,7 @@ def linear_head_error(model, input_ids: torch.Tensor) -> float:
         head = lm_head(model)
         weight = head.weight.to(hidden.dtype)
         bias = None if head.bias is None else head.bias.to(hidden.dtype)
-        ours = torch.nn.functional.linear(hidden, weight, bias).float()
+        ours = head.transform(torch.nn.functional.linear(hidden, weight, bias).float())
     finally:
         model.train(training)
     if logits.shape != ours.shape:
@@ -233,7 +241,8 @@ def linear_head_error(model, input_ids: torch.Tensor) -> float:
 
 
 def check_linear_head(model, role: str, input_ids: torch.Tensor) -> None:
-    """`UsageError` unless ``model(x).logits == hidden @ W.T + b`` on `input_ids` (see `linear_head_error`).
+    """`UsageError` unless ``model(x).logits == head(hidden @ W.T + b)`` on `input_ids` (see
+    `linear_head_error`).
 
     The tolerance follows the dtype of the model's parameters: 1e-4 of the logits' scale in float32,
     2e-2 in bfloat16 / float16 (rounding of the same matmul); a logit multiplier of 1.05 or a soft-cap
@@ -244,25 +253,27 @@ def check_linear_head(model, role: str, input_ids: torch.Tensor) -> None:
     error = linear_head_error(model, input_ids)
     if not error <= tolerance:
         raise UsageError(
-            f"--{role}: the model's logits are not its lm_head's plain W h + b (relative difference "
-            f"{error:.3g} on a {input_ids.shape[-1]}-token probe; logit scaling, multipliers or "
-            "soft-capping?): "
+            f"--{role}: the model's logits are not its lm_head's W h + b through the head transform of "
+            f"its config ({lm_head(model).transform}; relative difference {error:.3g} on a "
+            f"{input_ids.shape[-1]}-token probe; other logit multipliers or scaling?): "
             "fusedkd's loss would distill the wrong distribution"
         )
 
 
 @dataclass(frozen=True)
 class Head:
-    """An lm_head as the loss takes it: weight [V, H] and optional bias [V]."""
+    """An lm_head as the loss takes it: weight [V, H], optional bias [V], and the transform of its
+    projections into the model's logits (logit scale, soft cap: `fusedkd.HeadTransform`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    transform: HeadTransform = HeadTransform()
 
 
 def lm_head(model) -> Head:
     """The model's output projection (the unsharded parameter while inside an FSDP forward)."""
     head = model.get_output_embeddings()
-    return Head(head.weight, getattr(head, "bias", None))
+    return Head(head.weight, getattr(head, "bias", None), head_transform(model.config))
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 import fusedkd
 from fusedkd.distill.data import IGNORE_INDEX
 from fusedkd.distill.models import hidden_states, lm_head
+from fusedkd.heads import HeadTransform
 from fusedkd.topk import fused_linear_topk_kd_loss
 from fusedkd.torch_backend.tiles import default_chunk_size
 
@@ -109,9 +110,14 @@ class TopKObjective(torch.nn.Module):
 
 
 def _cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, vocab: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    vocab: int,
+    transform: HeadTransform,
 ) -> torch.Tensor:
-    logits = F.linear(hidden, weight[:vocab], None if bias is None else bias[:vocab]).float()
+    logits = transform(F.linear(hidden, weight[:vocab], None if bias is None else bias[:vocab]).float())
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -123,8 +129,12 @@ def chunked_cross_entropy_sum(
     *,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
+    transform: HeadTransform | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against `labels`, one token chunk of logits at a time.
+
+    `transform`: the head's logit scale and soft cap (`fusedkd.HeadTransform`), applied to each chunk's
+    logits; None: plain logits.
 
     Each chunk is checkpointed: its logits are dropped after the forward and recomputed in backward.
 
@@ -140,7 +150,14 @@ def chunked_cross_entropy_sum(
     chunk = chunk_size or default_chunk_size(vocab)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        piece = (hidden[start : start + chunk], weight, bias, labels[start : start + chunk], vocab)
+        piece = (
+            hidden[start : start + chunk],
+            weight,
+            bias,
+            labels[start : start + chunk],
+            vocab,
+            transform or HeadTransform(),
+        )
         if torch.is_grad_enabled():
             total = total + checkpoint(_cross_entropy_sum, *piece, use_reentrant=False)
         else:
@@ -169,5 +186,7 @@ class CrossEntropyObjective(torch.nn.Module):
             return hidden
         head = lm_head(self.student)
         # In the caller's autocast region, if any: each chunk's F.linear runs in the autocast dtype.
-        ce = chunked_cross_entropy_sum(hidden, head.weight, labels, head.bias, vocab_size=self.vocab_size)
+        ce = chunked_cross_entropy_sum(
+            hidden, head.weight, labels, head.bias, vocab_size=self.vocab_size, transform=head.transform
+        )
         return ce, None, ce

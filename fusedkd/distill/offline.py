@@ -342,6 +342,7 @@ def _batch_topk(teacher, head, batch: Batch, identity: dict, autocast_dtype: tor
         temperature=identity["temperature"],
         vocab_size=identity["vocab"],
         teacher_bias=None if head.bias is None else head.bias.to(hidden.dtype),
+        **head.transform.options("teacher"),  # the teacher's logit scale and soft cap
     )
     return ids.cpu(), logprobs.cpu()
 

@@ -321,6 +321,8 @@ def _run_default(args: argparse.Namespace, ctx: DistContext, output_dir: Path, c
         reduction="sum",
         backend=args.backend,
         return_components=True,
+        **lm_head(initial_student).transform.options("student"),
+        **lm_head(teacher).transform.options("teacher"),
     )
     runs = {}
     for name, objective_of, inputs, description in (

@@ -315,6 +315,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
             tail=args.topk_tail,
             vocab_size=vocab_size,
             backend=args.backend,
+            **lm_head(student).transform.options("student"),
         )
     else:
         teacher.requires_grad_(False).eval()  # on ctx.device already (`load_teacher`)
@@ -328,6 +329,9 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
             vocab_size=vocab_size,
             backend=args.backend,
             return_components=True,
+            # Each model's logit scale and soft cap, from its config (checked against its logits).
+            **lm_head(student).transform.options("student"),
+            **lm_head(teacher).transform.options("teacher"),
         )
         objective = KDObjective(student, criterion)
     if not args.fsdp:
