@@ -323,3 +323,44 @@ def reference_topk_kd_loss(
         count = valid.sum().clamp(min=1)
         result = (loss.sum() / count, per_token.sum() / count, ce.sum() / count)
     return result if return_components else result[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny causal LMs whose logits are not the head's plain W h (transformers is imported when called)
+# ----------------------------------------------------------------------------------------------------
+
+
+def tiny_granite(
+    vocab: int, hidden: int, seed: int, *, logits_scaling: float, head_scale: float = 1.0, **config
+):
+    """A tiny float32 Granite causal LM: its logits are ``W h / logits_scaling``."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    config = GraniteConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        logits_scaling=logits_scaling, **config,
+    )  # fmt: skip
+    model = GraniteForCausalLM(config).float()
+    with torch.no_grad():  # a larger head makes peaked distributions
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def tiny_gemma2(
+    vocab: int, hidden: int, seed: int, *, final_logit_softcapping: float, head_scale: float = 1.0, **config
+):
+    """A tiny float32 Gemma 2 causal LM: its logits are ``c tanh(W h / c)``, c = final_logit_softcapping."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        final_logit_softcapping=final_logit_softcapping, attn_implementation="eager", **config,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model

@@ -54,20 +54,8 @@ def test_importing_fusedkd_imports_neither_trl_nor_transformers():
     assert proc.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize(
-    ("attribute", "value"),
-    [
-        ("final_logit_softcapping", 30.0),
-        ("logit_scale", 0.0625),
-        ("logits_scaling", 8.0),
-        ("output_multiplier", 2.0),
-        ("lm_head_multiplier", 0.5),
-    ],
-)
-def test_scaled_or_softcapped_heads_are_refused(attribute, value):
+def _tiny_qwen3():
     transformers = pytest.importorskip("transformers", reason="the train extra is not installed")
-    from fusedkd.integrations._common import check_plain_head
-
     config = transformers.Qwen3Config(
         vocab_size=97,
         hidden_size=16,
@@ -77,24 +65,52 @@ def test_scaled_or_softcapped_heads_are_refused(attribute, value):
         num_key_value_heads=1,
         head_dim=8,
     )
-    model = transformers.Qwen3ForCausalLM(config)
-    check_plain_head(model, "the teacher")  # a plain head passes
-    for neutral in (None, 1, 1.0):  # unset or a unit scale changes nothing
-        setattr(model.config, attribute, neutral)
-        check_plain_head(model, "the teacher")
+    return transformers.Qwen3ForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "expected"),
+    [
+        ("final_logit_softcapping", 30.0, {"teacher_logit_scale": 1.0, "teacher_softcap": 30.0}),
+        ("logit_scale", 0.0625, {"teacher_logit_scale": 0.0625, "teacher_softcap": None}),
+        ("logits_scaling", 8.0, {"teacher_logit_scale": 0.125, "teacher_softcap": None}),
+    ],
+)
+def test_scaled_or_softcapped_heads_pass_their_own_values(attribute, value, expected):
+    from fusedkd.integrations._common import check_head, head_options
+
+    model = _tiny_qwen3()
+    check_head(model, "the teacher")  # a plain head passes
+    assert head_options(model, "teacher") == {"teacher_logit_scale": 1.0, "teacher_softcap": None}
     setattr(model.config, attribute, value)
-    with pytest.raises(ValueError, match=rf"the teacher: its logits use {attribute}={value}.*\(planned\)"):
-        check_plain_head(model, "the teacher")
+    check_head(model, "the teacher")
+    assert head_options(model, "teacher") == expected
+    setattr(model.config, attribute, -1.0)
+    with pytest.raises(ValueError, match=rf"the teacher: config.{attribute} must be"):
+        check_head(model, "the teacher")
+
+
+@pytest.mark.parametrize(("attribute", "value"), [("output_multiplier", 2.0), ("lm_head_multiplier", 0.5)])
+def test_other_head_multipliers_are_refused(attribute, value):
+    from fusedkd.integrations._common import check_head
+
+    model = _tiny_qwen3()
+    for neutral in (None, 1, 1.0):  # unset or a unit multiplier changes nothing
+        setattr(model.config, attribute, neutral)
+        check_head(model, "the teacher")
+    setattr(model.config, attribute, value)
+    with pytest.raises(ValueError, match=rf"the teacher: the model's logits use {attribute}={value}"):
+        check_head(model, "the teacher")
 
 
 def test_a_module_that_is_not_a_causal_lm_is_refused():
     pytest.importorskip("transformers", reason="the train extra is not installed")
     import torch
 
-    from fusedkd.integrations._common import check_plain_head
+    from fusedkd.integrations._common import check_head
 
     with pytest.raises(ValueError, match="model must be a transformers causal LM"):
-        check_plain_head(torch.nn.Linear(3, 3), "model")
+        check_head(torch.nn.Linear(3, 3), "model")
 
 
 def test_forward_redirection_runs_the_method_inside_the_wrapper_and_restores_forward():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers", reason="the train extra is not installed")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install accelerate)")
 
+from _helpers import tiny_gemma2, tiny_granite  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM, TrainingArguments  # noqa: E402
 
 from fusedkd.integrations.hf import KDTrainer  # noqa: E402
@@ -186,12 +187,36 @@ def test_bad_options_are_refused(models, tmp_path, options, error, match):
         make_trainer(student, teacher, tmp_path, **options)
 
 
-def test_softcapped_student_is_refused(models, tmp_path):
+@pytest.mark.parametrize(("divergence", "alpha"), [("forward_kl", 0.5), ("jsd", 0.8)])
+def test_scaled_and_softcapped_heads_equal_the_naive_recipe_on_their_logits(tmp_path, divergence, alpha):
+    """A Granite student (logits / 4) and a soft-capped Gemma 2 teacher (cap 3, which its largest logits
+    reach): the loss is that of the models' own logits, each head's transform read from its config."""
+    student = tiny_granite(VOCAB, 32, 0, logits_scaling=4.0, head_scale=30.0)
+    teacher = tiny_gemma2(VOCAB, 48, 1, final_logit_softcapping=3.0, head_scale=8.0)
+    options = {"divergence": divergence, "beta": 0.5, "temperature": 2.0, "alpha": alpha}
+    trainer = make_trainer(student, teacher, tmp_path, **options)
+    inputs = batch(seed=7)
+    student.train()
+    student.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(student, dict(inputs))
+    loss.backward()
+    fused_grads = grads(student)
+    reference = naive_loss(student, teacher, inputs, **options)
+    reference.backward()
+    reference_grads = grads(student)
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=LOSS_RTOL, atol=0)
+    assert fused_grads.keys() == reference_grads.keys() and len(fused_grads) > 0
+    for name, ref in reference_grads.items():
+        err, scale = (fused_grads[name] - ref).abs().max().item(), ref.abs().max().item()
+        assert scale > 0 and err <= GRAD_RTOL * scale, (name, err, scale)
+
+
+def test_other_head_multipliers_are_refused(models, tmp_path):
     _, teacher = models
-    capped = tiny_qwen3(32, 0, head_scale=1.0)
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="model: its logits use final_logit_softcapping=30.0.*planned"):
-        make_trainer(capped, teacher, tmp_path)
+    multiplied = tiny_qwen3(32, 0, head_scale=1.0)
+    multiplied.config.lm_head_multiplier = 0.5
+    with pytest.raises(ValueError, match="model: the model's logits use lm_head_multiplier=0.5"):
+        make_trainer(multiplied, teacher, tmp_path)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("trl", reason="the trl extra is not installed (pip install -e '.[trl]')")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from _helpers import tiny_gemma2, tiny_granite  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
@@ -310,20 +311,40 @@ def test_fused_trainers_train_on_policy(models_and_tokenizer, tmp_path):
     assert 0 < metrics["eval_loss"] < float("inf")
 
 
-@pytest.mark.parametrize(
-    ("attribute", "value"), [("final_logit_softcapping", 30.0), ("logit_scale", 0.5), ("logits_scaling", 4.0)]
-)
-def test_scaled_or_softcapped_heads_are_refused(models_and_tokenizer, tmp_path, attribute, value):
+@pytest.fixture(scope="module")
+def transformed_heads_and_tokenizer():
+    """A Granite student (logits = W h / 4) and a soft-capped Gemma 2 teacher (cap 3, reached by its
+    largest logits): heads whose logits are not W h."""
+    tokens = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+    student = tiny_granite(VOCAB, 32, 0, logits_scaling=4.0, head_scale=30.0, **tokens)
+    teacher = tiny_gemma2(VOCAB, 48, 1, final_logit_softcapping=3.0, head_scale=8.0, **tokens)
+    return student, teacher, tiny_tokenizer()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_scaled_and_softcapped_heads_equal_trls_loss(transformed_heads_and_tokenizer, tmp_path, beta):
+    """TRL's losses use the models' own (scaled, capped) logits; the fused ones read each head's
+    transform from its config and match them."""
+    batch = distillation_batch(torch.Generator().manual_seed(3))
+    trl_trainer, fused_trainer = distillation_trainers(transformed_heads_and_tokenizer, tmp_path, beta, 2.0)
+    assert_same(*loss_and_grads(fused_trainer, dict(batch)), *loss_and_grads(trl_trainer, dict(batch)))
+    trl_trainer, fused_trainer = gkd_trainers(transformed_heads_and_tokenizer, tmp_path / "gkd", beta)
+    batch = gkd_batch(torch.Generator().manual_seed(4))
+    assert_same(*loss_and_grads(fused_trainer, dict(batch)), *loss_and_grads(trl_trainer, dict(batch)))
+
+
+@pytest.mark.parametrize(("attribute", "value"), [("output_multiplier", 2.0), ("lm_head_multiplier", 0.5)])
+def test_other_head_multipliers_are_refused(models_and_tokenizer, tmp_path, attribute, value):
     student, teacher, tokenizer = models_and_tokenizer
-    capped = tiny_qwen3(48, 1, head_scale=1.0)
-    setattr(capped.config, attribute, value)
+    multiplied = tiny_qwen3(48, 1, head_scale=1.0)
+    setattr(multiplied.config, attribute, value)
     args = DistillationConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, save_strategy="no"
     )
-    with pytest.raises(ValueError, match=f"the teacher model: its logits use {attribute}=.*planned"):
+    with pytest.raises(ValueError, match=f"the teacher model: the model's logits use {attribute}={value}"):
         FusedDistillationTrainer(
             model=student,
-            teacher_model=capped,
+            teacher_model=multiplied,
             args=args,
             train_dataset=prompts_dataset(2),
             processing_class=tokenizer,

@@ -7,6 +7,8 @@
   (needs the ``trl`` extra: ``pip install "fusedkd[trl]"``).
 
 Both read the models' final hidden states and ``lm_head.weight``; neither model's
-``[tokens x vocab]`` logits are built. Heads that scale or soft-cap their logits are refused.
+``[tokens x vocab]`` logits are built. Heads that scale or soft-cap their logits (``logit_scale``,
+``logits_scaling``, ``final_logit_softcapping``) get the loss of their own logits: each model's values
+are read from its config (`fusedkd.head_transform`); other head multipliers are refused.
 This package imports neither transformers nor trl; its submodules do.
 """

@@ -1,4 +1,4 @@
-"""What the trainer integrations share: plain-head checks, hidden states, lm_head parameters, the
+"""What the trainer integrations share: head checks and transforms, hidden states, lm_head parameters, the
 token-summed divergence.
 
 Only torch and fusedkd are imported here; transformers is imported where it is used.
@@ -8,18 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedkd.heads import head_transform
 from fusedkd.loss import fused_linear_kd_loss
-
-# Config attributes of heads whose logits are not ``W h + b``: a multiplier (Cohere's ``logit_scale``,
-# Granite's ``logits_scaling`` divisor, ``output_multiplier``, Falcon-H1's ``lm_head_multiplier``)
-# or Gemma's ``final_logit_softcapping``. fusedkd's loss does not apply them yet.
-SCALED_HEAD_ATTRIBUTES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier",
-    "lm_head_multiplier",
-)
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,8 +18,10 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
-def check_plain_head(model: torch.nn.Module, role: str) -> None:
-    """Raise ValueError unless ``model`` is a causal LM whose logits are its lm_head's ``W h + b``."""
+def check_head(model: torch.nn.Module, role: str) -> None:
+    """Raise ValueError unless ``model`` is a causal LM whose logits are its lm_head's ``W h + b``
+    through a head transform fusedkd applies (`fusedkd.head_transform`: Cohere's ``logit_scale``,
+    Granite's ``logits_scaling``, Gemma's ``final_logit_softcapping``)."""
     model = causal_lm(model)
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "get_output_embeddings", None)):
@@ -37,17 +29,18 @@ def check_plain_head(model: torch.nn.Module, role: str) -> None:
             f"{role} must be a transformers causal LM (with a config and get_output_embeddings()), "
             f"got {type(model).__name__}"
         )
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in SCALED_HEAD_ATTRIBUTES:
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1:
-            raise ValueError(
-                f"{role}: its logits use {name}={value}; fusedkd's loss computes plain W h + b logits and "
-                "does not apply logit scaling or soft-capping yet (planned), so it would distill the wrong "
-                "distribution. Use a model without them, or the trainer's own loss."
-            )
+    try:
+        head_transform(config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{role}: {exc}") from None
     if model.get_output_embeddings() is None:
         raise ValueError(f"{role} has no output embedding (lm_head); is it a causal LM?")
+
+
+def head_options(model: torch.nn.Module, role: str) -> dict[str, float | None]:
+    """The loss options of ``model``'s head transform for `role` "student" or "teacher" (its logit scale
+    and soft cap, read from its config by `fusedkd.head_transform`)."""
+    return head_transform(causal_lm(model).config).options(role)
 
 
 def head_parameters(
@@ -133,12 +126,14 @@ def summed_divergence(
     *,
     beta: float,
     temperature: float,
+    head_options: dict[str, float | None] | None = None,
 ) -> torch.Tensor:
     """Sum over the tokens where ``valid`` is nonzero of the divergence D at ``temperature``, no T^2.
 
     D is TRL's generalized JSD (`divergence_of_beta`). Hidden states are ``[..., H]`` with ``valid``
     of their leading shape. fusedkd's loss at ``alpha=1`` is ``T^2 D`` per token; the sum is divided
     by ``T^2`` here, so the result is the plain divergence sum that TRL's losses normalize.
+    `head_options`: both models' logit scales and soft caps (`head_options`), as loss options.
     """
     (student_weight, student_bias), (teacher_weight, teacher_bias) = student_head, teacher_head
     # Labels only select the tokens (alpha = 1: there is no cross-entropy term); 0 is a valid id.
@@ -156,6 +151,7 @@ def summed_divergence(
         reduction="sum",
         student_bias=student_bias,
         teacher_bias=teacher_bias,
+        **(head_options or {}),
     )
     return divergence_sum if temperature == 1 else divergence_sum / temperature**2
 

@@ -23,7 +23,9 @@ Example::
 
 Why not ``compute_loss_func``: ``Trainer`` calls the model (and so its lm_head, over every token)
 before ``compute_loss_func`` runs, and does not hand it the inputs the teacher needs. Heads that
-scale or soft-cap their logits (``logit_scale``, ``final_logit_softcapping``, ...) are refused.
+scale or soft-cap their logits (``logit_scale``, ``logits_scaling``, ``final_logit_softcapping``) are
+distilled through their own transform, read from each model's config (`fusedkd.head_transform`);
+other head multipliers (``output_multiplier``, ``lm_head_multiplier``) are refused.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from fusedkd.integrations._common import (
     ForwardRedirection,
     backbone_hidden_states,
-    check_plain_head,
+    check_head,
+    head_options,
     head_parameters,
 )
 from fusedkd.loss import fused_linear_kd_loss
@@ -96,7 +99,7 @@ class KDTrainer(Trainer):
             raise ValueError("KDTrainer computes its own loss: compute_loss_func is not accepted")
         if teacher_model is None:
             raise ValueError("teacher_model is required")
-        check_plain_head(teacher_model, "teacher_model")
+        check_head(teacher_model, "teacher_model")
         self.temperature = float(temperature)
         self.divergence = divergence
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
@@ -105,7 +108,7 @@ class KDTrainer(Trainer):
                 "KDTrainer does not apply label smoothing: set label_smoothing_factor=0 (the distillation "
                 "term already softens the targets)"
             )
-        check_plain_head(self.accelerator.unwrap_model(self.model), "model")
+        check_head(self.accelerator.unwrap_model(self.model), "model")
         teacher_model.eval()
         teacher_model.requires_grad_(False)
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
@@ -159,6 +162,9 @@ class KDTrainer(Trainer):
             reduction="mean" if num_items_in_batch is None else "sum",
             student_bias=student_bias,
             teacher_bias=teacher_bias,
+            # Each model's logit scale and soft cap, from its config.
+            **head_options(student, "student"),
+            **head_options(teacher, "teacher"),
         )
         if num_items_in_batch is None:
             return loss

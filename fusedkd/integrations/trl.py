@@ -18,8 +18,10 @@ normalizer ``num_items_in_batch`` when TRL passes it, else the number of loss to
 - `FusedGKDTrainer`: GKD's loss at temperature 1 (``GKDTrainer`` uses ``args.temperature`` for
   sampling only); returns no logits to evaluation (it has none).
 
-Both refuse, at construction, heads whose logits are scaled or soft-capped (``logit_scale``,
-``logits_scaling``, ``final_logit_softcapping``, ...): fusedkd does not apply these yet.
+Heads whose logits are scaled or soft-capped (``logit_scale``, ``logits_scaling``,
+``final_logit_softcapping``) are distilled through their own transform, read from each model's config
+(`fusedkd.head_transform`); both refuse, at construction, other head multipliers
+(``output_multiplier``, ``lm_head_multiplier``).
 
 Example::
 
@@ -45,7 +47,8 @@ import torch
 from fusedkd.integrations._common import (
     ForwardRedirection,
     backbone_hidden_states,
-    check_plain_head,
+    check_head,
+    head_options,
     head_parameters,
     normalize,
     summed_divergence,
@@ -76,8 +79,8 @@ _MULTIMODAL_KEYS = (
 
 def _check_heads(trainer) -> None:
     unwrap = trainer.accelerator.unwrap_model
-    check_plain_head(unwrap(trainer.model), "the student model")
-    check_plain_head(unwrap(trainer.teacher_model), "the teacher model")
+    check_head(unwrap(trainer.model), "the student model")
+    check_head(unwrap(trainer.teacher_model), "the teacher model")
 
 
 class FusedDistillationTrainer(DistillationTrainer):
@@ -132,6 +135,10 @@ class FusedDistillationTrainer(DistillationTrainer):
             teacher_hidden.to(device),
             teacher_head,
             loss_mask,
+            head_options={
+                **head_options(unwrapped_student, "student"),
+                **head_options(unwrapped_teacher, "teacher"),
+            },
             beta=self.beta,
             temperature=self.temperature,
         )
@@ -208,6 +215,10 @@ def _build_gkd_trainer() -> type:
                 teacher_hidden[:, :-1].to(device),
                 teacher_head,
                 valid,
+                head_options={
+                    **head_options(unwrapped_student, "student"),
+                    **head_options(unwrapped_teacher, "teacher"),
+                },
                 beta=self.beta,
                 temperature=1.0,
             )
