@@ -46,7 +46,8 @@ def kd_loss(
 
     with ``D`` the forward KL ``KL(p || q)``, the reverse KL ``KL(q || p)`` or the generalized JSD
     ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``. Logits of ``-inf`` are
-    tokens of probability 0. No softmax, log-softmax or float32 copy of the logits is made: the only
+    tokens of probability 0 (with a soft cap ``c``, ``-inf`` becomes ``-c``, as the capped head computes
+    it). No softmax, log-softmax or float32 copy of the logits is made: the only
     ``[N, V]`` allocation is the gradient of ``student_logits``, in their dtype (peak memory of forward
     and backward: the inputs, one student-logits-sized gradient and O(N)). Views such as
     ``logits[:, :-1]`` are read in place, not copied.
