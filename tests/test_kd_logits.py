@@ -429,14 +429,18 @@ def test_triton_kernels_compile_for_a_gpu():
         rows = {"student_ptr": "*bf16", "student_row_offsets_ptr": "*i64", "student_stride_v": "i32",
                 "teacher_ptr": "*fp16", "teacher_row_offsets_ptr": "*i64", "teacher_stride_v": "i32",
                 "labels_ptr": "*i64", "ignore_index": "i32"}
-        tail = {"vocab_size": "i32", "grad_cols": "i32", "temperature": "fp32", "beta": "fp32"}
+        tail = {"vocab_size": "i32", "grad_cols": "i32", "temperature": "fp32", "beta": "fp32",
+                "student_logit_scale": "fp32", "student_softcap": "fp32", "teacher_logit_scale": "fp32",
+                "teacher_softcap": "fp32"}
         forward = dict(rows, stats_ptr="*fp32", divergence_ptr="*fp32", ce_ptr="*fp32", grad_ptr="*bf16",
                        w_distill_ptr="*fp32", w_ce_ptr="*fp32", **tail)
         backward = dict(rows, stats_ptr="*fp32", grad_ptr="*bf16", w_distill_ptr="*fp32", w_ce_ptr="*fp32",
                         w_stride="i32", **tail)
         for fn, signature, flags in (
-            (kd_logits_forward_kernel, forward, dict(DIVERGENCE=2, HAS_LABELS=True, FUSE_GRAD=True)),
-            (kd_logits_backward_kernel, backward, dict(DIVERGENCE=1, HAS_LABELS=True)),
+            (kd_logits_forward_kernel, forward, dict(DIVERGENCE=2, HAS_LABELS=True, FUSE_GRAD=True,
+                                                     STUDENT_SOFTCAP=True, TEACHER_SOFTCAP=False)),
+            (kd_logits_backward_kernel, backward, dict(DIVERGENCE=1, HAS_LABELS=True, STUDENT_SOFTCAP=True,
+                                                       TEACHER_SOFTCAP=True)),
         ):
             constexprs = dict(flags, ACC_DTYPE=tl.float32, BLOCK_V=2048)
             signature = dict(signature, **{name: "constexpr" for name in constexprs})
