@@ -80,6 +80,7 @@ def expected_methods() -> list[str]:
     return methods
 
 
+@pytest.mark.slow
 def test_smoke_writes_the_csv_tables_and_plots(smoke):
     out, stdout, header, rows = smoke
     assert header == COLUMNS
@@ -92,6 +93,7 @@ def test_smoke_writes_the_csv_tables_and_plots(smoke):
             assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_smoke_measures_every_point(smoke):
     _, _, _, rows = smoke
     assert not [r for r in rows if r["error"]], [
@@ -108,6 +110,7 @@ def test_smoke_measures_every_point(smoke):
             assert float(r["theory_mib"]) > 0 and float(r["floor_mib"]) > 0, r
 
 
+@pytest.mark.slow
 def test_smoke_exactness_is_sane(smoke):
     _, _, _, rows = smoke
 
@@ -131,6 +134,7 @@ def test_smoke_exactness_is_sane(smoke):
         assert max(err("sparse_topk", VOCAB)) < FP32_RTOL
 
 
+@pytest.mark.slow
 def test_smoke_memory_follows_the_naive_formula(smoke):
     _, _, _, rows = smoke
     for n in TOKENS:
@@ -140,6 +144,7 @@ def test_smoke_memory_follows_the_naive_formula(smoke):
     assert float(find(rows, "fusedkd", 128)["peak_mib"]) < float(find(rows, "naive", 128)["peak_mib"])
 
 
+@pytest.mark.slow
 def test_smoke_says_why_it_has_no_trl_row(smoke):
     _, stdout, _, rows = smoke
     assert not [r for r in rows if r["method"] == "trl"]
@@ -147,6 +152,7 @@ def test_smoke_says_why_it_has_no_trl_row(smoke):
     assert "No TRL row: " in stdout and reason in stdout
 
 
+@pytest.mark.slow
 def test_kd_only_smoke_measures_trls_chunked_divergence(tmp_path):
     pytest.importorskip("trl", reason='trl is not installed (pip install -e ".[trl]")')
     _, stdout, _, rows = run_smoke(tmp_path, "--alpha", "1", "--methods", "naive,trl,fusedkd")

@@ -370,7 +370,11 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "case",
+    # The unknown Hub dataset takes the datasets library ~20 s to give up on, offline.
+    [pytest.param(c, marks=pytest.mark.slow) if c == "unknown dataset" else c for c in CASES],
+)
 def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

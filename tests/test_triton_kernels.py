@@ -48,6 +48,7 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dtype,options",
     [
