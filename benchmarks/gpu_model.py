@@ -24,7 +24,11 @@ pessimistic choice for fusedkd, neutral for the peers, whose elementwise work is
 
 Whether a re-read stream hits the L2 is decided from its working set: the bytes that the programs
 running at the same time (one per SM) keep re-reading. Streams are placed in the L2 smallest first
-until L2_USABLE of its capacity is used; the rest go to HBM. That is a coarse stand-in for LRU.
+until L2_USABLE of its capacity is used; the rest go to HBM. Streams the kernels load with the L2
+hint evict_first (data read once per L2 lifetime: the gradient pass's own weight rows and float32
+weight-gradient rows) always go to HBM and take no room. That is a coarse stand-in for LRU: the
+prediction moves in steps when a stream's working set crosses the budget, and the table's last
+section shows how far it moves with the budget.
 
 Hardware figures (H200 SXM, GH100 with 132 SMs; H100 SXM has the same SMs and L2):
   * 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e: NVIDIA H200 datasheet. 50 MB L2: NVIDIA Hopper
@@ -119,6 +123,9 @@ class Stream:
     working_set: float | None
     from_hbm_once: float = 0.0  # HBM bytes even when the stream hits the L2 (the first touch)
     hbm_when_missing: float | None = None  # HBM bytes when it misses (default: all of `total`)
+    # Loaded with the L2 hint evict_first (streamed data never re-read while in the L2): it misses and
+    # takes no L2 capacity from the other streams.
+    evict_first: bool = False
 
 
 @dataclass
@@ -141,7 +148,9 @@ class Prediction:
         self.hbm, self.l2, self.l2_resident = 0.0, 0.0, []
         for stream in sorted(self.streams, key=lambda s: -1 if s.working_set is None else s.working_set):
             self.l2 += stream.total
-            if stream.working_set is None or (0 < stream.working_set <= budget):
+            if stream.evict_first:
+                self.hbm += stream.total if stream.hbm_when_missing is None else stream.hbm_when_missing
+            elif stream.working_set is None or (0 < stream.working_set <= budget):
                 if stream.working_set is not None:
                     budget -= stream.working_set
                 self.l2_resident.append(stream.name)
@@ -173,49 +182,53 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> Prediction:
-    """statistics.py (or jsd.py with `jsd_pass`): token blocks x vocabulary splits, logits in registers.
-
-    A program holds one token block and walks the vocabulary blocks of its split; every step loads a
-    [BLOCK_N, H] hidden tile and a [BLOCK_V, H] weight tile per model through the L2."""
+    """statistics.py (or jsd.py with `jsd_pass`): persistent programs take the tasks (token block,
+    vocabulary split) in order, the splits of a token block on consecutive programs; per (token x
+    vocab) tile, the teacher's logits then the student's, each parked in the program's scratch."""
     cfg = kernel_config.gpu_config(_dtype())
     tile = cfg.statistics
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
     token_blocks, vocab_blocks = _cdiv(n, tile.block_n), _cdiv(v, tile.block_v)
     splits, blocks_per_split = fused_linear_kd.statistics_grid(n, v, cfg, hw.sms)
-    programs = token_blocks * splits
-    wave = min(programs, hw.sms)
-    # The programs running together (the first `wave` program ids): the token blocks and splits they cover.
-    placed = [fused_linear_kd.statistics_program(pid, token_blocks, splits) for pid in range(wave)]
+    programs = fused_linear_kd.statistics_programs(n, splits, tile, hw.sms)
+    tasks = token_blocks * splits
+    # The tasks running together (the first `programs`): the token blocks and splits they cover.
+    placed = [fused_linear_kd.statistics_task(task, splits) for task in range(min(programs, tasks))]
     wave_token_blocks = len({token_block for token_block, _ in placed})
     wave_splits = len({split for _, split in placed})
-    waves = programs / wave
+    waves = tasks / programs
     tiles = token_blocks * vocab_blocks
     row_bytes = (hs + ht) * eb  # one token's (or one vocabulary entry's) hidden + weight row, both models
     flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
     p = Prediction("jsd_kernel" if jsd_pass else "statistics_kernel", flops=flops)
-    # Hidden tiles: re-read at every vocabulary step by their program; shared by no other program
-    # except those of the same token block (other splits) in the same wave.
-    hidden_total = tiles * tile.block_n * row_bytes
+    # Hidden tiles: re-read at every vocabulary step by their program; shared by the programs of the
+    # same token block (other splits) running at the same time.
     p.streams.append(
         Stream(
             "hidden (re-read per vocab block)",
-            hidden_total,
+            tiles * tile.block_n * row_bytes,
             working_set=wave_token_blocks * tile.block_n * row_bytes,
-            from_hbm_once=waves * wave_token_blocks * tile.block_n * row_bytes,
+            from_hbm_once=n * row_bytes,
         )
     )
-    # Weight tiles: the programs of a wave that share a split walk its blocks in step: each block is
-    # read from HBM once per wave (the working set is the few blocks in flight per split).
+    # Weight tiles: the programs running together that share a split walk its blocks in step: each
+    # block is read from HBM once per wave (the working set is the few blocks in flight per split).
     weight_total = tiles * tile.block_v * row_bytes
-    weight_hbm = waves * wave_splits * blocks_per_split * tile.block_v * row_bytes
     p.streams.append(
         Stream(
             "weights (walked in step by a wave)",
             weight_total,
             working_set=wave_splits * 2 * tile.block_v * row_bytes,
-            from_hbm_once=weight_hbm,
+            from_hbm_once=waves * wave_splits * blocks_per_split * tile.block_v * row_bytes,
             hbm_when_missing=weight_total,
+        )
+    )
+    # Parking (tl_utils.park_tile): both float32 tiles written once and read once per tile.
+    park_bytes = 2 * tile.block_n * tile.block_v * 4
+    p.streams.append(
+        Stream(
+            "parked logit tiles (written, read)", tiles * park_bytes * 2, working_set=programs * park_bytes
         )
     )
     p.streams.append(
@@ -226,15 +239,21 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
         p.mufu, p.alu = 6 * entries, 24 * entries  # log m (2 exp + log), p, q; the KL sums
     else:
         p.mufu, p.alu = 3 * entries, 28 * entries  # e^a, e^b, e^s (CE at T != 1); maxima, sums, KL
-    p.note = f"tile {tile.block_n}x{tile.block_v}x{tile.block_h}, {programs} programs, {splits} splits"
+    p.note = (
+        f"tile {tile.block_n}x{tile.block_v}x{tile.block_h} ({tile.num_warps} warps), {programs} "
+        f"persistent programs, {tasks} tasks, {splits} splits"
+    )
     return p
 
 
 def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     """gradient.py: persistent programs own vocabulary groups (VOCAB_SUB_BLOCKS x BLOCK_V columns) and
-    walk all tokens, SUB_BLOCKS token blocks per update: logits recomputed per (token block, vocabulary
-    block) tile, G staged, then the dW product with K = SUB_BLOCKS * BLOCK_N tokens per float32
-    read-modify-write of the group's rows and the dh product with K = the group's width."""
+    walk all tokens, SUB_BLOCKS token blocks per update. (a) Per (token block, vocabulary block) tile
+    both logit tiles are recomputed and parked, G is formed and staged (16-bit); (b) the two products
+    run as GEMMs over the staged G: grad_W with [PRODUCT_M, PRODUCT_H] float32 accumulators and K =
+    the update's tokens (one read-modify-write of the float32 rows per update), grad_h with [BLOCK_N,
+    PRODUCT_H] accumulators and K = the group's columns (one float32 atomic add per token, unit and
+    group)."""
     cfg = kernel_config.gpu_config(_dtype())
     tile = cfg.gradient_tile(shapes.divergence)
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
@@ -246,15 +265,21 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     sub_blocks = cfg.gradient_sub_blocks
     tokens_per_update = tile.block_n * sub_blocks
     updates = _cdiv(token_blocks, sub_blocks) * groups_v  # dW read-modify-writes of [group, H_s]
+    product_m = min(cfg.gradient_product_m, group)
+    product_h = cfg.gradient_product_h
+    h_chunks = _cdiv(hs, product_h)
     row_bytes = (hs + ht) * eb
+    padded_tokens = token_blocks * tile.block_n
     logits_flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
-    grad_flops = 2 * 2 * tiles * tile.block_n * tile.block_v * hs
+    grad_flops = 2 * 2 * padded_tokens * groups_v * group * hs
     p = Prediction("gradient_kernel", flops=logits_flops + grad_flops)
     token_groups = min(cfg.token_groups, programs)
-    # Hidden tiles: both models' for the logits of every tile, the student's again for the dW product
-    # once per (token block, group). The programs of a token group walk the updates in step, so an
-    # update's tiles come from HBM once per token group and owned vocabulary group.
-    hidden_total = tiles * tile.block_n * row_bytes + token_blocks * groups_v * tile.block_n * hs * eb
+    # Hidden states: both models' rows for the logits of every tile; the student's again as the grad_W
+    # product's operand, once per (update, row tile of the group). The programs of a token group walk
+    # the updates in step: an update's rows come from HBM once per token group and owned group.
+    hidden_total = (
+        tiles * tile.block_n * row_bytes + padded_tokens * groups_v * (group // product_m) * hs * eb
+    )
     p.streams.append(
         Stream(
             "hidden (token-group lockstep)",
@@ -263,15 +288,42 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
             from_hbm_once=token_groups * (groups_v / programs) * n * row_bytes,
         )
     )
-    # Weight rows of the program's own group: both models' for the logits at every token block, the
-    # student's for G W_s once per update and hidden chunk.
-    dh_weight_reads = updates * group * hs * eb
+    # Weight rows of the program's own group: both models' for the logits at every token block.
     p.streams.append(
         Stream(
             "own weight rows (re-read per token block)",
-            tiles * tile.block_v * row_bytes + dh_weight_reads,
-            working_set=programs * group * (row_bytes + hs * eb),
+            tiles * tile.block_v * row_bytes,
+            working_set=programs * group * row_bytes,
             from_hbm_once=v * row_bytes,
+            evict_first=True,
+        )
+    )
+    # The student's weight rows as grad_h's operand: a [group, PRODUCT_H] chunk read by each token block
+    # of the update in turn (consecutively: the chunk is re-read from the L2), from HBM once per update.
+    p.streams.append(
+        Stream(
+            "grad_h weight operand",
+            token_blocks * groups_v * group * hs * eb,
+            working_set=programs * group * product_h * eb,
+            from_hbm_once=updates * group * hs * eb,
+        )
+    )
+    # Parking: the teacher's float32 logit tile written once and read once (the student's is split in
+    # registers).
+    park_bytes = tile.block_n * tile.block_v * 4
+    p.streams.append(
+        Stream(
+            "parked logit tiles (written, read)", tiles * park_bytes * 2, working_set=programs * park_bytes
+        )
+    )
+    # G staging: written once; read by grad_W once per hidden chunk, by grad_h once per hidden chunk.
+    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    staged_entries = tiles * tile.block_n * tile.block_v
+    p.streams.append(
+        Stream(
+            f"G staging (written, read 2 x {h_chunks})",
+            staged_entries * staged_bytes * (1 + 2 * h_chunks),
+            working_set=programs * tokens_per_update * group * staged_bytes,
         )
     )
     # dW accumulator: one float32 [group, H_s] read-modify-write per update (per program: its own).
@@ -281,21 +333,13 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
             updates * group * hs * 4 * 2,
             working_set=programs * group * hs * 4,
             from_hbm_once=v * hs * (4 + eb),
-        )
-    )
-    # G staging: written once and read twice (dW and dh products) per entry, per-program scratch.
-    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
-    p.streams.append(
-        Stream(
-            "G staging (written once, read twice)",
-            tiles * tile.block_n * tile.block_v * staged_bytes * 3,
-            working_set=programs * tokens_per_update * group * staged_bytes,
+            evict_first=True,
         )
     )
     # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary group. The rows
     # being added to at a time are those of the token groups' current updates; each pass of the
     # programs over the tokens (one per owned vocabulary group) brings all of dh through the L2 once.
-    p.atomics = token_blocks * tile.block_n * hs * groups_v
+    p.atomics = padded_tokens * hs * groups_v
     p.streams.append(
         Stream(
             "dh float32 atomics",
@@ -307,8 +351,9 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     entries = n * v
     p.mufu, p.alu = 3 * entries, 22 * entries  # q, p, q at T = 1; G, the casts
     p.note = (
-        f"tile {tile.block_n}x{tile.block_v}x{tile.block_h}, {group} columns per product, "
-        f"{programs} programs, {tokens_per_update} tokens per dW update"
+        f"tile {tile.block_n}x{tile.block_v}x{tile.block_h} ({tile.num_warps} warps), {group} columns per "
+        f"group, {programs} programs, {tokens_per_update} tokens per dW update, products "
+        f"{product_m}x{product_h} / {tile.block_n}x{product_h}"
     )
     return p
 
@@ -323,18 +368,26 @@ def fusedkd(shapes: Shapes, hw: Hardware) -> list[Prediction]:
 
 def fusedkd_extra_memory(shapes: Shapes) -> float:
     """Bytes the fused loss allocates besides its inputs and the gradients (forward + backward): the
-    statistics, the float32 dh accumulator, the per-program dW rows and G staging (fused_linear_kd)."""
+    statistics and the forward's parking, then the float32 dh accumulator, the per-program dW rows, G
+    staging and parking of the gradient pass (fused_linear_kd); the larger of the two passes."""
     cfg = kernel_config.gpu_config(_dtype())
     n, v, hs = shapes.tokens, shapes.vocab, shapes.student_dim
     splits, _ = fused_linear_kd.statistics_grid(n, v, cfg, _SMS)
+    stat_programs = fused_linear_kd.statistics_programs(n, splits, cfg.statistics, _SMS)
     tile = cfg.gradient_tile(shapes.divergence)
     group = fused_linear_kd.gradient_group_width(cfg, tile)
     programs = fused_linear_kd.gradient_programs(v, group, _SMS)
     partial_fields = int(fused_linear_kd.NUM_PARTIAL_FIELDS.value)
-    statistics = (splits * partial_fields + int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
+    saved = (int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
+    forward = (
+        splits * partial_fields * n * 4
+        + stat_programs * 2 * cfg.statistics.block_n * cfg.statistics.block_v * 4
+    )
     staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
     staging = programs * cfg.gradient_sub_blocks * tile.block_n * group * staged_bytes
-    return statistics + n * hs * 4 + programs * group * hs * 4 + staging
+    park = programs * tile.block_n * tile.block_v * 4
+    backward = n * hs * 4 + programs * group * hs * 4 + staging + park
+    return saved + max(forward, backward)
 
 
 # --- Liger-Kernel: LigerFusedLinearJSDLoss (chunked_loss/fused_linear_distillation.py) ---------------
@@ -600,6 +653,19 @@ def main(argv=None) -> int:
             f"({100 * row['fusedkd']['fraction_of_peak']:.0f}% of peak), "
             f"liger {row['liger']['time_s'] * 1e3:6.1f} ms, "
             f"trl {row['trl']['time_s'] * 1e3:6.1f} ms"
+        )
+    print(
+        "Sensitivity to the L2 capacity the re-read streams may count on (fusedkd, N = 16384, forward_kl + "
+        "CE; the placement is all-or-nothing per stream, so the prediction moves in steps):"
+    )
+    for usable in (0.5, 0.6, 0.7, 0.8, 0.9):
+        other = replace(hw, l2_usable=usable)
+        row = evaluate(Shapes(16384), other)["methods"]["fusedkd"]
+        traffic = backward_traffic(Shapes(16384), other)
+        print(
+            f"  {usable:.0%} of {hw.l2_capacity / MB:.0f} MB: fusedkd {row['time_s'] * 1e3:6.1f} ms "
+            f"({100 * row['fraction_of_peak']:.0f}% of peak), "
+            f"backward HBM {traffic['ratio']:.1f}x the unavoidable"
         )
     return 0
 

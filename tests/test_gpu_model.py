@@ -42,9 +42,30 @@ def test_the_model_follows_the_code_configuration(monkeypatch):
     monkeypatch.setattr(config, "gpu_config", lambda dtype: fewer)
     after = gpu_model.fusedkd_gradient(shapes, hw)
     after.place(hw)
-    # One token block per weight-gradient update: 4x the float32 read-modify-writes of dW.
+    # One token block per weight-gradient update: sub_blocks times the float32 read-modify-writes of dW.
     rmw = {s.name: s.total for s in after.streams}["dW float32 read-modify-write"]
-    assert rmw == pytest.approx(4 * {s.name: s.total for s in before.streams}["dW float32 read-modify-write"])
+    ratio = config.HALF_CONFIG.gradient_sub_blocks
+    assert ratio > 1
+    assert rmw == pytest.approx(
+        ratio * {s.name: s.total for s in before.streams}["dW float32 read-modify-write"]
+    )
+
+
+def test_evict_first_streams_take_no_l2_room():
+    """A stream loaded with the evict_first hint goes to HBM and leaves the L2 budget to the others."""
+    hw = gpu_model.Hardware()
+    budget = hw.l2_capacity * hw.l2_usable
+    kept = gpu_model.Stream("re-read", 100.0, working_set=0.6 * budget)
+    streamed = gpu_model.Stream("streamed", 1000.0, working_set=0.5 * budget, evict_first=True)
+    p = gpu_model.Prediction("k", streams=[streamed, kept])
+    p.place(hw)
+    assert p.l2_resident == ["re-read"] and p.hbm == 1000.0 and p.l2 == 1100.0
+    # Without the hint the smaller working set goes first and the other no longer fits.
+    p = gpu_model.Prediction(
+        "k", streams=[gpu_model.Stream("streamed", 1000.0, working_set=0.5 * budget), kept]
+    )
+    p.place(hw)
+    assert p.l2_resident == ["streamed"] and p.hbm == 100.0
 
 
 def test_prints_a_table_of_predictions(capsys):

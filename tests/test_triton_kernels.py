@@ -265,6 +265,18 @@ def test_configurations(monkeypatch):
         # A divergence's own gradient tile changes launch parameters only (same staging, same tiles).
         assert len({(t.block_n, t.block_v) for t in gradient_tiles}) == 1
         assert candidate.gradient_sub_blocks >= 1 and candidate.vocab_splits >= 1
+        # The elementwise slices divide the tiles: fold_v the statistics tile, halves the gradient's.
+        assert candidate.statistics.block_v % candidate.statistics.fold_v == 0
+        assert candidate.statistics.fold_v >= 16
+        for tile in gradient_tiles:
+            group = tile.block_v * candidate.gradient_vocab_sub_blocks
+            update = tile.block_n * candidate.gradient_sub_blocks
+            product_m = min(candidate.gradient_product_m, group)
+            assert tile.block_v % 32 == 0 and group % product_m == 0
+            # The products' K steps divide both K extents (the group's columns, the update's tokens).
+            assert group % candidate.gradient_product_k == 0 and update % candidate.gradient_product_k == 0
+            for side in (product_m, candidate.gradient_product_h, candidate.gradient_product_k):
+                assert side >= 16 and side & (side - 1) == 0
     # One kernel computes both models' tiles: a float32 model gets the float32 tiles, whichever it is.
     assert config.config_dtype(torch.bfloat16, torch.float32) == torch.float32
     assert config.config_dtype(torch.float32, torch.float16) == torch.float32

@@ -127,6 +127,45 @@ def _ptxas(arch: int) -> str:
     return get_ptxas(arch).path
 
 
+def _nvdisasm(ptxas_path: str) -> str:
+    """The nvdisasm beside Triton's ptxas."""
+    return os.path.join(os.path.dirname(ptxas_path), "nvdisasm")
+
+
+_SASS_LINE = re.compile(r"^\s*(?:/\*[0-9a-f]+\*/)?\s*(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\b(.*)$")
+
+
+def mma_loop_spills(sass: str) -> tuple[int, int]:
+    """(innermost loops that issue tensor-core MMAs, spill loads/stores inside them) in disassembled SASS.
+
+    A loop is the stretch from a label to a branch back to it. Its MMA loops are those holding an
+    HGMMA/HMMA; the innermost are those holding no other MMA loop (the K-loops of the dots). A spill
+    there (STL/LDL) costs local-memory traffic at every K step; a spill elsewhere is paid once per
+    tile or per program (a handful of scalars), which the `spill_bytes` total cannot tell apart."""
+    labels, instructions = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        match = _SASS_LINE.match(line)
+        if match and not line.lstrip().startswith(("//", ".")):
+            target = re.search(r"`\((\.L_x_\d+)\)", match.group(3))
+            instructions.append((match.group(2), target.group(1) if target else None))
+    loops = []
+    for end, (opcode, target) in enumerate(instructions):
+        if opcode.startswith("BRA") and target in labels and labels[target] <= end:
+            loops.append((labels[target], end))
+    mma = [
+        (a, b) for a, b in loops if any(op.startswith(("HGMMA", "HMMA")) for op, _ in instructions[a : b + 1])
+    ]
+    innermost = [(a, b) for a, b in mma if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma)]
+    spills = sum(
+        1 for a, b in innermost for op, _ in instructions[a : b + 1] if op.startswith(("STL", "LDL"))
+    )
+    return len(innermost), spills
+
+
 def _count(pattern: str, text: str) -> int:
     return len(re.findall(pattern, text, flags=re.MULTILINE))
 
@@ -151,30 +190,27 @@ def compile_launch(kernel, args, kwargs, arch: int) -> dict:
 
     ptx = compiled.asm["ptx"]
     arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
-        source.write(ptx)
-        source.flush()
+    with tempfile.TemporaryDirectory() as work:
+        source, cubin = os.path.join(work, "kernel.ptx"), os.path.join(work, "kernel.cubin")
+        with open(source, "w") as f:
+            f.write(ptx)
+        ptxas = _ptxas(arch)
         report = subprocess.run(
             # The options Triton's own make_cubin passes (its report is what the cubin got).
-            [
-                _ptxas(arch),
-                "-v",
-                "--regAllocOptLevel=2",
-                f"--gpu-name={arch_name}",
-                source.name,
-                "-o",
-                os.devnull,
-            ],
+            [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}", source, "-o", cubin],
             capture_output=True,
             text=True,
         ).stderr
+        sass = subprocess.run([_nvdisasm(ptxas), "-c", cubin], capture_output=True, text=True).stdout
+    mma_loops, loop_spills = mma_loop_spills(sass)
     registers = re.search(r"Used (\d+) registers", report)
     spill_stores = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
     spill_loads = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", report))
     constants = {
         k: v
         for k, v in kwargs.items()
-        if k in ("DIVERGENCE", "BLOCK_N", "BLOCK_V", "BLOCK_H", "SUB_BLOCKS", "FUSE_GRAD", "ACC_DTYPE")
+        if k
+        in ("DIVERGENCE", "BLOCK_N", "BLOCK_V", "BLOCK_H", "FOLD_V", "SUB_BLOCKS", "FUSE_GRAD", "ACC_DTYPE")
     }
     return {
         "kernel": kernel.__name__,
@@ -183,6 +219,11 @@ def compile_launch(kernel, args, kwargs, arch: int) -> dict:
         "num_stages": options.num_stages,
         "registers": int(registers.group(1)) if registers else None,
         "spill_bytes": spill_stores + spill_loads,
+        # Spill instructions inside the innermost loops that issue MMAs (the dots' K-loops), and those loops.
+        "mma_loop_spills": loop_spills,
+        "mma_loops": mma_loops,
+        # ptxas serializes the warp-group MMAs when registers run short (its warning C7512).
+        "wgmma_serialized": "wgmma.mma_async instructions are serialized" in report,
         "shared_bytes": compiled.metadata.shared,
         # Dots in the kernel, and those the compiler turned into Hopper warp-group MMAs.
         "dots": _count(r"\btt\.dot\b", compiled.asm["ttir"]),
@@ -259,12 +300,14 @@ def main(argv=None) -> int:
         "warps",
         "regs",
         "spill",
+        "loop-spill",
         "smem",
         "dots",
         "wgmma",
         "wgmma-ins",
+        "serial",
     )
-    widths = (26, 5, 3, 14, 5, 4, 5, 6, 4, 5, 9)
+    widths = (26, 5, 3, 16, 5, 4, 5, 10, 6, 4, 5, 9, 6)
     print(" ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(columns, widths))))
     for row in rows:
         c = row["constexprs"]
@@ -279,10 +322,12 @@ def main(argv=None) -> int:
             row["num_warps"],
             row["registers"],
             row["spill_bytes"],
+            row["mma_loop_spills"],
             row["shared_bytes"],
             row["dots"],
             row["wgmma_dots"],
             row["wgmma_instructions"],
+            "yes" if row["wgmma_serialized"] else "no",
         )
         print(
             " ".join(f"{v:<{w}}" if i < 2 else f"{v!s:>{w}}" for i, (v, w) in enumerate(zip(values, widths)))

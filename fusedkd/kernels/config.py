@@ -30,6 +30,13 @@ class TileConfig:
     block_h: int
     num_warps: int
     num_stages: int
+    # Columns of the slices the elementwise work of a parked tile is done in (tl_utils.park_tile): the
+    # dots run on [block_n, block_v] tiles, the softmax work on [block_n, fold_block_v] slices.
+    fold_block_v: int | None = None
+
+    @property
+    def fold_v(self) -> int:
+        return self.block_v if self.fold_block_v is None else self.fold_block_v
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,14 @@ class KernelConfig:
     # atomic add per token and hidden unit; G^T h_s) run over gradient_vocab_sub_blocks * BLOCK_V
     # columns at once, while the logits are formed BLOCK_V columns at a time (register budget).
     gradient_vocab_sub_blocks: int = 2
+    # Gradient pass: the two gradient products (G^T h_s and G W_s) run as GEMMs on the staged G with
+    # [gradient_product_m, gradient_product_h] (weight rows x hidden units) and [BLOCK_N,
+    # gradient_product_h] float32 accumulators, K steps of gradient_product_k, pipelined over
+    # gradient_product_stages stages (gradient.py).
+    gradient_product_m: int = 128
+    gradient_product_h: int = 128
+    gradient_product_k: int = 64
+    gradient_product_stages: int = 2
     # The gradient tile of the reverse KL, when its G (a log-ratio more per entry) needs another
     # (same BLOCK_N, BLOCK_V, BLOCK_H: the staging and the K-order stay the same).
     reverse_kl_gradient: TileConfig | None = None
@@ -64,55 +79,95 @@ class KernelConfig:
 # Under the interpreter every tile is a numpy operation: small, odd-shape-friendly tiles (two token
 # blocks and two vocabulary blocks per weight-gradient update, so small tests exercise the staging).
 INTERPRETER_CONFIG = KernelConfig(
-    statistics=TileConfig(32, 128, 32, num_warps=4, num_stages=1),
+    statistics=TileConfig(32, 128, 32, num_warps=4, num_stages=1, fold_block_v=64),
     gradient=TileConfig(32, 64, 32, num_warps=4, num_stages=1),
     token_groups=2,
     vocab_splits=2,
     gradient_sub_blocks=2,
     gradient_vocab_sub_blocks=2,
+    gradient_product_h=32,
+    gradient_product_k=32,
 )
 
 # The GPU tiles below were sized by `python -m fusedkd.kernels.compile_check` (Triton 3.9, sm_90, Qwen3
-# shapes, no GPU needed): the largest tiles whose kernels neither spill nor leave the tensor cores.
-# Two float32 logit accumulators (student and teacher) live in registers at once, plus the softmax
-# work, so an accumulator holds at most 64 x 128 = 8192 entries: 128 x 128 spills (255 registers per
-# thread at 8 warps, 128 at 16), and so does BLOCK_H = 64 in the gradient kernel (8-16 bytes).
+# shapes, no GPU needed): the largest tiles whose dots stay on the tensor cores with no spill inside
+# their K-loops and no serialized warp-group MMA (benchmarks/gpu_model.py models their traffic).
+# Each pass parks the teacher's and then the student's logit tile (tl_utils.park_tile), so only one
+# float32 accumulator is in registers during a dot; the softmax work then runs on 32-column slices
+# of the parked tiles, which keeps the elementwise phase's registers at the level of a small tile.
 #
-# bf16 / fp16: wgmma dots. Statistics 64 x 128 tiles; gradient 128 x 64 tiles (128 tokens per reload
-# of a weight tile), G staged for 4 token blocks (512 tokens) x 2 vocabulary blocks (128 columns)
-# per float32 weight-gradient update, and 128 columns per dh atomic add.
+# bf16 / fp16: wgmma dots (m64n128k16 per warp group).
+# * Statistics (and JSD): 256 x 128 tiles over 16 warps (85 FLOP per byte loaded through the L2,
+#   against 43 for the 64 x 128 tiles two accumulators in registers allowed), persistent programs
+#   walking 16 vocabulary splits per token block (grouped raster).
+# * Gradient: 128 x 128 logit tiles over 8 warps (the kernel's other state does not fit 16 warps'
+#   128 registers per thread: ptxas serializes the MMAs), G staged for 4 token blocks (512 tokens) x
+#   2 vocabulary blocks (256 columns) per update: the float32 weight-gradient rows are read and
+#   written once per 512 tokens, and each dh atomic add carries a sum over 256 columns. The two
+#   products run as GEMMs with 128 x 128 float32 accumulators.
 # Both passes use BLOCK_H = 32: the gradient pass recomputes the logits with the statistics pass's
-# K-order. 16 vocabulary splits per token block: a wave of 132 programs covers ~8 token blocks.
+# K-order (the same sequence of k16 MMAs per logit).
 HALF_CONFIG = KernelConfig(
-    statistics=TileConfig(64, 128, 32, num_warps=8, num_stages=3),
-    gradient=TileConfig(128, 64, 32, num_warps=8, num_stages=2),
-    token_groups=4,
+    statistics=TileConfig(256, 128, 32, num_warps=16, num_stages=4, fold_block_v=32),
+    gradient=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
+    token_groups=1,
     vocab_splits=16,
-    gradient_sub_blocks=4,
+    gradient_sub_blocks=8,
     gradient_vocab_sub_blocks=2,
-    # The reverse KL's G spills 8 bytes with two pipeline stages; one stage does not spill.
-    reverse_kl_gradient=TileConfig(128, 64, 32, num_warps=8, num_stages=1),
+    gradient_product_m=128,
+    gradient_product_h=128,
+    gradient_product_k=64,
+    gradient_product_stages=2,
 )
 
-# fp32 ("highest" matmul precision: IEEE fp32 on the CUDA cores, which needs more registers per tile).
+# fp32 ("highest" matmul precision: IEEE fp32 on the CUDA cores, whose dot operands live in registers).
 FLOAT32_CONFIG = KernelConfig(
     statistics=TileConfig(64, 64, 16, num_warps=8, num_stages=2),
     gradient=TileConfig(32, 64, 16, num_warps=8, num_stages=2),
     gradient_sub_blocks=4,
+    gradient_product_m=64,
+    gradient_product_h=32,
+    gradient_product_k=16,
 )
 
 # Candidates timed by FUSEDKD_AUTOTUNE=1 (the default first); within one, both passes share BLOCK_H.
 HALF_CANDIDATES = (
     HALF_CONFIG,
-    KernelConfig(TileConfig(64, 128, 32, 8, 4), TileConfig(128, 64, 32, 8, 3)),
-    KernelConfig(TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 8, 2), gradient_sub_blocks=8),
-    KernelConfig(TileConfig(64, 128, 64, 8, 3), TileConfig(128, 64, 64, 8, 1), token_groups=4),
-    KernelConfig(TileConfig(128, 64, 32, 8, 3), TileConfig(128, 64, 32, 8, 2), vocab_splits=8),
+    KernelConfig(
+        TileConfig(128, 128, 64, 8, 3, fold_block_v=64),
+        TileConfig(128, 128, 64, 8, 2),
+        gradient_vocab_sub_blocks=2,
+        gradient_product_k=64,
+    ),
+    KernelConfig(
+        TileConfig(256, 128, 32, 16, 4, fold_block_v=32),
+        TileConfig(128, 128, 32, 8, 3),
+        gradient_sub_blocks=8,
+        gradient_vocab_sub_blocks=1,
+    ),
+    KernelConfig(
+        TileConfig(128, 128, 32, 8, 4, fold_block_v=64),
+        TileConfig(128, 128, 32, 8, 3),
+        vocab_splits=8,
+        gradient_vocab_sub_blocks=2,
+    ),
 )
 FLOAT32_CANDIDATES = (
     FLOAT32_CONFIG,
-    KernelConfig(TileConfig(32, 128, 16, 8, 2), TileConfig(32, 32, 16, 4, 2)),
-    KernelConfig(TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 2)),
+    KernelConfig(
+        TileConfig(32, 128, 16, 8, 2),
+        TileConfig(32, 32, 16, 4, 2),
+        gradient_product_m=64,
+        gradient_product_h=32,
+        gradient_product_k=16,
+    ),
+    KernelConfig(
+        TileConfig(64, 64, 32, 8, 3),
+        TileConfig(64, 64, 32, 8, 2),
+        gradient_product_m=64,
+        gradient_product_h=32,
+        gradient_product_k=32,
+    ),
 )
 
 

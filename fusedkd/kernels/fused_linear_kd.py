@@ -6,8 +6,10 @@ per-token statistics and the per-token divergence and cross-entropy. Backward: t
 the incoming gradients. Nothing of size N x V is ever allocated; what the passes hold besides the
 inputs and the student's gradients is O(N) floats, a float32 [N, H_s] accumulator for the hidden-state
 gradient (the gradient itself for float32 inputs), for 16-bit weights a float32 scratch of
-(gradient programs) x (vocabulary group) x H_s, and the G staging of (gradient programs) x (512 tokens)
-x (vocabulary group) entries: 155 MiB in all at Qwen3-0.6B shapes and N = 16,384 (RESULTS.md).
+(gradient programs) x (vocabulary group) x H_s, the G staging of (gradient programs) x (1024 tokens)
+x (vocabulary group) entries and one parked float32 logit tile per program (two in the forward):
+271 MiB in all at Qwen3-0.6B shapes and N = 16,384 on an H200 (64 MiB dh, 132 MiB dW rows, 66 MiB
+staging, 8 MiB parking; benchmarks/gpu_model.py, RESULTS.md).
 
 Tokens are processed in an order that puts the valid ones (label != ignore_index) first, computed on
 the device without a host sync; blocks of ignored tokens are skipped by the kernels.
@@ -176,9 +178,15 @@ def _vocab_splits(problem: _Problem, config: KernelConfig) -> tuple[int, int]:
     return statistics_grid(problem.num_tokens, problem.vocab_size, config, sms, INTERPRETER)
 
 
-def statistics_program(pid: int, num_token_blocks: int, splits: int) -> tuple[int, int]:
-    """(token block, split) of statistics program `pid`: what the kernels compute from tl.program_id."""
-    return pid // splits, pid % splits
+def statistics_task(task: int, splits: int) -> tuple[int, int]:
+    """(token block, split) of statistics task `task`: what the kernels compute from it (program `pid`
+    takes tasks pid, pid + P, ...)."""
+    return task // splits, task % splits
+
+
+def statistics_programs(num_tokens: int, splits: int, tile: TileConfig, multiprocessors: int) -> int:
+    """Programs of the persistent statistics (and JSD) grid: one per multiprocessor, at most one per task."""
+    return max(1, min(multiprocessors, math.ceil(num_tokens / tile.block_n) * splits))
 
 
 def _statistics(problem: _Problem, config: KernelConfig):
@@ -193,7 +201,8 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
     tile = config.statistics
     student, teacher, student_strides, teacher_strides = problem.tile_args()
     splits, blocks_per_split = _vocab_splits(problem, config)
-    grid = (math.ceil(n / tile.block_n) * splits,)
+    programs = statistics_programs(n, splits, tile, _multiprocessors(problem.device))
+    grid = (programs,)
     if n == 0:  # no token: nothing to launch (an empty grid is not valid everywhere)
         empty = torch.zeros(0, dtype=torch.float32, device=device)
         return torch.zeros((NUM_STAT_FIELDS, 0), dtype=torch.float32, device=device), empty, empty.clone()
@@ -203,6 +212,8 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
     sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
 
     partial = torch.empty((splits, NUM_PARTIAL_FIELDS, n), dtype=torch.float32, device=device)
+    # Each program's parking place for its two logit tiles (tl_utils.park_tile).
+    park = torch.empty((programs, 2, tile.block_n * tile.block_v), dtype=torch.float32, device=device)
     statistics_kernel[grid](
         *student,
         *teacher,
@@ -210,6 +221,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
         problem.token_index,
         problem.num_valid,
         partial,
+        park,
         *sizes,
         blocks_per_split,
         splits,
@@ -219,6 +231,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
         DIVERGENCE=divergence,
         HAS_LABELS=problem.labels is not None,
         SEPARATE_CE=problem.separate_ce,
+        FOLD_V=tile.fold_v,
         **flags,
     )
     stats = torch.empty((NUM_STAT_FIELDS, n), dtype=torch.float32, device=device)
@@ -250,6 +263,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
             problem.num_valid,
             stats,
             jsd_partial,
+            park,
             *sizes,
             blocks_per_split,
             splits,
@@ -258,6 +272,7 @@ def _launch_statistics(problem: _Problem, config: KernelConfig):
             inv_temperature,
             math.log(beta),
             math.log1p(-beta),
+            FOLD_V=tile.fold_v,
             **flags,
         )
         merge_jsd_kernel[merge_grid](
@@ -372,6 +387,8 @@ def _launch_gradients(
         (programs, config.gradient_sub_blocks * tile.block_n, group_width), dtype=staged_dtype, device=device
     )
     grad_scale = gradient_scale(options, weight_distill, weight_ce, staged_dtype)
+    # Each program's parking place for its teacher logit tile (tl_utils.park_tile).
+    park = torch.empty((programs, tile.block_n * tile.block_v), **f32)
 
     beta = options.beta if options.divergence == "jsd" else 0.5
     placeholder = stats  # for the pointers of outputs that are not computed (never touched)
@@ -386,6 +403,7 @@ def _launch_gradients(
         placeholder if weight_ce is None else weight_ce,
         grad_scale,
         staging,
+        park,
         placeholder if grad_hidden_acc is None else grad_hidden_acc,
         placeholder if grad_weight_acc is None else grad_weight_acc,
         placeholder if grad_weight is None else grad_weight,
@@ -410,6 +428,11 @@ def _launch_gradients(
         TOKEN_GROUPS=config.token_groups,
         SUB_BLOCKS=config.gradient_sub_blocks,
         VOCAB_SUB_BLOCKS=config.gradient_vocab_sub_blocks,
+        PRODUCT_M=min(config.gradient_product_m, group_width),
+        PRODUCT_H=config.gradient_product_h,
+        PRODUCT_K=config.gradient_product_k,
+        PRODUCT_STAGES=config.gradient_product_stages,
+        EVEN_PRODUCT_DIM=student_dim % config.gradient_product_h == 0,
         **problem.tile_flags(tile),
     )
     grad_hidden = None if grad_hidden_acc is None else grad_hidden_acc.to(hidden.dtype)

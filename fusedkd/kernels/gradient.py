@@ -4,32 +4,40 @@ per-token statistics (DESIGN.md §4) and multiplies it straight into the student
     grad_student_hidden = G W_s      grad_student_weight = G^T h_s      grad_student_bias = sum_i G
 
 No [N, V] buffer exists: a tile of G lives in registers and in a small per-program staging scratch
-(a few token blocks x one vocabulary block), never more. The logits are
-computed once here, so the pass costs 2 N V (H_t + H_s) for the recomputation plus 4 N V H_s for the
-two gradient products (DESIGN.md §5).
+(an update's tokens x one vocabulary group), never more. The logits are computed once here, so the
+pass costs 2 N V (H_t + H_s) for the recomputation plus 4 N V H_s for the two gradient products
+(DESIGN.md §5). benchmarks/gpu_model.py models what each step moves; `python -m
+fusedkd.kernels.compile_check` shows what the compiler made of it.
 
-Work split (the choice and its reasons; benchmarks/gpu_model.py models it):
+Work split:
 
-* A persistent grid of `num_programs` programs (one per SM); each owns whole vocabulary blocks (vb =
-  pid, pid + P, ...) and, for each, walks *all* tokens. The weight-gradient rows of an owned block
-  therefore have a single writer: they are accumulated in float32 by plain read-modify-writes into a
-  per-program scratch of [BLOCK_V, H_s] (P * BLOCK_V * H_s floats in all, independent of N and V),
-  then cast once into the output; with float32 weights the output itself is the accumulator. This
-  makes grad_student_weight and grad_student_bias deterministic and needs no float32 [V, H_s] buffer
-  (for Qwen3-0.6B that buffer alone would be 622 MB), which atomics on the weight side would.
-* Tokens are taken SUB_BLOCKS token blocks at a time (an "update", 512 tokens on a GPU). (a) For each
-  token block the logits are recomputed (BLOCK_N = 128 tokens per reload of the weight tile), G is
-  formed and staged, in the dtype of the products (bf16/fp16; float32 for float32 inputs or under the
-  interpreter), in a per-program [SUB_BLOCKS * BLOCK_N, BLOCK_V] scratch (L2-resident: 128 KiB per
-  program). (b) Then, one hidden chunk at a time, grad_W[block] += G^T h_s runs as one product with
-  K = SUB_BLOCKS * BLOCK_N tokens into a [BLOCK_V, BLOCK_H] float32 accumulator: the float32 rows
-  are read and written once per 512 tokens instead of once per token block (8x less traffic than 64
-  tokens per update). The student's weight chunk for grad_h = G W_s is loaded once per update too.
+* A persistent grid of `num_programs` programs (one per SM); each owns whole vocabulary groups of
+  GROUP_V = VOCAB_SUB_BLOCKS * BLOCK_V columns (vg = pid, pid + P, ...) and, for each, walks *all*
+  tokens. The weight-gradient rows of an owned group therefore have a single writer: they are
+  accumulated in float32 by plain read-modify-writes into a per-program scratch of [GROUP_V, H_s]
+  (P * GROUP_V * H_s floats in all, independent of N and V), then cast once into the output; with
+  float32 weights the output itself is the accumulator. This makes grad_student_weight and
+  grad_student_bias deterministic and needs no float32 [V, H_s] buffer (for Qwen3-0.6B that buffer
+  alone would be 622 MB), which atomics on the weight side would.
+* Tokens are taken SUB_BLOCKS token blocks at a time (an "update", 1024 tokens on a GPU).
+  (a) For each (token block, vocabulary block) tile the teacher's logits are computed and parked
+  (tl_utils.park_tile), then the student's, so only one float32 accumulator is in registers during a
+  dot (128 x 128 tiles); G is formed on the tile's two column halves (the student's split in
+  registers, the teacher's read back by halves) and staged, in the dtype of the products
+  (bf16/fp16; float32 for float32 inputs or under the interpreter), in a per-program
+  [SUB_BLOCKS * BLOCK_N, GROUP_V] scratch. (b) Then the two products run as GEMMs over the staged
+  G, each with one float32 accumulator: grad_W[group] += G^T h_s in [PRODUCT_M, PRODUCT_H] tiles with
+  K = the update's tokens, so the float32 rows are read and written once per update; grad_h[rows] +=
+  G W_s[group] in [BLOCK_N, PRODUCT_H] tiles with K = the group's columns.
 * grad_student_hidden ([N, H_s], the small one) is accumulated with float32 atomic adds (relaxed
   ordering: no fences) into a float32 [N, H_s] buffer: each element receives one add per vocabulary
-  block, so its summation order, and its last bits, may vary from run to run. Contention is kept low
-  by starting the programs of different TOKEN_GROUPS at different updates (programs of one group walk
-  the tokens in step, so a hidden-state tile read from HBM serves the whole group through L2).
+  group, so its summation order, and its last bits, may vary from run to run. TOKEN_GROUPS > 1 starts
+  the programs of different groups at different updates (programs of one group walk the tokens in
+  step, so a hidden-state tile read from HBM serves the whole group through the L2).
+* L2: a program's own weight rows are re-read once per token block and its float32 weight-gradient
+  rows once per update, each long after the L2 would have evicted them (132 programs stream distinct
+  vocabulary groups), so they are loaded with the evict_first hint, which keeps them from displacing
+  what is re-read soon: the parked tile, the staged G, the hidden states.
 * fp16: G is multiplied by a power of two before its cast (fused_linear_kd.gradient_scale) and the
   products are divided by it in float32, so G does not underflow fp16 at N >= 16k under "mean".
 * The alternative, one pass owning token blocks for grad_student_hidden and one owning vocabulary
@@ -57,8 +65,10 @@ from fusedkd.kernels.tl_utils import (
     dot,
     logaddexp,
     logits_tile,
+    park_tile,
     soft_cap,
     soft_cap_derivative,
+    unpark_tile,
 )
 
 
@@ -146,6 +156,7 @@ def gradient_kernel(
     weight_ce_ptr,
     grad_scale_ptr,
     staging_ptr,
+    park_ptr,
     grad_hidden_ptr,
     grad_weight_acc_ptr,
     grad_weight_ptr,
@@ -194,6 +205,11 @@ def gradient_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PRODUCT_M: tl.constexpr,
+    PRODUCT_H: tl.constexpr,
+    PRODUCT_K: tl.constexpr,
+    PRODUCT_STAGES: tl.constexpr,
+    EVEN_PRODUCT_DIM: tl.constexpr,
 ):
     """A program owns vocabulary groups of GROUP_V = VOCAB_SUB_BLOCKS * BLOCK_V columns: the logits
     and G are formed BLOCK_V columns at a time, the gradient products run over the whole group.
@@ -202,12 +218,14 @@ def gradient_kernel(
     itself (WEIGHT_SCRATCH False) or a [num_programs * GROUP_V, H_s] scratch whose rows are cast into
     grad_weight_ptr [V, H_s]. grad_bias_ptr: float32 [V], zeroed (read-modify-written by the owner of the
     columns). staging_ptr: a per-program [SUB_BLOCKS * BLOCK_N, GROUP_V] scratch for the G tiles of one
-    update, in the dtype the gradient products run in. grad_scale_ptr: a power of two G is multiplied by
+    update, in the dtype the gradient products run in. park_ptr: a per-program float32 [BLOCK_N *
+    BLOCK_V] scratch for the parked teacher tile. grad_scale_ptr: a power of two G is multiplied by
     before that cast and divided by after the products (fp16: keeps G above fp16's underflow; 1
-    otherwise). All gradient and scratch buffers are contiguous."""
+    otherwise). All gradient and scratch buffers are contiguous. PRODUCT_M divides GROUP_V; PRODUCT_K
+    divides GROUP_V and SUB_BLOCKS * BLOCK_N; BLOCK_V is even."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    num_valid = tl.load(num_valid_ptr)
+    num_valid = tl.load(num_valid_ptr).to(tl.int32)
     num_token_blocks = tl.cdiv(num_valid, BLOCK_N)
     num_updates = tl.cdiv(num_token_blocks, SUB_BLOCKS)
     rotation = ((pid % TOKEN_GROUPS) * num_updates) // TOKEN_GROUPS
@@ -220,6 +238,11 @@ def gradient_kernel(
     grad_scale = tl.load(grad_scale_ptr)
     inv_grad_scale = 1.0 / grad_scale
     staging = staging_ptr + pid.to(tl.int64) * (SUB_BLOCKS * BLOCK_N * GROUP_V)
+    park_teacher = park_ptr + pid.to(tl.int64) * (BLOCK_N * BLOCK_V)
+    HALF_V: tl.constexpr = BLOCK_V // 2
+    offs_half = tl.arange(0, HALF_V)
+    offs_ph = tl.arange(0, PRODUCT_H)
+    offs_pk = tl.arange(0, PRODUCT_K)
     staged_dtype = staging_ptr.dtype.element_ty
 
     for vocab_group in range(pid, num_vocab_groups, num_programs):
@@ -245,23 +268,27 @@ def gradient_kernel(
                     positions = token_block * BLOCK_N + offs_n
                     row_mask = positions < num_valid
                     rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-                    s = logits_tile(
-                        student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
-                        student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-                        student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS,
-                        EVEN_STUDENT_DIM, STUDENT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
-                        student_logit_scale, student_softcap, False,
-                    )  # fmt: skip
-                    if STUDENT_SOFTCAP:  # s = c tanh(x / c) of x = scale z; G picks up dx/ds below
-                        cap_derivative = soft_cap_derivative(s, student_softcap)
-                        s = soft_cap(s, student_softcap)
+                    # One accumulator in registers at a time: the teacher's tile is parked
+                    # (tl_utils.park_tile) while the student's is computed; G is then formed on the
+                    # two column halves of the tile (the student's split in registers, the teacher's
+                    # read back by halves), which halves the elementwise phase's live registers.
                     t = logits_tile(
                         teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
                         teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
                         teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS,
                         EVEN_TEACHER_DIM, TEACHER_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
-                        teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
+                        teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP, "evict_first",
                     )  # fmt: skip
+                    park_tile(park_teacher, t, BLOCK_N, BLOCK_V)
+                    # The student's logits before its soft cap (the cap and its derivative come below).
+                    s = logits_tile(
+                        student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
+                        student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+                        student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS,
+                        EVEN_STUDENT_DIM, STUDENT_UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                        student_logit_scale, student_softcap, False, "evict_first",
+                    )  # fmt: skip
+                    s_low, s_high = tl.split(tl.permute(tl.reshape(s, [BLOCK_N, 2, HALF_V]), [0, 2, 1]))
                     weight_distill = tl.load(weight_distill_ptr + rows, mask=row_mask, other=0.0)
                     if HAS_CE_GRAD:
                         weight_ce = tl.load(weight_ce_ptr + rows, mask=row_mask, other=0.0)
@@ -269,61 +296,66 @@ def gradient_kernel(
                     else:
                         weight_ce = weight_distill
                         labels = rows
-                    grad = gradient_tile(
-                        s, t, cols, col_mask, row_mask, labels, stats_ptr + positions, num_tokens,
-                        weight_distill, weight_ce, inv_temperature, beta, log_beta, log_one_minus_beta,
-                        DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
-                    )  # fmt: skip
-                    if STUDENT_SOFTCAP:
-                        # dloss/dx = G (1 - tanh^2); the logit scale (dx/dz) is in the token weights.
-                        grad = grad * cap_derivative
-                    if GRAD_BIAS:
-                        # The program owns these columns: a read-modify-write of the float32 sums.
-                        bias_ptrs = grad_bias_ptr + cols
-                        bias = tl.load(bias_ptrs, mask=col_mask, other=0.0)
-                        tl.store(bias_ptrs, bias + tl.sum(grad, axis=0), mask=col_mask)
-                    # The gradient products run at the input precision (G rounded to the input dtype,
-                    # float32 accumulation), as the matmuls of a materialized-logits recipe would.
-                    staged = (
-                        staging
-                        + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V
-                        + (vocab_sub * BLOCK_V + offs_v)[None, :]
-                    )
-                    tl.store(staged, (grad * grad_scale).to(staged_dtype))
-                    if GRAD_BIAS:
-                        # The next tile of these columns reads the sums back (other threads, maybe).
-                        tl.debug_barrier()
+                    for half in tl.static_range(0, 2):
+                        half_cols = vocab_group * GROUP_V + vocab_sub * BLOCK_V + half * HALF_V + offs_half
+                        half_mask = half_cols < vocab_size
+                        t = unpark_tile(park_teacher, half * HALF_V, BLOCK_V, BLOCK_N, HALF_V)
+                        if half == 0:
+                            s = s_low
+                        else:
+                            s = s_high
+                        if STUDENT_SOFTCAP:  # s = c tanh(x / c) of x = scale z; G picks up dx/ds below
+                            cap_derivative = soft_cap_derivative(s, student_softcap)
+                            s = soft_cap(s, student_softcap)
+                        grad = gradient_tile(
+                            s, t, half_cols, half_mask, row_mask, labels, stats_ptr + positions, num_tokens,
+                            weight_distill, weight_ce, inv_temperature, beta, log_beta, log_one_minus_beta,
+                            DIVERGENCE, HAS_CE_GRAD, SEPARATE_CE,
+                        )  # fmt: skip
+                        if STUDENT_SOFTCAP:
+                            # dloss/dx = G (1 - tanh^2); the logit scale (dx/dz) is in the token weights.
+                            grad = grad * cap_derivative
+                        if GRAD_BIAS:
+                            # The program owns these columns: a read-modify-write of the float32 sums.
+                            bias_ptrs = grad_bias_ptr + half_cols
+                            bias = tl.load(bias_ptrs, mask=half_mask, other=0.0)
+                            tl.store(bias_ptrs, bias + tl.sum(grad, axis=0), mask=half_mask)
+                        # The gradient products run at the input precision (G rounded to the input
+                        # dtype, float32 accumulation), as the matmuls of a materialized-logits recipe
+                        # would.
+                        staged = (
+                            staging
+                            + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V
+                            + (vocab_sub * BLOCK_V + half * HALF_V + offs_half)[None, :]
+                        )
+                        tl.store(staged, (grad * grad_scale).to(staged_dtype))
+                        if GRAD_BIAS:
+                            # The next tile of these columns reads the sums back (other threads, maybe).
+                            tl.debug_barrier()
             # The staged tiles are read back below by other threads of the CTA (the compiler picks
             # the layouts): a CTA barrier orders the stores before the loads (once per update).
             tl.debug_barrier()
 
-            # (b) The student's gradient products over the staged tokens, one hidden chunk at a time:
+            # (b) The student's gradient products over the staged tokens, as two GEMMs with one float32
+            # accumulator each, PRODUCT_H hidden units by PRODUCT_K at a time:
             # grad_W[cols] += G^T h_s with K = SUB_BLOCKS * BLOCK_N tokens per read-modify-write of
-            # the float32 rows; grad_h[rows] += G W_s[cols], one atomic add per token and unit.
-            for start in range(0, student_dim, BLOCK_H):
-                h = start + offs_h
-                if EVEN_STUDENT_DIM:
-                    in_h = offs_h < BLOCK_H
-                else:
-                    in_h = h < student_dim
-                if GRAD_HIDDEN:
-                    weight = tl.load(
-                        student_weight_ptr
-                        + group_cols_64[:, None] * stride_student_weight_v
-                        + h[None, :] * stride_student_weight_h,
-                        mask=group_mask[:, None] & in_h[None, :],
-                        other=0.0,
-                    )
-                if GRAD_WEIGHT:
-                    contribution = tl.zeros([GROUP_V, BLOCK_H], tl.float32)
-                for sub in range(0, SUB_BLOCKS):
-                    positions = (first_block + sub) * BLOCK_N + offs_n
-                    row_mask = positions < num_valid
-                    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-                    if GRAD_WEIGHT:
-                        # G^T, loaded transposed ([GROUP_V, BLOCK_N]); rows past num_valid are stale.
+            # the float32 rows, then grad_h[rows] += G W_s[cols], one atomic add per token and unit.
+            if GRAD_WEIGHT:
+                for tile in range(0, (GROUP_V // PRODUCT_M) * tl.cdiv(student_dim, PRODUCT_H)):
+                    offs_m = (tile % (GROUP_V // PRODUCT_M)) * PRODUCT_M + tl.arange(0, PRODUCT_M)
+                    h = (tile // (GROUP_V // PRODUCT_M)) * PRODUCT_H + offs_ph
+                    if EVEN_PRODUCT_DIM:
+                        in_h = offs_ph < PRODUCT_H
+                    else:
+                        in_h = h < student_dim
+                    contribution = tl.zeros([PRODUCT_M, PRODUCT_H], tl.float32)
+                    for k in tl.range(0, SUB_BLOCKS * BLOCK_N, PRODUCT_K, num_stages=PRODUCT_STAGES):
+                        positions = first_block * BLOCK_N + k + offs_pk
+                        row_mask = positions < num_valid
+                        rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+                        # G^T, loaded transposed ([PRODUCT_M, PRODUCT_K]); rows past num_valid are stale.
                         staged_t = tl.load(
-                            staging + (sub * BLOCK_N + offs_n)[None, :] * GROUP_V + offs_g[:, None],
+                            staging + (k + offs_pk)[None, :] * GROUP_V + offs_m[:, None],
                             mask=row_mask[None, :],
                             other=0.0,
                         )
@@ -335,31 +367,55 @@ def gradient_kernel(
                             other=0.0,
                         )
                         contribution = dot(staged_t, hidden, contribution, STUDENT_UPCAST, DOT_PRECISION)
-                    if GRAD_HIDDEN:
-                        staged_g = tl.load(
-                            staging + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V + offs_g[None, :],
-                            mask=row_mask[:, None],
-                            other=0.0,
-                        )
-                        partial = dot(
-                            staged_g,
-                            weight,
-                            tl.zeros([BLOCK_N, BLOCK_H], tl.float32),
-                            STUDENT_UPCAST,
-                            DOT_PRECISION,
-                        )
+                    # The program's own rows (the first update starts from zero).
+                    if WEIGHT_SCRATCH:
+                        tile_rows = (pid * GROUP_V + offs_m).to(tl.int64) * student_dim
+                    else:
+                        tile_rows = (vocab_group * GROUP_V + offs_m).to(tl.int64) * student_dim
+                    acc_ptrs = grad_weight_acc_ptr + tile_rows[:, None] + h[None, :]
+                    acc_mask = (vocab_group * GROUP_V + offs_m < vocab_size)[:, None] & in_h[None, :]
+                    # Streamed (a program's rows come back one update later, long evicted): evict first.
+                    acc = tl.load(
+                        acc_ptrs, mask=acc_mask & (update > 0), other=0.0, eviction_policy="evict_first"
+                    )
+                    tl.store(
+                        acc_ptrs,
+                        acc + contribution * inv_grad_scale,
+                        mask=acc_mask,
+                        eviction_policy="evict_first",
+                    )
+            if GRAD_HIDDEN:
+                for tile in range(0, SUB_BLOCKS * tl.cdiv(student_dim, PRODUCT_H)):
+                    sub = tile % SUB_BLOCKS
+                    h = (tile // SUB_BLOCKS) * PRODUCT_H + offs_ph
+                    in_h = h < student_dim
+                    token_block = first_block + sub
+                    if token_block < num_token_blocks:
+                        positions = token_block * BLOCK_N + offs_n
+                        row_mask = positions < num_valid
+                        rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+                        partial = tl.zeros([BLOCK_N, PRODUCT_H], tl.float32)
+                        for k in tl.range(0, GROUP_V, PRODUCT_K, num_stages=PRODUCT_STAGES):
+                            # Stale rows (past num_valid) only reach their own output rows: masked below.
+                            staged_g = tl.load(
+                                staging + (sub * BLOCK_N + offs_n)[:, None] * GROUP_V + (k + offs_pk)[None, :]
+                            )
+                            weight = tl.load(
+                                student_weight_ptr
+                                + (vocab_group * GROUP_V + k + offs_pk).to(tl.int64)[:, None]
+                                * stride_student_weight_v
+                                + h[None, :] * stride_student_weight_h,
+                                mask=(vocab_group * GROUP_V + k + offs_pk < vocab_size)[:, None]
+                                & in_h[None, :],
+                                other=0.0,
+                            )
+                            partial = dot(staged_g, weight, partial, STUDENT_UPCAST, DOT_PRECISION)
                         tl.atomic_add(
                             grad_hidden_ptr + rows[:, None] * student_dim + h[None, :],
                             partial * inv_grad_scale,
                             mask=row_mask[:, None] & in_h[None, :],
                             sem="relaxed",
                         )
-                if GRAD_WEIGHT:
-                    # The program's own rows (the first update starts from zero).
-                    acc_ptrs = grad_weight_acc_ptr + acc_rows[:, None] + h[None, :]
-                    acc_mask = group_mask[:, None] & in_h[None, :]
-                    acc = tl.load(acc_ptrs, mask=acc_mask & (update > 0), other=0.0)
-                    tl.store(acc_ptrs, acc + contribution * inv_grad_scale, mask=acc_mask)
             # The next update overwrites the staged tiles and reads these rows back: order them.
             tl.debug_barrier()
 

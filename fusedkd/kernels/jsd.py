@@ -22,7 +22,7 @@ from fusedkd.kernels.statistics import (
     STAT_M_STUDENT,
     STAT_M_TEACHER,
 )
-from fusedkd.kernels.tl_utils import logaddexp, logits_tile
+from fusedkd.kernels.tl_utils import logaddexp, logits_tile, park_tile, unpark_tile
 
 # Fields of a split's partial sums: partial[split, field, position].
 PARTIAL_KL_TEACHER_MIX: tl.constexpr = tl.constexpr(0)  # sum_v p_v (log p_v - log m_v)
@@ -42,6 +42,7 @@ def jsd_kernel(
     num_valid_ptr,
     stats_ptr,
     partial_ptr,
+    park_ptr,
     num_tokens,
     vocab_size,
     student_dim,
@@ -77,61 +78,81 @@ def jsd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    FOLD_V: tl.constexpr,
 ):
-    # Grouped raster (fused_linear_kd.statistics_program): consecutive programs take the splits of one
-    # token block, so the programs running together share a few hidden-state tiles (L2-resident) and
-    # walk the splits' weight tiles in step (each read from HBM once per wave, then from L2).
+    # The statistics kernel's persistent grid and task order (statistics.py), and its parking.
     pid = tl.program_id(0)
-    token_block = pid // num_splits
-    split = pid % num_splits
-    num_valid = tl.load(num_valid_ptr)
-    if token_block * BLOCK_N >= num_valid:
-        return
+    num_valid = tl.load(num_valid_ptr).to(tl.int32)
+    num_tasks = tl.cdiv(num_valid, BLOCK_N) * num_splits
+    park_teacher = park_ptr + pid.to(tl.int64) * (2 * BLOCK_N * BLOCK_V)
+    park_student = park_teacher + BLOCK_N * BLOCK_V
+    for task in range(pid, num_tasks, tl.num_programs(0)):
+        token_block = task // num_splits
+        split = task % num_splits
+        positions = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = positions < num_valid
+        rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+        m_student = tl.load(stats_ptr + STAT_M_STUDENT * num_tokens + positions, mask=row_mask, other=0.0)
+        logz_student = tl.load(
+            stats_ptr + STAT_LOGZ_STUDENT_T * num_tokens + positions, mask=row_mask, other=0.0
+        )
+        m_teacher = tl.load(stats_ptr + STAT_M_TEACHER * num_tokens + positions, mask=row_mask, other=0.0)
+        logz_teacher = tl.load(
+            stats_ptr + STAT_LOGZ_TEACHER_T * num_tokens + positions, mask=row_mask, other=0.0
+        )
 
-    positions = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = positions < num_valid
-    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-    m_student = tl.load(stats_ptr + STAT_M_STUDENT * num_tokens + positions, mask=row_mask, other=0.0)
-    logz_student = tl.load(stats_ptr + STAT_LOGZ_STUDENT_T * num_tokens + positions, mask=row_mask, other=0.0)
-    m_teacher = tl.load(stats_ptr + STAT_M_TEACHER * num_tokens + positions, mask=row_mask, other=0.0)
-    logz_teacher = tl.load(stats_ptr + STAT_LOGZ_TEACHER_T * num_tokens + positions, mask=row_mask, other=0.0)
+        kl_teacher_mix = tl.zeros([BLOCK_N], tl.float32)
+        kl_student_mix = tl.zeros([BLOCK_N], tl.float32)
+        num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+        first_block = split * blocks_per_split
+        last_block = tl.minimum(first_block + blocks_per_split, num_vocab_blocks)
+        offs_v = tl.arange(0, BLOCK_V)
+        offs_fold = tl.arange(0, FOLD_V)
+        for vocab_block in range(first_block, last_block):
+            cols = vocab_block * BLOCK_V + offs_v
+            col_mask = cols < vocab_size
+            # Both tiles parked, then folded FOLD_V columns at a time (statistics.py).
+            t = logits_tile(
+                teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
+                teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
+                teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+                TEACHER_UPCAST,
+                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
+            )  # fmt: skip
+            park_tile(park_teacher, t, BLOCK_N, BLOCK_V)
+            s = logits_tile(
+                student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
+                student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+                student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+                STUDENT_UPCAST,
+                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                student_logit_scale, student_softcap, STUDENT_SOFTCAP,
+            )  # fmt: skip
+            park_tile(park_student, s, BLOCK_N, BLOCK_V)
+            for fold in tl.static_range(0, BLOCK_V // FOLD_V):
+                cols = vocab_block * BLOCK_V + fold * FOLD_V + offs_fold
+                col_mask = cols < vocab_size
+                t = unpark_tile(park_teacher, fold * FOLD_V, BLOCK_V, BLOCK_N, FOLD_V)
+                s = unpark_tile(park_student, fold * FOLD_V, BLOCK_V, BLOCK_N, FOLD_V)
+                # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.
+                s = tl.where(col_mask[None, :], s, m_student[:, None])
+                t = tl.where(col_mask[None, :], t, m_teacher[:, None])
+                # log q = (s - m_s)/T - log Z_a,  log p = (t - m_t)/T - log Z_b  (relative to the row maxima)
+                log_q = (s - m_student[:, None]) * inv_temperature - logz_student[:, None]
+                log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
+                # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
+                log_m = logaddexp(log_beta + log_p, log_one_minus_beta + log_q)
+                kl_teacher_mix += tl.sum(
+                    tl.where(col_mask[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1
+                )
+                kl_student_mix += tl.sum(
+                    tl.where(col_mask[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1
+                )
 
-    kl_teacher_mix = tl.zeros([BLOCK_N], tl.float32)
-    kl_student_mix = tl.zeros([BLOCK_N], tl.float32)
-    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, num_vocab_blocks)
-    for vocab_block in range(first_block, last_block):
-        cols = vocab_block * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < vocab_size
-        s = logits_tile(
-            student_hidden_ptr, rows * stride_student_hidden_n, row_mask, stride_student_hidden_h,
-            student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-            student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
-            STUDENT_UPCAST,
-            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, student_logit_scale, student_softcap, STUDENT_SOFTCAP,
-        )  # fmt: skip
-        t = logits_tile(
-            teacher_hidden_ptr, rows * stride_teacher_hidden_n, row_mask, stride_teacher_hidden_h,
-            teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-            teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
-            TEACHER_UPCAST,
-            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
-        )  # fmt: skip
-        # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.
-        s = tl.where(col_mask[None, :], s, m_student[:, None])
-        t = tl.where(col_mask[None, :], t, m_teacher[:, None])
-        # log q = (s - m_s)/T - log Z_a,  log p = (t - m_t)/T - log Z_b  (relative to the row maxima)
-        log_q = (s - m_student[:, None]) * inv_temperature - logz_student[:, None]
-        log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
-        # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
-        log_m = logaddexp(log_beta + log_p, log_one_minus_beta + log_q)
-        kl_teacher_mix += tl.sum(tl.where(col_mask[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
-        kl_student_mix += tl.sum(tl.where(col_mask[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
-
-    out = partial_ptr + split.to(tl.int64) * NUM_JSD_FIELDS * num_tokens + positions
-    tl.store(out + PARTIAL_KL_TEACHER_MIX * num_tokens, kl_teacher_mix, mask=row_mask)
-    tl.store(out + PARTIAL_KL_STUDENT_MIX * num_tokens, kl_student_mix, mask=row_mask)
+        out = partial_ptr + split.to(tl.int64) * NUM_JSD_FIELDS * num_tokens + positions
+        tl.store(out + PARTIAL_KL_TEACHER_MIX * num_tokens, kl_teacher_mix, mask=row_mask)
+        tl.store(out + PARTIAL_KL_STUDENT_MIX * num_tokens, kl_student_mix, mask=row_mask)
 
 
 @triton.jit

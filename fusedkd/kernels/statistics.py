@@ -1,10 +1,9 @@
 """Pass 1: the per-token statistics kernel (lm_head projections + online log-sum-exp + one-pass KL).
 
-Grid: (token blocks) x (vocabulary splits), the splits of a token block on consecutive programs. A
-program takes one block of BLOCK_N tokens and walks the vocabulary blocks of its split; for each (token
-x vocab) tile it computes the student and the teacher logit tiles with `tl.dot` over the hidden
-dimension (two hidden sizes), in registers, and folds them into per-token online states (DESIGN.md §3),
-all merged exactly across blocks:
+A task takes one block of BLOCK_N tokens and walks the vocabulary blocks of its split; for each (token
+x vocab) tile it computes the teacher and the student logit tiles with `tl.dot` over the hidden
+dimension (two hidden sizes) and folds them into per-token online states (DESIGN.md §3), all merged
+exactly across blocks:
 
     student:  m_s = max_v s_v,  Z_a = sum_v e^((s_v - m_s)/T),  Z_s = sum_v e^(s_v - m_s)  (CE, T != 1)
     teacher:  m_t = max_v t_v,  Z_b = sum_v e^((t_v - m_t)/T)
@@ -22,10 +21,15 @@ The reverse KL is kept relative to the student's top token v*: its gradient q (l
 cancels almost exactly at v* when q is peaked, so the gradient pass forms it as
 q ((a - m_a) - (b - b_*) - D_*) / T, where both terms vanish at v* exactly and D_* is small and exact.
 
-Splitting the vocabulary keeps the GPU busy when there are few token blocks; the split states are
-merged deterministically (no atomics). Tokens are visited in "position" order: `token_index` lists
-the valid (not ignored) tokens first, and blocks past `num_valid` exit at once, so ignored tokens
-cost nothing and no host sync is needed to know how many there are.
+Persistent programs (one per multiprocessor) take the tasks (token block, split) in order, the splits
+of a token block on consecutive programs. Per tile the teacher's logits are computed and parked in
+the program's own scratch (tl_utils.park_tile), then the student's, parked too, so that one float32
+accumulator is in registers during a dot (256 x 128 tiles on 16 warps on a GPU); the parked tiles are
+then folded into the states FOLD_V columns at a time (`fold_statistics`). Splitting the vocabulary
+keeps the GPU busy when there are few token blocks; the split states are merged deterministically
+(no atomics). Tokens are visited in "position" order: `token_index` lists the valid (not ignored)
+tokens first, and the tasks of blocks past `num_valid` are never taken, so ignored tokens cost nothing
+and no host sync is needed to know how many there are.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from fusedkd.kernels.tl_utils import (
     REVERSE_KL,
     logits_tile,
     merge_lse,
+    park_tile,
     shift_kl_accumulator,
+    unpark_tile,
 )
 
 # Fields of a split's partial state: partial[split, field, position].
@@ -65,6 +71,112 @@ NUM_STAT_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
 @triton.jit
+def fold_statistics(
+    m_student,
+    z_student_t,
+    z_student_plain,
+    m_teacher,
+    z_teacher_t,
+    kl_acc,
+    label_logit,
+    teacher_at_top,
+    s,
+    t,
+    cols,
+    col_mask,
+    labels,
+    inv_temperature,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    FOLD_V: tl.constexpr,
+):
+    """Fold one [BLOCK_N, FOLD_V] slice of logits (student s, teacher t; columns `cols`) into the
+    per-token online states, merged exactly (DESIGN.md §3). Returns the eight states."""
+    neg_inf = float("-inf")
+    offs_fold = tl.arange(0, FOLD_V)
+    if HAS_LABELS:
+        # s_y: exactly one tile holds the label column.
+        label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
+    # The slice's own states, relative to its maxima: a = (s - max s)/T, b = (t - max t)/T.
+    # Padding columns past vocab_size: excluded from the maxima, a = b = 0 there (finite, so
+    # no 0 * inf anywhere) and e^a = e^b = 0.
+    s_valid = tl.where(col_mask[None, :], s, neg_inf)
+    tile_m_student = tl.max(s_valid, axis=1)
+    tile_m_teacher = tl.max(tl.where(col_mask[None, :], t, neg_inf), axis=1)
+    s = tl.where(col_mask[None, :], s, tile_m_student[:, None])
+    t = tl.where(col_mask[None, :], t, tile_m_teacher[:, None])
+    a = (s - tile_m_student[:, None]) * inv_temperature
+    b = (t - tile_m_teacher[:, None]) * inv_temperature
+    exp_a = tl.where(col_mask[None, :], tl.exp(a), 0.0)
+    exp_b = tl.where(col_mask[None, :], tl.exp(b), 0.0)
+    tile_z_student_t = tl.sum(exp_a, axis=1)
+    tile_z_teacher_t = tl.sum(exp_b, axis=1)
+
+    new_m_student = tl.maximum(m_student, tile_m_student)
+    new_m_teacher = tl.maximum(m_teacher, tile_m_teacher)
+    if DIVERGENCE == FORWARD_KL:
+        # A = sum_v e^(b_v) (b_v - a_v): weighted by the teacher.
+        tile_kl = tl.sum(exp_b * (b - a), axis=1)
+        kl_acc = shift_kl_accumulator(
+            kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
+        ) + shift_kl_accumulator(
+            tile_kl,
+            tile_z_teacher_t,
+            tile_m_teacher,
+            tile_m_student,
+            new_m_teacher,
+            new_m_student,
+            inv_temperature,
+        )
+    elif DIVERGENCE == REVERSE_KL:
+        # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token.
+        tile_top = tl.argmax(s_valid, axis=1)
+        tile_teacher_at_top = tl.sum(tl.where(offs_fold[None, :] == tile_top[:, None], t, 0.0), axis=1)
+        tile_kl = tl.sum(exp_a * (a - (t - tile_teacher_at_top[:, None]) * inv_temperature), axis=1)
+        # Ties keep the earlier column, like argmax.
+        new_teacher_at_top = tl.where(tile_m_student > m_student, tile_teacher_at_top, teacher_at_top)
+        kl_acc = shift_kl_accumulator(
+            kl_acc,
+            z_student_t,
+            m_student,
+            teacher_at_top,
+            new_m_student,
+            new_teacher_at_top,
+            inv_temperature,
+        ) + shift_kl_accumulator(
+            tile_kl,
+            tile_z_student_t,
+            tile_m_student,
+            tile_teacher_at_top,
+            new_m_student,
+            new_teacher_at_top,
+            inv_temperature,
+        )
+        teacher_at_top = new_teacher_at_top
+    if SEPARATE_CE:
+        # Cross-entropy softmax at T = 1 (when T != 1): Z_s = sum_v e^(s_v - m_s).
+        tile_z_student_plain = tl.sum(
+            tl.where(col_mask[None, :], tl.exp(s - tile_m_student[:, None]), 0.0), axis=1
+        )
+        _, z_student_plain = merge_lse(m_student, z_student_plain, tile_m_student, tile_z_student_plain, 1.0)
+    _, z_student_t = merge_lse(m_student, z_student_t, tile_m_student, tile_z_student_t, inv_temperature)
+    _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, tile_m_teacher, tile_z_teacher_t, inv_temperature)
+    m_student = new_m_student
+    m_teacher = new_m_teacher
+    return (
+        m_student,
+        z_student_t,
+        z_student_plain,
+        m_teacher,
+        z_teacher_t,
+        kl_acc,
+        label_logit,
+        teacher_at_top,
+    )
+
+
+@triton.jit
 def statistics_kernel(
     student_hidden_ptr,
     student_weight_ptr,
@@ -77,6 +189,7 @@ def statistics_kernel(
     token_index_ptr,
     num_valid_ptr,
     partial_ptr,
+    park_ptr,
     num_tokens,
     vocab_size,
     student_dim,
@@ -113,137 +226,94 @@ def statistics_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    FOLD_V: tl.constexpr,
 ):
-    # Grouped raster (fused_linear_kd.statistics_program): consecutive programs take the splits of one
-    # token block, so the programs running together share a few hidden-state tiles (L2-resident) and
-    # walk the splits' weight tiles in step (each read from HBM once per wave, then from L2).
+    # Persistent programs (one per multiprocessor) take the tasks (token block, split) in order:
+    # task = pid, pid + P, ... Consecutive tasks are the splits of one token block (grouped raster,
+    # fused_linear_kd.statistics_task), so the programs running together share a few hidden-state
+    # tiles (L2-resident) and walk the splits' weight tiles in step (each read from HBM once per
+    # wave, then from L2). The teacher's logit tile is parked in the program's own scratch.
     pid = tl.program_id(0)
-    token_block = pid // num_splits
-    split = pid % num_splits
-    num_valid = tl.load(num_valid_ptr)
-    if token_block * BLOCK_N >= num_valid:
-        return
-
-    positions = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = positions < num_valid
-    rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-    student_rows = rows * stride_student_hidden_n
-    teacher_rows = rows * stride_teacher_hidden_n
-    if HAS_LABELS:
-        labels = tl.load(labels_ptr + rows * stride_labels, mask=row_mask, other=0)
-
-    neg_inf = float("-inf")
-    m_student = tl.full([BLOCK_N], neg_inf, tl.float32)
-    z_student_t = tl.zeros([BLOCK_N], tl.float32)
-    z_student_plain = tl.zeros([BLOCK_N], tl.float32)
-    m_teacher = tl.full([BLOCK_N], neg_inf, tl.float32)
-    z_teacher_t = tl.zeros([BLOCK_N], tl.float32)
-    kl_acc = tl.zeros([BLOCK_N], tl.float32)
-    label_logit = tl.zeros([BLOCK_N], tl.float32)
-    teacher_at_top = tl.zeros([BLOCK_N], tl.float32)
-
-    num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, num_vocab_blocks)
-    offs_v = tl.arange(0, BLOCK_V)
-    for vocab_block in range(first_block, last_block):
-        cols = vocab_block * BLOCK_V + offs_v
-        col_mask = cols < vocab_size
-        s = logits_tile(
-            student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
-            student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
-            student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
-            STUDENT_UPCAST,
-            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, student_logit_scale, student_softcap, STUDENT_SOFTCAP,
-        )  # fmt: skip
-        t = logits_tile(
-            teacher_hidden_ptr, teacher_rows, row_mask, stride_teacher_hidden_h,
-            teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
-            teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
-            TEACHER_UPCAST,
-            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
-        )  # fmt: skip
+    num_valid = tl.load(num_valid_ptr).to(tl.int32)
+    num_tasks = tl.cdiv(num_valid, BLOCK_N) * num_splits
+    park_teacher = park_ptr + pid.to(tl.int64) * (2 * BLOCK_N * BLOCK_V)
+    park_student = park_teacher + BLOCK_N * BLOCK_V
+    for task in range(pid, num_tasks, tl.num_programs(0)):
+        token_block = task // num_splits
+        split = task % num_splits
+        positions = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = positions < num_valid
+        rows = tl.load(token_index_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+        student_rows = rows * stride_student_hidden_n
+        teacher_rows = rows * stride_teacher_hidden_n
         if HAS_LABELS:
-            # s_y: exactly one tile holds the label column.
-            label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
-        # The tile's own states, relative to the tile maxima: a = (s - max s)/T, b = (t - max t)/T.
-        # Padding columns past vocab_size: excluded from the maxima, a = b = 0 there (finite, so no
-        # 0 * inf anywhere) and e^a = e^b = 0.
-        s_valid = tl.where(col_mask[None, :], s, neg_inf)
-        tile_m_student = tl.max(s_valid, axis=1)
-        tile_m_teacher = tl.max(tl.where(col_mask[None, :], t, neg_inf), axis=1)
-        s = tl.where(col_mask[None, :], s, tile_m_student[:, None])
-        t = tl.where(col_mask[None, :], t, tile_m_teacher[:, None])
-        a = (s - tile_m_student[:, None]) * inv_temperature
-        b = (t - tile_m_teacher[:, None]) * inv_temperature
-        exp_a = tl.where(col_mask[None, :], tl.exp(a), 0.0)
-        exp_b = tl.where(col_mask[None, :], tl.exp(b), 0.0)
-        tile_z_student_t = tl.sum(exp_a, axis=1)
-        tile_z_teacher_t = tl.sum(exp_b, axis=1)
+            labels = tl.load(labels_ptr + rows * stride_labels, mask=row_mask, other=0)
+        else:
+            labels = rows  # never read
 
-        new_m_student = tl.maximum(m_student, tile_m_student)
-        new_m_teacher = tl.maximum(m_teacher, tile_m_teacher)
-        if DIVERGENCE == FORWARD_KL:
-            # A = sum_v e^(b_v) (b_v - a_v): weighted by the teacher.
-            tile_kl = tl.sum(exp_b * (b - a), axis=1)
-            kl_acc = shift_kl_accumulator(
-                kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
-            ) + shift_kl_accumulator(
-                tile_kl,
-                tile_z_teacher_t,
-                tile_m_teacher,
-                tile_m_student,
-                new_m_teacher,
-                new_m_student,
-                inv_temperature,
-            )
-        elif DIVERGENCE == REVERSE_KL:
-            # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token.
-            tile_top = tl.argmax(s_valid, axis=1)
-            tile_teacher_at_top = tl.sum(tl.where(offs_v[None, :] == tile_top[:, None], t, 0.0), axis=1)
-            tile_kl = tl.sum(exp_a * (a - (t - tile_teacher_at_top[:, None]) * inv_temperature), axis=1)
-            # Ties keep the earlier column, like argmax.
-            new_teacher_at_top = tl.where(tile_m_student > m_student, tile_teacher_at_top, teacher_at_top)
-            kl_acc = shift_kl_accumulator(
-                kl_acc,
-                z_student_t,
-                m_student,
-                teacher_at_top,
-                new_m_student,
-                new_teacher_at_top,
-                inv_temperature,
-            ) + shift_kl_accumulator(
-                tile_kl,
-                tile_z_student_t,
-                tile_m_student,
-                tile_teacher_at_top,
-                new_m_student,
-                new_teacher_at_top,
-                inv_temperature,
-            )
-            teacher_at_top = new_teacher_at_top
-        if SEPARATE_CE:
-            # Cross-entropy softmax at T = 1 (when T != 1): Z_s = sum_v e^(s_v - m_s).
-            tile_z_student_plain = tl.sum(
-                tl.where(col_mask[None, :], tl.exp(s - tile_m_student[:, None]), 0.0), axis=1
-            )
-            _, z_student_plain = merge_lse(
-                m_student, z_student_plain, tile_m_student, tile_z_student_plain, 1.0
-            )
-        _, z_student_t = merge_lse(m_student, z_student_t, tile_m_student, tile_z_student_t, inv_temperature)
-        _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, tile_m_teacher, tile_z_teacher_t, inv_temperature)
-        m_student = new_m_student
-        m_teacher = new_m_teacher
+        neg_inf = float("-inf")
+        m_student = tl.full([BLOCK_N], neg_inf, tl.float32)
+        z_student_t = tl.zeros([BLOCK_N], tl.float32)
+        z_student_plain = tl.zeros([BLOCK_N], tl.float32)
+        m_teacher = tl.full([BLOCK_N], neg_inf, tl.float32)
+        z_teacher_t = tl.zeros([BLOCK_N], tl.float32)
+        kl_acc = tl.zeros([BLOCK_N], tl.float32)
+        label_logit = tl.zeros([BLOCK_N], tl.float32)
+        teacher_at_top = tl.zeros([BLOCK_N], tl.float32)
 
-    out = partial_ptr + split.to(tl.int64) * NUM_PARTIAL_FIELDS * num_tokens + positions
-    tl.store(out + PARTIAL_M_STUDENT * num_tokens, m_student, mask=row_mask)
-    tl.store(out + PARTIAL_Z_STUDENT_T * num_tokens, z_student_t, mask=row_mask)
-    tl.store(out + PARTIAL_Z_STUDENT_PLAIN * num_tokens, z_student_plain, mask=row_mask)
-    tl.store(out + PARTIAL_M_TEACHER * num_tokens, m_teacher, mask=row_mask)
-    tl.store(out + PARTIAL_Z_TEACHER_T * num_tokens, z_teacher_t, mask=row_mask)
-    tl.store(out + PARTIAL_KL_ACC * num_tokens, kl_acc, mask=row_mask)
-    tl.store(out + PARTIAL_LABEL_LOGIT * num_tokens, label_logit, mask=row_mask)
-    tl.store(out + PARTIAL_TEACHER_AT_TOP * num_tokens, teacher_at_top, mask=row_mask)
+        num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
+        first_block = split * blocks_per_split
+        last_block = tl.minimum(first_block + blocks_per_split, num_vocab_blocks)
+        offs_v = tl.arange(0, BLOCK_V)
+        offs_fold = tl.arange(0, FOLD_V)
+        for vocab_block in range(first_block, last_block):
+            cols = vocab_block * BLOCK_V + offs_v
+            col_mask = cols < vocab_size
+            # Both logit tiles are computed with one accumulator in registers at a time and parked
+            # (tl_utils.park_tile); they are then folded into the states FOLD_V columns at a time.
+            t = logits_tile(
+                teacher_hidden_ptr, teacher_rows, row_mask, stride_teacher_hidden_h,
+                teacher_weight_ptr, cols, col_mask, stride_teacher_weight_v, stride_teacher_weight_h,
+                teacher_bias_ptr, stride_teacher_bias, teacher_dim, HAS_TEACHER_BIAS, EVEN_TEACHER_DIM,
+                TEACHER_UPCAST,
+                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP,
+            )  # fmt: skip
+            park_tile(park_teacher, t, BLOCK_N, BLOCK_V)
+            s = logits_tile(
+                student_hidden_ptr, student_rows, row_mask, stride_student_hidden_h,
+                student_weight_ptr, cols, col_mask, stride_student_weight_v, stride_student_weight_h,
+                student_bias_ptr, stride_student_bias, student_dim, HAS_STUDENT_BIAS, EVEN_STUDENT_DIM,
+                STUDENT_UPCAST,
+                DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+                student_logit_scale, student_softcap, STUDENT_SOFTCAP,
+            )  # fmt: skip
+            park_tile(park_student, s, BLOCK_N, BLOCK_V)
+            for fold in tl.static_range(0, BLOCK_V // FOLD_V):
+                # A slice wholly past the vocabulary (in the last block) adds nothing.
+                if vocab_block * BLOCK_V + fold * FOLD_V < vocab_size:
+                    fold_cols = vocab_block * BLOCK_V + fold * FOLD_V + offs_fold
+                    (
+                        m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit,
+                        teacher_at_top,
+                    ) = fold_statistics(
+                        m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit,
+                        teacher_at_top,
+                        unpark_tile(park_student, fold * FOLD_V, BLOCK_V, BLOCK_N, FOLD_V),
+                        unpark_tile(park_teacher, fold * FOLD_V, BLOCK_V, BLOCK_N, FOLD_V),
+                        fold_cols, fold_cols < vocab_size, labels, inv_temperature,
+                        DIVERGENCE, HAS_LABELS, SEPARATE_CE, FOLD_V,
+                    )  # fmt: skip
+
+        out = partial_ptr + split.to(tl.int64) * NUM_PARTIAL_FIELDS * num_tokens + positions
+        tl.store(out + PARTIAL_M_STUDENT * num_tokens, m_student, mask=row_mask)
+        tl.store(out + PARTIAL_Z_STUDENT_T * num_tokens, z_student_t, mask=row_mask)
+        tl.store(out + PARTIAL_Z_STUDENT_PLAIN * num_tokens, z_student_plain, mask=row_mask)
+        tl.store(out + PARTIAL_M_TEACHER * num_tokens, m_teacher, mask=row_mask)
+        tl.store(out + PARTIAL_Z_TEACHER_T * num_tokens, z_teacher_t, mask=row_mask)
+        tl.store(out + PARTIAL_KL_ACC * num_tokens, kl_acc, mask=row_mask)
+        tl.store(out + PARTIAL_LABEL_LOGIT * num_tokens, label_logit, mask=row_mask)
+        tl.store(out + PARTIAL_TEACHER_AT_TOP * num_tokens, teacher_at_top, mask=row_mask)
 
 
 @triton.jit

@@ -66,11 +66,16 @@ def logits_tile(
     logit_scale,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    WEIGHT_EVICTION: tl.constexpr = "",
 ):
     """[BLOCK_N, BLOCK_V] float32 logits x = head(h W^T (+ b)) of one (token block x vocab block) tile.
 
     The epilogue applies the model's head transform (`KDOptions`): x = logit_scale * z, then
     x = softcap * tanh(x / softcap) when HAS_SOFTCAP (`soft_cap`).
+
+    WEIGHT_EVICTION: the L2 eviction hint of the weight tiles ("evict_first" where they are streamed,
+    read by one program and not again before the L2 would have evicted them: it keeps them from
+    displacing the data that is re-read soon, the parked tiles and the hidden states).
 
     `row_offsets` are int64 element offsets of the rows in `hidden_ptr`; masked rows and columns load
     zeros (their logits are finite; callers mask them). The loop over the hidden dimension keeps the
@@ -89,11 +94,16 @@ def logits_tile(
         weight_ptrs = weight_cols + h[:, None] * stride_weight_h
         if EVEN_H:
             x = tl.load(hidden_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(weight_ptrs, mask=col_mask[None, :], other=0.0)
+            w = tl.load(weight_ptrs, mask=col_mask[None, :], other=0.0, eviction_policy=WEIGHT_EVICTION)
         else:
             in_h = h < hidden_dim
             x = tl.load(hidden_ptrs, mask=row_mask[:, None] & in_h[None, :], other=0.0)
-            w = tl.load(weight_ptrs, mask=in_h[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(
+                weight_ptrs,
+                mask=in_h[:, None] & col_mask[None, :],
+                other=0.0,
+                eviction_policy=WEIGHT_EVICTION,
+            )
         acc = dot(x, w, acc, UPCAST, DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0)
@@ -193,3 +203,28 @@ def zero_row(row_ptr, num_cols, BLOCK_V: tl.constexpr):
     for start in range(0, num_cols, BLOCK_V):
         offsets = start + cols
         tl.store(row_ptr + offsets, tl.zeros([BLOCK_V], row_ptr.dtype.element_ty), mask=offsets < num_cols)
+
+
+@triton.jit
+def park_tile(scratch, x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Store the float32 [BLOCK_N, BLOCK_V] tile `x` row-major in the program's own scratch (64 KiB at
+    128 x 128; L2-resident), freeing the registers it held for the next dot; `unpark_tile` reads it
+    back, whole or by column slices. This is how one program computes the teacher's and the
+    student's logit tiles with one accumulator in registers at a time, and then works on them a
+    slice at a time, so that the tiles can be twice as large (DESIGN.md §5, kernels/config.py).
+
+    The barrier first: the threads still reading the previous parked tile are done with it."""
+    offsets = tl.arange(0, BLOCK_N)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+    tl.debug_barrier()
+    tl.store(scratch + offsets, x)
+
+
+@triton.jit
+def unpark_tile(scratch, first_col, row_stride, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Columns [first_col, first_col + BLOCK_V) of a tile `park_tile` stored with `row_stride` columns.
+
+    The compiler lays loads out over the threads independently of the store: the barrier makes every
+    thread's stores visible to the whole program first."""
+    offsets = tl.arange(0, BLOCK_N)[:, None] * row_stride + (first_col + tl.arange(0, BLOCK_V))[None, :]
+    tl.debug_barrier()
+    return tl.load(scratch + offsets)
