@@ -77,8 +77,14 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise UsageError(f"--backend {backend}: {exc}") from None
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, *, synchronize: bool = False) -> None:
+    """Destroy the process group. `synchronize` (after a run that succeeded on this process): wait for
+    every process first, so that none tears its connections down while another is still closing
+    its own (with gloo that race can abort a process that has finished its work: "terminate called
+    without an active exception"). Not after an error, where the others may never arrive."""
     if ctx.distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -227,11 +227,13 @@ def run_distillation(args: argparse.Namespace) -> int:
     config = train_config(args)
     config.check()
     ctx = init_distributed(args.device, args.dist_timeout)
+    code = None
     try:
         check_backend(args.backend, ctx.device)
-        return _run(args, config, ctx)
+        code = _run(args, config, ctx)
+        return code
     finally:
-        shutdown(ctx)
+        shutdown(ctx, synchronize=code == 0)
 
 
 def _evaluate(
