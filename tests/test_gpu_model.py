@@ -75,3 +75,5 @@ def test_prints_a_table_of_predictions(capsys):
     for method in ("fusedkd total", "liger total", "trl total"):
         assert method in out
     assert "backward HBM traffic" in out
+    # The assumptions the prediction hangs on, varied: the L2's bandwidth and the room it leaves.
+    assert "Sensitivity to the L2 bandwidth" in out and "Sensitivity to the L2 capacity" in out

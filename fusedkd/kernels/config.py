@@ -92,19 +92,22 @@ INTERPRETER_CONFIG = KernelConfig(
 # The GPU tiles below were sized by `python -m fusedkd.kernels.compile_check` (Triton 3.9, sm_90, Qwen3
 # shapes, no GPU needed): the largest tiles whose dots stay on the tensor cores with no spill inside
 # their K-loops and no serialized warp-group MMA (benchmarks/gpu_model.py models their traffic).
-# Each pass parks the teacher's and then the student's logit tile (tl_utils.park_tile), so only one
-# float32 accumulator is in registers during a dot; the softmax work then runs on 32-column slices
-# of the parked tiles, which keeps the elementwise phase's registers at the level of a small tile.
+# Each pass parks the teacher's logit tile (tl_utils.park_tile) while the student's is computed, so
+# only one float32 accumulator is in registers during a dot; the softmax work then runs on column
+# slices (the statistics pass parks the student's tile too and folds 32-column slices; the gradient
+# pass splits the student's tile into halves in registers), which keeps the elementwise phase's
+# registers at the level of a small tile.
 #
 # bf16 / fp16: wgmma dots (m64n128k16 per warp group).
 # * Statistics (and JSD): 256 x 128 tiles over 16 warps (85 FLOP per byte loaded through the L2,
 #   against 43 for the 64 x 128 tiles two accumulators in registers allowed), persistent programs
 #   walking 16 vocabulary splits per token block (grouped raster).
 # * Gradient: 128 x 128 logit tiles over 8 warps (the kernel's other state does not fit 16 warps'
-#   128 registers per thread: ptxas serializes the MMAs), G staged for 4 token blocks (512 tokens) x
-#   2 vocabulary blocks (256 columns) per update: the float32 weight-gradient rows are read and
-#   written once per 512 tokens, and each dh atomic add carries a sum over 256 columns. The two
-#   products run as GEMMs with 128 x 128 float32 accumulators.
+#   128 registers per thread: ptxas serializes the MMAs), G staged for 8 token blocks (1,024 tokens)
+#   x 2 vocabulary blocks (256 columns) per update: the float32 weight-gradient rows are read and
+#   written once per 1,024 tokens, and each dh atomic add carries a sum over 256 columns. The two
+#   products run as GEMMs with 128 x 128 float32 accumulators. One token group: all programs walk
+#   the updates in step, so an update's hidden states come from HBM once (benchmarks/gpu_model.py).
 # Both passes use BLOCK_H = 32: the gradient pass recomputes the logits with the statistics pass's
 # K-order (the same sequence of k16 MMAs per logit).
 HALF_CONFIG = KernelConfig(

@@ -232,7 +232,7 @@ def statistics_kernel(
     # task = pid, pid + P, ... Consecutive tasks are the splits of one token block (grouped raster,
     # fused_linear_kd.statistics_task), so the programs running together share a few hidden-state
     # tiles (L2-resident) and walk the splits' weight tiles in step (each read from HBM once per
-    # wave, then from L2). The teacher's logit tile is parked in the program's own scratch.
+    # wave, then from L2). Both logit tiles are parked in the program's own scratch.
     pid = tl.program_id(0)
     num_valid = tl.load(num_valid_ptr).to(tl.int32)
     num_tasks = tl.cdiv(num_valid, BLOCK_N) * num_splits
