@@ -71,6 +71,93 @@ NUM_STAT_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
 @triton.jit
+def empty_states(BLOCK: tl.constexpr):
+    """The eight per-token states (statistics_kernel's partial fields, in order) of no vocabulary entry."""
+    zeros = tl.zeros([BLOCK], tl.float32)
+    neg_inf = tl.full([BLOCK], float("-inf"), tl.float32)
+    return neg_inf, zeros, zeros, neg_inf, zeros, zeros, zeros, zeros
+
+
+@triton.jit
+def merge_states(
+    m_student,
+    z_student_t,
+    z_student_plain,
+    m_teacher,
+    z_teacher_t,
+    kl_acc,
+    label_logit,
+    teacher_at_top,
+    part_m_student,
+    part_z_student_t,
+    part_z_student_plain,
+    part_m_teacher,
+    part_z_teacher_t,
+    part_kl,
+    part_label_logit,
+    part_teacher_at_top,
+    inv_temperature,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+):
+    """The per-token states of two disjoint sets of vocabulary entries merged exactly (DESIGN.md §3):
+    a running state and a slice's (`fold_statistics`) or a split's (`merge_statistics_kernel`).
+    Fields the options leave unused are passed through."""
+    new_m_student = tl.maximum(m_student, part_m_student)
+    new_m_teacher = tl.maximum(m_teacher, part_m_teacher)
+    if DIVERGENCE == FORWARD_KL:
+        kl_acc = shift_kl_accumulator(
+            kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
+        ) + shift_kl_accumulator(
+            part_kl,
+            part_z_teacher_t,
+            part_m_teacher,
+            part_m_student,
+            new_m_teacher,
+            new_m_student,
+            inv_temperature,
+        )
+    elif DIVERGENCE == REVERSE_KL:
+        # Ties keep the earlier column, like argmax.
+        new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
+        kl_acc = shift_kl_accumulator(
+            kl_acc,
+            z_student_t,
+            m_student,
+            teacher_at_top,
+            new_m_student,
+            new_teacher_at_top,
+            inv_temperature,
+        ) + shift_kl_accumulator(
+            part_kl,
+            part_z_student_t,
+            part_m_student,
+            part_teacher_at_top,
+            new_m_student,
+            new_teacher_at_top,
+            inv_temperature,
+        )
+        teacher_at_top = new_teacher_at_top
+    if SEPARATE_CE:
+        _, z_student_plain = merge_lse(m_student, z_student_plain, part_m_student, part_z_student_plain, 1.0)
+    if HAS_LABELS:
+        label_logit += part_label_logit
+    _, z_student_t = merge_lse(m_student, z_student_t, part_m_student, part_z_student_t, inv_temperature)
+    _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, part_m_teacher, part_z_teacher_t, inv_temperature)
+    return (
+        new_m_student,
+        z_student_t,
+        z_student_plain,
+        new_m_teacher,
+        z_teacher_t,
+        kl_acc,
+        label_logit,
+        teacher_at_top,
+    )
+
+
+@triton.jit
 def fold_statistics(
     m_student,
     z_student_t,
@@ -95,9 +182,10 @@ def fold_statistics(
     per-token online states, merged exactly (DESIGN.md §3). Returns the eight states."""
     neg_inf = float("-inf")
     offs_fold = tl.arange(0, FOLD_V)
+    tile_label_logit = tl.zeros_like(m_student)
     if HAS_LABELS:
-        # s_y: exactly one tile holds the label column.
-        label_logit += tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
+        # s_y: exactly one slice holds the label column.
+        tile_label_logit = tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
     # The slice's own states, relative to its maxima: a = (s - max s)/T, b = (t - max t)/T.
     # Padding columns past vocab_size: excluded from the maxima, a = b = 0 there (finite, so
     # no 0 * inf anywhere) and e^a = e^b = 0.
@@ -112,68 +200,27 @@ def fold_statistics(
     exp_b = tl.where(col_mask[None, :], tl.exp(b), 0.0)
     tile_z_student_t = tl.sum(exp_a, axis=1)
     tile_z_teacher_t = tl.sum(exp_b, axis=1)
-
-    new_m_student = tl.maximum(m_student, tile_m_student)
-    new_m_teacher = tl.maximum(m_teacher, tile_m_teacher)
+    tile_teacher_at_top = tl.zeros_like(m_student)
+    tile_kl = tl.zeros_like(m_student)
     if DIVERGENCE == FORWARD_KL:
         # A = sum_v e^(b_v) (b_v - a_v): weighted by the teacher.
         tile_kl = tl.sum(exp_b * (b - a), axis=1)
-        kl_acc = shift_kl_accumulator(
-            kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
-        ) + shift_kl_accumulator(
-            tile_kl,
-            tile_z_teacher_t,
-            tile_m_teacher,
-            tile_m_student,
-            new_m_teacher,
-            new_m_student,
-            inv_temperature,
-        )
     elif DIVERGENCE == REVERSE_KL:
         # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token.
         tile_top = tl.argmax(s_valid, axis=1)
         tile_teacher_at_top = tl.sum(tl.where(offs_fold[None, :] == tile_top[:, None], t, 0.0), axis=1)
         tile_kl = tl.sum(exp_a * (a - (t - tile_teacher_at_top[:, None]) * inv_temperature), axis=1)
-        # Ties keep the earlier column, like argmax.
-        new_teacher_at_top = tl.where(tile_m_student > m_student, tile_teacher_at_top, teacher_at_top)
-        kl_acc = shift_kl_accumulator(
-            kl_acc,
-            z_student_t,
-            m_student,
-            teacher_at_top,
-            new_m_student,
-            new_teacher_at_top,
-            inv_temperature,
-        ) + shift_kl_accumulator(
-            tile_kl,
-            tile_z_student_t,
-            tile_m_student,
-            tile_teacher_at_top,
-            new_m_student,
-            new_teacher_at_top,
-            inv_temperature,
-        )
-        teacher_at_top = new_teacher_at_top
+    tile_z_student_plain = tl.zeros_like(m_student)
     if SEPARATE_CE:
         # Cross-entropy softmax at T = 1 (when T != 1): Z_s = sum_v e^(s_v - m_s).
         tile_z_student_plain = tl.sum(
             tl.where(col_mask[None, :], tl.exp(s - tile_m_student[:, None]), 0.0), axis=1
         )
-        _, z_student_plain = merge_lse(m_student, z_student_plain, tile_m_student, tile_z_student_plain, 1.0)
-    _, z_student_t = merge_lse(m_student, z_student_t, tile_m_student, tile_z_student_t, inv_temperature)
-    _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, tile_m_teacher, tile_z_teacher_t, inv_temperature)
-    m_student = new_m_student
-    m_teacher = new_m_teacher
-    return (
-        m_student,
-        z_student_t,
-        z_student_plain,
-        m_teacher,
-        z_teacher_t,
-        kl_acc,
-        label_logit,
-        teacher_at_top,
-    )
+    return merge_states(
+        m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit, teacher_at_top,
+        tile_m_student, tile_z_student_t, tile_z_student_plain, tile_m_teacher, tile_z_teacher_t, tile_kl,
+        tile_label_logit, tile_teacher_at_top, inv_temperature, DIVERGENCE, HAS_LABELS, SEPARATE_CE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -251,15 +298,10 @@ def statistics_kernel(
         else:
             labels = rows  # never read
 
-        neg_inf = float("-inf")
-        m_student = tl.full([BLOCK_N], neg_inf, tl.float32)
-        z_student_t = tl.zeros([BLOCK_N], tl.float32)
-        z_student_plain = tl.zeros([BLOCK_N], tl.float32)
-        m_teacher = tl.full([BLOCK_N], neg_inf, tl.float32)
-        z_teacher_t = tl.zeros([BLOCK_N], tl.float32)
-        kl_acc = tl.zeros([BLOCK_N], tl.float32)
-        label_logit = tl.zeros([BLOCK_N], tl.float32)
-        teacher_at_top = tl.zeros([BLOCK_N], tl.float32)
+        (
+            m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit,
+            teacher_at_top,
+        ) = empty_states(BLOCK_N)  # fmt: skip
 
         num_vocab_blocks = tl.cdiv(vocab_size, BLOCK_V)
         first_block = split * blocks_per_split
@@ -340,66 +382,31 @@ def merge_statistics_kernel(
     positions = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     num_valid = tl.load(num_valid_ptr)
     mask = positions < num_valid
-    neg_inf = float("-inf")
-    m_student = tl.full([BLOCK], neg_inf, tl.float32)
-    z_student_t = tl.zeros([BLOCK], tl.float32)
-    z_student_plain = tl.zeros([BLOCK], tl.float32)
-    m_teacher = tl.full([BLOCK], neg_inf, tl.float32)
-    z_teacher_t = tl.zeros([BLOCK], tl.float32)
-    kl_acc = tl.zeros([BLOCK], tl.float32)
-    label_logit = tl.zeros([BLOCK], tl.float32)
-    teacher_at_top = tl.zeros([BLOCK], tl.float32)
+    (
+        m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit,
+        teacher_at_top,
+    ) = empty_states(BLOCK)  # fmt: skip
     for split in range(0, num_splits):
         part = partial_ptr + split * NUM_PARTIAL_FIELDS * num_tokens + positions
-        part_m_student = tl.load(part + PARTIAL_M_STUDENT * num_tokens, mask=mask, other=0.0)
-        part_z_student_t = tl.load(part + PARTIAL_Z_STUDENT_T * num_tokens, mask=mask, other=1.0)
-        part_m_teacher = tl.load(part + PARTIAL_M_TEACHER * num_tokens, mask=mask, other=0.0)
-        part_z_teacher_t = tl.load(part + PARTIAL_Z_TEACHER_T * num_tokens, mask=mask, other=1.0)
-        part_kl = tl.load(part + PARTIAL_KL_ACC * num_tokens, mask=mask, other=0.0)
-        new_m_student = tl.maximum(m_student, part_m_student)
-        new_m_teacher = tl.maximum(m_teacher, part_m_teacher)
-        if DIVERGENCE == FORWARD_KL:
-            kl_acc = shift_kl_accumulator(
-                kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
-            ) + shift_kl_accumulator(
-                part_kl,
-                part_z_teacher_t,
-                part_m_teacher,
-                part_m_student,
-                new_m_teacher,
-                new_m_student,
-                inv_temperature,
-            )
-        elif DIVERGENCE == REVERSE_KL:
-            part_teacher_at_top = tl.load(part + PARTIAL_TEACHER_AT_TOP * num_tokens, mask=mask, other=0.0)
-            new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
-            kl_acc = shift_kl_accumulator(
-                kl_acc,
-                z_student_t,
-                m_student,
-                teacher_at_top,
-                new_m_student,
-                new_teacher_at_top,
-                inv_temperature,
-            ) + shift_kl_accumulator(
-                part_kl,
-                part_z_student_t,
-                part_m_student,
-                part_teacher_at_top,
-                new_m_student,
-                new_teacher_at_top,
-                inv_temperature,
-            )
-            teacher_at_top = new_teacher_at_top
-        if SEPARATE_CE:
-            part_z_plain = tl.load(part + PARTIAL_Z_STUDENT_PLAIN * num_tokens, mask=mask, other=1.0)
-            _, z_student_plain = merge_lse(m_student, z_student_plain, part_m_student, part_z_plain, 1.0)
-        if HAS_LABELS:
-            label_logit += tl.load(part + PARTIAL_LABEL_LOGIT * num_tokens, mask=mask, other=0.0)
-        _, z_student_t = merge_lse(m_student, z_student_t, part_m_student, part_z_student_t, inv_temperature)
-        _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, part_m_teacher, part_z_teacher_t, inv_temperature)
-        m_student = new_m_student
-        m_teacher = new_m_teacher
+        # Positions past num_valid load finite stand-ins (m = 0, Z = 1) and are never stored. Fields
+        # the options leave unused are not read.
+        rkl = DIVERGENCE == REVERSE_KL
+        (
+            m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit,
+            teacher_at_top,
+        ) = merge_states(
+            m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit,
+            teacher_at_top,
+            tl.load(part + PARTIAL_M_STUDENT * num_tokens, mask=mask, other=0.0),
+            tl.load(part + PARTIAL_Z_STUDENT_T * num_tokens, mask=mask, other=1.0),
+            tl.load(part + PARTIAL_Z_STUDENT_PLAIN * num_tokens, mask=mask & SEPARATE_CE, other=1.0),
+            tl.load(part + PARTIAL_M_TEACHER * num_tokens, mask=mask, other=0.0),
+            tl.load(part + PARTIAL_Z_TEACHER_T * num_tokens, mask=mask, other=1.0),
+            tl.load(part + PARTIAL_KL_ACC * num_tokens, mask=mask, other=0.0),
+            tl.load(part + PARTIAL_LABEL_LOGIT * num_tokens, mask=mask & HAS_LABELS, other=0.0),
+            tl.load(part + PARTIAL_TEACHER_AT_TOP * num_tokens, mask=mask & rkl, other=0.0),
+            inv_temperature, DIVERGENCE, HAS_LABELS, SEPARATE_CE,
+        )  # fmt: skip
 
     logz_student_t = tl.log(z_student_t)
     logz_teacher_t = tl.log(z_teacher_t)
