@@ -17,9 +17,13 @@ from fusedkd._options import KDOptions, apply_head, compute_dtype
 
 
 def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_v a_v (log a_v - log b_v), with 0 log 0 = 0."""
+    """sum_v a_v (log a_v - log b_v), with 0 log 0 = 0 where a_v is exactly 0, and nothing else hidden:
+    a NaN stays NaN, and a_v > 0 against b_v = 0 is +inf. The inner `where` keeps the gradient of the
+    zero terms 0 (not 0 * inf)."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    zero = torch.zeros_like(a)
+    log_ratio = torch.where(a == 0, zero, log_a - log_b)
+    return torch.where(a == 0, zero, a * log_ratio).sum(-1)
 
 
 def divergence_from_logits(
@@ -46,8 +50,14 @@ def kd_terms_from_logits(
     """(loss, distill, ce) of [N, V] logits, reduced as `options.reduction` says.
 
     The logits are the heads' projections z = W h + b; each model's head transform (logit scale, then
-    soft cap, `KDOptions`) is applied here, with autograd.
+    soft cap, `KDOptions`) is applied here, with autograd. Ignored tokens count for nothing: their rows
+    are never read (a NaN there changes no value and no gradient). In a token that counts, a NaN or +inf
+    logit, or a row of -inf, gives NaN (docs/design.md §9).
     """
+    if labels is not None:
+        counts = (labels != options.ignore_index)[:, None]
+        student_logits = torch.where(counts, student_logits, torch.zeros_like(student_logits))
+        teacher_logits = torch.where(counts, teacher_logits, torch.zeros_like(teacher_logits))
     student_logits = apply_head(student_logits, options.student_logit_scale, options.student_softcap)
     teacher_logits = apply_head(teacher_logits, options.teacher_logit_scale, options.teacher_softcap)
     divergence = divergence_from_logits(student_logits, teacher_logits, options)
@@ -127,9 +137,14 @@ def fused_linear_kd_loss(
         student_softcap=student_softcap,
         teacher_softcap=teacher_softcap,
     )
-    student_logits = _logits(inputs.student_hidden, inputs.student_weight, inputs.student_bias)
+    student_hidden, teacher_hidden = inputs.student_hidden, inputs.teacher_hidden.detach()
+    if inputs.labels is not None:  # ignored tokens are never read (their hidden states may be NaN)
+        counts = (inputs.labels != inputs.options.ignore_index)[:, None]
+        student_hidden = torch.where(counts, student_hidden, torch.zeros_like(student_hidden))
+        teacher_hidden = torch.where(counts, teacher_hidden, torch.zeros_like(teacher_hidden))
+    student_logits = _logits(student_hidden, inputs.student_weight, inputs.student_bias)
     teacher_bias_ = None if inputs.teacher_bias is None else inputs.teacher_bias.detach()
-    teacher_logits = _logits(inputs.teacher_hidden.detach(), inputs.teacher_weight.detach(), teacher_bias_)
+    teacher_logits = _logits(teacher_hidden, inputs.teacher_weight.detach(), teacher_bias_)
     loss, distill, ce = kd_terms_from_logits(student_logits, teacher_logits, inputs.labels, inputs.options)
     if reduction == "none":
         loss, distill, ce = (x.reshape(inputs.leading_shape) for x in (loss, distill, ce))
