@@ -1,0 +1,178 @@
+"""Non-finite inputs (docs/design.md §9): a NaN or +inf in a counted token's logits, or a row of -inf,
+makes that token's loss and every gradient it feeds NaN; -inf entries (masked vocabulary rows, -inf
+biases) stay exact where the mathematics is finite; ignored tokens are never read.
+
+Every case runs on every backend against `fusedkd.reference` in float64, which follows the same rule:
+NaN and inf must appear exactly where the reference has them, and the finite entries must match it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedkd
+from tests._helpers import BACKENDS, DEVICE, reference_kd_loss
+
+N, VOCAB, H_S, H_T = 9, 37, 6, 10
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+# float32 against float64 on tiny shapes: a few ulps of sums over 37 entries.
+RTOL = 1e-4
+
+LINEAR_POISONS = [
+    "teacher_nan",
+    "teacher_inf",
+    "student_nan",
+    "student_weight_nan",
+    "ignored_nan",
+    "bias_neginf",
+    "teacher_bias_all_neginf",
+]
+LOGITS_POISONS = [
+    "teacher_nan",
+    "teacher_inf",
+    "student_nan",
+    "student_inf",
+    "ignored_nan",
+    "neginf_entries",
+    "teacher_row_neginf",
+    "student_row_neginf",
+]
+
+
+def _labels():
+    labels = torch.randint(0, VOCAB, (N,))
+    labels[[0, 5]] = -100  # tokens 0 and 5 are ignored; token 2 is the poisoned counted token
+    return labels.to(DEVICE)
+
+
+def _linear_inputs(poison: str):
+    hs, ws = torch.randn(N, H_S) / H_S**0.5, torch.randn(VOCAB, H_S) * 2
+    ht, wt = torch.randn(N, H_T) / H_T**0.5, torch.randn(VOCAB, H_T) * 2
+    bs, bt = torch.randn(VOCAB), torch.randn(VOCAB)
+    if poison == "teacher_nan":
+        ht[2, 1] = math.nan
+    elif poison == "teacher_inf":
+        ht[2, 1] = math.inf
+    elif poison == "student_nan":
+        hs[2, 1] = math.nan
+    elif poison == "student_weight_nan":
+        ws[4, 0] = math.nan
+    elif poison == "ignored_nan":
+        hs[0, 1] = ht[5, 0] = math.nan
+        hs[5, 0] = math.inf
+    elif poison == "bias_neginf":
+        bs[[3, 7]] = -math.inf
+        bt[[3, 11, 20]] = -math.inf
+    elif poison == "teacher_bias_all_neginf":
+        bt[:] = -math.inf
+    return hs, ws, bs, ht, wt, bt
+
+
+def _logits_inputs(poison: str):
+    s, t = torch.randn(N, VOCAB) * 3, torch.randn(N, VOCAB) * 3
+    if poison == "teacher_nan":
+        t[2, 4] = math.nan
+    elif poison == "teacher_inf":
+        t[2, 4] = math.inf
+    elif poison == "student_nan":
+        s[2, 4] = math.nan
+    elif poison == "student_inf":
+        s[2, 4] = math.inf
+    elif poison == "ignored_nan":
+        s[0, 3] = t[5, :] = math.nan
+    elif poison == "neginf_entries":
+        s[:, [3, 7]] = -math.inf
+        t[:, [3, 11]] = -math.inf
+        t[2, 20] = -math.inf
+    elif poison == "teacher_row_neginf":
+        t[2] = -math.inf
+    elif poison == "student_row_neginf":
+        s[2] = -math.inf
+    return s, t
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, what
+    assert torch.equal(actual.isnan(), expected.isnan()), (
+        f"{what}: NaN at {actual.isnan().nonzero().tolist()[:6]}, reference at "
+        f"{expected.isnan().nonzero().tolist()[:6]}"
+    )
+    inf = expected.isinf()
+    assert torch.equal(actual.isinf(), inf) and torch.equal(actual[inf], expected[inf]), f"{what}: inf differ"
+    finite = expected.isfinite()
+    diff = (actual[finite] - expected[finite]).norm().item()
+    scale = expected[finite].norm().item()
+    assert diff <= RTOL * max(scale, 1e-6), f"{what}: relative error {diff / max(scale, 1e-30):.3g}"
+
+
+def _compare(run, reference_run, reduction: str, n_grads: int) -> None:
+    values, grads = run(torch.float32)
+    ref_values, ref_grads = reference_run(torch.float64)
+    for name, a, e in zip(("loss", "distill", "ce"), values, ref_values):
+        _check(a, e, f"{reduction} {name}")
+    for i in range(n_grads):
+        _check(grads[i], ref_grads[i], f"{reduction} gradient {i}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("poison", LINEAR_POISONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_nonfinite(backend, divergence, poison, reduction):
+    inputs, labels = _linear_inputs(poison), _labels()
+
+    def run_with(loss_fn, **extra):
+        def run(dtype):
+            hs, ws, bs, ht, wt, bt = (x.to(device=DEVICE, dtype=dtype) for x in inputs)
+            student = [x.requires_grad_(True) for x in (hs, ws, bs)]
+            out = loss_fn(
+                hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt, divergence=divergence,
+                temperature=2.0, alpha=0.6, reduction=reduction, return_components=True, **extra,
+            )  # fmt: skip
+            grads = torch.autograd.grad(out[0].sum() + 0.3 * out[1].sum(), student)
+            return out, grads
+
+        return run
+
+    _compare(
+        run_with(fusedkd.fused_linear_kd_loss, backend=backend),
+        run_with(fusedkd.reference.fused_linear_kd_loss),
+        reduction,
+        3,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("poison", LOGITS_POISONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kd_logits_nonfinite(backend, divergence, poison, reduction):
+    inputs, labels = _logits_inputs(poison), _labels()
+
+    def run_with(loss_fn, **extra):
+        def run(dtype):
+            s, t = (x.to(device=DEVICE, dtype=dtype) for x in inputs)
+            s.requires_grad_(True)
+            out = loss_fn(
+                s, t, labels, divergence=divergence, temperature=2.0, alpha=0.6, reduction=reduction,
+                return_components=True, **extra,
+            )  # fmt: skip
+            return out, torch.autograd.grad(out[0].sum() + 0.3 * out[1].sum(), [s])
+
+        return run
+
+    _compare(run_with(fusedkd.kd_loss, backend=backend), run_with(reference_kd_loss), reduction, 1)
+
+
+def test_fp16_teacher_overflow_is_nan_not_zero():
+    """The realistic trigger: an fp16 teacher whose logits overflow 65,504 (+inf) under JSD."""
+    s = torch.randn(4, 50)
+    t = torch.randn(4, 50)
+    t[1, 7] = 70000.0
+    t = t.half()
+    loss = fusedkd.kd_loss(s, t.float(), divergence="jsd", reduction="none", alpha=1.0)
+    assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all()
