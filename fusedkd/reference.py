@@ -37,7 +37,12 @@ def divergence_from_logits(
     if options.divergence == "reverse_kl":
         return _plogp_diff(log_q, log_p)
     beta = options.beta
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    # log m = logaddexp(log beta p, log (1 - beta) q); where p = q = 0 it is -inf, computed apart so that
+    # its gradient is 0, not NaN.
+    both_zero = (log_p == -math.inf) & (log_q == -math.inf)
+    log_p_safe, log_q_safe = (torch.where(both_zero, 0.0, x) for x in (log_p, log_q))
+    log_m = torch.logaddexp(log_p_safe + math.log(beta), log_q_safe + math.log1p(-beta))
+    log_m = torch.where(both_zero, -math.inf, log_m)
     return beta * _plogp_diff(log_p, log_m) + (1 - beta) * _plogp_diff(log_q, log_m)
 
 
@@ -68,6 +73,8 @@ def kd_terms_from_logits(
         valid = labels != options.ignore_index
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         ce = torch.logsumexp(student_logits, dim=-1) - student_logits.gather(-1, safe_labels[:, None])[:, 0]
+        # A student row with a +inf (or NaN) logit, or of -inf only, is not a distribution: NaN, not +inf.
+        ce = torch.where(torch.isfinite(student_logits.amax(-1)), ce, math.nan)
     zero = torch.zeros_like(divergence)
     divergence = torch.where(valid, divergence, zero)
     ce = torch.where(valid, ce, zero)

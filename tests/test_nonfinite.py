@@ -14,7 +14,17 @@ import pytest
 import torch
 
 import fusedkd
+from fusedkd.torch_backend import tiles
 from tests._helpers import BACKENDS, DEVICE, reference_kd_loss
+
+# The torch backend as on an accelerator: ignored tokens are computed (not compacted away) and masked.
+BACKENDS = [*BACKENDS, pytest.param("torch", id="torch-uncompacted", marks=pytest.mark.uncompacted)]
+
+
+@pytest.fixture(autouse=True)
+def _uncompacted(request, monkeypatch):
+    if request.node.get_closest_marker("uncompacted") is not None:
+        monkeypatch.setattr(tiles, "compacts_ignored", lambda device: False)
 
 N, VOCAB, H_S, H_T = 9, 37, 6, 10
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]

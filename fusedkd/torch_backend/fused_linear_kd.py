@@ -50,8 +50,12 @@ def stream(
     chunk_size: int,
     grad_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     need_bias_grad: bool = False,
+    valid: torch.Tensor | None = None,
 ):
     """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
+
+    `valid` ([N] bool or None): which tokens count, when ignored ones are streamed too
+    (`Tokens.uncompacted_valid`); their hidden states must then be zero rows (`Tokens.zero_ignored`).
 
     grads = (grad_student_hidden [N, H_s] input dtype, grad_student_weight [V, H_s] float32,
     grad_student_bias [V] float32 or None), with G weighted per token by `grad_weights`.
@@ -98,6 +102,7 @@ def stream(
             teacher_tempered=True,
             scratch=scratch,
             folded=folded,
+            valid=select_rows(valid, rows),
         )
         if grad is not None:
             if student_weight.dtype == grad.dtype:
@@ -130,10 +135,10 @@ def _compact_stream(
     """`stream` over the tokens that count (`tokens`), per-token results scattered back to all N."""
     n = student_hidden.shape[0]
     divergence, ce, grads = stream(
-        tokens.take(student_hidden),
+        tokens.take(tokens.zero_ignored(student_hidden)),
         student_weight,
         student_bias,
-        tokens.take(teacher_hidden),
+        tokens.take(tokens.zero_ignored(teacher_hidden)),
         teacher_weight,
         teacher_bias,
         tokens.take(tokens.safe_labels),
@@ -141,12 +146,12 @@ def _compact_stream(
         chunk_size,
         None if grad_weights is None else tuple(tokens.take(w) for w in grad_weights),
         need_bias_grad=need_bias_grad,
+        valid=tokens.uncompacted_valid,
     )
-    valid = tokens.valid.to(divergence.dtype)
-    divergence = tokens.put(divergence, n) * valid
-    ce = tokens.put(ce, n) * valid
+    divergence = torch.where(tokens.valid, tokens.put(divergence, n), 0.0)
+    ce = torch.where(tokens.valid, tokens.put(ce, n), 0.0)
     if grads is not None:
-        grads = (tokens.put(grads[0], n), grads[1], grads[2])
+        grads = (tokens.zero_ignored(tokens.put(grads[0], n)), grads[1], grads[2])
     return divergence, ce, grads
 
 

@@ -64,11 +64,13 @@ def stream(
     n: int,
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     grad_shape: torch.Size | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stream over token chunks: (divergence [N], ce [N], grad [..., V_s] or None).
 
     `index` lists the rows to compute (the valid ones, on a CPU) or is None (all rows). `labels` and
-    `grad_weights` are per row of the full [N]. Rows not computed get 0 and a zero gradient.
+    `grad_weights` are per row of the full [N]. Rows not computed get 0 and a zero gradient, and so do
+    rows computed but not `valid` (`Tokens.uncompacted_valid`).
     """
     x = student.x
     dtype = compute_dtype(x.dtype)
@@ -96,6 +98,7 @@ def stream(
             options,
             None if grad_weights is None else tuple(_pick(w, rows) for w in grad_weights),
             scratch=scratch,
+            valid=_pick(valid, rows),
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce
@@ -136,10 +139,10 @@ class LogitsKDFunction(torch.autograd.Function):
             n,
             grad_weights,
             student_logits.shape,
+            tokens.uncompacted_valid,
         )
-        valid = tokens.valid.to(dtype)
-        divergence = divergence * valid
-        ce = ce * valid
+        divergence = torch.where(tokens.valid, divergence, 0.0)
+        ce = torch.where(tokens.valid, ce, 0.0)
         loss = options.distill_weight * divergence + options.ce_weight * ce
 
         ctx.set_materialize_grads(False)
@@ -181,6 +184,7 @@ class LogitsKDFunction(torch.autograd.Function):
                     n,
                     weights,
                     student_logits.shape,
+                    tokens.uncompacted_valid,
                 )
             grads = (grad,)
         return input_grads(ctx.needs_input_grad, {0: grads[0]})

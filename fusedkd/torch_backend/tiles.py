@@ -169,6 +169,7 @@ def kd_tile_terms(
     teacher_tempered: bool = False,
     scratch: Scratch | None = None,
     folded: tuple[float, float] = (1.0, 1.0),
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of rows: (divergence [c], ce [c], G [c, V] or None), from logit tiles it overwrites.
 
@@ -183,6 +184,8 @@ def kd_tile_terms(
     `s`, `t` are [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid id,
     their weights are 0). `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill dD/ds +
     w_ce dC/ds (DESIGN.md §4). The rows are processed in groups of `scratch.rows`.
+    `valid` ([c] bool, or None when every row counts): rows that do not count get 0 and a zero G row,
+    whatever their logits hold; a counted row that is not a distribution gets NaN (§9).
     """
     c, vocab = s.shape
     if scratch is None:
@@ -201,6 +204,7 @@ def kd_tile_terms(
             divergence[rows],
             ce[rows],
             folded,
+            select_rows(valid, rows),
         )
     return divergence, ce, None if grad_weights is None else grad_tile(options, s, t)
 
@@ -225,6 +229,7 @@ def _group_terms(
     divergence_out: torch.Tensor,
     ce_out: torch.Tensor,
     folded: tuple[float, float],
+    valid: torch.Tensor | None,
 ) -> None:
     """`kd_tile_terms` on one group of rows, in place: few passes, no allocation of the group's size.
 
@@ -259,9 +264,13 @@ def _group_terms(
         w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
-    # even for logits of magnitude 1e4 (DESIGN.md §6).
-    s.sub_(_finite_row_max(s))
-    t.sub_(_finite_row_max(t))
+    # even for logits of magnitude 1e4 (DESIGN.md §6). A row whose maximum is not finite (a NaN or +inf
+    # entry, or -inf everywhere) is not a distribution: its token's values and G row become NaN (§9).
+    student_bad, teacher_bad = _subtract_row_max(s), _subtract_row_max(t)
+    if valid is not None:  # ignored rows are never read: no value of theirs reaches an output
+        student_bad &= valid
+        teacher_bad &= valid
+    distill_bad = student_bad | teacher_bad
     label_logit = None if labels is None else s[rows, labels]  # s_y - max s
     # The cross-entropy is at T = 1: for T != 1 its softmax, exp(s - max s) / Z1, differs from q.
     plain = z_plain = None
@@ -274,11 +283,15 @@ def _group_terms(
             t.div_(T)  # b
 
     def finish(z_student: torch.Tensor, value: torch.Tensor) -> None:
-        divergence_out.copy_(value)
+        divergence_out.copy_(value.masked_fill_(distill_bad, math.nan))
         if labels is None:
             ce_out.zero_()
         else:  # C = LSE(s) - s_y = log Z1 - (s_y - max s)
-            ce_out.copy_((z_student if z_plain is None else z_plain).log() - label_logit)
+            ce = (z_student if z_plain is None else z_plain).log() - label_logit
+            ce_out.copy_(ce.masked_fill_(student_bad, math.nan))
+        if valid is not None:
+            divergence_out.masked_fill_(~valid, 0.0)
+            ce_out.masked_fill_(~valid, 0.0)
 
     if options.divergence == "forward_kl":
         # D = sum p (log p - log q) = sum Ep (b - a) / Zp - log Zp + log Zq
@@ -345,18 +358,29 @@ def _group_terms(
         grad[rows, labels] -= w_ce
     if cap_derivative is not None:
         grad.mul_(cap_derivative)
+    # The rows of non-distributions feed NaN (§9); ignored rows feed nothing, whatever they hold. On a
+    # CPU the pass is skipped when no row needs it (reading the flag costs nothing there).
+    fill = distill_bad if valid is None else distill_bad | ~valid
+    if s.device.type != "cpu" or bool(fill.any()):
+        row_fill = torch.full_like(divergence_out, math.nan)
+        if valid is not None:
+            row_fill.masked_fill_(~valid, 0.0)
+        torch.where(fill[:, None], row_fill[:, None], grad, out=grad)
+
+
+def _subtract_row_max(x: torch.Tensor) -> torch.Tensor:
+    """In place: x minus each row's maximum (0 for a row whose maximum is not finite). Returns whether
+    each row's maximum is NaN (a NaN entry), +inf (a +inf entry) or -inf (every entry -inf)."""
+    row_max = x.amax(dim=-1)
+    bad = ~torch.isfinite(row_max)
+    x.sub_(row_max.masked_fill_(bad, 0.0)[:, None])
+    return bad
 
 
 def _zero_where_unweighted(log_ratio: torch.Tensor) -> torch.Tensor:
     """In place: -inf (its weight is 0, the other side finite) and NaN (both -inf) become 0; +inf (a
     truly infinite divergence) stays."""
     return log_ratio.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
-
-
-def _finite_row_max(x: torch.Tensor) -> torch.Tensor:
-    """Each row's maximum, or 0 for a row of -inf (so that subtracting it never makes a NaN)."""
-    row_max = x.amax(dim=-1, keepdim=True)
-    return row_max.masked_fill_(row_max == -math.inf, 0.0)
 
 
 def compacts_ignored(device: torch.device) -> bool:
@@ -381,6 +405,22 @@ class Tokens:
         self.safe_labels = (
             None if labels is None else torch.where(self.valid, labels, torch.zeros_like(labels))
         )
+
+    @property
+    def uncompacted_valid(self) -> torch.Tensor | None:
+        """Which rows count, where ignored rows are still computed (labels given, not compacted), else
+        None: every row computed counts."""
+        if self.index is not None or self.safe_labels is None:
+            return None
+        return self.valid
+
+    def zero_ignored(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """`x` ([n, ...]) with the rows of ignored tokens zeroed where they are still computed: they are
+        never read, so a NaN there reaches no output (a differentiable copy; `x` itself otherwise)."""
+        valid = self.uncompacted_valid
+        if x is None or valid is None:
+            return x
+        return torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x, 0)
 
     def take(self, x: torch.Tensor | None) -> torch.Tensor | None:
         return x if x is None or self.index is None else x.index_select(0, self.index)
