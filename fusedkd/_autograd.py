@@ -121,27 +121,50 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 
 DOUBLE_BACKWARD_ERROR = (
     "fusedkd's losses are differentiable once: their gradients cannot be differentiated again "
-    "(double backward through create_graph=True is not supported)"
+    "(double backward through create_graph=True, e.g. a gradient penalty, is not supported)"
 )
+
+
+class _RefuseDifferentiation(torch.autograd.Function):
+    """Passes the gradients `grads` through; differentiating them (towards any tensor the loss was
+    computed from: `anchors` are the Function's saved inputs) raises `DOUBLE_BACKWARD_ERROR`."""
+
+    @staticmethod
+    def forward(ctx, num_grads: int, *tensors: torch.Tensor):
+        return tuple(g.view_as(g) for g in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 def once_differentiable(backward):
     """`torch.autograd.function.once_differentiable` for a Function's backward, and stricter.
 
     The backward runs without building a graph. Under ``create_graph=True`` the gradients it returns
-    carry an error node, so differentiating them raises `DOUBLE_BACKWARD_ERROR` instead of treating
-    them as constants; torch's decorator attaches that node only when an output gradient itself
-    requires grad, and a gradient penalty through the loss would otherwise silently lose its part.
+    come out of a node that raises `DOUBLE_BACKWARD_ERROR` when differentiated, and that node hangs off
+    the Function's saved inputs as well as its output gradients. So every second-order use raises, a
+    gradient penalty ``L + |dL/dh|^2`` differentiated towards ``h``, the weights or anything upstream of
+    them included (``autograd.grad(..., inputs=...)``, ``backward(inputs=...)``): torch's decorator
+    attaches its error only when an output gradient itself requires grad, and the penalty's
+    second-order part would otherwise be silently dropped.
     """
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # create_graph=False: nothing can differentiate the gradients
             return grads
-        error = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(grads))
-        marked = error(*(None if g is None else g.detach().requires_grad_(True) for g in grads))
-        return marked if isinstance(marked, tuple) else (marked,)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        anchors = [x for x in ctx.saved_tensors if isinstance(x, torch.Tensor) and x.requires_grad]
+        anchors += [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
+        if not present:
+            return grads
+        marked = _RefuseDifferentiation.apply(len(present), *(grads[i].detach() for i in present), *anchors)
+        out = list(grads)
+        for i, g in zip(present, marked):
+            out[i] = g
+        return tuple(out)
 
     return wrapper

@@ -1015,6 +1015,21 @@ def test_double_backward_is_a_clear_error(key, backend):
         grad.sum().backward()
 
 
+@pytest.mark.parametrize("key,backend", cases())
+def test_gradient_penalty_is_a_clear_error(key, backend):
+    """L + |dL/dx|^2 differentiated towards the inputs (not through the gradient's own graph): the
+    second-order part cannot be dropped silently, with autograd.grad(inputs=...) or backward(inputs=...)."""
+    inputs = LOSSES[key].make(leading=(9,), vocab=101)
+    students = inputs.students()
+    out = LOSSES[key].function(*inputs.args.values(), **inputs.kwargs, backend=backend, temperature=2.0)
+    (grad,) = torch.autograd.grad(out, students[0], create_graph=True)
+    penalized = out + 0.1 * grad.square().sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(penalized, students, retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        penalized.backward(inputs=[students[-1]])
+
+
 def test_the_sync_detectors_detect():
     """The detectors of test_no_host_sync_on_the_loss_path fire on what they look for."""
     x = torch.arange(5.0)
