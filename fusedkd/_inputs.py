@@ -91,11 +91,29 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
 
 
+def check_sizes(name: str, tensor: torch.Tensor, what: str = "hidden size") -> None:
+    """The last dimension (a hidden size, or a vocabulary) of `tensor` is not empty."""
+    if tensor.shape[-1] == 0:
+        raise ValueError(f"{name} has {what} 0 (shape {tuple(tensor.shape)}): there is nothing to project")
+
+
 def check_same_dtype(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if tensor.dtype != ref.dtype:
         raise TypeError(
             f"{name} has dtype {tensor.dtype} but {ref_name} has dtype {ref.dtype}; they must match "
             f"(cast one, e.g. {name}.to({ref.dtype}))"
+        )
+
+
+def check_no_functorch() -> None:
+    """The losses are autograd Functions with eager checks and host-side chunking: `torch.func`
+    transforms (vmap, grad, jacrev, ...) cannot batch or differentiate them. Refused by name."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "fusedkd's losses do not run under torch.func transforms (vmap, grad, jacrev, ...): call the "
+            "loss on the whole batch instead of vmap (it takes any leading shape, e.g. [batch, seq, hidden], "
+            "and reduction='none' gives per-token values), and use torch.autograd.grad or .backward() "
+            "instead of torch.func.grad"
         )
 
 
@@ -263,6 +281,7 @@ def prepare_linear_kd(
     vocab_size: int | None,
     **head: float | None,
 ) -> LinearKDInputs:
+    check_no_functorch()
     check_tensor("student_hidden", student_hidden, min_ndim=1)
     check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
     check_tensor("student_weight", student_weight, ndim=2)
@@ -274,6 +293,7 @@ def prepare_linear_kd(
         ("teacher_weight", teacher_weight),
     ):
         check_float(name, t)
+        check_sizes(name, t)
     # Under torch.autocast the projections run in its dtype, as torch.nn.functional.linear does.
     student_cast = autocast_dtype(student_hidden.device)
     teacher_cast = autocast_dtype(teacher_hidden.device)
@@ -394,10 +414,13 @@ def prepare_logits_kd(
     **head: float | None,
 ) -> LogitsKDInputs:
     """Check every argument of `kd_loss` (raising a ValueError / TypeError that names it) before any work."""
+    check_no_functorch()
     check_tensor("student_logits", student_logits, min_ndim=1)
     check_tensor("teacher_logits", teacher_logits, min_ndim=1)
     check_float("student_logits", student_logits)
     check_float("teacher_logits", teacher_logits)
+    check_sizes("student_logits", student_logits, "vocabulary size")
+    check_sizes("teacher_logits", teacher_logits, "vocabulary size")
     if labels is not None:
         check_tensor("labels", labels)
     check_devices({"student_logits": student_logits, "teacher_logits": teacher_logits, "labels": labels})
@@ -461,10 +484,13 @@ def prepare_topk_kd(
     **head: float | None,
 ) -> TopKKDInputs:
     """Check every argument of `fused_linear_topk_kd_loss` before any work; raise naming the argument."""
+    check_no_functorch()
     check_tensor("student_hidden", student_hidden, min_ndim=1)
     check_tensor("student_weight", student_weight, ndim=2)
     check_float("student_hidden", student_hidden)
     check_float("student_weight", student_weight)
+    check_sizes("student_hidden", student_hidden)
+    check_sizes("student_weight", student_weight)
     cast = autocast_dtype(student_hidden.device)
     student_hidden, student_weight, student_bias = (
         autocast_cast(x, cast) for x in (student_hidden, student_weight, student_bias)
@@ -527,7 +553,8 @@ def prepare_topk_kd(
     )
     flat_ids = ids.reshape(-1, k).long()
     flat_logprobs = logprobs.reshape(-1, k)
-    check_topk_values(flat_ids, flat_logprobs, vocab)
+    counts = None if flat_labels is None else flat_labels != ignore_index
+    check_topk_values(flat_ids, flat_logprobs, vocab, counts)
     return TopKKDInputs(
         student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight=student_weight if student_weight.shape[0] == vocab else student_weight[:vocab],
@@ -545,10 +572,13 @@ def prepare_topk_kd(
     )
 
 
-def check_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> None:
-    """ids in [0, V) and distinct per token; logprobs <= 0 (no NaN) with a mass of at most 1 (+ rounding).
+def check_topk_values(
+    ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, counts: torch.Tensor | None = None
+) -> None:
+    """ids in [0, V) and distinct per token; logprobs <= 0 (no NaN) with a mass of at most 1 (+ rounding),
+    and more than 0 at every position that counts (`counts`, [N] bool; None: all).
 
-    Four reductions over [N, k], so that bad data is an error, not a NaN: eager on a CPU, asynchronous
+    Five reductions over [N, k], so that bad data is an error, not a NaN: eager on a CPU, asynchronous
     device-side assertions on an accelerator (no host sync, `check_values`).
     """
     if ids.numel() == 0:
@@ -574,6 +604,13 @@ def check_topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> 
     # Their mass sum_j exp(logprobs_j) is at most 1, up to the rounding of the stored dtype.
     tolerance = 1e-6 + 4 * torch.finfo(logprobs.dtype).eps * max(1.0, math.log(ids.shape[-1]))
     mass = torch.logsumexp(logprobs.float(), dim=-1).exp()
+    empty = mass == 0 if counts is None else (mass == 0) & counts
+    check_values(
+        empty,
+        "logprobs must give every position that counts some mass: a row of -inf log-probabilities lists no "
+        "teacher distribution (mark such positions with ignore_index)",
+        lambda: f"position {empty.nonzero()[0].item()} has all its log-probabilities -inf",
+    )
     check_values(
         mass > 1 + tolerance,
         "logprobs must be log-probabilities normalized over the full vocabulary (log softmax, not logits)",
@@ -611,10 +648,18 @@ def prepare_teacher_topk(
     teacher_softcap: float | None = None,
 ) -> TeacherTopKInputs:
     """Check every argument of `teacher_topk` before any work; raise naming the argument."""
+    check_no_functorch()
     check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
     check_tensor("teacher_weight", teacher_weight, ndim=2)
     check_float("teacher_hidden", teacher_hidden)
     check_float("teacher_weight", teacher_weight)
+    check_sizes("teacher_hidden", teacher_hidden)
+    check_sizes("teacher_weight", teacher_weight)
+    if teacher_hidden.device.type == "meta":
+        raise ValueError(
+            "teacher_hidden is on the meta device: teacher_topk computes values (token ids and "
+            "log-probabilities), which a meta tensor has none of; pass real tensors"
+        )
     # Under torch.autocast the projection runs in its dtype, as torch.nn.functional.linear does.
     cast = autocast_dtype(teacher_hidden.device)
     teacher_hidden, teacher_weight, teacher_bias = (

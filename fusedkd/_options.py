@@ -109,12 +109,24 @@ def check_unit_interval(name: str, value: float) -> float:
     return value
 
 
+# The temperatures a float32 loss can represent. The divergence of logits at temperature T shrinks like
+# 1 / T^2 and is scaled back by T^2: past MAX_TEMPERATURE its float32 rounding error is as large as it
+# (and T^2 overflows float32 near 1e19, making NaN); below MIN_TEMPERATURE, logits / T overflow.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
 def check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature:g}: beyond "
+            "those, float32 cannot represent the tempered divergence (logits / T overflow, or T^2 D "
+            "is all rounding error)"
+        )
     return temperature
 
 

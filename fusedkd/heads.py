@@ -9,6 +9,7 @@ distills the distribution the model actually predicts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,17 @@ def head_transform(config) -> HeadTransform:
         >>> head_transform(GraniteConfig(logits_scaling=8.0))
         HeadTransform(logit_scale=0.125, softcap=None)
     """
+    if isinstance(config, Mapping):
+        raise TypeError(
+            "head_transform takes a model's config object (model.config, or transformers.AutoConfig."
+            "from_pretrained(...)), not a dict: a dict's keys are not read, and a soft cap in it would be "
+            "silently lost (make one with transformers.AutoConfig.for_model(**config_dict))"
+        )
+    if not hasattr(config, "to_dict"):
+        raise TypeError(
+            f"head_transform takes a model's config object (model.config, a transformers.PretrainedConfig), "
+            f"got {type(config).__name__}"
+        )
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     for name in UNSUPPORTED_HEAD_ATTRIBUTES:

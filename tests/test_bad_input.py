@@ -63,6 +63,10 @@ CASES = [
     (dict(teacher_hidden=[1.0]), TypeError, "teacher_hidden must be a torch.Tensor"),
     (dict(student_bias=torch.randn(49)), ValueError, "student_bias must have one entry per row"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(temperature=1e20), ValueError, r"temperature must be in \[0.001, 1000\]"),
+    (dict(temperature=1e-6), ValueError, r"temperature must be in \[0.001, 1000\]"),
+    (dict(student_hidden=torch.randn(6, 0), student_weight=torch.randn(50, 0)), ValueError, "hidden size 0"),
+    (dict(teacher_hidden=torch.randn(6, 0), teacher_weight=torch.randn(50, 0)), ValueError, "hidden size 0"),
 ]
 
 
@@ -114,3 +118,46 @@ def test_ignored_label_may_be_any_int():
     args["labels"][:3] = 50
     loss = fusedkd.fused_linear_kd_loss(*args.values(), ignore_index=50)
     assert torch.isfinite(loss)
+
+
+def test_degenerate_inputs_of_the_other_entry_points():
+    with pytest.raises(ValueError, match="student_logits has vocabulary size 0"):
+        fusedkd.kd_loss(torch.randn(4, 0), torch.randn(4, 0), alpha=1.0)
+    with pytest.raises(ValueError, match="teacher_hidden has hidden size 0"):
+        fusedkd.teacher_topk(torch.randn(4, 0), torch.randn(9, 0), k=2)
+    with pytest.raises(ValueError, match="teacher_hidden is on the meta device"):
+        fusedkd.teacher_topk(torch.randn(4, 3, device="meta"), torch.randn(9, 3, device="meta"), k=2)
+    # A counted position whose listed teacher log-probabilities are all -inf has no teacher distribution.
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    logprobs = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.3], [0.1, 0.1]]))
+    logprobs[1] = -float("inf")
+    hidden, weight = torch.randn(3, 4), torch.randn(9, 4)
+    with pytest.raises(ValueError, match="position 1 has all its log-probabilities -inf"):
+        fusedkd.fused_linear_topk_kd_loss(hidden, weight, ids, logprobs, torch.tensor([1, 2, 3]))
+    # ... and is fine when it does not count.
+    loss = fusedkd.fused_linear_topk_kd_loss(hidden, weight, ids, logprobs, torch.tensor([1, -100, 3]))
+    assert torch.isfinite(loss)
+
+
+def test_head_transform_refuses_what_is_not_a_config():
+    transformers = pytest.importorskip("transformers", reason="the train extra is not installed")
+    config = transformers.Gemma2Config(final_logit_softcapping=30.0)
+    with pytest.raises(TypeError, match="not a dict"):
+        fusedkd.head_transform(config.to_dict())
+    with pytest.raises(TypeError, match="got NoneType"):
+        fusedkd.head_transform(None)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_torch_func_transforms_are_refused_with_the_alternative(transform):
+    args = good()
+    student_hidden = args.pop("student_hidden")
+
+    def loss(h):
+        return fusedkd.fused_linear_kd_loss(h, *args.values())
+
+    with pytest.raises(RuntimeError, match="torch.func transforms .*call the loss on the whole batch"):
+        if transform == "vmap":
+            torch.func.vmap(loss)(student_hidden[None].expand(2, -1, -1))
+        else:
+            torch.func.grad(loss)(student_hidden)
