@@ -359,9 +359,10 @@ def _group_terms(
     if cap_derivative is not None:
         grad.mul_(cap_derivative)
     # The rows of non-distributions feed NaN (§9); ignored rows feed nothing, whatever they hold. On a
-    # CPU the pass is skipped when no row needs it (reading the flag costs nothing there).
+    # CPU the pass is skipped when no row needs it (reading the flag costs nothing there, as for
+    # `compacts_ignored`; elsewhere it would be a host synchronization).
     fill = distill_bad if valid is None else distill_bad | ~valid
-    if s.device.type != "cpu" or bool(fill.any()):
+    if not compacts_ignored(s.device) or bool(fill.any()):
         row_fill = torch.full_like(divergence_out, math.nan)
         if valid is not None:
             row_fill.masked_fill_(~valid, 0.0)
