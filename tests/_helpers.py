@@ -273,18 +273,35 @@ def reference_topk_kd_loss(
     )
     options = inputs.options
     compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    s = inputs.student_hidden @ inputs.student_weight.T
+    hidden = inputs.student_hidden
+    if inputs.labels is not None:  # ignored tokens are never read
+        hidden = torch.where((inputs.labels != ignore_index)[:, None], hidden, torch.zeros_like(hidden))
+    s = hidden @ inputs.student_weight.T
     if inputs.student_bias is not None:
         s = s + inputs.student_bias
     s = apply_head(s.to(compute), student_logit_scale, student_softcap)
     log_q_full = torch.log_softmax(s / temperature, dim=-1)
     ids, log_p = inputs.ids, inputs.logprobs.to(compute)
-    log_q = log_q_full.gather(-1, ids)
     k, vocab = ids.shape[-1], s.shape[-1]
+    if inputs.labels is not None:  # positions that do not count may list anything (all -inf, say)
+        counts = (inputs.labels != ignore_index)[:, None]
+        log_p = torch.where(counts, log_p, -math.log(k))
+    if tail == "renormalize" and not inputs.support.need_ce:
+        # Only the k listed rows of the head are read (a NaN elsewhere in it is never seen): log q^ from
+        # the k logits W[ids] h (+ b).
+        s_support = torch.einsum("nkh,nh->nk", inputs.student_weight[ids], hidden)
+        if inputs.student_bias is not None:
+            s_support = s_support + inputs.student_bias[ids]
+        if inputs.labels is not None:  # ignored tokens are never read (not even their k rows)
+            s_support = torch.where(counts, s_support, torch.zeros_like(s_support))
+        log_q = apply_head(s_support.to(compute), student_logit_scale, student_softcap) / temperature
+    else:
+        log_q = log_q_full.gather(-1, ids)
 
-    def plogp_ratio(log_x, log_y):  # sum x (log x - log y), 0 log 0 = 0
+    def plogp_ratio(log_x, log_y):  # sum x (log x - log y), 0 log 0 = 0; a NaN stays NaN
         x = log_x.exp()
-        return torch.where(x > 0, x * (log_x - log_y), torch.zeros_like(x))
+        zero = torch.zeros_like(x)
+        return torch.where(x == 0, zero, x * torch.where(x == 0, zero, log_x - log_y))
 
     if tail == "renormalize":
         log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
@@ -312,6 +329,8 @@ def reference_topk_kd_loss(
         valid = inputs.labels != ignore_index
         safe = torch.where(valid, inputs.labels, 0)
         ce = torch.logsumexp(s, -1) - s.gather(-1, safe[:, None])[:, 0]
+        if not inputs.support.need_ce:  # not computed at all (the sparse path reads only k rows)
+            ce = torch.zeros_like(per_token)
     zero = torch.zeros_like(per_token)
     per_token, ce = torch.where(valid, per_token, zero), torch.where(valid, ce, zero)
     loss = options.distill_weight * per_token + options.ce_weight * ce

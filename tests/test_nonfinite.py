@@ -15,7 +15,7 @@ import torch
 
 import fusedkd
 from fusedkd.torch_backend import tiles
-from tests._helpers import BACKENDS, DEVICE, reference_kd_loss
+from tests._helpers import BACKENDS, DEVICE, reference_kd_loss, reference_topk_kd_loss
 
 # The torch backend as on an accelerator: ignored tokens are computed (not compacted away) and masked.
 BACKENDS = [*BACKENDS, pytest.param("torch", id="torch-uncompacted", marks=pytest.mark.uncompacted)]
@@ -176,6 +176,52 @@ def test_kd_logits_nonfinite(backend, divergence, poison, reduction):
         return run
 
     _compare(run_with(fusedkd.kd_loss, backend=backend), run_with(reference_kd_loss), reduction, 1)
+
+
+TOPK_POISONS = ["student_nan", "student_inf", "student_weight_nan", "ignored_nan", "bias_neginf"]
+
+
+@pytest.mark.parametrize("poison", TOPK_POISONS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("tail,alpha", [("bucket", 0.6), ("renormalize", 0.6), ("renormalize", 1.0)])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "torch"])
+def test_topk_nonfinite(backend, tail, alpha, divergence, poison):
+    """The sparse top-k loss (torch backend; renormalize with alpha=1 reads only the k listed rows)."""
+    hs, ws, bs = torch.randn(N, H_S) / H_S**0.5, torch.randn(VOCAB, H_S) * 2, torch.randn(VOCAB)
+    teacher = torch.log_softmax(torch.randn(N, VOCAB) * 3, dim=-1)
+    logprobs, ids = teacher.topk(5, dim=-1)
+    labels = _labels()
+    if poison == "student_nan":
+        hs[2, 1] = math.nan
+    elif poison == "student_inf":
+        hs[2, 1] = math.inf
+    elif poison == "student_weight_nan":
+        ws[ids[3, 0], 0] = math.nan
+    elif poison == "ignored_nan":
+        hs[0, 1] = math.nan
+        logprobs[5] = -math.inf  # a position that does not count need list no mass
+    elif poison == "bias_neginf":
+        bs[ids[4, 1]] = bs[ids[6, 0]] = -math.inf
+        bs[[v for v in range(VOCAB) if v not in ids[:, :3].flatten().tolist()][:4]] = -math.inf
+
+    def run_with(loss_fn, **extra):
+        def run(dtype):
+            student = [x.to(device=DEVICE, dtype=dtype).requires_grad_(True) for x in (hs, ws, bs)]
+            out = loss_fn(
+                student[0], student[1], ids.to(DEVICE), logprobs.to(device=DEVICE, dtype=dtype), labels,
+                student_bias=student[2], divergence=divergence, temperature=2.0, alpha=alpha, tail=tail,
+                reduction="none", **extra,
+            )  # fmt: skip
+            return (out, out, out), torch.autograd.grad(out.sum(), student)
+
+        return run
+
+    _compare(
+        run_with(fusedkd.fused_linear_topk_kd_loss, backend=backend),
+        run_with(reference_topk_kd_loss),
+        "none",
+        3,
+    )
 
 
 def test_fp16_teacher_overflow_is_nan_not_zero():

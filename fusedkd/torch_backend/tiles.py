@@ -266,7 +266,7 @@ def _group_terms(
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
     # even for logits of magnitude 1e4 (DESIGN.md §6). A row whose maximum is not finite (a NaN or +inf
     # entry, or -inf everywhere) is not a distribution: its token's values and G row become NaN (§9).
-    student_bad, teacher_bad = _subtract_row_max(s), _subtract_row_max(t)
+    student_bad, teacher_bad = subtract_row_max(s), subtract_row_max(t)
     if valid is not None:  # ignored rows are never read: no value of theirs reaches an output
         student_bad &= valid
         teacher_bad &= valid
@@ -358,18 +358,22 @@ def _group_terms(
         grad[rows, labels] -= w_ce
     if cap_derivative is not None:
         grad.mul_(cap_derivative)
-    # The rows of non-distributions feed NaN (§9); ignored rows feed nothing, whatever they hold. On a
-    # CPU the pass is skipped when no row needs it (reading the flag costs nothing there, as for
-    # `compacts_ignored`; elsewhere it would be a host synchronization).
-    fill = distill_bad if valid is None else distill_bad | ~valid
-    if not compacts_ignored(s.device) or bool(fill.any()):
-        row_fill = torch.full_like(divergence_out, math.nan)
+    fill_gradient_rows(grad, distill_bad, valid)
+
+
+def fill_gradient_rows(grad: torch.Tensor, bad: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """In place: the G rows of non-distributions (`bad`) become NaN (§9), those of rows that do not count
+    (not `valid`) 0, whatever they hold. On a CPU the pass is skipped when no row needs it (reading the
+    flag costs nothing there, as for `compacts_ignored`; elsewhere it would be a host synchronization)."""
+    fill = bad if valid is None else bad | ~valid
+    if not compacts_ignored(grad.device) or bool(fill.any()):
+        row_fill = torch.full(fill.shape, math.nan, dtype=grad.dtype, device=grad.device)
         if valid is not None:
             row_fill.masked_fill_(~valid, 0.0)
         torch.where(fill[:, None], row_fill[:, None], grad, out=grad)
 
 
-def _subtract_row_max(x: torch.Tensor) -> torch.Tensor:
+def subtract_row_max(x: torch.Tensor) -> torch.Tensor:
     """In place: x minus each row's maximum (0 for a row whose maximum is not finite). Returns whether
     each row's maximum is NaN (a NaN entry), +inf (a +inf entry) or -inf (every entry -inf)."""
     row_max = x.amax(dim=-1)

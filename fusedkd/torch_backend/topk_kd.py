@@ -39,8 +39,8 @@ from fusedkd.torch_backend.tiles import (
 
 
 def _xlogy_ratio(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
-    """x (log x - log y), and 0 where x = 0 (whatever log y is)."""
-    return torch.where(x > 0, x * (log_x - log_y), torch.zeros_like(x))
+    """x (log x - log y), and 0 where x = 0 (whatever log y is); a NaN stays NaN."""
+    return torch.where(x == 0, 0.0, x * (log_x - log_y))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -132,13 +132,16 @@ def _tile_chunk(
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
     scratch: Scratch,
     folded: float = 1.0,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One token chunk through its `c x V` student logits tile `s`, which it overwrites:
     (divergence [c], ce [c], G [c, V] (in `s`) or None).
 
     `labels` are safe (ignored rows hold a valid id; their weights are 0). G = w_distill dD/ds + w_ce dC/ds.
     The element-wise passes run on groups of `scratch.rows` rows, in place (as `tiles.kd_tile_terms`).
-    `folded`: the factor `s` already carries relative to W h + b (`tiles.gemm_scales`).
+    `folded`: the factor `s` already carries relative to W h + b (`tiles.gemm_scales`). `valid` ([c] bool
+    or None: all): rows that do not count get 0 and a zero G row; a counted row whose logits are not a
+    distribution (a NaN or +inf, or only -inf) gets NaN (docs/design.md §9).
     """
     c = s.shape[0]
     divergence = s.new_empty(c)
@@ -156,6 +159,7 @@ def _tile_chunk(
             divergence[rows],
             ce[rows],
             folded,
+            select_rows(valid, rows),
         )
     return divergence, ce, None if grad_weights is None else s
 
@@ -172,6 +176,7 @@ def _tile_group(
     divergence_out: torch.Tensor,
     ce_out: torch.Tensor,
     folded: float,
+    valid: torch.Tensor | None,
 ) -> None:
     """`_tile_chunk` on one group of rows; G, when wanted, is left in `s`."""
     T = options.temperature
@@ -188,7 +193,17 @@ def _tile_group(
         w_distill = w_distill * options.student_logit_scale
         w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
-    s.sub_(finite(s.amax(dim=-1, keepdim=True)))  # relative to the row maximum (DESIGN.md §6)
+    bad = tiles.subtract_row_max(s)  # relative to the row maximum (DESIGN.md §6); bad: not a distribution
+    if valid is not None:
+        bad &= valid
+
+    def finish_values() -> None:
+        divergence_out.masked_fill_(bad, math.nan)
+        ce_out.masked_fill_(bad, math.nan)
+        if valid is not None:
+            divergence_out.masked_fill_(~valid, 0.0)
+            ce_out.masked_fill_(~valid, 0.0)
+
     plain = z_plain = None
     ce_out.zero_()
     if support.need_ce and labels is not None:
@@ -211,6 +226,7 @@ def _tile_group(
             a_support, lse_tail, log_p, options.divergence, full_support, support.precision, want_grad
         )
         divergence_out.copy_(terms.divergence)
+        finish_values()
         if not want_grad:
             return
         # Outside K: r_v c_tail with r = softmax over the tail (0 on K).
@@ -219,6 +235,7 @@ def _tile_group(
     else:
         terms = _renormalized_terms(a_support, log_p, options.divergence, want_grad)
         divergence_out.copy_(terms.divergence)
+        finish_values()
         if not want_grad:
             return
         grad = s.zero_()
@@ -228,6 +245,7 @@ def _tile_group(
     grad.scatter_add_(1, ids, terms.g_support.mul_((w_distill / T)[:, None]))
     if cap_derivative is not None:
         grad.mul_(cap_derivative)
+    tiles.fill_gradient_rows(grad, bad, valid)
 
 
 def _sparse_chunk(
@@ -240,6 +258,7 @@ def _sparse_chunk(
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     rows: slice,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tail="renormalize" without cross-entropy: only the k rows W_s[ids] of the head are touched.
 
@@ -267,6 +286,8 @@ def _sparse_chunk(
         g_support = terms.g_support.mul_((grad_weights[0] * (options.student_logit_scale / T))[:, None])
         if cap_derivative is not None:
             g_support.mul_(cap_derivative)  # [c, k]
+        if valid is not None:  # rows that do not count feed nothing, whatever they hold
+            g_support.masked_fill_(~valid[:, None], 0.0)
         grad_hidden[rows] = torch.bmm(g_support.to(weight.dtype)[:, None, :], support_weight)[:, 0]
         flat_ids = ids.reshape(-1)
         outer = (g_support[:, :, None] * hidden.to(dtype)[:, None, :]).reshape(-1, hidden.shape[1])
@@ -288,10 +309,13 @@ def stream(
     chunk_size: int | None,
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     need_bias_grad: bool = False,
+    valid: torch.Tensor | None = None,
 ):
     """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
 
     grads = (grad_hidden [N, H] input dtype, grad_weight [V, H] compute dtype, grad_bias [V] or None).
+    `valid` ([N] bool or None): which tokens count when ignored ones are streamed too
+    (`Tokens.uncompacted_valid`); their hidden states must then be zero rows (`Tokens.zero_ignored`).
     """
     n, k = ids.shape
     dtype = compute_dtype(hidden.dtype)
@@ -328,8 +352,9 @@ def stream(
         log_p = logprobs[rows].to(dtype)
         if sparse:
             divergence[rows] = _sparse_chunk(
-                hidden[rows], weight, bias, ids[rows], log_p, options, chunk_weights, grads, rows
-            )
+                hidden[rows], weight, bias, ids[rows], log_p, options, chunk_weights, grads, rows,
+                select_rows(valid, rows),
+            )  # fmt: skip
             continue
         s = project(tile[: rows.stop - rows.start], hidden[rows], weight, bias, student_scale)
         chunk_divergence, chunk_ce, grad = _tile_chunk(
@@ -342,6 +367,7 @@ def stream(
             chunk_weights,
             scratch,
             student_scale,
+            select_rows(valid, rows),
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce
@@ -377,7 +403,7 @@ def _compact_stream(
     """`stream` over the tokens that count (`tokens`), per-token results scattered back to all N."""
     n = student_hidden.shape[0]
     divergence, ce, grads = stream(
-        tokens.take(student_hidden),
+        tokens.take(tokens.zero_ignored(student_hidden)),
         student_weight,
         student_bias,
         tokens.take(ids),
@@ -388,12 +414,12 @@ def _compact_stream(
         chunk_size,
         None if grad_weights is None else tuple(tokens.take(w) for w in grad_weights),
         need_bias_grad=need_bias_grad,
+        valid=tokens.uncompacted_valid,
     )
-    valid = tokens.valid.to(divergence.dtype)
-    divergence = tokens.put(divergence, n) * valid
-    ce = tokens.put(ce, n) * valid
+    divergence = torch.where(tokens.valid, tokens.put(divergence, n), 0.0)
+    ce = torch.where(tokens.valid, tokens.put(ce, n), 0.0)
     if grads is not None:
-        grads = (tokens.put(grads[0], n), grads[1], grads[2])
+        grads = (tokens.zero_ignored(tokens.put(grads[0], n)), grads[1], grads[2])
     return divergence, ce, grads
 
 
