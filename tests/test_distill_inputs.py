@@ -168,3 +168,32 @@ def test_a_prompt_without_completion_names_the_missing_field(tmp_path):
     data = write_jsonl(tmp_path / "c.jsonl", [{"completion": "5."}])
     with pytest.raises(UsageError, match=r"needs a 'prompt' field too"):
         load_texts(data)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenizers are compared before any model's weights load
+
+
+def test_tokenizer_mismatch_is_refused_before_any_weights_load(tmp_path, monkeypatch, capsys):
+    from fusedkd.distill import models
+    from fusedkd.distill import run as run_module
+    from fusedkd.distill.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the tokenizers were compared")
+
+    for module in (run_module, models):
+        monkeypatch.setattr(module, "load_model", no_weights)
+    monkeypatch.setattr(run_module, "load_teacher", no_weights)
+    # directories that hold a tokenizer and nothing else: no weights to load, nor a config
+    train_bpe_tokenizer(TEXTS, vocab_size=300).save_pretrained(tmp_path / "teacher")
+    train_bpe_tokenizer([t.upper() for t in TEXTS], vocab_size=280).save_pretrained(tmp_path / "student")
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": t} for t in TEXTS])
+    for offline in ((), ("--teacher-topk", "8", "--topk-cache", str(tmp_path / "cache"))):
+        args = [
+            "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--dataset", data,
+            "--eval-samples", "0", "--no-progress", "--output-dir", str(tmp_path / "out"), *offline,
+        ]  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the teacher's and the student's tokenizers differ" in err[0], err

@@ -308,14 +308,10 @@ def config_head_rows(name_or_path: str, *, role: str) -> int:
     return int(config.get_text_config().vocab_size)
 
 
-def check_vocabularies(
-    teacher_tokenizer, student_tokenizer, rows_teacher: int, rows_student: int, vocab_size: int | None
-) -> int:
-    """The number of vocabulary rows the loss uses; `UsageError` if the two models cannot be compared.
+def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
+    """`UsageError` unless the two tokenizers are the same (same token -> id map).
 
-    The two tokenizers must be the same (same token -> id map). The heads (`rows_teacher`,
-    `rows_student` rows) may differ in padding; then `vocab_size` must say how many shared rows to use,
-    at least the tokenizer's size.
+    Needs the tokenizers only: a real run calls it before it loads any model's weights.
     """
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise UsageError(
@@ -323,6 +319,18 @@ def check_vocabularies(
             f"{len(student_tokenizer)} tokens, different ids): distillation compares distributions token by "
             "token, so use a student with the teacher's tokenizer (same model family)"
         )
+
+
+def check_vocabularies(
+    teacher_tokenizer, student_tokenizer, rows_teacher: int, rows_student: int, vocab_size: int | None
+) -> int:
+    """The number of vocabulary rows the loss uses; `UsageError` if the two models cannot be compared.
+
+    The two tokenizers must be the same (`check_tokenizers`). The heads (`rows_teacher`,
+    `rows_student` rows) may differ in padding; then `vocab_size` must say how many shared rows to use,
+    at least the tokenizer's size.
+    """
+    check_tokenizers(teacher_tokenizer, student_tokenizer)
     needed = len(student_tokenizer)
     if vocab_size is None:
         if rows_teacher != rows_student:

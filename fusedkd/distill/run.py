@@ -1,11 +1,12 @@
 """A real distillation run: ``--teacher`` and ``--student`` by name or path, a dataset, the fused loss.
 
-Loads the two tokenizers (which must match), the data (evaluation samples held out first), the
-student, and trains it with `trainer.Trainer` on `objectives.KDObjective` (online teacher, under
-``no_grad``, replicated or with ``--shard-teacher`` sharded) or, with ``--teacher-topk``, on
-`objectives.TopKObjective` from the teacher's cached top-k (`offline`; the teacher is loaded only to
-build the cache). Writes ``metrics.jsonl``, ``checkpoint.pt`` (every ``--save-every`` steps and on
-Ctrl-C) and, at the end, the student with ``save_pretrained`` in ``<output-dir>/final``.
+Loads the two tokenizers and checks that they match (before any model's weights are loaded), the data
+(evaluation samples held out first), the student, and trains it with `trainer.Trainer` on
+`objectives.KDObjective` (online teacher, under ``no_grad``, replicated or with ``--shard-teacher``
+sharded) or, with ``--teacher-topk``, on `objectives.TopKObjective` from the teacher's cached top-k
+(`offline`; the teacher is loaded only to build the cache). Writes ``metrics.jsonl``, ``checkpoint.pt``
+(every ``--save-every`` steps and on Ctrl-C) and, at the end, the student with ``save_pretrained`` in
+``<output-dir>/final``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
     PROBE_TOKENS,
     check_linear_head,
+    check_tokenizers,
     check_vocabularies,
     config_head_rows,
     enable_activation_checkpointing,
@@ -311,6 +313,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
     torch.manual_seed(args.seed)
     teacher_tokenizer = load_tokenizer(args.teacher, role="teacher")
     student_tokenizer = load_tokenizer(args.student, role="student")
+    check_tokenizers(teacher_tokenizer, student_tokenizer)  # before any model's weights are loaded
     train_texts, eval_texts = split_texts(args)
     train_samples = tokenize_or_fail(train_texts, student_tokenizer, args, "training", ctx)
     eval_samples = (
