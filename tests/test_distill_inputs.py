@@ -197,3 +197,80 @@ def test_tokenizer_mismatch_is_refused_before_any_weights_load(tmp_path, monkeyp
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "the teacher's and the student's tokenizers differ" in err[0], err
+
+
+# --------------------------------------------------------------------------------------------------------
+# The top-k cache knows its teacher by its weights and config, not by its path
+
+
+def test_model_fingerprint_follows_the_files_not_the_path(tmp_path, monkeypatch):
+    from fusedkd.distill.models import model_fingerprint
+
+    teacher = tmp_path / "t"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"hidden_size": 8}')
+    (teacher / "model.safetensors").write_bytes(b"\x01" * (9 << 20))  # more than one 8 MiB block
+    (teacher / "tokenizer.json").write_text("{}")
+    (tmp_path / "link").symlink_to(teacher)
+    monkeypatch.chdir(tmp_path)
+    spellings = ["t", "./t", "t/", str(teacher), str(tmp_path / "link"), "../" + tmp_path.name + "/t"]
+    fingerprints = {model_fingerprint(spelling, role="teacher") for spelling in spellings}
+    assert len(fingerprints) == 1
+    (teacher / "tokenizer.json").write_text('{"other": 1}')  # the cache fingerprints the tokenizer apart
+    assert model_fingerprint("t", role="teacher") in fingerprints
+    changed = set()
+    for name, content in [("model.safetensors", b"\x01" * (9 << 20) + b"\x02"), ("config.json", "{}")]:
+        original = (teacher / name).read_bytes()
+        (teacher / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        changed.add(model_fingerprint("t", role="teacher"))
+        (teacher / name).write_bytes(original)
+    assert len(changed) == 2 and not changed & fingerprints
+    # a byte flipped deep inside the weights, size unchanged
+    weights = bytearray((teacher / "model.safetensors").read_bytes())
+    weights[(8 << 20) + 5] ^= 1
+    (teacher / "model.safetensors").write_bytes(bytes(weights))
+    assert model_fingerprint("t", role="teacher") not in fingerprints | changed
+
+
+def test_topk_cache_is_reused_for_the_same_teacher_at_another_path_and_refused_for_a_retrained_one(
+    tmp_path, monkeypatch, capsys
+):
+    from test_distill import STUDENT_SHAPE, TEACHER_SHAPE, save_model
+    from test_distill import TEXTS as RUN_TEXTS
+
+    from fusedkd.distill import run as run_module
+    from fusedkd.distill.cli import main
+
+    tokenizer = train_bpe_tokenizer(RUN_TEXTS, vocab_size=300)
+    save_model(tmp_path / "teacher", TEACHER_SHAPE, tokenizer, seed=0)
+    save_model(tmp_path / "student", STUDENT_SHAPE, tokenizer, seed=1)
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": t} for t in RUN_TEXTS[:24]])
+    monkeypatch.chdir(tmp_path)
+
+    def run(teacher: str, out: str) -> int:
+        return main([
+            "--teacher", teacher, "--student", "student", "--dataset", data, "--seq-len", "40",
+            "--batch-size", "4", "--max-steps", "1", "--eval-samples", "0", "--save-every", "0",
+            "--no-progress", "--teacher-topk", "8", "--topk-cache", "cache", "--output-dir", out,
+        ])  # fmt: skip
+
+    assert run(str(tmp_path / "teacher"), "built") == 0
+    assert "building the teacher's top-8 cache" in capsys.readouterr().out
+    manifest = (tmp_path / "cache" / "manifest.json").read_bytes()
+    load_model = run_module.load_model
+
+    def student_only(name, *, role, dtype=None):
+        assert role == "student", "the teacher was loaded although its top-k is cached"
+        return load_model(name, role=role, dtype=dtype)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(run_module, "load_model", student_only)
+        for number, spelling in enumerate(["./teacher", "teacher/", "../" + tmp_path.name + "/teacher"]):
+            assert run(spelling, f"again-{number}") == 0
+            assert "using the teacher's top-8 cache" in capsys.readouterr().out
+    # the teacher retrained and saved over the same path: its cached top-k is stale, and refused
+    save_model(tmp_path / "teacher", TEACHER_SHAPE, tokenizer, seed=7)
+    assert run("teacher", "retrained") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the top-k of another run (teacher 'weights+config sha256:" in err[0], err
+    assert (tmp_path / "cache" / "manifest.json").read_bytes() == manifest

@@ -48,6 +48,7 @@ from fusedkd.distill.models import (
     load_model,
     load_teacher,
     load_tokenizer,
+    model_fingerprint,
     quiet_transformers,
 )
 from fusedkd.distill.objectives import KDObjective, TopKObjective
@@ -347,7 +348,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
 
     if offline:
         identity = cache_identity(
-            args.teacher,
+            model_fingerprint(args.teacher, role="teacher"),  # its weights and config, not its path
             tokenizer=tokenizer_fingerprint(teacher_tokenizer),
             data=samples_fingerprint(train_texts),
             seq_len=args.seq_len,
