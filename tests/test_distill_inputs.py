@@ -274,3 +274,25 @@ def test_topk_cache_is_reused_for_the_same_teacher_at_another_path_and_refused_f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds the top-k of another run (teacher 'weights+config sha256:" in err[0], err
     assert (tmp_path / "cache" / "manifest.json").read_bytes() == manifest
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the docs say about bf16 matches the torch backend
+
+
+def test_docs_say_the_torch_backend_weight_gradient_is_float32():
+    import inspect
+
+    from fusedkd.distill.cli import build_parser
+    from fusedkd.torch_backend import fused_linear_kd
+
+    # the torch backend: float32 logit tiles and weight gradient, G^T h on hidden states cast up to float32
+    source = inspect.getsource(fused_linear_kd.stream)
+    assert "grad_weight = allocate(student_weight.shape, dtype=dtype" in source
+    assert "torch.mm(grad.T, hidden.to(dtype), out=grad_weight)" in source
+    docs = (Path(__file__).parents[1] / "docs" / "distill.md").read_text()
+    bf16 = docs.split("- **bf16**:")[1].split("\n- **")[0]
+    assert "its gradient run in bf16" not in bf16
+    assert "the weight gradient `G.T @ h` is a float32 GEMM" in " ".join(bf16.split())
+    precision = next(a for a in build_parser()._actions if "--precision" in a.option_strings)
+    assert "matmuls in bf16" not in precision.help
