@@ -614,7 +614,8 @@ def torch_backend_entry_module():
 
 
 def test_bf16_autocast_runs_the_loss_and_the_evaluation_logits_in_bf16(monkeypatch):
-    """Under bf16 autocast with float32 master weights, the student head's matmuls run in bf16."""
+    """Under bf16 autocast with float32 master weights, the loss gets bf16 hidden states and heads (its logit
+    projections run in bf16) and the master weight gets a float32 gradient."""
     import fusedkd
     from fusedkd.distill import evaluate as evaluate_module
     from fusedkd.distill.objectives import KDObjective

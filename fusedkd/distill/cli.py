@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="bf16: bf16 autocast (fp32 master weights; the loss's matmuls in bf16); auto: bf16 on CUDA",
+        help="bf16: bf16 autocast (fp32 master weights; the logit projections in bf16); auto: bf16 on CUDA",
     )
     system.add_argument(
         "--gradient-checkpointing",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,6 +94,11 @@ def _field(record: object, text_field: str, where: str) -> Sample:
         return chat
     if text_field not in record:
         fields = ", ".join(map(repr, record)) or "none"
+        for have, missing in (("prompt", "completion"), ("completion", "prompt")):
+            if have in record and missing not in record:
+                raise UsageError(
+                    f"{where}: a prompt/completion record needs a {missing!r} field too (fields: {fields})"
+                )
         raise UsageError(
             f"{where}: no text field {text_field!r} (fields: {fields}); choose one with --text-field"
         )
@@ -146,9 +151,9 @@ def _load_hub(source: str, *, text_field: str, split: str, config_name: str | No
             f"cannot load dataset {source!r} (split {split!r}): no such local path, "
             f"and the Hub says: {first_line}"
         ) from None
-    if text_field not in dataset.column_names and (
-        "messages" in dataset.column_names or {"prompt", "completion"} <= set(dataset.column_names)
-    ):
+    if text_field not in dataset.column_names and {"messages", "prompt", "completion"} & set(
+        dataset.column_names
+    ):  # chat records (`_field` names a missing 'prompt' or 'completion')
         return [_field(dict(row), text_field, f"{source}[{i}]") for i, row in enumerate(dataset)]
     if text_field not in dataset.column_names:
         raise UsageError(
@@ -206,28 +211,61 @@ def _messages(value: object, where: str, default_role: str) -> list[dict]:
     return [dict(message) for message in value]
 
 
-def chat_record(record: dict, where: str) -> dict | None:
+class ChatRecord(dict):
+    """A chat sample ``{"messages": [...], "train_from": i}``: a plain dict (it compares, hashes into
+    fingerprints and serializes as one) that also knows where it was read from (`where`, e.g.
+    ``data.jsonl:3``), so that a record `tokenize` has to drop can be named."""
+
+    def __init__(self, messages: list[dict], train_from: int, where: str = "") -> None:
+        super().__init__(messages=messages, train_from=train_from)
+        self.where = where
+
+
+class RecordError(UsageError):
+    """One chat record the chat template cannot render, or whose assistant turns it cannot locate.
+
+    `tokenize` drops such a record and counts and names it (`TokenizeReport.unmaskable`) instead of
+    stopping; a problem of the tokenizer itself (no chat template, ...) stays a plain `UsageError`.
+    """
+
+
+def chat_record(record: dict, where: str) -> ChatRecord | None:
     """A conversational sample as ``{"messages": [...], "train_from": i}``, or None for other records.
 
     - ``{"messages": [{"role", "content"}, ...]}``: every assistant message is a target.
     - ``{"prompt": ..., "completion": ...}``: each a string (a user / an assistant message) or a list of
       messages; the assistant messages of the completion are targets (``train_from`` = prompt length).
 
+    The result is a `ChatRecord` (a dict) that remembers `where`.
+
     Example:
         >>> chat_record({"prompt": "2+2?", "completion": "4"}, "x")["messages"]
         [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}]
     """
     if "messages" in record:
-        return {"messages": _messages(record["messages"], f"{where}: 'messages'", "user"), "train_from": 0}
+        return ChatRecord(_messages(record["messages"], f"{where}: 'messages'", "user"), 0, where)
     if "prompt" in record and "completion" in record:
         prompt = _messages(record["prompt"], f"{where}: 'prompt'", "user")
         completion = _messages(record["completion"], f"{where}: 'completion'", "assistant")
-        return {"messages": prompt + completion, "train_from": len(prompt)}
+        return ChatRecord(prompt + completion, len(prompt), where)
     return None
 
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _PROBE = "\x00fusedkd-probe\x00"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _render(tokenizer, messages: list[dict], **kwargs):
+    """``apply_chat_template`` on one record's messages; `RecordError` if the template refuses them."""
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as exc:  # jinja's TemplateError (the template's raise_exception), ValueError, ...
+        raise RecordError(f"the chat template cannot render it: {_first_line(exc)}") from None
 
 
 def _end_of_turn(tokenizer) -> str:
@@ -240,34 +278,80 @@ def _end_of_turn(tokenizer) -> str:
     return rendered[rendered.rindex(_PROBE) + len(_PROBE) :].rstrip()
 
 
+def _generation_prompt(tokenizer) -> str:
+    """The text ``add_generation_prompt`` appends (``<|im_start|>assistant\\n``), or "" if it appends none."""
+    probe = [{"role": "user", "content": _PROBE}]
+    try:
+        plain = tokenizer.apply_chat_template(probe, tokenize=False)
+        prompted = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that cannot render a lone user message has no usable prompt
+        return ""
+    return prompted[len(plain) :] if prompted.startswith(plain) else ""
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[int, int]:
+    """``[at, end)`` of an assistant message's `content` in `text` from `start` on, or (-1, -1).
+
+    The content as it is, else stripped of surrounding whitespace, which templates may trim (Llama 3's
+    ``message['content'] | trim``). Used only to locate the turn: its span is set by the turn's start
+    and the end-of-turn text that follows the content.
+    """
+    at = text.find(content, start)
+    if at >= 0:
+        return at, at + len(content)
+    stripped = content.strip()
+    if stripped != content:
+        at = text.find(stripped, start)
+        if at >= 0:
+            return at, at + len(stripped)
+    return -1, -1
+
+
 def assistant_spans(record: dict, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """The chat-template rendering of `record` and the character spans of its target assistant turns.
 
     A turn's span starts where the rendered conversation before it, with the generation prompt
     (``<|im_start|>assistant\\n``), ends (a prefix-diff), and ends after the template's end-of-turn
-    text (``<|im_end|>``) following the message's content; the newline after it is not a target.
+    text (``<|im_end|>``) following the message's content; the newline after it is not a target. A
+    conversation that opens with an assistant message has nothing before it to render: its first turn
+    starts after the first generation prompt text in the rendering.
+
+    `RecordError` if the template cannot render the record, or renders it so that a turn cannot be
+    located (a content it drops or rewrites, e.g. ``<think>`` reasoning it strips).
     """
     messages, train_from = record["messages"], record["train_from"]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = _render(tokenizer, messages, tokenize=False)
     end_of_turn = _end_of_turn(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < train_from:
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        if not text.startswith(before):
-            raise UsageError(
-                "the tokenizer's chat template renders a conversation's start differently from the whole "
-                "conversation, so the assistant turns cannot be located"
+        if i == 0:
+            header = _generation_prompt(tokenizer)
+            start = text.find(header) + len(header) if header and header in text else -1
+            if start < 0:
+                raise RecordError(
+                    "it starts with an assistant message, and the chat template renders no generation "
+                    "prompt to locate that turn by"
+                )
+        else:
+            before = _render(tokenizer, messages[:i], tokenize=False, add_generation_prompt=True)
+            if not text.startswith(before):
+                raise RecordError(
+                    "the tokenizer's chat template renders a conversation's start differently from the "
+                    "whole conversation, so the assistant turns cannot be located"
+                )
+            start = len(before)
+        _, end = _find_content(text, message["content"], start)
+        if end < 0:
+            raise RecordError(
+                f"the chat template dropped assistant message {i}'s content (or rewrote it, e.g. "
+                "<think> reasoning)"
             )
-        content_at = text.find(message["content"], len(before))
-        if content_at < 0:
-            raise UsageError(f"the chat template dropped assistant message {i}'s content")
-        end = content_at + len(message["content"])
         if end_of_turn:
             close = text.find(end_of_turn, end)
             end = len(text) if close < 0 else close + len(end_of_turn)
-        spans.append((len(before), end))
+        spans.append((start, end))
     return text, spans
 
 
@@ -277,7 +361,7 @@ def chat_tokens(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
     Targets are exactly the tokens of the assistant turns (from ``train_from`` on) and their end-of-turn
     token. Templates that mark assistant output with ``{% generation %}`` give the mask themselves
     (``return_assistant_tokens_mask``); for the others it comes from `assistant_spans` and the token
-    offsets.
+    offsets. `RecordError` for a record the template cannot render or mask (`tokenize` drops it).
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
@@ -289,14 +373,10 @@ def chat_tokens(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
         raise UsageError("chat records need a fast tokenizer (one with offset mappings)")
     messages, train_from = record["messages"], record["train_from"]
     if isinstance(template, str) and _GENERATION_TAG.search(template):
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+        out = _render(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids, targets = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
         if train_from:
-            before = tokenizer.apply_chat_template(
-                messages[:train_from], tokenize=False, add_generation_prompt=True
-            )
+            before = _render(tokenizer, messages[:train_from], tokenize=False, add_generation_prompt=True)
             prompt_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
             targets[: len(prompt_ids)] = [False] * min(len(prompt_ids), len(targets))
         return ids, targets
@@ -346,12 +426,20 @@ class TokenizedSamples:
 
 @dataclass
 class TokenizeReport:
-    """What tokenization kept and dropped (printed by the CLI)."""
+    """What tokenization kept and dropped (printed by the CLI).
+
+    ``no_target`` counts the sequences that never had a target token; ``truncated_away`` those whose
+    every target token lay beyond `seq_len` (a prompt longer than it), which truncation removed;
+    ``unmaskable`` names the chat records the template cannot render or mask, ``(where, why)``
+    (`RecordError`), dropped before tokenization.
+    """
 
     kept: int
     too_short: int
     no_target: int
     truncated: int
+    truncated_away: int = 0
+    unmaskable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def tokenize(
@@ -368,7 +456,8 @@ def tokenize(
     (`chat_record`) is its chat-template rendering, with the assistant turns as targets (`chat_tokens`).
     Without `pack`, a sample longer than `seq_len` is truncated; with `pack`, all samples are concatenated and
     cut into `seq_len`-token blocks (the last, shorter block is kept if it has a target). Sequences with
-    fewer than 2 tokens, or no target token, are dropped and counted.
+    fewer than 2 tokens, or no target token (none at all, or none left after truncation), are dropped
+    and counted; so is a chat record the template cannot render or mask (`RecordError`), by name.
 
     Example:
         >>> from fusedkd.distill.tokenizer import train_bpe_tokenizer
@@ -395,7 +484,10 @@ def tokenize(
     sequences: list[tuple[list[int], list[bool]]] = []
     for i, sample in enumerate(texts):
         if not isinstance(sample, str):  # a chat record: rendered with the template, which ends each turn
-            sequences.append(chat_tokens(sample, tokenizer))
+            try:
+                sequences.append(chat_tokens(sample, tokenizer))
+            except RecordError as exc:
+                report.unmaskable.append((getattr(sample, "where", "") or f"sample {i}", str(exc)))
             continue
         n = encoded_at[i]
         ids = list(encoded["input_ids"][n])
@@ -423,6 +515,7 @@ def tokenize(
 
     kept = []
     for ids, targets in sequences:
+        had_targets = any(targets[1:])
         if len(ids) > seq_len:
             ids, targets = ids[:seq_len], targets[:seq_len]
             report.truncated += 1
@@ -431,7 +524,10 @@ def tokenize(
             continue
         targets = [False] + targets[1:]  # the first token has nothing before it
         if not any(targets):
-            report.no_target += 1
+            if had_targets:  # all of them beyond seq_len
+                report.truncated_away += 1
+            else:
+                report.no_target += 1
             continue
         kept.append((ids, targets))
     report.kept = len(kept)

@@ -6,9 +6,11 @@ lm_head weight (and bias, if any): `hidden_states` runs the base model only, so 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -308,14 +310,67 @@ def config_head_rows(name_or_path: str, *, role: str) -> int:
     return int(config.get_text_config().vocab_size)
 
 
-def check_vocabularies(
-    teacher_tokenizer, student_tokenizer, rows_teacher: int, rows_student: int, vocab_size: int | None
-) -> int:
-    """The number of vocabulary rows the loss uses; `UsageError` if the two models cannot be compared.
+# The files of a saved model that determine its logits: its config and its weights (and their indexes).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+HASH_BLOCK = 8 << 20  # bytes read at a time when hashing weights
 
-    The two tokenizers must be the same (same token -> id map). The heads (`rows_teacher`,
-    `rows_student` rows) may differ in padding; then `vocab_size` must say how many shared rows to use,
-    at least the tokenizer's size.
+
+def _directory_fingerprint(directory: Path) -> str:
+    """A sha256 of `directory`'s config and weight files: names, sizes and contents (all its files, if it
+    has no file of a known weight format)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    known = [p for p in files if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)]
+    if any(p.name != "config.json" for p in known):
+        files = known
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BLOCK)
+    view = memoryview(buffer)
+    for path in files:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as file:
+            while count := file.readinto(buffer):
+                digest.update(view[:count])
+    return "weights+config sha256:" + digest.hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path: str, *, role: str) -> str:
+    """What identifies a model's logits (for the top-k cache): its weights and config, not its path.
+
+    A local directory: a sha256 of its ``config.json`` and weight files (``*.safetensors``, ``*.bin``,
+    ...; names, sizes and contents, read in 8 MiB blocks: about a second per GB), so the same files under
+    any spelling of the path (``./t``, ``t``, ``t/``, a symlink) give the same fingerprint, and a
+    retrained model saved over them another. A Hub name: ``<name>@<commit>``, the revision its files
+    resolve to (from the Hub, or its local cache when offline).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> model = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (model / "config.json").write_text("{}")
+        >>> _ = (model / "model.safetensors").write_bytes(b"weights")
+        >>> model_fingerprint(str(model), role="teacher") == model_fingerprint(f"{model}/./", role="teacher")
+        True
+        >>> before = model_fingerprint(str(model), role="teacher")
+        >>> _ = (model / "model.safetensors").write_bytes(b"retrained")
+        >>> model_fingerprint(str(model), role="teacher") == before
+        False
+    """
+    path, local = _locate(name_or_path, role)
+    if local:
+        return _directory_fingerprint(Path(path))
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        config = cached_file(path, "config.json")
+    except Exception as exc:
+        raise UsageError(f"--{role} {name_or_path!r}: cannot load its config: {_first_line(exc)}") from None
+    commit = extract_commit_hash(config, None)
+    return f"{name_or_path}@{commit}" if commit else _directory_fingerprint(Path(config).parent)
+
+
+def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
+    """`UsageError` unless the two tokenizers are the same (same token -> id map).
+
+    Needs the tokenizers only: a real run calls it before it loads any model's weights.
     """
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise UsageError(
@@ -323,6 +378,18 @@ def check_vocabularies(
             f"{len(student_tokenizer)} tokens, different ids): distillation compares distributions token by "
             "token, so use a student with the teacher's tokenizer (same model family)"
         )
+
+
+def check_vocabularies(
+    teacher_tokenizer, student_tokenizer, rows_teacher: int, rows_student: int, vocab_size: int | None
+) -> int:
+    """The number of vocabulary rows the loss uses; `UsageError` if the two models cannot be compared.
+
+    The two tokenizers must be the same (`check_tokenizers`). The heads (`rows_teacher`,
+    `rows_student` rows) may differ in padding; then `vocab_size` must say how many shared rows to use,
+    at least the tokenizer's size.
+    """
+    check_tokenizers(teacher_tokenizer, student_tokenizer)
     needed = len(student_tokenizer)
     if vocab_size is None:
         if rows_teacher != rows_student:

@@ -70,8 +70,10 @@ class KDObjective(torch.nn.Module):
             return hidden
         head = lm_head(self.student)
         # Called as it is, inside the caller's autocast region if any: under bf16 autocast the loss casts
-        # hidden states, weights and biases to bf16 as F.linear would (the head's matmuls and their
-        # gradients in bf16, accumulation in float32); outside autocast it runs in the tensors' dtypes.
+        # hidden states, weights and biases to bf16 as F.linear would (the logit projections run in bf16;
+        # the logit tiles and the loss are float32, and the weight gradient is accumulated in float32 and
+        # rounded to bf16 once; on the torch backend its G^T h product is itself a float32 GEMM: see
+        # docs/distill.md); outside autocast it runs in the tensors' dtypes.
         return self.criterion(
             hidden, head.weight, teacher_hidden, teacher_weight, labels, head.bias, teacher_bias
         )

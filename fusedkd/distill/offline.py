@@ -14,7 +14,9 @@ the memory-mapped parts by sample index. The student then trains with `objective
 (`fusedkd.topk.fused_linear_topk_kd_loss`), the teacher never loaded. A cache (or a part) is reused only
 if it was built from the same teacher, tokenizer, data, sequence settings, K, temperature and vocabulary
 (`cache_identity`, recorded in the manifest and in every part); otherwise the run stops, naming what
-changed, rather than overwrite it.
+changed, rather than overwrite it. The teacher is identified by its weights and config
+(`models.model_fingerprint`), not by how its path is spelled: a teacher retrained and saved at the same
+path is a different teacher, the same files reached as ``./t`` or ``t`` the same one.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def cache_identity(
 ) -> dict:
     """What a top-k cache must have been built from to be reused.
 
-    `tokenizer`, `data` and `tokens` are fingerprints: of the tokenizer (its full definition and chat
+    `teacher` identifies the teacher's weights and config (`models.model_fingerprint`: a hash of a local
+    directory's files, a Hub name at its commit), not its path. `tokenizer`, `data` and `tokens` are
+    fingerprints: of the tokenizer (its full definition and chat
     template), of the training samples before tokenization, and of the token sequences themselves (so
     that anything else that changes them, e.g. a new tokenizers release, is caught too).
     """

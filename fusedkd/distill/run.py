@@ -1,11 +1,12 @@
 """A real distillation run: ``--teacher`` and ``--student`` by name or path, a dataset, the fused loss.
 
-Loads the two tokenizers (which must match), the data (evaluation samples held out first), the
-student, and trains it with `trainer.Trainer` on `objectives.KDObjective` (online teacher, under
-``no_grad``, replicated or with ``--shard-teacher`` sharded) or, with ``--teacher-topk``, on
-`objectives.TopKObjective` from the teacher's cached top-k (`offline`; the teacher is loaded only to
-build the cache). Writes ``metrics.jsonl``, ``checkpoint.pt`` (every ``--save-every`` steps and on
-Ctrl-C) and, at the end, the student with ``save_pretrained`` in ``<output-dir>/final``.
+Loads the two tokenizers and checks that they match (before any model's weights are loaded), the data
+(evaluation samples held out first), the student, and trains it with `trainer.Trainer` on
+`objectives.KDObjective` (online teacher, under ``no_grad``, replicated or with ``--shard-teacher``
+sharded) or, with ``--teacher-topk``, on `objectives.TopKObjective` from the teacher's cached top-k
+(`offline`; the teacher is loaded only to build the cache). Writes ``metrics.jsonl``, ``checkpoint.pt``
+(every ``--save-every`` steps and on Ctrl-C) and, at the end, the student with ``save_pretrained`` in
+``<output-dir>/final``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 import fusedkd
 from fusedkd.distill.checkpoint import CHECKPOINT_NAME
-from fusedkd.distill.data import Sample, TokenizedSamples, load_texts, tokenize
+from fusedkd.distill.data import Sample, TokenizedSamples, TokenizeReport, load_texts, tokenize
 from fusedkd.distill.distributed import (
     DistContext,
     barrier,
@@ -37,6 +38,7 @@ from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
     PROBE_TOKENS,
     check_linear_head,
+    check_tokenizers,
     check_vocabularies,
     config_head_rows,
     enable_activation_checkpointing,
@@ -46,6 +48,7 @@ from fusedkd.distill.models import (
     load_model,
     load_teacher,
     load_tokenizer,
+    model_fingerprint,
     quiet_transformers,
 )
 from fusedkd.distill.objectives import KDObjective, TopKObjective
@@ -116,6 +119,45 @@ def samples_fingerprint(samples: list) -> str:
     return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MAX_NAMED = 5  # dropped chat records named in a warning; the rest are counted
+
+
+def _named(unmaskable: list[tuple[str, str]]) -> str:
+    """The first `MAX_NAMED` dropped chat records as ``where (why)``, and how many more there are."""
+    named = "; ".join(f"{where} ({why})" for where, why in unmaskable[:MAX_NAMED])
+    more = len(unmaskable) - MAX_NAMED
+    return named + (f"; and {more} more" if more > 0 else "")
+
+
+def nothing_to_train_on(report: TokenizeReport, what: str, seq_len: int) -> str:
+    """The error when tokenization kept no sequence: why each dropped sample went, in one line."""
+    # (count, as the one reason: "every sample ...", as one of several: "N ...")
+    reasons = [
+        (
+            report.truncated_away,
+            f"lost all its target tokens to truncation: the part before its first target (the prompt) "
+            f"is longer than --seq-len {seq_len}; raise --seq-len",
+            f"lost all their target tokens to truncation at --seq-len {seq_len} (prompts longer than it)",
+        ),
+        (
+            report.no_target,
+            "has no target token (no assistant turn, or no '### Assistant:' marker?)",
+            "have no target token (no assistant turn, or no '### Assistant:' marker?)",
+        ),
+        (report.too_short, "is shorter than 2 tokens", "are shorter than 2 tokens"),
+        (
+            len(report.unmaskable),
+            f"is a chat record the chat template cannot mask: {_named(report.unmaskable)}",
+            f"are chat records the chat template cannot mask: {_named(report.unmaskable)}",
+        ),
+    ]
+    reasons = [(count, one, several) for count, one, several in reasons if count]
+    if len(reasons) == 1:
+        return f"every {what} sample {reasons[0][1]}: nothing to train on"
+    listed = "; ".join(f"{count} {several}" for count, _, several in reasons)
+    return f"no {what} sample is left: {listed}: nothing to train on"
+
+
 def tokenize_or_fail(texts: list[Sample], tokenizer, args: argparse.Namespace, what: str, ctx: DistContext):
     samples, report = tokenize(
         texts,
@@ -125,19 +167,28 @@ def tokenize_or_fail(texts: list[Sample], tokenizer, args: argparse.Namespace, w
         pack=args.pack,
     )
     if report.kept == 0:
-        if report.no_target:
-            reason = "has no target token (no assistant turn, or no '### Assistant:' marker?)"
-        else:
-            reason = "is shorter than 2 tokens"
-        raise UsageError(f"every {what} sample {reason}: nothing to train on")
+        raise UsageError(nothing_to_train_on(report, what, args.seq_len))
     message = f"{what}: {report.kept} sequences, {samples.num_targets:,} target tokens"
     if report.too_short or report.no_target:
         message += (
             f" ({report.too_short} dropped as shorter than 2 tokens, {report.no_target} as without targets)"
         )
+    if report.truncated_away:
+        message += (
+            f" ({report.truncated_away} dropped as without targets once truncated to --seq-len "
+            f"{args.seq_len}: prompts longer than it)"
+        )
+    if report.unmaskable:
+        message += f" ({len(report.unmaskable)} chat records dropped: see the warning)"
     if report.truncated:
         message += f", {report.truncated} truncated to {args.seq_len} tokens"
     say(ctx, message)
+    if report.unmaskable:
+        say(
+            ctx,
+            f"warning: dropped {len(report.unmaskable)} {what} chat records whose assistant turns the "
+            f"chat template cannot render or locate: {_named(report.unmaskable)}",
+        )
     return samples
 
 
@@ -263,6 +314,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
     torch.manual_seed(args.seed)
     teacher_tokenizer = load_tokenizer(args.teacher, role="teacher")
     student_tokenizer = load_tokenizer(args.student, role="student")
+    check_tokenizers(teacher_tokenizer, student_tokenizer)  # before any model's weights are loaded
     train_texts, eval_texts = split_texts(args)
     train_samples = tokenize_or_fail(train_texts, student_tokenizer, args, "training", ctx)
     eval_samples = (
@@ -296,7 +348,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, ctx: DistContext) -> int
 
     if offline:
         identity = cache_identity(
-            args.teacher,
+            model_fingerprint(args.teacher, role="teacher"),  # its weights and config, not its path
             tokenizer=tokenizer_fingerprint(teacher_tokenizer),
             data=samples_fingerprint(train_texts),
             seq_len=args.seq_len,
