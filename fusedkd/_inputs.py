@@ -14,22 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedkd._dispatch import check_backend
 from fusedkd._options import (
-    DIVERGENCES,
-    REDUCTIONS,
-    TAILS,
-    TOPK_DIVERGENCES,
     KDOptions,
     SupportOptions,
-    check_choice,
+    TopKOptions,
     check_logit_scale,
     check_positive_int,
     check_softcap,
     check_temperature,
-    check_unit_interval,
+    check_vocab_size,
     compute_dtype,
-    normalize_divergence,
     tail_precision,
 )
 
@@ -173,69 +167,81 @@ def check_values(bad: torch.Tensor, expected: str, found: Callable[[], str] | No
     torch._assert_async(~bad.any(), expected)
 
 
-def check_options(
-    *,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
-    vocab_size: int,
-    has_labels: bool,
-    divergences: tuple[str, ...] = DIVERGENCES,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-) -> KDOptions:
-    check_choice("divergence", divergence, divergences)
-    check_choice("reduction", reduction, REDUCTIONS)
-    beta = check_unit_interval("beta", beta)
-    alpha = check_unit_interval("alpha", alpha)
-    temperature = check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not has_labels and alpha != 1.0:
-        raise ValueError(
-            f"labels=None means no hard-label cross-entropy, which needs alpha == 1; got alpha={alpha} "
-            "(pass labels, or alpha=1.0)"
+def resolve_vocab_size(requested: int | None, sizes: dict[str, str | int], unit: str = "rows") -> int:
+    """The number of vocabulary entries shared by the tensors in `sizes` ({name: size}): `requested`, or
+    their common size. `unit` says what a size counts: "rows" (of a head) or "entries" (the last dimension
+    of logits)."""
+
+    def described(name: str, size: int) -> str:
+        return (
+            f"{name}, which has {size} rows" if unit == "rows" else f"the last dimension of {name} ({size})"
         )
-    return KDOptions(
-        divergence=normalize_divergence(divergence, beta),
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,  # type: ignore[arg-type]
-        vocab_size=vocab_size,
-        has_labels=has_labels,
-        student_logit_scale=check_logit_scale("student_logit_scale", student_logit_scale),
-        teacher_logit_scale=check_logit_scale("teacher_logit_scale", teacher_logit_scale),
-        student_softcap=check_softcap("student_softcap", student_softcap),
-        teacher_softcap=check_softcap("teacher_softcap", teacher_softcap),
-    )
 
-
-def resolve_vocab_size(vocab_size: int | None, rows: dict[str, int]) -> int:
-    """The number of vocabulary rows shared by the heads named in `rows` ({name: rows})."""
-    if vocab_size is None:
-        sizes = set(rows.values())
-        if len(sizes) > 1:
-            described = " and ".join(f"{name} has {n} rows" for name, n in rows.items())
+    if requested is None:
+        if len(set(sizes.values())) > 1:
+            listed = " and ".join(described(name, size) for name, size in sizes.items())
             raise ValueError(
-                f"vocabulary sizes differ: {described}; pass vocab_size= (e.g. vocab_size={min(sizes)}) "
-                "to use the shared first rows of both heads"
+                f"vocabulary sizes differ: {listed}; pass vocab_size= (e.g. "
+                f"vocab_size={min(sizes.values())}) to use the shared first entries of both"
             )
-        return sizes.pop()
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    for name, n in rows.items():
-        if vocab_size > n:
-            raise ValueError(f"vocab_size={vocab_size} is larger than {name}, which has {n} rows")
-    return vocab_size
+        return next(iter(sizes.values()))
+    check_vocab_size(requested)
+    for name, size in sizes.items():
+        if requested > size:
+            raise ValueError(f"vocab_size={requested} is larger than {described(name, size)}")
+    return requested
+
+
+def check_model(role: str, hidden, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One model's projection inputs (``<role>_hidden``, ``<role>_weight``, ``<role>_bias``): tensors of a
+    float dtype, non-empty, one dtype after the autocast cast (as torch.nn.functional.linear), a bias of one
+    entry per head row, a head as wide as the hidden states. Returns them cast."""
+    hidden_name, weight_name, bias_name = f"{role}_hidden", f"{role}_weight", f"{role}_bias"
+    check_tensor(hidden_name, hidden, min_ndim=1)
+    check_tensor(weight_name, weight, ndim=2)
+    for name, tensor in ((hidden_name, hidden), (weight_name, weight)):
+        check_float(name, tensor)
+        check_sizes(name, tensor)
+    # Under torch.autocast the projection runs in its dtype, as torch.nn.functional.linear does.
+    cast = autocast_dtype(hidden.device)
+    hidden, weight, bias = (autocast_cast(x, cast) for x in (hidden, weight, bias))
+    check_same_dtype(hidden_name, hidden, weight_name, weight)
+    bias = check_bias(bias_name, bias, weight_name, weight)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must be [vocab, {hidden.shape[-1]}] to match {hidden_name}'s hidden size; got "
+            f"{tuple(weight.shape)}"
+        )
+    return hidden, weight, bias
+
+
+def check_same_leading(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.shape[:-1] != ref.shape[:-1]:
+        raise ValueError(
+            f"{ref_name} and {name} must have the same leading (token) shape; got {tuple(ref.shape)} and "
+            f"{tuple(tensor.shape)}"
+        )
+
+
+def prepare_labels(labels, leading_shape: torch.Size, vocab: int, options: KDOptions, *, shape_name: str):
+    """Flat, checked int64 labels (None stays None), shifted first when `options.shift_labels`."""
+    if labels is None:
+        return None
+    check_tensor("labels", labels)
+    if options.shift_labels:
+        labels = shift_labels(labels, options.ignore_index)
+    return check_labels(labels, leading_shape, vocab, options.ignore_index, shape_name=shape_name)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Hugging Face's convention to fusedkd's: ``labels[..., i]`` is the token at position i, so position i
+    is trained to predict ``labels[..., i + 1]``; the last position predicts nothing (`ignore_index`)."""
+    if labels.dim() == 0:
+        raise ValueError("shift_labels=True needs labels with a sequence dimension, got a 0-d tensor")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        return labels  # check_labels names the dtype
+    last = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], last], dim=-1)
 
 
 def check_bias(name: str, bias, weight_name: str, weight: torch.Tensor) -> torch.Tensor | None:
@@ -269,44 +275,19 @@ def prepare_linear_kd(
     teacher_hidden,
     teacher_weight,
     labels,
-    *,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
     student_bias,
     teacher_bias,
-    vocab_size: int | None,
-    **head: float | None,
+    options: KDOptions,
 ) -> LinearKDInputs:
+    """Check every tensor of `fused_linear_kd_loss` (raising a TypeError / ValueError that names it) and
+    resolve `options` for this call, before any work."""
     check_no_functorch()
-    check_tensor("student_hidden", student_hidden, min_ndim=1)
-    check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
-    check_tensor("student_weight", student_weight, ndim=2)
-    check_tensor("teacher_weight", teacher_weight, ndim=2)
-    for name, t in (
-        ("student_hidden", student_hidden),
-        ("student_weight", student_weight),
-        ("teacher_hidden", teacher_hidden),
-        ("teacher_weight", teacher_weight),
-    ):
-        check_float(name, t)
-        check_sizes(name, t)
-    # Under torch.autocast the projections run in its dtype, as torch.nn.functional.linear does.
-    student_cast = autocast_dtype(student_hidden.device)
-    teacher_cast = autocast_dtype(teacher_hidden.device)
-    student_hidden, student_weight, student_bias = (
-        autocast_cast(x, student_cast) for x in (student_hidden, student_weight, student_bias)
+    student_hidden, student_weight, student_bias = check_model(
+        "student", student_hidden, student_weight, student_bias
     )
-    teacher_hidden, teacher_weight, teacher_bias = (
-        autocast_cast(x, teacher_cast) for x in (teacher_hidden, teacher_weight, teacher_bias)
+    teacher_hidden, teacher_weight, teacher_bias = check_model(
+        "teacher", teacher_hidden, teacher_weight, teacher_bias
     )
-    check_same_dtype("student_hidden", student_hidden, "student_weight", student_weight)
-    check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
-    student_bias = check_bias("student_bias", student_bias, "student_weight", student_weight)
-    teacher_bias = check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
     if labels is not None:
         check_tensor("labels", labels)
     check_devices(
@@ -320,53 +301,34 @@ def prepare_linear_kd(
             "teacher_bias": teacher_bias,
         }
     )
-
+    check_same_leading("teacher_hidden", teacher_hidden, "student_hidden", student_hidden)
     leading_shape = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != leading_shape:
-        raise ValueError(
-            "student_hidden and teacher_hidden must have the same leading (token) shape; got "
-            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
-        )
-    if student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(
-            f"student_weight must be [vocab, {student_hidden.shape[-1]}] to match student_hidden's hidden "
-            f"size; got {tuple(student_weight.shape)}"
-        )
-    if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
-        raise ValueError(
-            f"teacher_weight must be [vocab, {teacher_hidden.shape[-1]}] to match teacher_hidden's hidden "
-            f"size; got {tuple(teacher_weight.shape)}"
-        )
     vocab = resolve_vocab_size(
-        vocab_size, {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]}
+        options.vocab_size,
+        {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]},
     )
-    options = check_options(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        vocab_size=vocab,
-        has_labels=labels is not None,
-        **head,
-    )
-    flat_labels = (
-        None
-        if labels is None
-        else check_labels(labels, leading_shape, vocab, ignore_index, shape_name="student_hidden")
-    )
-    return LinearKDInputs(
+    options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
+    labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_hidden")
+    inputs = LinearKDInputs(
         student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight=first_rows(student_weight, vocab),
         student_bias=contiguous(first_rows(student_bias, vocab)),
         teacher_hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
         teacher_weight=first_rows(teacher_weight, vocab),
         teacher_bias=contiguous(first_rows(teacher_bias, vocab)),
-        labels=flat_labels,
+        labels=labels,
         leading_shape=leading_shape,
         options=options,
     )
+    if options.check_finite:
+        counts = counted_tokens(labels, options)
+        for role in ("student", "teacher"):
+            check_finite_rows(f"{role}_hidden", getattr(inputs, f"{role}_hidden"), "token", counts)
+            check_finite_rows(f"{role}_weight", getattr(inputs, f"{role}_weight"), "vocabulary row")
+            check_finite_rows(
+                f"{role}_bias", getattr(inputs, f"{role}_bias"), "vocabulary entry", logits=True
+            )
+    return inputs
 
 
 @dataclass
@@ -380,74 +342,31 @@ class LogitsKDInputs:
     options: KDOptions
 
 
-def resolve_logits_vocab_size(vocab_size: int | None, student_vocab: int, teacher_vocab: int) -> int:
-    if vocab_size is None:
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                f"vocabulary sizes differ: student_logits has {student_vocab} entries in its last dimension "
-                f"and teacher_logits has {teacher_vocab}; pass vocab_size= (e.g. vocab_size="
-                f"{min(student_vocab, teacher_vocab)}) to use the shared first entries of both"
-            )
-        return student_vocab
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    for name, size in (("student_logits", student_vocab), ("teacher_logits", teacher_vocab)):
-        if vocab_size > size:
-            raise ValueError(f"vocab_size={vocab_size} is larger than the last dimension of {name} ({size})")
-    return vocab_size
-
-
-def prepare_logits_kd(
-    student_logits,
-    teacher_logits,
-    labels,
-    *,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
-    vocab_size: int | None,
-    **head: float | None,
-) -> LogitsKDInputs:
-    """Check every argument of `kd_loss` (raising a ValueError / TypeError that names it) before any work."""
+def prepare_logits_kd(student_logits, teacher_logits, labels, options: KDOptions) -> LogitsKDInputs:
+    """Check every tensor of `kd_loss` (raising a ValueError / TypeError that names it) and resolve
+    `options` for this call, before any work."""
     check_no_functorch()
-    check_tensor("student_logits", student_logits, min_ndim=1)
-    check_tensor("teacher_logits", teacher_logits, min_ndim=1)
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_sizes("student_logits", student_logits, "vocabulary size")
-    check_sizes("teacher_logits", teacher_logits, "vocabulary size")
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        check_tensor(name, logits, min_ndim=1)
+        check_float(name, logits)
+        check_sizes(name, logits, "vocabulary size")
     if labels is not None:
         check_tensor("labels", labels)
     check_devices({"student_logits": student_logits, "teacher_logits": teacher_logits, "labels": labels})
+    check_same_leading("teacher_logits", teacher_logits, "student_logits", student_logits)
     leading_shape = student_logits.shape[:-1]
-    if teacher_logits.shape[:-1] != leading_shape:
-        raise ValueError(
-            "student_logits and teacher_logits must have the same leading (token) shape; got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    vocab = resolve_logits_vocab_size(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
-    options = check_options(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        vocab_size=vocab,
-        has_labels=labels is not None,
-        **head,
+    vocab = resolve_vocab_size(
+        options.vocab_size,
+        {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]},
+        unit="entries",
     )
-    flat_labels = (
-        None
-        if labels is None
-        else check_labels(labels, leading_shape, vocab, ignore_index, shape_name="student_logits")
-    )
-    return LogitsKDInputs(student_logits, teacher_logits, flat_labels, leading_shape, options)
+    options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
+    labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_logits")
+    if options.check_finite:
+        counts = counted_tokens(labels, options)
+        for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+            check_finite_rows(name, logits[..., :vocab], "token", counts, logits=True)
+    return LogitsKDInputs(student_logits, teacher_logits, labels, leading_shape, options)
 
 
 @dataclass
@@ -461,42 +380,19 @@ class TopKKDInputs:
     logprobs: torch.Tensor  # [N, k], <= 0, as given (any float dtype)
     labels: torch.Tensor | None  # [N] int64
     leading_shape: torch.Size
-    options: KDOptions
+    options: TopKOptions
     support: SupportOptions
 
 
 def prepare_topk_kd(
-    student_hidden,
-    student_weight,
-    ids,
-    logprobs,
-    labels,
-    *,
-    divergence: str,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
-    tail: str,
-    student_bias,
-    vocab_size: int | None,
-    return_components: bool = False,
-    **head: float | None,
-) -> TopKKDInputs:
-    """Check every argument of `fused_linear_topk_kd_loss` before any work; raise naming the argument."""
+    student_hidden, student_weight, ids, logprobs, labels, student_bias, options: TopKOptions
+):
+    """Check every tensor of `fused_linear_topk_kd_loss` and resolve `options` for this call, before any
+    work; raise naming the argument."""
     check_no_functorch()
-    check_tensor("student_hidden", student_hidden, min_ndim=1)
-    check_tensor("student_weight", student_weight, ndim=2)
-    check_float("student_hidden", student_hidden)
-    check_float("student_weight", student_weight)
-    check_sizes("student_hidden", student_hidden)
-    check_sizes("student_weight", student_weight)
-    cast = autocast_dtype(student_hidden.device)
-    student_hidden, student_weight, student_bias = (
-        autocast_cast(x, cast) for x in (student_hidden, student_weight, student_bias)
+    student_hidden, student_weight, student_bias = check_model(
+        "student", student_hidden, student_weight, student_bias
     )
-    check_same_dtype("student_hidden", student_hidden, "student_weight", student_weight)
-    student_bias = check_bias("student_bias", student_bias, "student_weight", student_weight)
     check_tensor("ids", ids, min_ndim=1)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"ids must be an integer tensor (int64 or int32), got {ids.dtype}")
@@ -514,11 +410,6 @@ def prepare_topk_kd(
             "student_bias": student_bias,
         }
     )
-    if student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(
-            f"student_weight must be [vocab, {student_hidden.shape[-1]}] to match student_hidden's hidden "
-            f"size; got {tuple(student_weight.shape)}"
-        )
     leading_shape = student_hidden.shape[:-1]
     if ids.shape[:-1] != leading_shape:
         raise ValueError(
@@ -529,35 +420,19 @@ def prepare_topk_kd(
         raise ValueError(
             f"logprobs must have the shape of ids, {tuple(ids.shape)}; got {tuple(logprobs.shape)}"
         )
-    vocab = resolve_vocab_size(vocab_size, {"student_weight": student_weight.shape[0]})
+    vocab = resolve_vocab_size(options.vocab_size, {"student_weight": student_weight.shape[0]})
     k = ids.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"ids lists k={k} tokens per position; k must be in [1, vocabulary size = {vocab}]")
-    options = check_options(
-        divergence=divergence,
-        beta=0.5,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        vocab_size=vocab,
-        has_labels=labels is not None,
-        **head,
-        divergences=TOPK_DIVERGENCES,
-    )
-    check_choice("tail", tail, TAILS)
-    flat_labels = (
-        None
-        if labels is None
-        else check_labels(labels, leading_shape, vocab, ignore_index, shape_name="student_hidden")
-    )
+    options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
+    flat_labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_hidden")
     flat_ids = ids.reshape(-1, k).long()
     flat_logprobs = logprobs.reshape(-1, k)
-    counts = None if flat_labels is None else flat_labels != ignore_index
+    counts = counted_tokens(flat_labels, options)
     check_topk_values(flat_ids, flat_logprobs, vocab, counts)
-    return TopKKDInputs(
+    inputs = TopKKDInputs(
         student_hidden=student_hidden.reshape(-1, student_hidden.shape[-1]),
-        student_weight=student_weight if student_weight.shape[0] == vocab else student_weight[:vocab],
+        student_weight=first_rows(student_weight, vocab),
         student_bias=contiguous(first_rows(student_bias, vocab)),
         ids=flat_ids,
         logprobs=flat_logprobs,
@@ -565,11 +440,57 @@ def prepare_topk_kd(
         leading_shape=leading_shape,
         options=options,
         support=SupportOptions(
-            tail=tail,
+            tail=options.tail,
             precision=tail_precision(flat_logprobs.dtype, compute_dtype(student_hidden.dtype)),
-            need_ce=options.has_labels and (options.ce_weight != 0.0 or return_components),
+            need_ce=options.has_labels and (options.ce_weight != 0.0 or options.return_components),
         ),
     )
+    if options.check_finite:
+        check_finite_rows("student_hidden", inputs.student_hidden, "token", counts)
+        check_finite_rows("student_weight", inputs.student_weight, "vocabulary row")
+        check_finite_rows("student_bias", inputs.student_bias, "vocabulary entry", logits=True)
+    return inputs
+
+
+def counted_tokens(labels: torch.Tensor | None, options: KDOptions) -> torch.Tensor | None:
+    """[N] bool: the tokens that count (label not `ignore_index`), or None when every token counts."""
+    return None if labels is None else labels != options.ignore_index
+
+
+def check_finite_rows(
+    name: str, x: torch.Tensor | None, row: str, counts: torch.Tensor | None = None, *, logits: bool = False
+) -> None:
+    """``check_finite=True``: a ValueError naming `name` and its first bad `row` (over the first
+    dimensions; only rows that count, `counts`). Bad is a NaN or an inf; for logits and biases (`logits`)
+    a NaN or +inf, or a row of -inf only (no distribution): -inf entries are masked tokens. Reads the
+    flag on the host (a synchronization on an accelerator, which the option asks for)."""
+    if x is None or x.numel() == 0:
+        return
+    x = x.detach()
+    if logits:
+        bad_entry = x.isnan() | (x == math.inf)
+        bad = bad_entry.any(-1) if x.dim() > 1 else bad_entry
+        if x.dim() > 1:
+            bad = bad | (x == -math.inf).all(-1)
+    else:
+        bad = ~x.isfinite()
+        bad = bad.any(-1) if x.dim() > 1 else bad
+    bad = bad.reshape(-1)
+    if counts is not None and bad.numel() == counts.numel():
+        bad = bad & counts
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        values = x.reshape(-1, x.shape[-1])[index] if x.dim() > 1 else x[index : index + 1]
+        if bool(values.isnan().any()):
+            found = "NaN"
+        elif bool((values == math.inf).any()):
+            found = "+inf"
+        else:
+            found = "-inf only" if logits else "-inf"
+        raise ValueError(
+            f"check_finite: {name} has {found} at {row} {index}"
+            + (f" (of {int(bad.sum())} such {row}s)" if int(bad.sum()) > 1 else "")
+        )
 
 
 def check_topk_values(
@@ -649,32 +570,17 @@ def prepare_teacher_topk(
 ) -> TeacherTopKInputs:
     """Check every argument of `teacher_topk` before any work; raise naming the argument."""
     check_no_functorch()
-    check_tensor("teacher_hidden", teacher_hidden, min_ndim=1)
-    check_tensor("teacher_weight", teacher_weight, ndim=2)
-    check_float("teacher_hidden", teacher_hidden)
-    check_float("teacher_weight", teacher_weight)
-    check_sizes("teacher_hidden", teacher_hidden)
-    check_sizes("teacher_weight", teacher_weight)
+    teacher_hidden, teacher_weight, teacher_bias = check_model(
+        "teacher", teacher_hidden, teacher_weight, teacher_bias
+    )
     if teacher_hidden.device.type == "meta":
         raise ValueError(
             "teacher_hidden is on the meta device: teacher_topk computes values (token ids and "
             "log-probabilities), which a meta tensor has none of; pass real tensors"
         )
-    # Under torch.autocast the projection runs in its dtype, as torch.nn.functional.linear does.
-    cast = autocast_dtype(teacher_hidden.device)
-    teacher_hidden, teacher_weight, teacher_bias = (
-        autocast_cast(x, cast) for x in (teacher_hidden, teacher_weight, teacher_bias)
-    )
-    check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
-    teacher_bias = check_bias("teacher_bias", teacher_bias, "teacher_weight", teacher_weight)
     check_devices(
         {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
     )
-    if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
-        raise ValueError(
-            f"teacher_weight must be [vocab, {teacher_hidden.shape[-1]}] to match teacher_hidden's hidden "
-            f"size; got {tuple(teacher_weight.shape)}"
-        )
     vocab = resolve_vocab_size(vocab_size, {"teacher_weight": teacher_weight.shape[0]})
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -696,40 +602,3 @@ def prepare_teacher_topk(
         logit_scale=check_logit_scale("teacher_logit_scale", teacher_logit_scale),
         softcap=check_softcap("teacher_softcap", teacher_softcap),
     )
-
-
-def check_module_options(
-    *,
-    divergence: str,
-    beta: float = 0.5,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
-    vocab_size: int | None,
-    backend: str,
-    chunk_size: int | None,
-    divergences: tuple[str, ...] = DIVERGENCES,
-    has_triton: bool = True,
-    loss: str = "",
-    **head: float | None,
-) -> None:
-    """The options a loss module takes at construction, checked there: it fails then, not at the first
-    batch."""
-    check_options(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        vocab_size=1,
-        has_labels=True,
-        divergences=divergences,
-        **head,
-    )
-    if vocab_size is not None:
-        resolve_vocab_size(vocab_size, {})
-    check_backend(backend, has_triton=has_triton, loss=loss)
-    if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)

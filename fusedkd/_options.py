@@ -1,15 +1,18 @@
-"""The options of every loss: their allowed values, and the validated, normalized form every backend
-receives (see DESIGN.md §2).
+"""The options of every loss: one validated object per call (`KDOptions`, `TopKOptions`), built from
+the public function's keyword arguments or stored by its Module, and handed to the backends as is.
 
-`fusedkd._inputs` builds a `KDOptions` (and, for the top-k loss, a `SupportOptions`) once, after
-checking the arguments; backends trust them.
+Adding an option to a loss touches its signature and docstring, the options class here (a field and
+its check in `__post_init__`), and the code that uses it. Each model's logit scale and soft cap are one
+`HeadTransform` per model (`student_head`, `teacher_head`); see docs/design.md §2.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar, Literal
 
 import torch
 
@@ -23,58 +26,6 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # The sparse top-k teacher (`fused_linear_topk_kd_loss`): its divergences and its tail treatments.
 TOPK_DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl")
 TAILS: tuple[str, ...] = ("bucket", "renormalize")
-
-
-@dataclass(frozen=True)
-class KDOptions:
-    """Options of one loss evaluation, after validation.
-
-    `divergence` is already normalized: "jsd" reaches a backend only with 0 < beta < 1
-    (beta = 0 is forward KL and beta = 1 reverse KL, TRL's GKD convention).
-    `vocab_size` is the number of vocabulary rows used from both heads.
-    `has_labels` is False when the caller passed `labels=None` (every token counts, alpha == 1).
-    `student_logit_scale`, `student_softcap` (and the teacher's): each model's head transform, applied
-    to its projection z = W h + b before anything else: s = scale * z, then s = softcap *
-    tanh(s / softcap) when `softcap` is not None (Cohere's `logit_scale`, Gemma's
-    `final_logit_softcapping`). The defaults leave the logits as they are.
-    """
-
-    divergence: Divergence
-    beta: float
-    temperature: float
-    alpha: float
-    ignore_index: int
-    reduction: Reduction
-    vocab_size: int
-    has_labels: bool
-    student_logit_scale: float = 1.0
-    teacher_logit_scale: float = 1.0
-    student_softcap: float | None = None
-    teacher_softcap: float | None = None
-
-    @property
-    def distill_weight(self) -> float:
-        """Per-token weight of the divergence in the loss: alpha * T^2."""
-        return self.alpha * self.temperature * self.temperature
-
-    @property
-    def ce_weight(self) -> float:
-        """Per-token weight of the hard-label cross-entropy in the loss: 1 - alpha."""
-        return 1.0 - self.alpha
-
-
-@dataclass(frozen=True)
-class SupportOptions:
-    """How the sparse loss treats the teacher's support, after validation.
-
-    `tail`: "bucket" or "renormalize". `precision`: the relative precision eps of the teacher's
-    log-probabilities (bucket: the teacher's tail mass is never taken below the rounding error of
-    1 - sum_K p, see `tail_precision`). `need_ce`: whether the cross-entropy is computed at all.
-    """
-
-    tail: str
-    precision: float
-    need_ce: bool
 
 
 def tail_precision(logprobs_dtype: torch.dtype, compute: torch.dtype) -> float:
@@ -171,3 +122,236 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """How a model's logits follow from its lm_head's projection z = W h + b: ``s = logit_scale * z``,
+    then ``s = softcap * tanh(s / softcap)`` when `softcap` is not None (Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``, Gemma's ``final_logit_softcapping``; `fusedkd.head_transform` reads
+    them from a config)."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_scale", check_logit_scale("logit_scale", self.logit_scale))
+        object.__setattr__(self, "softcap", check_softcap("softcap", self.softcap))
+
+    @classmethod
+    def of(cls, role: str, logit_scale: float = 1.0, softcap: float | None = None) -> HeadTransform:
+        """The head of `role` ("student" / "teacher") from a loss's keyword arguments, errors naming them."""
+        return cls(
+            check_logit_scale(f"{role}_logit_scale", logit_scale), check_softcap(f"{role}_softcap", softcap)
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None
+
+    def options(self, role: str) -> dict[str, float | None]:
+        """The loss keyword arguments of this head for `role` "student" or "teacher", e.g.
+        ``{"student_logit_scale": 0.0625, "student_softcap": None}``."""
+        if role not in ("student", "teacher"):
+            raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+        return {f"{role}_logit_scale": self.logit_scale, f"{role}_softcap": self.softcap}
+
+    def __call__(self, projections: torch.Tensor) -> torch.Tensor:
+        """The model's logits from its head's projections ``W h + b`` (not in place)."""
+        return apply_head(projections, self.logit_scale, self.softcap)
+
+
+IDENTITY_HEAD = HeadTransform()
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """The options of one dense loss evaluation (`fused_linear_kd_loss`, `kd_loss`), validated on
+    construction: a bad value raises a TypeError / ValueError naming its keyword argument.
+
+    The first eight fields are what a backend computes with. `divergence` is normalized: "jsd" stays
+    only with 0 < beta < 1 (beta = 0 is forward KL and beta = 1 reverse KL, TRL's GKD convention).
+    `vocab_size` is the caller's request (None: the heads' size) until `resolve` sets the number of
+    vocabulary rows used; `has_labels` is False when the caller passed ``labels=None`` (every token
+    counts, alpha == 1). `student_head`, `teacher_head`: each model's head transform. The rest say how
+    the call runs: `backend`, `chunk_size` (torch backend), `return_components`, `check_finite` (an
+    up-front check for NaN / inf inputs), `shift_labels` (labels given unshifted, as Hugging Face models
+    take them).
+    """
+
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.5
+    ignore_index: int = -100
+    reduction: Reduction = "mean"
+    vocab_size: int | None = None
+    has_labels: bool = True
+    student_head: HeadTransform = field(default=IDENTITY_HEAD)
+    teacher_head: HeadTransform = field(default=IDENTITY_HEAD)
+    backend: str = "auto"
+    chunk_size: int | None = None
+    return_components: bool = False
+    check_finite: bool = False
+    shift_labels: bool = False
+
+    # What the loss accepts: its divergences, whether it has Triton kernels, the models with a head.
+    LOSS: ClassVar[str] = "this loss"
+    DIVERGENCES: ClassVar[tuple[str, ...]] = DIVERGENCES
+    HAS_TRITON: ClassVar[bool] = True
+    ROLES: ClassVar[tuple[str, ...]] = ("student", "teacher")
+    # Fields the loss does not take as keyword arguments (they keep their defaults).
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_choice("divergence", self.divergence, self.DIVERGENCES)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_backend(self.backend, has_triton=self.HAS_TRITON, loss=self.LOSS)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if self.vocab_size is not None:
+            check_vocab_size(self.vocab_size)
+        if self.chunk_size is not None:
+            check_positive_int("chunk_size", self.chunk_size)
+        for name in ("has_labels", "return_components", "check_finite", "shift_labels"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        for role in ("student", "teacher"):
+            if not isinstance(getattr(self, f"{role}_head"), HeadTransform):
+                raise TypeError(f"{role}_head must be a fusedkd.HeadTransform")
+        beta = check_unit_interval("beta", self.beta)
+        set_field = functools.partial(object.__setattr__, self)
+        set_field("beta", beta)
+        set_field("alpha", check_unit_interval("alpha", self.alpha))
+        set_field("temperature", check_temperature(self.temperature))
+        set_field("divergence", normalize_divergence(self.divergence, beta))
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, object], *, strict: bool = False):
+        """The options from a loss's keyword arguments (e.g. a public function's ``locals()``): names
+        that are not options (the tensors) are skipped, unless `strict` (a Module's keyword
+        arguments), where they are a TypeError. ``<role>_logit_scale`` / ``<role>_softcap`` become
+        ``<role>_head``."""
+        names = {f.name for f in fields(cls)} - {
+            "has_labels",
+            "student_head",
+            "teacher_head",
+            *cls.NOT_OPTIONS,
+        }
+        head_names = {f"{role}_{part}" for role in cls.ROLES for part in ("logit_scale", "softcap")}
+        if strict:
+            unknown = sorted(set(arguments) - names - head_names)
+            if unknown:
+                raise TypeError(
+                    f"{cls.LOSS} got unexpected option(s) {', '.join(unknown)}; its options are "
+                    f"{', '.join(sorted(names | head_names))}"
+                )
+        values = {name: arguments[name] for name in names if name in arguments}
+        for role in cls.ROLES:
+            values[f"{role}_head"] = HeadTransform.of(
+                role, arguments.get(f"{role}_logit_scale", 1.0), arguments.get(f"{role}_softcap")
+            )
+        return cls(**values)
+
+    def resolve(self, *, vocab_size: int, has_labels: bool):
+        """These options for one call: the vocabulary rows it uses, and whether it has labels."""
+        if not has_labels:
+            if self.alpha != 1.0:
+                raise ValueError(
+                    f"labels=None means no hard-label cross-entropy, which needs alpha == 1; got "
+                    f"alpha={self.alpha} (pass labels, or alpha=1.0)"
+                )
+            if self.shift_labels:
+                raise ValueError("shift_labels=True shifts the labels: pass labels (or shift_labels=False)")
+        return replace(self, vocab_size=vocab_size, has_labels=has_labels)
+
+    def describe(self) -> str:
+        """The options that differ from their defaults, as keyword arguments (a Module's repr)."""
+        default, parts = type(self)(), []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(default, f.name):
+                continue
+            if isinstance(value, HeadTransform):
+                parts += [f"{k}={v!r}" for k, v in value.options(f.name.removesuffix("_head")).items()]
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return ", ".join(parts)
+
+    @property
+    def distill_weight(self) -> float:
+        """Per-token weight of the divergence in the loss: alpha * T^2."""
+        return self.alpha * self.temperature * self.temperature
+
+    @property
+    def ce_weight(self) -> float:
+        """Per-token weight of the hard-label cross-entropy in the loss: 1 - alpha."""
+        return 1.0 - self.alpha
+
+    # Each model's head transform as the backends read it.
+    @property
+    def student_logit_scale(self) -> float:
+        return self.student_head.logit_scale
+
+    @property
+    def student_softcap(self) -> float | None:
+        return self.student_head.softcap
+
+    @property
+    def teacher_logit_scale(self) -> float:
+        return self.teacher_head.logit_scale
+
+    @property
+    def teacher_softcap(self) -> float | None:
+        return self.teacher_head.softcap
+
+
+@dataclass(frozen=True)
+class TopKOptions(KDOptions):
+    """The options of `fused_linear_topk_kd_loss`: `KDOptions` (forward or reverse KL, no teacher head:
+    the teacher's log-probabilities are given) and the treatment of the teacher's tail, `tail`."""
+
+    tail: str = "bucket"
+
+    LOSS: ClassVar[str] = "fused_linear_topk_kd_loss"
+    DIVERGENCES: ClassVar[tuple[str, ...]] = TOPK_DIVERGENCES
+    HAS_TRITON: ClassVar[bool] = False
+    ROLES: ClassVar[tuple[str, ...]] = ("student",)
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("beta",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("tail", self.tail, TAILS)
+
+
+def check_backend(backend: str, *, has_triton: bool = True, loss: str = "this loss") -> str:
+    """`backend` is one of `BACKENDS`, and not "triton" for a loss without Triton kernels."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "triton" and not has_triton:
+        raise ValueError(
+            f"{loss} has no Triton kernel: use backend='torch' or 'auto' (the token-chunked PyTorch "
+            "backend, on any device)"
+        )
+    return backend
+
+
+def check_vocab_size(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return vocab_size
+
+
+@dataclass(frozen=True)
+class SupportOptions:
+    """How the sparse loss treats the teacher's support, after validation.
+
+    `tail`: "bucket" or "renormalize". `precision`: the relative precision eps of the teacher's
+    log-probabilities (bucket: the teacher's tail mass is never taken below the rounding error of
+    1 - sum_K p, see `tail_precision`). `need_ce`: whether the cross-entropy is computed at all.
+    """
+
+    tail: str
+    precision: float
+    need_ce: bool

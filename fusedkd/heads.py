@@ -10,42 +10,14 @@ distills the distribution the model actually predicts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-import torch
+from fusedkd._options import HeadTransform, check_logit_scale, check_softcap
 
-from fusedkd._options import apply_head, check_logit_scale, check_softcap
+__all__ = ["HeadTransform", "head_transform"]
 
 # Config attributes that change a head's logits in ways `head_transform` does not model (multipliers of
 # other architectures): refused, rather than distilling the wrong distribution.
 UNSUPPORTED_HEAD_ATTRIBUTES = ("output_multiplier", "lm_head_multiplier")
-
-
-@dataclass(frozen=True)
-class HeadTransform:
-    """logits = softcap * tanh(logit_scale * z / softcap) (no tanh when `softcap` is None), z = W h + b."""
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    def __post_init__(self) -> None:
-        check_logit_scale("logit_scale", self.logit_scale)
-        check_softcap("softcap", self.softcap)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.logit_scale == 1.0 and self.softcap is None
-
-    def options(self, role: str) -> dict[str, float | None]:
-        """The loss options of this head for `role` "student" or "teacher", e.g.
-        ``{"student_logit_scale": 0.0625, "student_softcap": None}``."""
-        if role not in ("student", "teacher"):
-            raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
-        return {f"{role}_logit_scale": self.logit_scale, f"{role}_softcap": self.softcap}
-
-    def __call__(self, projections: torch.Tensor) -> torch.Tensor:
-        """The model's logits from its head's projections ``W h + b`` (not in place)."""
-        return apply_head(projections, self.logit_scale, self.softcap)
 
 
 def head_transform(config) -> HeadTransform:

@@ -5,15 +5,19 @@ A drop-in for the common ``DistillationLoss(alpha, temperature)`` recipe, with t
 softmax, a log-softmax or a float32 copy of the inputs: the Triton kernels (fusedkd/kernels/kd_logits*)
 stream each row with an online log-sum-exp, and the PyTorch backend (fusedkd/torch_backend/kd_logits.py)
 works on `chunk x V` tiles. The only ``[N, V]`` allocation is the gradient of the student logits, in
-their dtype. Checks in `fusedkd._inputs`, dispatch in `fusedkd._dispatch`.
+their dtype. Options in `fusedkd._options.KDOptions`, checks in `fusedkd._inputs`, the backend rule in
+`fusedkd._dispatch`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fusedkd._dispatch import run_loss, shaped_outputs
-from fusedkd._inputs import check_module_options, prepare_logits_kd
+from fusedkd._autograd import autocast_off
+from fusedkd._dispatch import backend_for, shaped_outputs
+from fusedkd._inputs import prepare_logits_kd
+from fusedkd._options import KDOptions
+from fusedkd.torch_backend.kd_logits import kd_logits as torch_kd_logits
 
 
 def kd_loss(
@@ -35,6 +39,8 @@ def kd_loss(
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    check_finite: bool = False,
+    shift_labels: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss of student logits against frozen teacher logits, without softmax copies.
 
@@ -57,9 +63,10 @@ def kd_loss(
             gradient of the same shape and dtype (zero past ``vocab_size`` and on ignored tokens).
         teacher_logits: ``[..., V_t]`` teacher logits with the same leading shape, any float dtype. The
             teacher is frozen: no gradient flows to it.
-        labels: ``[...]`` integer targets, already shifted (position i predicts token i+1);
-            ``ignore_index`` marks tokens that count for nothing. ``None``: every token counts and
-            there is no cross-entropy term, which requires ``alpha == 1``.
+        labels: ``[...]`` integer targets, already shifted (position i predicts token i+1; see
+            `shift_labels` for the Hugging Face convention); ``ignore_index`` marks tokens that count
+            for nothing, whose logits are never read. ``None``: every token counts and there is no
+            cross-entropy term, which requires ``alpha == 1``.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         beta: JSD mixture weight in [0, 1]; ``beta=0`` is forward KL and ``beta=1`` reverse KL.
             Used only by ``"jsd"``.
@@ -83,6 +90,12 @@ def kd_loss(
         chunk_size: tokens per chunk of the PyTorch backend (default: as `fused_linear_kd_loss`, one
             ``chunk x V`` float32 tile of `fusedkd.torch_backend.tiles.TILE_BYTES`). Not accepted by the
             Triton backend.
+        check_finite: check the logits of the tokens that count first and raise a ValueError naming the
+            tensor and the first token with a NaN or +inf, or with -inf everywhere. Without it, such a
+            token's loss and the gradients it feeds are NaN (docs/design.md §9). Synchronizes.
+        shift_labels: take ``labels`` unshifted, as Hugging Face causal LMs do (``labels[..., i]`` is the
+            token at position i), with the logits of every position: position i is trained on
+            ``labels[..., i + 1]``, the last position on nothing.
 
     Returns:
         The loss (a float32 scalar, float64 for float64 logits, or ``[...]`` for ``reduction="none"``),
@@ -100,31 +113,23 @@ def kd_loss(
         >>> student_logits.grad.shape, student_logits.grad.dtype
         (torch.Size([2, 9, 100]), torch.float32)
     """
-    inputs = prepare_logits_kd(
-        student_logits,
-        teacher_logits,
-        labels,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        vocab_size=vocab_size,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
-    )
-    outputs = run_loss(
-        (inputs.student_logits, inputs.teacher_logits, inputs.labels, inputs.options),
-        backend=backend,
-        device=inputs.student_logits.device,
-        chunk_size=chunk_size,
-        torch_entry="fusedkd.torch_backend.kd_logits:kd_logits",
-        triton_entry="fusedkd.kernels.kd_logits:kd_logits",
-    )
-    return shaped_outputs(outputs, reduction, inputs.leading_shape, return_components)
+    options = KDOptions.of(locals())
+    return logits_kd(student_logits, teacher_logits, labels, options)
+
+
+def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
+    """`kd_loss` with its options already validated: the checks, then the chosen backend."""
+    inputs = prepare_logits_kd(student_logits, teacher_logits, labels, options)
+    tensors = (inputs.student_logits, inputs.teacher_logits, inputs.labels)
+    device = inputs.student_logits.device
+    with autocast_off(device):
+        if backend_for(inputs.options, device, inputs.student_logits.dtype) == "triton":
+            from fusedkd.kernels.kd_logits import kd_logits
+
+            outputs = kd_logits(*tensors, inputs.options)
+        else:
+            outputs = torch_kd_logits(*tensors, inputs.options, chunk_size=inputs.options.chunk_size)
+    return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 
 class KDLoss(torch.nn.Module):
@@ -143,61 +148,14 @@ class KDLoss(torch.nn.Module):
         0
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.5,
-        temperature: float = 1.0,
-        *,
-        divergence: str = "forward_kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        vocab_size: int | None = None,
-        backend: str = "auto",
-        return_components: bool = False,
-        chunk_size: int | None = None,
-        student_logit_scale: float = 1.0,
-        teacher_logit_scale: float = 1.0,
-        student_softcap: float | None = None,
-        teacher_softcap: float | None = None,
-    ) -> None:
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, **options) -> None:
         super().__init__()
-        check_module_options(
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            alpha=alpha,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            backend=backend,
-            chunk_size=chunk_size,
-            student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap,
-            teacher_softcap=teacher_softcap,
-        )
-        self.options = dict(
-            alpha=alpha,
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            backend=backend,
-            return_components=return_components,
-            chunk_size=chunk_size,
-            student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap,
-            teacher_softcap=teacher_softcap,
-        )
+        self.options = KDOptions.of(dict(options, alpha=alpha, temperature=temperature), strict=True)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
     ):
-        return kd_loss(student_logits, teacher_logits, labels, **self.options)
+        return logits_kd(student_logits, teacher_logits, labels, self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self.options.describe()

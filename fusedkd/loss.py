@@ -1,13 +1,17 @@
 """`fused_linear_kd_loss` and `FusedLinearKDLoss`: the dense distillation loss from hidden states and
-lm_head weights. Checks in `fusedkd._inputs`, dispatch in `fusedkd._dispatch`, backends in
-`fusedkd.torch_backend.fused_linear_kd` and `fusedkd.kernels.fused_linear_kd`."""
+lm_head weights. Options in `fusedkd._options.KDOptions`, checks in `fusedkd._inputs`, the backend rule
+in `fusedkd._dispatch`; `linear_kd` calls the chosen backend, `fusedkd.torch_backend.fused_linear_kd` or
+`fusedkd.kernels.fused_linear_kd`."""
 
 from __future__ import annotations
 
 import torch
 
-from fusedkd._dispatch import run_loss, shaped_outputs
-from fusedkd._inputs import check_module_options, prepare_linear_kd
+from fusedkd._autograd import autocast_off
+from fusedkd._dispatch import backend_for, shaped_outputs
+from fusedkd._inputs import prepare_linear_kd
+from fusedkd._options import KDOptions
+from fusedkd.torch_backend.fused_linear_kd import fused_linear_kd as torch_fused_linear_kd
 
 
 def fused_linear_kd_loss(
@@ -33,6 +37,8 @@ def fused_linear_kd_loss(
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    check_finite: bool = False,
+    shift_labels: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss of a student against a frozen teacher, from hidden states and lm_head weights.
 
@@ -54,9 +60,10 @@ def fused_linear_kd_loss(
         teacher_hidden: ``[..., H_t]`` teacher hidden states, same leading shape as ``student_hidden``.
         teacher_weight: ``[V_t, H_t]`` teacher lm_head weight. The teacher is frozen: no gradient flows
             to ``teacher_hidden``, ``teacher_weight`` or ``teacher_bias``.
-        labels: ``[...]`` integer targets, already shifted (position i predicts token i+1);
-            ``ignore_index`` marks tokens that count for nothing. ``None``: every token counts and
-            there is no cross-entropy term, which requires ``alpha == 1``.
+        labels: ``[...]`` integer targets, already shifted (position i predicts token i+1; see
+            `shift_labels` for the Hugging Face convention); ``ignore_index`` marks tokens that count
+            for nothing, whose inputs are never read. ``None``: every token counts and there is no
+            cross-entropy term, which requires ``alpha == 1``.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         beta: JSD mixture weight in [0, 1]; ``beta=0`` is forward KL and ``beta=1`` reverse KL
             (TRL's GKD convention). Used only by ``"jsd"``.
@@ -82,6 +89,14 @@ def fused_linear_kd_loss(
         chunk_size: tokens per chunk of the PyTorch backend (default: sized so that one
             ``chunk x V`` float32 tile is about 64 MiB; the backend holds two). Not accepted by the
             Triton backend.
+        check_finite: check the inputs first and raise a ValueError naming the first tensor and the
+            first token (or vocabulary row) holding a NaN or an inf (-inf is allowed in biases: a masked
+            entry). Without it, a NaN or +inf in a counted token's logits makes that token's loss and the
+            gradients it feeds NaN (docs/design.md §9). Reads a flag on the host: a synchronization.
+        shift_labels: take ``labels`` as Hugging Face causal LMs do, unshifted (``labels[..., i]`` is the
+            token at position i, the same tensor as ``input_ids`` with ignored positions), with the hidden
+            states of every position: position i is trained on ``labels[..., i + 1]`` and the last
+            position on nothing, as ``transformers``' own causal-LM loss does.
 
     Returns:
         The loss (a float32 scalar, or ``[...]`` for ``reduction="none"``; float32 for bfloat16 and
@@ -101,48 +116,63 @@ def fused_linear_kd_loss(
         >>> student_weight.grad.shape
         torch.Size([100, 16])
     """
+    options = KDOptions.of(locals())
+    return linear_kd(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        options,
+    )
+
+
+def linear_kd(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    options: KDOptions,
+):
+    """`fused_linear_kd_loss` with its options already validated: the checks, then the chosen backend."""
     inputs = prepare_linear_kd(
         student_hidden,
         student_weight,
         teacher_hidden,
         teacher_weight,
         labels,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-        vocab_size=vocab_size,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
+        student_bias,
+        teacher_bias,
+        options,
     )
-    outputs = run_loss(
-        (
-            inputs.student_hidden,
-            inputs.student_weight,
-            inputs.student_bias,
-            inputs.teacher_hidden,
-            inputs.teacher_weight,
-            inputs.teacher_bias,
-            inputs.labels,
-            inputs.options,
-        ),
-        backend=backend,
-        device=inputs.student_hidden.device,
-        chunk_size=chunk_size,
-        torch_entry="fusedkd.torch_backend.fused_linear_kd:fused_linear_kd",
-        triton_entry="fusedkd.kernels.fused_linear_kd:fused_linear_kd",
+    tensors = (
+        inputs.student_hidden,
+        inputs.student_weight,
+        inputs.student_bias,
+        inputs.teacher_hidden,
+        inputs.teacher_weight,
+        inputs.teacher_bias,
+        inputs.labels,
     )
-    return shaped_outputs(outputs, reduction, inputs.leading_shape, return_components)
+    device = inputs.student_hidden.device
+    with autocast_off(device):
+        if backend_for(inputs.options, device, inputs.student_hidden.dtype) == "triton":
+            from fusedkd.kernels.fused_linear_kd import fused_linear_kd
+
+            outputs = fused_linear_kd(*tensors, inputs.options)
+        else:
+            outputs = torch_fused_linear_kd(*tensors, inputs.options, chunk_size=inputs.options.chunk_size)
+    return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
-    """`fused_linear_kd_loss` as a module: options at construction, tensors at call.
+    """`fused_linear_kd_loss` as a module: its keyword options at construction (validated then, kept as
+    `options`, a `fusedkd._options.KDOptions`), tensors at call.
 
     Example:
         >>> import torch, fusedkd
@@ -153,56 +183,9 @@ class FusedLinearKDLoss(torch.nn.Module):
         0
     """
 
-    def __init__(
-        self,
-        *,
-        divergence: str = "forward_kl",
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        alpha: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        vocab_size: int | None = None,
-        backend: str = "auto",
-        return_components: bool = False,
-        chunk_size: int | None = None,
-        student_logit_scale: float = 1.0,
-        teacher_logit_scale: float = 1.0,
-        student_softcap: float | None = None,
-        teacher_softcap: float | None = None,
-    ) -> None:
+    def __init__(self, **options) -> None:
         super().__init__()
-        check_module_options(
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            alpha=alpha,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            backend=backend,
-            chunk_size=chunk_size,
-            student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap,
-            teacher_softcap=teacher_softcap,
-        )
-        self.options = dict(
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            alpha=alpha,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            backend=backend,
-            return_components=return_components,
-            chunk_size=chunk_size,
-            student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap,
-            teacher_softcap=teacher_softcap,
-        )
+        self.options = KDOptions.of(options, strict=True)
 
     def forward(
         self,
@@ -214,16 +197,16 @@ class FusedLinearKDLoss(torch.nn.Module):
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
     ):
-        return fused_linear_kd_loss(
+        return linear_kd(
             student_hidden,
             student_weight,
             teacher_hidden,
             teacher_weight,
             labels,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            **self.options,
+            student_bias,
+            teacher_bias,
+            self.options,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self.options.describe()

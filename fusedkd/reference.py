@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedkd._inputs import prepare_linear_kd
-from fusedkd._options import KDOptions, apply_head, compute_dtype
+from fusedkd._options import KDOptions, compute_dtype
 
 
 def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -63,8 +63,8 @@ def kd_terms_from_logits(
         counts = (labels != options.ignore_index)[:, None]
         student_logits = torch.where(counts, student_logits, torch.zeros_like(student_logits))
         teacher_logits = torch.where(counts, teacher_logits, torch.zeros_like(teacher_logits))
-    student_logits = apply_head(student_logits, options.student_logit_scale, options.student_softcap)
-    teacher_logits = apply_head(teacher_logits, options.teacher_logit_scale, options.teacher_softcap)
+    student_logits = options.student_head(student_logits)
+    teacher_logits = options.teacher_head(teacher_logits)
     divergence = divergence_from_logits(student_logits, teacher_logits, options)
     if labels is None:
         valid = torch.ones(divergence.shape, dtype=torch.bool, device=divergence.device)
@@ -116,6 +116,8 @@ def fused_linear_kd_loss(
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    check_finite: bool = False,
+    shift_labels: bool = False,
 ):
     """Same contract as `fusedkd.fused_linear_kd_loss`, computed naively from full logits.
 
@@ -124,25 +126,16 @@ def fused_linear_kd_loss(
     """
     if backend != "reference":
         raise ValueError(f"fusedkd.reference computes with backend='reference' only; got {backend!r}")
+    options = KDOptions.of({**locals(), "backend": "auto"})
     inputs = prepare_linear_kd(
         student_hidden,
         student_weight,
         teacher_hidden,
         teacher_weight,
         labels,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-        vocab_size=vocab_size,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
+        student_bias,
+        teacher_bias,
+        options,
     )
     student_hidden, teacher_hidden = inputs.student_hidden, inputs.teacher_hidden.detach()
     if inputs.labels is not None:  # ignored tokens are never read (their hidden states may be NaN)

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import torch
 
-from fusedkd._dispatch import run_loss, shaped_outputs
-from fusedkd._inputs import check_module_options, prepare_teacher_topk, prepare_topk_kd
-from fusedkd._options import TAILS, TOPK_DIVERGENCES, check_choice
-
-LOSS_NAME = "fused_linear_topk_kd_loss"
+from fusedkd._autograd import autocast_off
+from fusedkd._dispatch import backend_for, shaped_outputs
+from fusedkd._inputs import prepare_teacher_topk, prepare_topk_kd
+from fusedkd._options import TopKOptions
+from fusedkd.torch_backend.teacher_topk import teacher_topk as torch_teacher_topk
+from fusedkd.torch_backend.topk_kd import fused_linear_topk_kd as torch_fused_linear_topk_kd
 
 
 def teacher_topk(
@@ -117,10 +118,8 @@ def teacher_topk(
         teacher_softcap=teacher_softcap,
     )
     # The PyTorch backend, on any device (no Triton kernel for the top-k functions).
-    from fusedkd.torch_backend.teacher_topk import teacher_topk as teacher_topk_torch
-
     with torch.no_grad():
-        ids, logprobs = teacher_topk_torch(
+        ids, logprobs = torch_teacher_topk(
             inputs.teacher_hidden,
             inputs.teacher_weight,
             inputs.teacher_bias,
@@ -155,6 +154,8 @@ def fused_linear_topk_kd_loss(
     chunk_size: int | None = None,
     student_logit_scale: float = 1.0,
     student_softcap: float | None = None,
+    check_finite: bool = False,
+    shift_labels: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss against a sparse top-k teacher (offline distillation), fused with the lm_head.
 
@@ -205,6 +206,13 @@ def fused_linear_topk_kd_loss(
         chunk_size: tokens per chunk (default: one ``chunk x V`` float32 tile of
             `fusedkd.torch_backend.tiles.LINEAR_TILE_BYTES`, 64 MiB; with ``tail="renormalize"`` and no
             cross-entropy, gathered ``[chunk, k, H]`` head rows of `fusedkd.torch_backend.tiles.TILE_BYTES`).
+        check_finite: check the student's hidden states (of the positions that count), head and bias
+            first and raise a ValueError naming the tensor and the first bad token or row (NaN or inf;
+            -inf allowed in the bias). Without it, such a token's loss and gradients are NaN
+            (docs/design.md §9). Synchronizes.
+        shift_labels: take ``labels`` unshifted, as Hugging Face causal LMs do: position i is trained on
+            ``labels[..., i + 1]``, the last position on nothing (``ids`` / ``logprobs`` are the
+            teacher's predictions at each position, as `teacher_topk` gives them, and are not shifted).
         student_logit_scale: the student's logit scale (Cohere's ``logit_scale``): ``s = scale * (W_s h
             + b_s)``. Finite, > 0; default 1. The teacher's is applied by `teacher_topk`.
         student_softcap: the student's final-logit soft cap ``c`` (Gemma's ``final_logit_softcapping``),
@@ -229,26 +237,18 @@ def fused_linear_topk_kd_loss(
         >>> student_weight.grad.shape
         torch.Size([500, 16])
     """
-    inputs = prepare_topk_kd(
-        student_hidden,
-        student_weight,
-        ids,
-        logprobs,
-        labels,
-        divergence=divergence,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        tail=tail,
-        student_bias=student_bias,
-        vocab_size=vocab_size,
-        return_components=return_components,
-        student_logit_scale=student_logit_scale,
-        student_softcap=student_softcap,
-    )
-    outputs = run_loss(
-        (
+    options = TopKOptions.of(locals())
+    return topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, options)
+
+
+def topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, options: TopKOptions):
+    """`fused_linear_topk_kd_loss` with its options already validated: the checks, then the PyTorch
+    backend (the only one of this loss)."""
+    inputs = prepare_topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, options)
+    device = inputs.student_hidden.device
+    backend_for(inputs.options, device, inputs.student_hidden.dtype)  # checks the request: always torch
+    with autocast_off(device):
+        outputs = torch_fused_linear_topk_kd(
             inputs.student_hidden,
             inputs.student_weight,
             inputs.student_bias,
@@ -257,14 +257,9 @@ def fused_linear_topk_kd_loss(
             inputs.labels,
             inputs.options,
             inputs.support,
-        ),
-        backend=backend,
-        device=inputs.student_hidden.device,
-        chunk_size=chunk_size,
-        torch_entry="fusedkd.torch_backend.topk_kd:fused_linear_topk_kd",
-        loss=LOSS_NAME,
-    )
-    return shaped_outputs(outputs, reduction, inputs.leading_shape, return_components)
+            chunk_size=inputs.options.chunk_size,
+        )
+    return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 
 class FusedLinearTopKKDLoss(torch.nn.Module):
@@ -281,53 +276,9 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         0
     """
 
-    def __init__(
-        self,
-        *,
-        divergence: str = "forward_kl",
-        temperature: float = 1.0,
-        alpha: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        tail: str = "bucket",
-        vocab_size: int | None = None,
-        backend: str = "auto",
-        return_components: bool = False,
-        chunk_size: int | None = None,
-        student_logit_scale: float = 1.0,
-        student_softcap: float | None = None,
-    ) -> None:
+    def __init__(self, **options) -> None:
         super().__init__()
-        check_module_options(
-            divergence=divergence,
-            temperature=temperature,
-            alpha=alpha,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            vocab_size=vocab_size,
-            backend=backend,
-            chunk_size=chunk_size,
-            divergences=TOPK_DIVERGENCES,
-            has_triton=False,
-            loss=LOSS_NAME,
-            student_logit_scale=student_logit_scale,
-            student_softcap=student_softcap,
-        )
-        check_choice("tail", tail, TAILS)
-        self.options = dict(
-            divergence=divergence,
-            temperature=temperature,
-            alpha=alpha,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            tail=tail,
-            vocab_size=vocab_size,
-            backend=backend,
-            return_components=return_components,
-            chunk_size=chunk_size,
-            student_logit_scale=student_logit_scale,
-            student_softcap=student_softcap,
-        )
+        self.options = TopKOptions.of(options, strict=True)
 
     def forward(
         self,
@@ -338,9 +289,7 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         labels: torch.Tensor | None = None,
         student_bias: torch.Tensor | None = None,
     ):
-        return fused_linear_topk_kd_loss(
-            student_hidden, student_weight, ids, logprobs, labels, student_bias=student_bias, **self.options
-        )
+        return topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self.options.describe()

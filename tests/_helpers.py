@@ -12,7 +12,7 @@ import torch
 import fusedkd
 from fusedkd import kernels, reference
 from fusedkd._inputs import prepare_logits_kd, prepare_topk_kd
-from fusedkd._options import apply_head, tail_precision
+from fusedkd._options import HeadTransform, KDOptions, TopKOptions, apply_head, tail_precision
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -180,12 +180,7 @@ def fused(backend: str):
 
 def reference_kd_loss(student_logits, teacher_logits, labels=None, *, return_components=False, **options):
     """DESIGN.md §2 literally, with autograd, in the dtype of `student_logits` (float64 for ground truth)."""
-    checked = prepare_logits_kd(
-        student_logits,
-        teacher_logits,
-        labels,
-        **{k: options.get(k, v) for k, v in DEFAULTS.items()},
-    )
+    checked = prepare_logits_kd(student_logits, teacher_logits, labels, KDOptions.of(options, strict=True))
     vocab = checked.options.vocab_size
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab].to(compute)
@@ -194,21 +189,6 @@ def reference_kd_loss(student_logits, teacher_logits, labels=None, *, return_com
     if checked.options.reduction == "none":
         out = tuple(x.reshape(checked.leading_shape) for x in out)
     return out if return_components else out[0]
-
-
-DEFAULTS = dict(
-    divergence="forward_kl",
-    beta=0.5,
-    temperature=1.0,
-    alpha=0.5,
-    ignore_index=-100,
-    reduction="mean",
-    vocab_size=None,
-    student_logit_scale=1.0,
-    teacher_logit_scale=1.0,
-    student_softcap=None,
-    teacher_softcap=None,
-)
 
 
 def reference_teacher_topk(
@@ -260,16 +240,17 @@ def reference_topk_kd_loss(
         ids,
         logprobs,
         labels,
-        divergence=divergence,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        tail=tail,
-        student_bias=student_bias,
-        vocab_size=vocab_size,
-        student_logit_scale=student_logit_scale,
-        student_softcap=student_softcap,
+        student_bias,
+        TopKOptions(
+            divergence=divergence,
+            temperature=temperature,
+            alpha=alpha,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            tail=tail,
+            vocab_size=vocab_size,
+            student_head=HeadTransform.of("student", student_logit_scale, student_softcap),
+        ),
     )
     options = inputs.options
     compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32

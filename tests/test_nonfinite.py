@@ -26,6 +26,7 @@ def _uncompacted(request, monkeypatch):
     if request.node.get_closest_marker("uncompacted") is not None:
         monkeypatch.setattr(tiles, "compacts_ignored", lambda device: False)
 
+
 N, VOCAB, H_S, H_T = 9, 37, 6, 10
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 # float32 against float64 on tiny shapes: a few ulps of sums over 37 entries.
