@@ -1,4 +1,4 @@
-"""A roofline model of the fused linear KD loss on an H200: PREDICTIONS, not measurements.
+"""A roofline model of fusedkd's GPU paths and its peers (H100, H200): PREDICTIONS, not measurements.
 
     python benchmarks/gpu_model.py                      # Qwen3-4B -> 0.6B, N = 4k/16k/32k, bf16
     python benchmarks/gpu_model.py --l2-tbps 7 --json   # another L2 bandwidth assumption; JSON rows
@@ -14,35 +14,54 @@ never copied) and for the two chunked peers (Liger-Kernel's fused linear JSD, TR
     atomics    float32 atomic adds (red.global.add.f32)
     MUFU, ALU  exp/log (special-function unit) and other float32 operations of the softmax work
 
-and predicts the time as
+and predicts each kernel's time as
 
-    max(FLOPs / (peak * MMA_EFFICIENCY), HBM / HBM_BW, L2 / L2_BW, atomics / ATOMIC_RATE) + elementwise
+    (max(FLOPs / (peak * efficiency), HBM / HBM_BW, L2 / L2_BW, atomics / ATOMIC_RATE) + elementwise)
+        * quantization + fills * DOT_FILL + launches * LAUNCH_GAP
 
-where `elementwise = MUFU / MUFU_RATE + ALU / ALU_RATE` is *added*, not overlapped: in a Triton
-kernel without warp specialization the softmax work of a tile runs in the same warps as its dots (a
-pessimistic choice for fusedkd, neutral for the peers, whose elementwise work is memory-bound kernels).
+and a method's time as the sum of its kernels' (kernels of one stream run one after another):
+
+  * `elementwise = MUFU / MUFU_RATE + ALU / ALU_RATE` is *added* in fusedkd's Triton kernels (no warp
+    specialization: the softmax work of a tile runs in the same warps as its dots) and overlapped
+    (max) in memory-bound element-wise kernels (the peers' loss passes, the tile path's kernel).
+  * The fused gradient kernel's two phases, (a) recompute the logits and form G, (b) the two gradient
+    products over the staged G, run in lock step (a CTA barrier between them): two rooflines, added.
+  * `quantization`: the busiest program's work over the mean (persistent grids: 594 vocabulary groups
+    over 132 gradient programs is 5 groups for the busiest, 4.5 on average: x1.11); computed from the
+    grid functions the code launches with. cuBLAS's own quantization is in its efficiency.
+  * `fills`: the dot K-loops in series in the busiest program; each exposes DOT_FILL (the pipeline's
+    prologue before the first MMA and the accumulator's drain after the last, nothing else in flight).
+  * Every cuBLAS GEMM and every element-wise pass of the peers is its own kernel: they add.
 
 Whether a re-read stream hits the L2 is decided from its working set: the bytes that the programs
 running at the same time (one per SM) keep re-reading. Streams are placed in the L2 smallest first
 until L2_USABLE of its capacity is used; the rest go to HBM. Streams the kernels load with the L2
 hint evict_first (data read once per L2 lifetime: the gradient pass's own weight rows and float32
 weight-gradient rows) always go to HBM and take no room. That is a coarse stand-in for LRU: the
-prediction moves in steps when a stream's working set crosses the budget, and the table's last
-section shows how far it moves with the budget.
+prediction moves in steps when a stream's working set crosses the budget.
 
-Hardware figures (H200 SXM, GH100 with 132 SMs; H100 SXM has the same SMs and L2):
-  * 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e: NVIDIA H200 datasheet. 50 MB L2: NVIDIA Hopper
-    architecture whitepaper (H100 SXM5).
-  * MMA_EFFICIENCY 0.75: the fraction of the dense peak a large bf16 GEMM sustains (cuBLAS on H100
-    SXM reaches ~700-750 TFLOP/s of 989). Assumption; applied to cuBLAS and Triton wgmma alike.
-  * L2_BW 10 TB/s: assumption. Chips and Cheese measured ~5.5-7 TB/s on an H100 *PCIe* (114 SMs,
-    clocks down to 1.4 GHz under load: "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023);
-    scaled to 132 SMs at ~1.8 GHz that is ~8-11 TB/s; third-party SXM figures quote ~12 TB/s. The
-    predictions depend on it: `--l2-tbps` varies it, and the table's last section prints 7 and 12.
+Hardware figures (GH100, 132 SMs on both SXM parts; each named with its source or "assumption"):
+  * 989 TFLOP/s dense bf16 on both: NVIDIA H100 and H200 datasheets (1,979 with sparsity).
+  * HBM 3.35 TB/s (H100 SXM5, HBM3) and 4.8 TB/s (H200 SXM, HBM3e): the datasheets.
+  * 50 MB L2 on both: NVIDIA Hopper architecture whitepaper (H100 SXM5); H200 is the same die.
+  * cuBLAS MMA efficiency 0.75: assumption (a large bf16 cuBLAS GEMM on an H100 SXM sustains
+    ~700-750 TFLOP/s of 989 in public benchmarks), applied to every cuBLAS GEMM (its split-K / wave
+    quantization included).
+  * Triton MMA efficiency 0.60: assumption, from an independent expert reading of fusedkd's kernels:
+    pointer-based cp.async loads (no TMA), 32-wide K steps (two k16 wgmmas per load), no warp
+    specialization put Triton's Hopper dots at 0.55-0.65 of the peak; `--triton-efficiency` varies it.
+  * DOT_FILL 0.5 us per K-loop: assumption (the order of one global-memory load latency on Hopper,
+    ~0.5-0.7 us for a miss, plus the drain of the wgmma accumulator; not measured here).
+  * LAUNCH_GAP 2 us between two kernels of a stream: assumption (typical back-to-back launch gap
+    without CUDA graphs).
+  * L2_BW 10 TB/s on both: assumption. Chips and Cheese measured ~5.5-7 TB/s on an H100 *PCIe* (114
+    SMs, clocks down to 1.4 GHz under load: "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023);
+    scaled to 132 SMs at ~1.8 GHz that is ~8-11 TB/s; third-party SXM figures quote ~12 TB/s.
+    `--l2-tbps` varies it, and the plain run prints the sensitivity.
   * ATOMIC_RATE 1.25e12 float32 adds/s: assumption (half the L2's 32-byte sector rate at L2_BW,
     8 floats per sector, for coalesced warp-wide reductions). No public H100 figure was found.
-  * MUFU 16 and ALU 128 float32 operations per clock per SM at 1.83 GHz (Hopper SM: 4 partitions
-    x 4 SFUs / 32 FP32 lanes).
+  * MUFU 16 and ALU 128 float32 operations per clock per SM at 1.83 GHz: Hopper SM (4 partitions x
+    4 SFUs / 32 FP32 lanes; the whitepaper); the 1.83 GHz sustained clock is an assumption.
 
 The unavoidable GEMM FLOPs of any exact KD loss with the student's gradients, when the logits are
 kept (one projection per model, two gradient products): 2 N V (H_t + 3 H_s). A fully fused loss that
@@ -70,7 +89,11 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Hardware:
-    name: str = "H200 SXM (132 SMs)"
+    """One GPU's figures (defaults: H200 SXM). Every figure is named with its source in the module's
+    docstring; the ones marked "assumption" there are not from a datasheet."""
+
+    name: str = "H200"
+    label: str = "H200 SXM (132 SMs)"
     bf16_flops: float = 989e12
     hbm_bytes_per_s: float = 4.8e12
     l2_bytes_per_s: float = 10e12
@@ -78,7 +101,15 @@ class Hardware:
     l2_usable: float = 0.7  # the fraction of the L2 that re-read streams may count on
     sms: int = 132
     clock_hz: float = 1.83e9
-    mma_efficiency: float = 0.75
+    # Fraction of the dense peak a kernel's MMAs sustain: cuBLAS (TMA, warp-specialized, 64-wide K
+    # steps) and fusedkd's Triton kernels (pointer-based cp.async loads, 32-wide K steps, no warp
+    # specialization).
+    cublas_mma_efficiency: float = 0.75
+    triton_mma_efficiency: float = 0.60
+    # Exposed per K-loop of a Triton dot (pipeline fill before the first MMA, drain of the accumulator
+    # after the last): the loads of the next tile are not in flight while a program does anything else.
+    dot_fill_s: float = 0.5e-6
+    launch_gap_s: float = 2e-6  # idle time between two kernels of a stream
     atomics_per_s: float = 1.25e12
     mufu_per_clock_per_sm: int = 16
     alu_per_clock_per_sm: int = 128
@@ -90,6 +121,15 @@ class Hardware:
     @property
     def alu_per_s(self) -> float:
         return self.alu_per_clock_per_sm * self.sms * self.clock_hz
+
+    def mma_efficiency(self, engine: str) -> float:
+        return self.triton_mma_efficiency if engine == "triton" else self.cublas_mma_efficiency
+
+
+H200 = Hardware()
+# Same GH100 die (132 SMs, 50 MB L2, the same tensor-core peak); HBM3 at 3.35 TB/s instead of HBM3e.
+H100 = replace(H200, name="H100", label="H100 SXM5 (132 SMs)", hbm_bytes_per_s=3.35e12)
+GPUS = {"H100": H100, "H200": H200}
 
 
 @dataclass(frozen=True)
@@ -137,6 +177,11 @@ class Prediction:
     mufu: float = 0.0
     alu: float = 0.0
     elementwise_overlapped: bool = False  # memory-bound kernels: their ALU work hides under memory
+    engine: str = "cublas"  # "triton": fusedkd's own kernels (Hardware.triton_mma_efficiency)
+    # The busiest program's share of the work over the mean share (wave quantization: it sets the time).
+    quantization: float = 1.0
+    fills: float = 0.0  # pipeline fills (dot K-loops) in series in the busiest program
+    launches: int = 1  # kernel launches (all chunks together)
     note: str = ""
     hbm: float = 0.0
     l2: float = 0.0
@@ -159,19 +204,33 @@ class Prediction:
                 self.hbm += stream.total if stream.hbm_when_missing is None else stream.hbm_when_missing
 
     def times(self, hw: Hardware) -> dict:
+        """max(MMA, HBM, L2, atomics) (+ the element-wise work unless it hides under memory), times the
+        wave quantization, plus the pipeline fills and the launch gaps."""
         self.place(hw)
         parts = {
-            "mma_s": self.flops / (hw.bf16_flops * hw.mma_efficiency),
+            "mma_s": self.flops / (hw.bf16_flops * hw.mma_efficiency(self.engine)),
             "hbm_s": self.hbm / hw.hbm_bytes_per_s,
             "l2_s": self.l2 / hw.l2_bytes_per_s,
             "atomics_s": self.atomics / hw.atomics_per_s,
         }
         elementwise = self.mufu / hw.mufu_per_s + self.alu / hw.alu_per_s
         bound = max(parts, key=parts.get)
-        total = parts[bound] + (0.0 if self.elementwise_overlapped else elementwise)
         if self.elementwise_overlapped:
-            total = max(total, elementwise)
-        return {**parts, "elementwise_s": elementwise, "time_s": total, "bound": bound.removesuffix("_s")}
+            core = max(parts[bound], elementwise)
+        else:
+            core = parts[bound] + elementwise
+        fill = self.fills * hw.dot_fill_s
+        launch = self.launches * hw.launch_gap_s
+        total = core * self.quantization + fill + launch
+        return {
+            **parts,
+            "elementwise_s": elementwise,
+            "quantization": self.quantization,
+            "fill_s": fill,
+            "launch_s": launch,
+            "time_s": total,
+            "bound": bound.removesuffix("_s"),
+        }
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -201,7 +260,21 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
     tiles = token_blocks * vocab_blocks
     row_bytes = (hs + ht) * eb  # one token's (or one vocabulary entry's) hidden + weight row, both models
     flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
-    p = Prediction("jsd_kernel" if jsd_pass else "statistics_kernel", flops=flops)
+    # Wave quantization: program `pid` takes tasks pid, pid + P, ... (statistics_task); a split covers
+    # blocks_per_split vocabulary blocks, the last one fewer. The busiest program sets the time.
+    split_blocks = [min(blocks_per_split, vocab_blocks - split * blocks_per_split) for split in range(splits)]
+    loads = [0] * programs
+    for task in range(tasks):
+        loads[task % programs] += split_blocks[fused_linear_kd.statistics_task(task, splits)[1]]
+    busiest = max(loads)
+    p = Prediction(
+        "jsd_kernel" if jsd_pass else "statistics_kernel",
+        flops=flops,
+        engine="triton",
+        quantization=busiest / (tiles / programs),
+        fills=busiest * 2,  # two dots per tile (the teacher's, the student's), each a K-loop
+        launches=2,  # the pass and its merge of the split states
+    )
     # Hidden tiles: re-read at every vocabulary step by their program; shared by the programs of the
     # same token block (other splits) running at the same time.
     p.streams.append(
@@ -241,19 +314,23 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
         p.mufu, p.alu = 3 * entries, 28 * entries  # e^a, e^b, e^s (CE at T != 1); maxima, sums, KL
     p.note = (
         f"tile {tile.block_n}x{tile.block_v}x{tile.block_h} ({tile.num_warps} warps), {programs} "
-        f"persistent programs, {tasks} tasks, {splits} splits"
+        f"persistent programs, {tasks} tasks, {splits} splits; busiest program {busiest} tiles"
     )
     return p
 
 
-def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
+def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     """gradient.py: persistent programs own vocabulary groups (VOCAB_SUB_BLOCKS x BLOCK_V columns) and
     walk all tokens, SUB_BLOCKS token blocks per update. (a) Per (token block, vocabulary block) tile
     both logit tiles are recomputed and parked, G is formed and staged (16-bit); (b) the two products
     run as GEMMs over the staged G: grad_W with [PRODUCT_M, PRODUCT_H] float32 accumulators and K =
     the update's tokens (one read-modify-write of the float32 rows per update), grad_h with [BLOCK_N,
     PRODUCT_H] accumulators and K = the group's columns (one float32 atomic add per token, unit and
-    group)."""
+    group).
+
+    The two phases run in lock step in the same warps (a CTA barrier between them, no warp
+    specialization): each is its own roofline and their times add. Returned as two predictions of
+    the one kernel."""
     cfg = kernel_config.gpu_config(_dtype())
     tile = cfg.gradient_tile(shapes.divergence)
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
@@ -264,7 +341,8 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     tiles = token_blocks * groups_v * cfg.gradient_vocab_sub_blocks  # logits tiles, padded
     sub_blocks = cfg.gradient_sub_blocks
     tokens_per_update = tile.block_n * sub_blocks
-    updates = _cdiv(token_blocks, sub_blocks) * groups_v  # dW read-modify-writes of [group, H_s]
+    updates_per_group = _cdiv(token_blocks, sub_blocks)
+    updates = updates_per_group * groups_v  # dW read-modify-writes of [group, H_s]
     product_m = min(cfg.gradient_product_m, group)
     product_h = cfg.gradient_product_h
     h_chunks = _cdiv(hs, product_h)
@@ -272,24 +350,51 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     padded_tokens = token_blocks * tile.block_n
     logits_flops = 2 * tiles * tile.block_n * tile.block_v * (hs + ht)
     grad_flops = 2 * 2 * padded_tokens * groups_v * group * hs
-    p = Prediction("gradient_kernel", flops=logits_flops + grad_flops)
+    # Wave quantization: program pid owns groups pid, pid + P, ...; every group costs a whole group's
+    # work (the last one's masked columns included), so the busiest program owns ceil(groups / P).
+    groups_busiest = _cdiv(groups_v, programs)
+    quantization = groups_busiest / (groups_v / programs)
     token_groups = min(cfg.token_groups, programs)
-    # Hidden states: both models' rows for the logits of every tile; the student's again as the grad_W
-    # product's operand, once per (update, row tile of the group). The programs of a token group walk
-    # the updates in step: an update's rows come from HBM once per token group and owned group.
-    hidden_total = (
-        tiles * tile.block_n * row_bytes + padded_tokens * groups_v * (group // product_m) * hs * eb
+    logits = Prediction(
+        "gradient_kernel (a) logits + G",
+        flops=logits_flops,
+        engine="triton",
+        quantization=quantization,
+        # Two dots per tile, each a K-loop.
+        fills=groups_busiest * token_blocks * cfg.gradient_vocab_sub_blocks * 2,
+        launches=1,
     )
-    p.streams.append(
+    products = Prediction(
+        "gradient_kernel (b) products",
+        flops=grad_flops,
+        engine="triton",
+        quantization=quantization,
+        # Per update: (GROUP_V / PRODUCT_M) x h_chunks grad_W tiles (K = the update's tokens) and
+        # SUB_BLOCKS x h_chunks grad_h tiles (K = the group's columns), each a K-loop of its own.
+        fills=groups_busiest * updates_per_group * (group // product_m + sub_blocks) * h_chunks,
+        launches=0,  # the same launch as (a)
+    )
+    # Hidden states: both models' rows for the logits of every tile (a); the student's again as the
+    # grad_W product's operand, once per (update, row tile of the group) (b), read back from the L2
+    # right after (a) read them. The programs of a token group walk the updates in step: an update's
+    # rows come from HBM once per token group and owned group.
+    logits.streams.append(
         Stream(
             "hidden (token-group lockstep)",
-            hidden_total,
+            tiles * tile.block_n * row_bytes,
             working_set=token_groups * tokens_per_update * row_bytes,
             from_hbm_once=token_groups * (groups_v / programs) * n * row_bytes,
         )
     )
+    products.streams.append(
+        Stream(
+            "student hidden (grad_W operand)",
+            padded_tokens * groups_v * (group // product_m) * hs * eb,
+            working_set=token_groups * tokens_per_update * hs * eb,
+        )
+    )
     # Weight rows of the program's own group: both models' for the logits at every token block.
-    p.streams.append(
+    logits.streams.append(
         Stream(
             "own weight rows (re-read per token block)",
             tiles * tile.block_v * row_bytes,
@@ -300,7 +405,7 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     )
     # The student's weight rows as grad_h's operand: a [group, PRODUCT_H] chunk read by each token block
     # of the update in turn (consecutively: the chunk is re-read from the L2), from HBM once per update.
-    p.streams.append(
+    products.streams.append(
         Stream(
             "grad_h weight operand",
             token_blocks * groups_v * group * hs * eb,
@@ -311,23 +416,28 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     # Parking: the teacher's float32 logit tile written once and read once (the student's is split in
     # registers).
     park_bytes = tile.block_n * tile.block_v * 4
-    p.streams.append(
+    logits.streams.append(
         Stream(
             "parked logit tiles (written, read)", tiles * park_bytes * 2, working_set=programs * park_bytes
         )
     )
-    # G staging: written once; read by grad_W once per hidden chunk, by grad_h once per hidden chunk.
+    # G staging: written once in (a); read by grad_W once per hidden chunk, by grad_h once per hidden
+    # chunk in (b).
     staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
     staged_entries = tiles * tile.block_n * tile.block_v
-    p.streams.append(
+    staging_set = programs * tokens_per_update * group * staged_bytes
+    logits.streams.append(
+        Stream("G staging (written)", staged_entries * staged_bytes, working_set=staging_set)
+    )
+    products.streams.append(
         Stream(
-            f"G staging (written, read 2 x {h_chunks})",
-            staged_entries * staged_bytes * (1 + 2 * h_chunks),
-            working_set=programs * tokens_per_update * group * staged_bytes,
+            f"G staging (read 2 x {h_chunks})",
+            staged_entries * staged_bytes * 2 * h_chunks,
+            working_set=staging_set,
         )
     )
     # dW accumulator: one float32 [group, H_s] read-modify-write per update (per program: its own).
-    p.streams.append(
+    products.streams.append(
         Stream(
             "dW float32 read-modify-write",
             updates * group * hs * 4 * 2,
@@ -339,30 +449,34 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> Prediction:
     # dh: float32 atomic adds into [N, H_s], one per (token, hidden unit) per vocabulary group. The rows
     # being added to at a time are those of the token groups' current updates; each pass of the
     # programs over the tokens (one per owned vocabulary group) brings all of dh through the L2 once.
-    p.atomics = padded_tokens * hs * groups_v
-    p.streams.append(
+    products.atomics = padded_tokens * hs * groups_v
+    products.streams.append(
         Stream(
             "dh float32 atomics",
-            p.atomics * 4,
+            products.atomics * 4,
             working_set=token_groups * tokens_per_update * hs * 4,
             from_hbm_once=(groups_v / programs) * n * hs * 4 * 2,
         )
     )
     entries = n * v
-    p.mufu, p.alu = 3 * entries, 22 * entries  # q, p, q at T = 1; G, the casts
-    p.note = (
+    logits.mufu, logits.alu = 3 * entries, 22 * entries  # q, p, q at T = 1; G, the casts
+    logits.note = (
         f"tile {tile.block_n}x{tile.block_v}x{tile.block_h} ({tile.num_warps} warps), {group} columns per "
-        f"group, {programs} programs, {tokens_per_update} tokens per dW update, products "
-        f"{product_m}x{product_h} / {tile.block_n}x{product_h}"
+        f"group, {programs} programs (busiest owns {groups_busiest} of {groups_v} groups)"
     )
-    return p
+    products.note = (
+        f"{tokens_per_update} tokens per dW update, products {product_m}x{product_h} / "
+        f"{tile.block_n}x{product_h}"
+    )
+    return [logits, products]
 
 
 def fusedkd(shapes: Shapes, hw: Hardware) -> list[Prediction]:
+    """The fused Triton kernels (what `backend="triton"` runs): statistics (+ JSD) and gradient."""
     kernels = [fusedkd_statistics(shapes, hw)]
     if shapes.divergence == "jsd":
         kernels.append(fusedkd_statistics(shapes, hw, jsd_pass=True))
-    kernels.append(fusedkd_gradient(shapes, hw))
+    kernels += fusedkd_gradient(shapes, hw)
     return kernels
 
 
@@ -390,17 +504,49 @@ def fusedkd_extra_memory(shapes: Shapes) -> float:
     return saved + max(forward, backward)
 
 
+# --- Peers: every cuBLAS GEMM and every element-wise pass is its own kernel ----------------------------
+#
+# A GEMM overlaps its own loads and stores with its MMAs (cuBLAS on Hopper: TMA, warp-specialized
+# producers and epilogues): max(MMA, HBM). The element-wise passes of the peers are separate kernels,
+# memory-bound (their ALU work hides under their memory traffic): they add to the GEMMs, never overlap.
+
+
+def _gemm(name: str, flops: float, streams: list[Stream], launches: int) -> Prediction:
+    return Prediction(name, flops=flops, streams=streams, engine="cublas", launches=launches)
+
+
+def _elementwise(
+    name: str, streams: list[Stream], launches: int, mufu: float = 0.0, alu: float = 0.0
+) -> Prediction:
+    return Prediction(
+        name, streams=streams, mufu=mufu, alu=alu, elementwise_overlapped=True, launches=launches
+    )
+
+
 # --- Liger-Kernel: LigerFusedLinearJSDLoss (chunked_loss/fused_linear_distillation.py) ---------------
 
 
 LIGER_CHUNK = 1024  # LigerFusedLinearDistillationBase.forward(chunk_size=1024)
 # Bytes per (token, vocabulary) entry of the torch.compile'd loss + its gradient on a chunk: reads of
 # both bf16 logits chunks for the log-softmaxes and the KL (assumed 3 reads each: 12 B), the CE's
-# float32 log-softmax (written and read: 8 B), G written in bf16 (2 B). An assumption, not a count.
+# float32 log-softmax (written and read: 8 B), G written in bf16 (2 B). An assumption, not a count;
+# the same for the JSD (whose mixture terms would add more: favourable to Liger).
 LIGER_ELEMENTWISE_BYTES = 22
+LIGER_LOSS_KERNELS = 4  # inductor kernels per chunk for the loss and its gradient (assumption)
 
 
-def liger(shapes: Shapes, hw: Hardware) -> list[Prediction]:
+def liger_chunks(shapes: Shapes) -> tuple[int, int]:
+    """(chunks, tokens of the largest chunk): `num_chunks = max(1, N // chunk_size)` and torch.chunk."""
+    chunks = max(1, shapes.tokens // LIGER_CHUNK)
+    return chunks, _cdiv(shapes.tokens, chunks)
+
+
+def liger(
+    shapes: Shapes, hw: Hardware, elementwise_bytes: float = LIGER_ELEMENTWISE_BYTES
+) -> list[Prediction]:
+    """Per chunk (torch.compile'd `accumulate_chunk`): the student's and the teacher's logits (cuBLAS,
+    bf16 out), the loss and its gradient (inductor kernels), torch.func's backward GEMMs G W_s and
+    G^T h_s (a new bf16 [V, H_s] chunk gradient), then `grad_weight.add_(chunk_grad_weight)`."""
     n, v, hs, ht, eb = (
         shapes.tokens,
         shapes.vocab,
@@ -408,31 +554,69 @@ def liger(shapes: Shapes, hw: Hardware) -> list[Prediction]:
         shapes.teacher_dim,
         shapes.element_bytes,
     )
-    chunks = max(1, n // LIGER_CHUNK)
+    chunks, _ = liger_chunks(shapes)
     entries = n * v
-    gemm = Prediction("cuBLAS GEMMs (s, t, G W_s, G^T h_s)", flops=2 * entries * (ht + 3 * hs))
-    # Weights re-read once per chunk (and per GEMM), logits written in bf16, G read by two GEMMs, the
-    # bf16 weight gradient accumulated across chunks (chunk result written, then add_: read 2, write 1).
-    weights = chunks * v * (ht + hs + hs + hs) * eb
-    logits_io = entries * (2 + 2) * eb  # s, t written; G read twice
-    dw = chunks * v * hs * eb * 4
-    gemm.streams += [
-        Stream("weights per chunk", weights, working_set=0),
-        Stream("logits and G", logits_io, working_set=0),
-        Stream("dW bf16 accumulation", dw, working_set=0),
-    ]
-    loss = Prediction("compiled loss + grad (elementwise)", elementwise_overlapped=True)
-    loss.streams.append(Stream("logits chunk passes", entries * LIGER_ELEMENTWISE_BYTES, working_set=0))
-    loss.mufu, loss.alu = (8 if shapes.divergence == "jsd" else 5) * entries, 30 * entries
-    return [gemm, loss]
+    # Weights re-read once per chunk: 311 MB (W_s) and 778 MB (W_t) at Qwen3 shapes, far above the L2.
+    student = _gemm(
+        "s = h_s W_s^T (cuBLAS, bf16 out)",
+        2 * entries * hs,
+        [
+            Stream("W_s per chunk", chunks * v * hs * eb, working_set=v * hs * eb, from_hbm_once=v * hs * eb),
+            Stream("h_s", n * hs * eb, working_set=0),
+            Stream("logits written", entries * eb, working_set=0),
+        ],
+        chunks,
+    )
+    teacher = _gemm(
+        "t = h_t W_t^T (cuBLAS, bf16 out)",
+        2 * entries * ht,
+        [
+            Stream("W_t per chunk", chunks * v * ht * eb, working_set=v * ht * eb, from_hbm_once=v * ht * eb),
+            Stream("h_t", n * ht * eb, working_set=0),
+            Stream("logits written", entries * eb, working_set=0),
+        ],
+        chunks,
+    )
+    loss = _elementwise(
+        "compiled loss + grad (element-wise)",
+        [Stream("logits chunk passes", entries * elementwise_bytes, working_set=0)],
+        chunks * LIGER_LOSS_KERNELS,
+        mufu=(8 if shapes.divergence == "jsd" else 5) * entries,
+        alu=30 * entries,
+    )
+    grad_h = _gemm(
+        "dh = G W_s (cuBLAS)",
+        2 * entries * hs,
+        [
+            Stream("G read", entries * eb, working_set=0),
+            Stream("W_s per chunk", chunks * v * hs * eb, working_set=v * hs * eb, from_hbm_once=v * hs * eb),
+            Stream("dh written", n * hs * eb, working_set=0),
+        ],
+        chunks,
+    )
+    grad_w = _gemm(
+        "chunk dW = G^T h_s (cuBLAS, bf16 [V, H_s] out)",
+        2 * entries * hs,
+        [
+            Stream("G read", entries * eb, working_set=0),
+            Stream("h_s", n * hs * eb, working_set=0),
+            Stream("chunk dW written", chunks * v * hs * eb, working_set=0),
+        ],
+        chunks,
+    )
+    accumulate = _elementwise(
+        "grad_weight.add_(chunk dW) (element-wise)",
+        [Stream("read 2, write 1 [V, H_s] bf16", chunks * v * hs * eb * 3, working_set=0)],
+        chunks,
+    )
+    return [student, teacher, loss, grad_h, grad_w, accumulate]
 
 
 def liger_extra_memory(shapes: Shapes) -> float:
-    """Two bf16 logits chunks, G, float32 log-softmax intermediates (~3 chunk x V float32 live)."""
-    return (
-        LIGER_CHUNK * shapes.vocab * (3 * shapes.element_bytes + 3 * 4)
-        + shapes.vocab * shapes.student_dim * 2
-    )
+    """Per chunk: two bf16 logits chunks, G, float32 log-softmax intermediates (~3 chunk x V float32
+    live), and the bf16 [V, H_s] chunk weight gradient before it is added in."""
+    _, chunk = liger_chunks(shapes)
+    return chunk * shapes.vocab * (3 * shapes.element_bytes + 3 * 4) + shapes.vocab * shapes.student_dim * 2
 
 
 # --- TRL 1.16: trl.kernels.chunked_divergence.ChunkedDivergenceFunction -----------------------------
@@ -444,8 +628,9 @@ TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # chunked_divergence.TOKEN_CHUNK
 def trl(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     """Forward: per (4096 tokens x 32768 vocab) tile, two cuBLAS projections into float32 buffers and a
     Triton statistics kernel reading them (the JSD repeats both: a second pass). Backward: both
-    projections again, a Triton kernel writing G (float32, in place), its bf16 cast, two cuBLAS
-    products accumulating into float32 dh and dW. No cross-entropy (TRL computes the divergence only)."""
+    projections again, a Triton kernel writing G (float32, in place), its bf16 cast, two cuBLAS addmm
+    products accumulating into float32 dh and dW (`_addmm_fp32`: beta = 1, in the GEMM). No
+    cross-entropy (TRL computes the divergence only)."""
     n, v, hs, ht, eb = (
         shapes.tokens,
         shapes.vocab,
@@ -455,39 +640,65 @@ def trl(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     )
     entries = n * v
     token_chunks, vocab_chunks = _cdiv(n, TRL_TOKEN_CHUNK), _cdiv(v, TRL_VOCAB_CHUNK)
+    tiles = token_chunks * vocab_chunks
     passes = 2 if shapes.divergence == "jsd" else 1
-    projection_flops = 2 * entries * (hs + ht)
-    weights_per_projection = token_chunks * v * (hs + ht) * eb
-    hidden_per_projection = vocab_chunks * n * (hs + ht) * eb
-    forward = Prediction(
-        f"forward: projections x{passes} (float32 out) + statistics", flops=passes * projection_flops
+
+    def projections(name: str, times: int) -> Prediction:
+        return _gemm(
+            name,
+            times * 2 * entries * (hs + ht),
+            [
+                Stream("weights per token chunk", times * token_chunks * v * (hs + ht) * eb, working_set=0),
+                Stream("hidden per vocab chunk", times * vocab_chunks * n * (hs + ht) * eb, working_set=0),
+                Stream("float32 logits written", times * entries * 8, working_set=0),
+            ],
+            times * tiles * 2,
+        )
+
+    forward_projections = projections(f"forward: projections x{passes} (cuBLAS, float32 out)", passes)
+    forward_statistics = _elementwise(
+        f"forward: statistics x{passes} (Triton)",
+        [Stream("float32 logits read", passes * entries * 8, working_set=0)],
+        passes * tiles,
+        mufu=passes * 4 * entries,
+        alu=passes * 20 * entries,
     )
-    forward.streams += [
-        Stream("weights, hidden", passes * (weights_per_projection + hidden_per_projection), working_set=0),
-        Stream("float32 logits written and read", passes * entries * 2 * (4 + 4), working_set=0),
-    ]
-    forward.mufu, forward.alu = passes * 4 * entries, passes * 20 * entries
-    backward = Prediction(
-        "backward: projections + G + dh, dW (cuBLAS)", flops=projection_flops + 4 * entries * hs
+    backward_projections = projections("backward: projections (cuBLAS, float32 out)", 1)
+    gradient = _elementwise(
+        "backward: G kernel (Triton, float32 in place)",
+        [Stream("s, t read, G written", entries * (8 + 4), working_set=0)],
+        tiles,
+        mufu=3 * entries,
+        alu=16 * entries,
     )
-    backward.streams += [
-        Stream("weights, hidden", weights_per_projection + hidden_per_projection, working_set=0),
-        # s, t written (8 B); read by the kernel (8 B); G written float32 (4); cast: read 4, write 2;
-        # the two products read G (2 x 2).
-        Stream("float32 logits, G", entries * (8 + 8 + 4 + 6 + 4), working_set=0),
-        Stream(
-            "dW float32 per token chunk",
-            token_chunks * v * hs * 4 * 2 + token_chunks * v * hs * eb,
-            working_set=0,
-        ),
-        Stream(
-            "dh float32 per vocab chunk",
-            vocab_chunks * n * hs * 4 * 2 + vocab_chunks * v * hs * eb,
-            working_set=0,
-        ),
-    ]
-    backward.mufu, backward.alu = 3 * entries, 16 * entries
-    return [forward, backward]
+    cast = _elementwise("backward: G to bf16", [Stream("read 4, write 2", entries * 6, working_set=0)], tiles)
+    grad_h = _gemm(
+        "backward: dh += G W_s (addmm, float32)",
+        2 * entries * hs,
+        [
+            Stream("G read", entries * eb, working_set=0),
+            Stream("W_s per token chunk", token_chunks * v * hs * eb, working_set=0),
+            Stream("dh float32 per vocab chunk", vocab_chunks * n * hs * 4 * 2, working_set=0),
+        ],
+        tiles,
+    )
+    grad_w = _gemm(
+        "backward: dW += G^T h_s (addmm, float32)",
+        2 * entries * hs,
+        [
+            Stream("G read", entries * eb, working_set=0),
+            Stream("h_s per vocab chunk", vocab_chunks * n * hs * eb, working_set=0),
+            Stream("dW float32 per token chunk", token_chunks * v * hs * 4 * 2, working_set=0),
+        ],
+        tiles,
+    )
+    casts = _elementwise(
+        "backward: float32 dh, dW to bf16",
+        [Stream("read 4, write 2", (n + v) * hs * 6, working_set=0)],
+        2,
+    )
+    forward = [forward_projections, forward_statistics]
+    return forward + [backward_projections, gradient, cast, grad_h, grad_w, casts]
 
 
 def trl_extra_memory(shapes: Shapes) -> float:
@@ -559,8 +770,10 @@ def backward_traffic(shapes: Shapes, hw: Hardware) -> dict:
     """fusedkd's backward HBM traffic against the unavoidable: weights, hidden states and the student's
     gradients moved once per ~512 tokens (the float32 dW accumulator read and written, the dh
     accumulator once)."""
-    grad = fusedkd_gradient(shapes, hw)
-    grad.place(hw)
+    phases = fusedkd_gradient(shapes, hw)
+    for phase in phases:
+        phase.place(hw)
+    hbm = sum(phase.hbm for phase in phases)
     n, v, hs, ht, eb = (
         shapes.tokens,
         shapes.vocab,
@@ -570,7 +783,7 @@ def backward_traffic(shapes: Shapes, hw: Hardware) -> dict:
     )
     per = _cdiv(n, 512)
     unavoidable = per * (v * (hs + ht) * eb + v * hs * 4 * 2) + n * (hs + ht) * eb + n * hs * 4 * 2
-    return {"hbm_bytes": grad.hbm, "unavoidable_bytes": unavoidable, "ratio": grad.hbm / unavoidable}
+    return {"hbm_bytes": hbm, "unavoidable_bytes": unavoidable, "ratio": hbm / unavoidable}
 
 
 def _fmt_bytes(x: float) -> str:
@@ -584,7 +797,8 @@ def print_table(results: list[dict], hw: Hardware) -> None:
     )
     print(
         f"HBM {hw.hbm_bytes_per_s / 1e12:.1f} TB/s, L2 {hw.l2_bytes_per_s / 1e12:.1f} TB/s (assumed), "
-        f"{hw.atomics_per_s:.2g} float32 atomics/s (assumed), MMA efficiency {hw.mma_efficiency} (assumed)."
+        f"{hw.atomics_per_s:.2g} float32 atomics/s (assumed), MMA efficiency cuBLAS "
+        f"{hw.cublas_mma_efficiency}, Triton {hw.triton_mma_efficiency} (assumed)."
     )
     for result in results:
         s = result["shapes"]
