@@ -1,9 +1,19 @@
 """A roofline model of fusedkd's GPU paths and its peers (H100, H200): PREDICTIONS, not measurements.
 
-    python benchmarks/gpu_model.py                      # Qwen3-4B -> 0.6B, N = 4k/16k/32k, bf16
-    python benchmarks/gpu_model.py --l2-tbps 7 --json   # another L2 bandwidth assumption; JSON rows
+    python benchmarks/gpu_model.py                 # Qwen3-4B -> 0.6B, N = 4k/16k/32k, bf16, H100 and H200
+    python benchmarks/gpu_model.py --json          # one JSON object per (gpu, n, divergence, method)
+    python benchmarks/gpu_model.py --detail        # every kernel: FLOPs, bytes, bound, quantization, fills
+    python benchmarks/gpu_model.py --tile-budget-mib 1113 --l2-tbps 7   # other assumptions
 
-Nothing here ran on a GPU. For each kernel of fusedkd's Triton backend (with the launch configurations
+Methods: `fusedkd` is what backend="auto" runs on CUDA at that N: the tile path (`fusedkd_tile`,
+cuBLAS projections into float32 [c, V] tiles, one Triton element-wise kernel, cuBLAS gradient
+products; chunks of c tokens from a memory budget) when the budget allows a chunk, else the fused
+Triton kernels (`fusedkd_fused`: logits recomputed in the backward, O(N) memory). `liger` and `trl`
+are the peers. Each row gives the predicted forward + backward time, the useful rate (the unavoidable
+2 N V (H_t + 3 H_s) FLOPs over that time) and the extra memory, and the plain run evaluates the
+issue's targets on them (PASS / FAIL per row, computed, never written in).
+
+Nothing here ran on a GPU. For each kernel of fusedkd's two CUDA paths (with the launch configurations
 the code actually uses: imported from `fusedkd.kernels.config` and `fusedkd.kernels.fused_linear_kd`,
 never copied) and for the two chunked peers (Liger-Kernel's fused linear JSD, TRL 1.16's
 `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`), it counts
@@ -612,11 +622,22 @@ def liger(
     return [student, teacher, loss, grad_h, grad_w, accumulate]
 
 
-def liger_extra_memory(shapes: Shapes) -> float:
-    """Per chunk: two bf16 logits chunks, G, float32 log-softmax intermediates (~3 chunk x V float32
-    live), and the bf16 [V, H_s] chunk weight gradient before it is added in."""
+# Bytes per (token, vocabulary) entry of the chunk tensors live at Liger's peak. Measured on a CPU in
+# float32 (benchmarks/RESULTS.md, memory_vs_topk.py, 2026-11-28): 4 chunk x V tensors beside the
+# floor at every N >= 1,024. In bf16 on a GPU the logits s, t and G are bf16 (the GEMMs' outputs and
+# inputs); the fourth is taken as float32 (the CE's `student_logits_chunk.float()` log-softmax, the
+# tensor LIGER_ELEMENTWISE_BYTES writes and reads): 3 x 2 + 4. An estimate, not a GPU measurement:
+# 8 B (all four bf16) to 16 B (all four float32); this model's earlier formula took 3 x 2 + 3 x 4 = 18.
+LIGER_CHUNK_ENTRY_BYTES = 3 * 2 + 4
+
+
+def liger_extra_memory(shapes: Shapes, entry_bytes: float = LIGER_CHUNK_ENTRY_BYTES) -> float:
+    """The chunk tensors at Liger's peak (`entry_bytes` per chunk x V entry) and the bf16 [V, H_s]
+    chunk weight gradient before it is added in (`grad_weight.add_`). Its gradient accumulators are
+    the gradients themselves; the final torch.cat of the grad_input chunks (N H_s 2 bytes more) comes
+    after the chunks are freed and is smaller."""
     _, chunk = liger_chunks(shapes)
-    return chunk * shapes.vocab * (3 * shapes.element_bytes + 3 * 4) + shapes.vocab * shapes.student_dim * 2
+    return chunk * shapes.vocab * entry_bytes + shapes.vocab * shapes.student_dim * shapes.element_bytes
 
 
 # --- TRL 1.16: trl.kernels.chunked_divergence.ChunkedDivergenceFunction -----------------------------
@@ -708,10 +729,159 @@ def trl_extra_memory(shapes: Shapes) -> float:
     return buffers + shapes.vocab * shapes.student_dim * 4 + shapes.tokens * shapes.student_dim * 4
 
 
+# --- fusedkd's tile path (what backend="auto" runs on CUDA when its tiles fit the budget) ------------
+#
+# Being built as this model is written (not in the code yet): its budget rule and constants below are
+# the design's, not imported. Per chunk of c tokens: the student's and the teacher's projections on
+# cuBLAS (bf16 inputs, float32 [c, V] tiles out, the bias folded into the GEMM), one Triton
+# element-wise kernel (pass 1: per-row online log-sum-exps of s/T, t/T and of s at T = 1 and the KL
+# sums; pass 2: re-reads both tiles and writes G = dloss/dlogits in bf16; the JSD a third read for its
+# mixture), then dh = G W_s and dW_s += G^T h_s on cuBLAS (into a float32 dW, beta = 1). Nothing is
+# recomputed: 2 N V (H_t + 3 H_s) FLOPs, the unavoidable.
+
+# Default budget for the chunk's tiles and G (the float32 dW, V x H_s x 4, is on top): 1.5 GiB, so that
+# at V = 151,936 a chunk is 1,024 tokens (1.5 GiB / (10 B x V) = 1,060, rounded down to a multiple
+# of 128). Design choice of the path being built; `--tile-budget-mib` varies it.
+TILE_BUDGET_BYTES = 1536 * 2**20
+TILE_ENTRY_BYTES = 2 * 4 + 2  # the float32 s and t tiles and the bf16 G, per (token, vocabulary) entry
+TILE_CHUNK_MULTIPLE = 128  # chunks in whole 128-row GEMM tiles (assumption: cuBLAS's M tile)
+MIN_TILE_CHUNK = 128  # below one 128-row tile the auto path takes the fused kernels (assumption)
+TILE_ROW_STATS = 8  # float32 per-row statistics and losses of a chunk (assumption; negligible)
+
+
+def tile_chunk(shapes: Shapes, budget: float = TILE_BUDGET_BYTES) -> int:
+    """Tokens per chunk of the tile path under `budget` bytes of tiles + G (0: the budget does not
+    allow the tile path: auto runs the fused kernels)."""
+    chunk = int(budget // (shapes.vocab * TILE_ENTRY_BYTES)) // TILE_CHUNK_MULTIPLE * TILE_CHUNK_MULTIPLE
+    if chunk < MIN_TILE_CHUNK:
+        return 0
+    return min(chunk, shapes.tokens)
+
+
+def tile_extra_memory(shapes: Shapes, budget: float = TILE_BUDGET_BYTES) -> float:
+    """The chunk's two float32 tiles and bf16 G, the float32 dW (V x H_s x 4), the row statistics."""
+    chunk = tile_chunk(shapes, budget)
+    return (
+        chunk * shapes.vocab * TILE_ENTRY_BYTES
+        + shapes.vocab * shapes.student_dim * 4
+        + chunk * TILE_ROW_STATS * 4
+    )
+
+
+def tile_chunk_within(shapes: Shapes, limit: float) -> int:
+    """The largest tile-path chunk (a multiple of TILE_CHUNK_MULTIPLE) whose extra memory is at most
+    `limit` bytes (0: none)."""
+    per_token = shapes.vocab * TILE_ENTRY_BYTES + TILE_ROW_STATS * 4
+    chunk = int((limit - shapes.vocab * shapes.student_dim * 4) // per_token)
+    return max(0, chunk // TILE_CHUNK_MULTIPLE * TILE_CHUNK_MULTIPLE)
+
+
+def fusedkd_tile(shapes: Shapes, hw: Hardware, budget: float = TILE_BUDGET_BYTES) -> list[Prediction]:
+    """The tile path's kernels, all chunks together (chunks = ceil(N / c))."""
+    n, v, hs, ht, eb = (
+        shapes.tokens,
+        shapes.vocab,
+        shapes.student_dim,
+        shapes.teacher_dim,
+        shapes.element_bytes,
+    )
+    chunk = tile_chunk(shapes, budget)
+    if chunk == 0:
+        raise ValueError(f"a tile budget of {budget / 2**20:.0f} MiB allows no tile-path chunk at V = {v}")
+    chunks = _cdiv(n, chunk)
+    entries = n * v
+    jsd = shapes.divergence == "jsd"
+
+    def weights(name: str, dim: int) -> Stream:
+        # Re-read once per chunk: from the L2 if the whole matrix fits the L2 budget, else from HBM.
+        size = v * dim * eb
+        return Stream(name, chunks * size, working_set=size, from_hbm_once=size)
+
+    student = _gemm(
+        "tile: s = h_s W_s^T (cuBLAS, float32 tile)",
+        2 * entries * hs,
+        [
+            weights("W_s per chunk", hs),
+            Stream("h_s", n * hs * eb, working_set=0),
+            Stream("float32 s written", entries * 4, working_set=0),
+        ],
+        chunks,
+    )
+    teacher = _gemm(
+        "tile: t = h_t W_t^T (cuBLAS, float32 tile)",
+        2 * entries * ht,
+        [
+            weights("W_t per chunk", ht),
+            Stream("h_t", n * ht * eb, working_set=0),
+            Stream("float32 t written", entries * 4, working_set=0),
+        ],
+        chunks,
+    )
+    reads = 3 if jsd else 2
+    elementwise = Prediction(
+        f"tile: element-wise kernel (Triton: {reads} reads of s, t; G bf16 out)",
+        engine="triton",
+        elementwise_overlapped=True,
+        launches=chunks,
+    )
+    # A row's two float32 tiles are 8 V bytes (1.2 MB at Qwen3's V): the re-reads of the rows the
+    # programs are on (one per SM) hit the L2 only if those rows fit it.
+    elementwise.streams += [
+        Stream("s, t first read (pass 1)", entries * 8, working_set=0),
+        Stream(
+            f"s, t re-read x{reads - 1} (passes 2{', 3' if jsd else ''})",
+            (reads - 1) * entries * 8,
+            working_set=hw.sms * v * 8,
+        ),
+        Stream("G written (bf16)", entries * 2, working_set=0),
+    ]
+    # exp of s/T, t/T, s (T = 1) in pass 1 and again in pass 2 (G); the JSD's mixture: two exps and a
+    # log more per read. ALU: as the fused kernels' statistics + gradient passes (28 + 22, JSD + 24).
+    elementwise.mufu = (10 if jsd else 6) * entries
+    elementwise.alu = (74 if jsd else 50) * entries
+    grad_h = _gemm(
+        "tile: dh = G W_s (cuBLAS)",
+        2 * entries * hs,
+        [
+            Stream("G read", entries * 2, working_set=0),
+            weights("W_s per chunk", hs),
+            Stream("dh written", n * hs * eb, working_set=0),
+        ],
+        chunks,
+    )
+    dw_size = v * hs * 4
+    grad_w = _gemm(
+        "tile: dW += G^T h_s (cuBLAS, float32 dW)",
+        2 * entries * hs,
+        [
+            Stream("G read", entries * 2, working_set=0),
+            Stream("h_s", n * hs * eb, working_set=0),
+            Stream(
+                "float32 dW read + written per chunk",
+                chunks * dw_size * 2,
+                working_set=dw_size,
+                from_hbm_once=dw_size,
+            ),
+        ],
+        chunks,
+    )
+    cast = _elementwise(
+        "tile: float32 dW to bf16 (once)", [Stream("read 4, write 2", v * hs * (4 + eb), working_set=0)], 1
+    )
+    for kernel in (student, teacher, grad_h, grad_w):
+        kernel.note = f"{chunks} chunks of {chunk} tokens"
+    return [student, teacher, elementwise, grad_h, grad_w, cast]
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
 _SMS = Hardware().sms
+METHODS = ("fusedkd", "fusedkd_fused", "fusedkd_tile", "liger", "trl")
+# The issue's targets for fusedkd (auto), each evaluated by the model, never hard-coded.
+TARGET_VS_LIGER = 0.9  # time <= 0.9 x Liger's
+FUSED_MEMORY_LIMIT_MIB = 300  # the fused path's extra memory at N = 16k
+FUSED_MEMORY_TOKENS = 16384
 
 
 def _dtype():
@@ -720,50 +890,166 @@ def _dtype():
     return torch.bfloat16
 
 
-def evaluate(shapes: Shapes, hw: Hardware) -> dict:
-    rows = {}
-    for method, kernels, memory in (
-        ("fusedkd", fusedkd(shapes, hw), fusedkd_extra_memory(shapes)),
-        ("liger", liger(shapes, hw), liger_extra_memory(shapes)),
-        ("trl", trl(shapes, hw), trl_extra_memory(shapes)),
-    ):
-        kernel_rows = []
-        for k in kernels:
-            t = k.times(hw)
-            kernel_rows.append(
-                {
-                    "kernel": k.kernel,
-                    "flops": k.flops,
-                    "hbm_bytes": k.hbm,
-                    "l2_bytes": k.l2,
-                    "atomics": k.atomics,
-                    **t,
-                    "l2_resident": k.l2_resident,
-                    "note": k.note,
-                }
-            )
-        time = sum(r["time_s"] for r in kernel_rows)
-        flops = sum(r["flops"] for r in kernel_rows)
-        rows[method] = {
-            "kernels": kernel_rows,
-            "time_s": time,
-            "flops": flops,
-            "hbm_bytes": sum(r["hbm_bytes"] for r in kernel_rows),
-            "l2_bytes": sum(r["l2_bytes"] for r in kernel_rows),
-            "atomics": sum(r["atomics"] for r in kernel_rows),
-            # Achieved rate on the FLOPs it executes, and as a fraction of the bf16 peak.
-            "tflops": flops / time / 1e12,
-            "fraction_of_peak": flops / time / hw.bf16_flops,
-            # The rate on the unavoidable FLOPs 2NV(H_t + 3H_s): comparable across methods.
-            "useful_fraction_of_peak": shapes.unavoidable_flops / time / hw.bf16_flops,
-            "extra_memory_bytes": memory,
-        }
+def _method_row(kernels: list[Prediction], memory: float, shapes: Shapes, hw: Hardware) -> dict:
+    kernel_rows = []
+    for k in kernels:
+        t = k.times(hw)
+        kernel_rows.append(
+            {
+                "kernel": k.kernel,
+                "flops": k.flops,
+                "hbm_bytes": k.hbm,
+                "l2_bytes": k.l2,
+                "atomics": k.atomics,
+                **t,
+                "l2_resident": k.l2_resident,
+                "note": k.note,
+            }
+        )
+    time = sum(r["time_s"] for r in kernel_rows)
+    flops = sum(r["flops"] for r in kernel_rows)
+    return {
+        "kernels": kernel_rows,
+        "time_s": time,
+        "flops": flops,
+        "hbm_bytes": sum(r["hbm_bytes"] for r in kernel_rows),
+        "l2_bytes": sum(r["l2_bytes"] for r in kernel_rows),
+        "atomics": sum(r["atomics"] for r in kernel_rows),
+        # Achieved rate on the FLOPs it executes, and as a fraction of the bf16 peak.
+        "tflops": flops / time / 1e12,
+        "fraction_of_peak": flops / time / hw.bf16_flops,
+        # The rate on the unavoidable FLOPs 2NV(H_t + 3H_s): comparable across methods.
+        "useful_tflops": shapes.unavoidable_flops / time / 1e12,
+        "useful_fraction_of_peak": shapes.unavoidable_flops / time / hw.bf16_flops,
+        "extra_memory_bytes": memory,
+    }
+
+
+def evaluate(
+    shapes: Shapes,
+    hw: Hardware,
+    tile_budget: float = TILE_BUDGET_BYTES,
+    liger_bytes: float = LIGER_ELEMENTWISE_BYTES,
+) -> dict:
+    """Every method's prediction at `shapes` on `hw`, and the issue's targets for fusedkd (auto)."""
+    rows = {
+        "fusedkd_fused": _method_row(fusedkd(shapes, hw), fusedkd_extra_memory(shapes), shapes, hw),
+        "liger": _method_row(liger(shapes, hw, liger_bytes), liger_extra_memory(shapes), shapes, hw),
+        "trl": _method_row(trl(shapes, hw), trl_extra_memory(shapes), shapes, hw),
+    }
+    chunk = tile_chunk(shapes, tile_budget)
+    if chunk:
+        rows["fusedkd_tile"] = _method_row(
+            fusedkd_tile(shapes, hw, tile_budget), tile_extra_memory(shapes, tile_budget), shapes, hw
+        )
+        rows["fusedkd_tile"]["chunk_tokens"] = chunk
+    # auto on CUDA: the tile path when its budget allows a chunk, else the fused kernels.
+    path = "tile" if chunk else "fused"
+    rows["fusedkd"] = {**rows[f"fusedkd_{path}"], "path": path}
+    rows = {method: rows[method] for method in METHODS if method in rows}
     return {
         "shapes": asdict(shapes),
+        "gpu": hw.name,
+        "tile_budget_bytes": tile_budget,
         "unavoidable_flops": shapes.unavoidable_flops,
         "fused_flops": shapes.fused_flops,
         "methods": rows,
+        "targets": targets(shapes, rows),
+        "suggested_budget": suggested_budget(shapes, hw, rows["liger"]),
     }
+
+
+def targets(shapes: Shapes, rows: dict) -> dict:
+    """The issue's targets, evaluated on the predictions: fusedkd (auto) <= 0.9x Liger's time, below
+    TRL's, extra memory <= Liger's; the fused path <= 300 MiB extra at N = 16k (O(N) memory)."""
+    auto, liger_row, trl_row = rows["fusedkd"], rows["liger"], rows["trl"]
+    result = {
+        "time_vs_liger": {
+            "value": auto["time_s"] / liger_row["time_s"],
+            "limit": TARGET_VS_LIGER,
+            "pass": auto["time_s"] <= TARGET_VS_LIGER * liger_row["time_s"],
+        },
+        "time_vs_trl": {
+            "value": auto["time_s"] / trl_row["time_s"],
+            "limit": 1.0,
+            "pass": auto["time_s"] < trl_row["time_s"],
+        },
+        "memory_vs_liger": {
+            "value": auto["extra_memory_bytes"] / liger_row["extra_memory_bytes"],
+            "limit": 1.0,
+            "pass": auto["extra_memory_bytes"] <= liger_row["extra_memory_bytes"],
+        },
+    }
+    if shapes.tokens == FUSED_MEMORY_TOKENS:
+        fused_mib = rows["fusedkd_fused"]["extra_memory_bytes"] / 2**20
+        result["fused_memory_mib"] = {
+            "value": fused_mib,
+            "limit": FUSED_MEMORY_LIMIT_MIB,
+            "pass": fused_mib <= FUSED_MEMORY_LIMIT_MIB,
+        }
+    result["pass"] = all(check["pass"] for check in result.values() if isinstance(check, dict))
+    return result
+
+
+def suggested_budget(shapes: Shapes, hw: Hardware, liger_row: dict) -> dict | None:
+    """The largest tile-path chunk whose extra memory stays within Liger's, its budget, and the tile
+    path's predicted time there (None: no chunk fits)."""
+    chunk = min(tile_chunk_within(shapes, liger_row["extra_memory_bytes"]), shapes.tokens)
+    if chunk < MIN_TILE_CHUNK:
+        return None
+    budget = chunk * shapes.vocab * TILE_ENTRY_BYTES
+    row = _method_row(fusedkd_tile(shapes, hw, budget), tile_extra_memory(shapes, budget), shapes, hw)
+    return {
+        "chunk_tokens": chunk,
+        "budget_mib": budget / 2**20,
+        "time_ms": row["time_s"] * 1e3,
+        "time_vs_liger": row["time_s"] / liger_row["time_s"],
+        "extra_mib": row["extra_memory_bytes"] / 2**20,
+    }
+
+
+def json_rows(result: dict) -> list[dict]:
+    """One flat JSON object per method of an `evaluate` result."""
+    shapes = result["shapes"]
+    out = []
+    for method, row in result["methods"].items():
+        item = {
+            "gpu": result["gpu"],
+            "n": shapes["tokens"],
+            "divergence": f"{shapes['divergence']}+ce",
+            "method": method,
+            "time_ms": row["time_s"] * 1e3,
+            "extra_mib": row["extra_memory_bytes"] / 2**20,
+            "useful_tflops": row["useful_tflops"],
+            "unavoidable_tflop": result["unavoidable_flops"] / 1e12,
+            "executed_tflop": row["flops"] / 1e12,
+            "fraction_of_peak": row["fraction_of_peak"],
+            "hbm_gb": row["hbm_bytes"] / GB,
+            "l2_gb": row["l2_bytes"] / GB,
+            "atomics": row["atomics"],
+            "predicted": True,
+            "kernels": [
+                {
+                    "kernel": k["kernel"],
+                    "time_ms": k["time_s"] * 1e3,
+                    "bound": k["bound"],
+                    "tflop": k["flops"] / 1e12,
+                    "hbm_gb": k["hbm_bytes"] / GB,
+                    "quantization": k["quantization"],
+                    "fill_ms": k["fill_s"] * 1e3,
+                }
+                for k in row["kernels"]
+            ],
+        }
+        if "chunk_tokens" in row:
+            item["chunk_tokens"] = row["chunk_tokens"]
+        if method == "fusedkd":
+            item["path"] = row["path"]
+            item["tile_budget_mib"] = result["tile_budget_bytes"] / 2**20
+            item["targets"] = result["targets"]
+            item["suggested_budget"] = result["suggested_budget"]
+        out.append(item)
+    return out
 
 
 def backward_traffic(shapes: Shapes, hw: Hardware) -> dict:
@@ -790,43 +1076,153 @@ def _fmt_bytes(x: float) -> str:
     return f"{x / GB:8.1f} GB"
 
 
-def print_table(results: list[dict], hw: Hardware) -> None:
+def _mark(check: dict) -> str:
+    return "PASS" if check["pass"] else "FAIL"
+
+
+def print_assumptions(hw_list: list[Hardware], tile_budget: float) -> None:
+    print("Roofline PREDICTIONS (no GPU ran: a model, benchmarks/gpu_model.py), forward + backward.")
+    for hw in hw_list:
+        print(
+            f"  {hw.label}: {hw.bf16_flops / 1e12:.0f} TFLOP/s bf16 dense, "
+            f"HBM {hw.hbm_bytes_per_s / 1e12:.2f} TB/s, L2 {hw.l2_capacity / MB:.0f} MB "
+            f"at {hw.l2_bytes_per_s / 1e12:.1f} TB/s (assumed)"
+        )
+    hw = hw_list[0]
     print(
-        f"Roofline PREDICTIONS for {hw.name} (no GPU ran): "
-        f"peak {hw.bf16_flops / 1e12:.0f} TFLOP/s bf16 dense,"
+        f"  Assumed: MMA efficiency cuBLAS {hw.cublas_mma_efficiency}, Triton {hw.triton_mma_efficiency}; "
+        f"{hw.dot_fill_s * 1e6:.2f} us per dot K-loop fill; {hw.launch_gap_s * 1e6:.0f} us per launch; "
+        f"{hw.atomics_per_s:.3g} float32 atomics/s."
     )
     print(
-        f"HBM {hw.hbm_bytes_per_s / 1e12:.1f} TB/s, L2 {hw.l2_bytes_per_s / 1e12:.1f} TB/s (assumed), "
-        f"{hw.atomics_per_s:.2g} float32 atomics/s (assumed), MMA efficiency cuBLAS "
-        f"{hw.cublas_mma_efficiency}, Triton {hw.triton_mma_efficiency} (assumed)."
+        "  fusedkd = what backend='auto' runs on CUDA: the tile path (chunks from a "
+        f"{tile_budget / 2**20:.0f} MiB tile budget) when the budget allows a chunk, else the fused kernels."
     )
+
+
+def print_headline(results: list[dict]) -> None:
+    """Time, useful TFLOP/s and extra memory per method, then the targets, per row."""
+    print()
+    header = (
+        f"{'GPU':<5} {'N':>6} {'divergence':<14} "
+        + " ".join(f"{m:>21}" for m in METHODS)
+        + "   (time ms / useful TFLOP/s / extra MiB)"
+    )
+    print(header)
+    for result in results:
+        s = result["shapes"]
+        cells = []
+        for method in METHODS:
+            row = result["methods"].get(method)
+            if row is None:
+                cells.append(f"{'-':>21}")
+                continue
+            mib = row["extra_memory_bytes"] / 2**20
+            cells.append(f"{row['time_s'] * 1e3:7.1f} /{row['useful_tflops']:4.0f} /{mib:6.0f}")
+        path = result["methods"]["fusedkd"]["path"]
+        print(
+            f"{result['gpu']:<5} {s['tokens']:>6} {s['divergence'] + '+ce':<14} "
+            + " ".join(f"{c:>21}" for c in cells)
+            + f"   auto = {path}"
+        )
+    print()
+    print(
+        f"Targets (fusedkd = auto): time <= {TARGET_VS_LIGER}x Liger's, time < TRL's, extra memory <= "
+        f"Liger's; fused path <= {FUSED_MEMORY_LIMIT_MIB} MiB extra at N = {FUSED_MEMORY_TOKENS}."
+    )
+    print(
+        f"{'GPU':<5} {'N':>6} {'divergence':<14} {'vs Liger time':>15} {'vs TRL time':>13} "
+        f"{'vs Liger memory':>17} {'fused MiB':>14} {'row':>5}   largest chunk within Liger's memory"
+    )
+    for result in results:
+        s, t, sb = result["shapes"], result["targets"], result["suggested_budget"]
+        fused = t.get("fused_memory_mib")
+        fused_cell = f"{fused['value']:.0f} {_mark(fused)}" if fused else "-"
+        suggestion = (
+            f"{sb['chunk_tokens']} tokens ({sb['budget_mib']:.0f} MiB budget, {sb['extra_mib']:.0f} MiB "
+            f"extra): {sb['time_ms']:.1f} ms, {sb['time_vs_liger']:.3f}x Liger"
+            if sb
+            else "none"
+        )
+        print(
+            f"{result['gpu']:<5} {s['tokens']:>6} {s['divergence'] + '+ce':<14} "
+            f"{t['time_vs_liger']['value']:9.3f}x {_mark(t['time_vs_liger'])} "
+            f"{t['time_vs_trl']['value']:7.3f}x {_mark(t['time_vs_trl'])} "
+            f"{t['memory_vs_liger']['value']:11.3f}x {_mark(t['memory_vs_liger'])} "
+            f"{fused_cell:>14} {'PASS' if t['pass'] else 'FAIL':>5}   {suggestion}"
+        )
+    shapes = Shapes(FUSED_MEMORY_TOKENS)
+    low, high = (liger_extra_memory(shapes, b) / 2**20 for b in (8, 18))
+    print(
+        f"Liger's extra memory is an estimate ({LIGER_CHUNK_ENTRY_BYTES} B per chunk x V entry: the 4 chunk "
+        f"tensors measured on a CPU, s, t, G bf16 and one float32): {low:.0f} to {high:.0f} MiB at 8 to 18 B "
+        "per entry."
+    )
+
+
+def print_detail(results: list[dict]) -> None:
     for result in results:
         s = result["shapes"]
         print()
         print(
-            f"N = {s['tokens']}, V = {s['vocab']}, H_t = {s['teacher_dim']}, H_s = {s['student_dim']}, bf16, "
-            f"{s['divergence']} + CE: unavoidable GEMMs 2NV(H_t+3H_s) = "
-            f"{result['unavoidable_flops'] / 1e12:.1f} "
-            f"TFLOP; fused 2NV(2H_t+4H_s) = {result['fused_flops'] / 1e12:.1f} TFLOP"
+            f"{result['gpu']}, N = {s['tokens']}, V = {s['vocab']}, H_t = {s['teacher_dim']}, "
+            f"H_s = {s['student_dim']}, bf16, {s['divergence']} + CE: unavoidable GEMMs 2NV(H_t+3H_s) = "
+            f"{result['unavoidable_flops'] / 1e12:.1f} TFLOP; fused 2NV(2H_t+4H_s) = "
+            f"{result['fused_flops'] / 1e12:.1f} TFLOP"
         )
-        header = (
-            f"  {'method / kernel':<46} {'TFLOP':>7} {'HBM':>11} {'L2':>11} {'atomics':>9} "
-            f"{'bound':>8} {'time':>9}"
+        print(
+            f"  {'method / kernel':<52} {'TFLOP':>6} {'HBM':>11} {'L2':>11} {'atomics':>9} "
+            f"{'bound':>6} {'quant':>5} {'fill':>6} {'time':>9}"
         )
-        print(header)
         for method, row in result["methods"].items():
+            if method == "fusedkd":
+                continue  # the same kernels as the path it runs
             for k in row["kernels"]:
                 print(
-                    f"  {method + ': ' + k['kernel']:<46.46} {k['flops'] / 1e12:7.1f} "
+                    f"  {method + ': ' + k['kernel']:<52.52} {k['flops'] / 1e12:6.1f} "
                     f"{_fmt_bytes(k['hbm_bytes'])} {_fmt_bytes(k['l2_bytes'])} {k['atomics']:9.2e} "
-                    f"{k['bound']:>8} {k['time_s'] * 1e3:7.1f}ms"
+                    f"{k['bound']:>6} {k['quantization']:5.2f} {k['fill_s'] * 1e3:4.1f}ms "
+                    f"{k['time_s'] * 1e3:7.1f}ms"
                 )
             print(
-                f"  {method + ' total':<46} {row['flops'] / 1e12:7.1f} {_fmt_bytes(row['hbm_bytes'])} "
-                f"{_fmt_bytes(row['l2_bytes'])} {row['atomics']:9.2e} {'':>8} {row['time_s'] * 1e3:7.1f}ms"
-                f"   {row['tflops']:.0f} TFLOP/s = {100 * row['fraction_of_peak']:.0f}% of peak; "
-                f"useful {100 * row['useful_fraction_of_peak']:.0f}%; extra memory "
-                f"{row['extra_memory_bytes'] / 2**20:.0f} MiB"
+                f"  {method + ' total':<52} {row['flops'] / 1e12:6.1f} {_fmt_bytes(row['hbm_bytes'])} "
+                f"{_fmt_bytes(row['l2_bytes'])} {row['atomics']:9.2e} {'':>20} {row['time_s'] * 1e3:7.1f}ms"
+                f"   {100 * row['fraction_of_peak']:.0f}% of peak; "
+                f"useful {row['useful_tflops']:.0f} TFLOP/s; "
+                f"extra memory {row['extra_memory_bytes'] / 2**20:.0f} MiB"
+            )
+
+
+def print_sensitivity(hw_list: list[Hardware], tile_budget: float) -> None:
+    """How the N = 16k, forward KL + CE prediction moves with the assumptions it hangs on."""
+    print()
+    print(
+        "Sensitivity (N = 16384, forward_kl + CE; time ms of fusedkd fused / tile, Liger, TRL; auto / Liger):"
+    )
+    shapes = Shapes(FUSED_MEMORY_TOKENS)
+    for hw in hw_list:
+        variants = [
+            ("defaults", hw, LIGER_ELEMENTWISE_BYTES),
+            ("L2 7 TB/s", replace(hw, l2_bytes_per_s=7e12), LIGER_ELEMENTWISE_BYTES),
+            ("L2 12 TB/s", replace(hw, l2_bytes_per_s=12e12), LIGER_ELEMENTWISE_BYTES),
+            ("L2 usable 50%", replace(hw, l2_usable=0.5), LIGER_ELEMENTWISE_BYTES),
+            ("Triton MMA 0.55", replace(hw, triton_mma_efficiency=0.55), LIGER_ELEMENTWISE_BYTES),
+            ("Triton MMA 0.65", replace(hw, triton_mma_efficiency=0.65), LIGER_ELEMENTWISE_BYTES),
+            ("fill 0.25 us", replace(hw, dot_fill_s=0.25e-6), LIGER_ELEMENTWISE_BYTES),
+            ("fill 1.0 us", replace(hw, dot_fill_s=1.0e-6), LIGER_ELEMENTWISE_BYTES),
+            ("cuBLAS MMA 0.70", replace(hw, cublas_mma_efficiency=0.70), LIGER_ELEMENTWISE_BYTES),
+            ("cuBLAS MMA 0.80", replace(hw, cublas_mma_efficiency=0.80), LIGER_ELEMENTWISE_BYTES),
+            ("Liger 16 B/entry", hw, 16),
+            ("Liger 28 B/entry", hw, 28),
+        ]
+        for label, other, liger_bytes in variants:
+            m = evaluate(shapes, other, tile_budget, liger_bytes)["methods"]
+            tile = m.get("fusedkd_tile")
+            tile_ms = f"{tile['time_s'] * 1e3:6.1f}" if tile else "     -"
+            print(
+                f"  {hw.name} {label:<17} fused {m['fusedkd_fused']['time_s'] * 1e3:6.1f}  tile {tile_ms}  "
+                f"liger {m['liger']['time_s'] * 1e3:6.1f}  trl {m['trl']['time_s'] * 1e3:6.1f}  "
+                f"auto/liger {m['fusedkd']['time_s'] / m['liger']['time_s']:.2f}"
             )
 
 
@@ -834,53 +1230,50 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--gpus", default="H100,H200", help="comma-separated: H100, H200")
     parser.add_argument("--tokens", default="4096,16384,32768")
     parser.add_argument("--divergences", default="forward_kl,jsd")
     parser.add_argument("--l2-tbps", type=float, default=Hardware.l2_bytes_per_s / 1e12)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--triton-efficiency", type=float, default=Hardware.triton_mma_efficiency)
+    parser.add_argument(
+        "--tile-budget-mib",
+        type=float,
+        default=TILE_BUDGET_BYTES / 2**20,
+        help="the tile path's budget for a chunk's float32 tiles and bf16 G (0: auto runs the fused kernels)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per (gpu, n, divergence, method")
+    parser.add_argument("--detail", action="store_true", help="every kernel's counts, bound and time")
     args = parser.parse_args(argv)
-    hw = replace(Hardware(), l2_bytes_per_s=args.l2_tbps * 1e12)
+    hw_list = [
+        replace(GPUS[name], l2_bytes_per_s=args.l2_tbps * 1e12, triton_mma_efficiency=args.triton_efficiency)
+        for name in args.gpus.split(",")
+    ]
+    budget = args.tile_budget_mib * 2**20
     results = [
-        evaluate(Shapes(int(n), divergence=d), hw)
+        evaluate(Shapes(int(n), divergence=d), hw, budget)
+        for hw in hw_list
         for d in args.divergences.split(",")
         for n in args.tokens.split(",")
     ]
-    traffic = backward_traffic(Shapes(16384), hw)
     if args.json:
-        print(json.dumps({"hardware": asdict(hw), "results": results, "backward_traffic_16k": traffic}))
+        for result in results:
+            for row in json_rows(result):
+                print(json.dumps(row))
         return 0
-    print_table(results, hw)
+    print_assumptions(hw_list, budget)
+    print_headline(results)
+    if args.detail:
+        print_detail(results)
     print()
-    print(
-        f"fusedkd backward HBM traffic at N = 16384: {traffic['hbm_bytes'] / GB:.1f} GB, "
-        f"{traffic['ratio']:.1f}x the unavoidable {traffic['unavoidable_bytes'] / GB:.1f} GB "
-        "(weights + hidden states + gradients once per 512 tokens)"
-    )
-    print(
-        "Sensitivity to the L2 bandwidth assumption (fusedkd forward + backward, N = 16384, forward_kl + CE):"
-    )
-    for tbps in (7.0, 10.0, 12.0):
-        other = replace(hw, l2_bytes_per_s=tbps * 1e12)
-        row = evaluate(Shapes(16384), other)["methods"]
+    for hw in hw_list:
+        traffic = backward_traffic(Shapes(FUSED_MEMORY_TOKENS), hw)
         print(
-            f"  L2 {tbps:4.1f} TB/s: fusedkd {row['fusedkd']['time_s'] * 1e3:6.1f} ms "
-            f"({100 * row['fusedkd']['fraction_of_peak']:.0f}% of peak), "
-            f"liger {row['liger']['time_s'] * 1e3:6.1f} ms, "
-            f"trl {row['trl']['time_s'] * 1e3:6.1f} ms"
+            f"{hw.name}: fused path's backward HBM traffic at N = {FUSED_MEMORY_TOKENS}: "
+            f"{traffic['hbm_bytes'] / GB:.1f} GB, {traffic['ratio']:.1f}x the unavoidable "
+            f"{traffic['unavoidable_bytes'] / GB:.1f} GB "
+            "(weights, hidden states, gradients once per 512 tokens)"
         )
-    print(
-        "Sensitivity to the L2 capacity the re-read streams may count on (fusedkd, N = 16384, forward_kl + "
-        "CE; the placement is all-or-nothing per stream, so the prediction moves in steps):"
-    )
-    for usable in (0.5, 0.6, 0.7, 0.8, 0.9):
-        other = replace(hw, l2_usable=usable)
-        row = evaluate(Shapes(16384), other)["methods"]["fusedkd"]
-        traffic = backward_traffic(Shapes(16384), other)
-        print(
-            f"  {usable:.0%} of {hw.l2_capacity / MB:.0f} MB: fusedkd {row['time_s'] * 1e3:6.1f} ms "
-            f"({100 * row['fraction_of_peak']:.0f}% of peak), "
-            f"backward HBM {traffic['ratio']:.1f}x the unavoidable"
-        )
+    print_sensitivity(hw_list, budget)
     return 0
 
 
