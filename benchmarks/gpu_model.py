@@ -1146,9 +1146,9 @@ def print_headline(results: list[dict]) -> None:
         )
         print(
             f"{result['gpu']:<5} {s['tokens']:>6} {s['divergence'] + '+ce':<14} "
-            f"{t['time_vs_liger']['value']:9.3f}x {_mark(t['time_vs_liger'])} "
-            f"{t['time_vs_trl']['value']:7.3f}x {_mark(t['time_vs_trl'])} "
-            f"{t['memory_vs_liger']['value']:11.3f}x {_mark(t['memory_vs_liger'])} "
+            f"{t['time_vs_liger']['value']:9.4f}x {_mark(t['time_vs_liger'])} "
+            f"{t['time_vs_trl']['value']:7.4f}x {_mark(t['time_vs_trl'])} "
+            f"{t['memory_vs_liger']['value']:11.4f}x {_mark(t['memory_vs_liger'])} "
             f"{fused_cell:>14} {'PASS' if t['pass'] else 'FAIL':>5}   {suggestion}"
         )
     shapes = Shapes(FUSED_MEMORY_TOKENS)
