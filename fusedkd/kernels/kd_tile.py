@@ -31,8 +31,9 @@ m_s, m_t the row maxima, a = (s - m_s) / T, b = (t - m_t) / T' (T' = 1 when temp
     Z_a = sum e^a,  Z_b = sum e^b,  Z_s = sum e^(s - m_s)  (T = 1 softmax of the CE; Z_a when T = 1)
     forward_kl  A = sum e^b (b - a)           D = A / Z_b - log Z_b + log Z_a
     reverse_kl  A = sum e^a (a - b) = K Z_a   D = K - log Z_a + log Z_b
-    jsd(beta)   log m = logaddexp(log beta + log p, log(1 - beta) + log q)
-                D = beta KL(p || m) + (1 - beta) KL(q || m)
+    jsd(beta)   m = beta p + (1 - beta) q,  d = log p - log q,
+                L_q = log m - log q = logaddexp(log beta + d, log(1 - beta)),  L_p = L_q - d
+                D = beta KL(p || m) + (1 - beta) KL(q || m) = -beta sum p L_p - (1 - beta) sum q L_q
     ce          C = log Z_s - (s_y - m_s)
 
 The maxima and sums are online (docs/design.md §3, `tl_utils.running_max`): relative to a running shift,
@@ -42,7 +43,7 @@ d head / d(lambda z) = 1 / cosh^2 of tanh's argument:
 
     forward_kl  dD/ds = (q - p) / T
     reverse_kl  dD/ds = q ((a - b) - K) / T
-    jsd         dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T
+    jsd         dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T = (1 - beta) q (-L_q - KL(q || m)) / T
     ce          dC/ds = softmax(s) - onehot(y)
 
 Non-finite rows (§9), as `tiles.subtract_row_max` / `fill_gradient_rows`: a row that does not count
@@ -71,8 +72,8 @@ import triton
 import triton.language as tl
 
 from fusedkd._options import KDOptions
-from fusedkd.kernels import launch_device
-from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL, logaddexp
+from fusedkd.kernels import INTERPRETER, launch_device
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL
 
 # Vocabulary columns per step of a program, and warps: as `kd_logits` (one row per program, blocks of
 # up to 2048 entries over 8 warps). Not yet timed on a GPU.
@@ -94,8 +95,10 @@ def _tanh_and_cosh2(u):
     au = tl.abs(u)
     e = tl.exp(-2.0 * au)
     u2 = au * au
-    series = au * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 + u2 * (
-        -0.05396825396825397 + u2 * 0.021869488536155203))))
+    # tanh u = u - u^3/3 + 2 u^5/15 - 17 u^7/315 + 62 u^9/2835 - ..., in Horner form in u^2
+    series = -0.05396825396825397 + u2 * 0.021869488536155203
+    series = 0.13333333333333333 + u2 * series
+    series = au * (1.0 + u2 * (-0.3333333333333333 + u2 * series))
     th = tl.where(au < 0.2, series, (1.0 - e) / (1.0 + e))
     th = tl.where(u < 0.0, -th, th)
     one_plus = 1.0 + e
@@ -123,6 +126,22 @@ def _block_start(i, num_blocks, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr):
         return (num_blocks - 1 - i) * BLOCK_V
     else:
         return i * BLOCK_V
+
+
+@triton.jit
+def _round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), still float32: the GPU's fp32 -> bf16
+    conversion. Triton's interpreter truncates instead (`cast_impl` with no rounding mode), so under it
+    (ROUND_BF16) the kernel rounds first and the cast is exact. NaN stays NaN, overflow becomes inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _mix_over_q(d, log_beta, log1m_beta, log_odds):
+    """L_q = log m - log q = logaddexp(log beta + d, log(1 - beta)), d = log p - log q (JSD)."""
+    return tl.maximum(log_beta + d, log1m_beta) + tl.log(1.0 + tl.exp(-tl.abs(d + log_odds)))
 
 
 @triton.jit
@@ -166,6 +185,7 @@ def kd_tile_kernel(
     HAS_SOFTCAP_S: tl.constexpr,
     HAS_SOFTCAP_T: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One program per row of the [c, V] tiles: D [c], C [c] and, when WANT_GRAD, the row of G.
@@ -207,6 +227,7 @@ def kd_tile_kernel(
     sum_b = zero
     sum_s = zero
     kl_acc = zero
+    top_s = 0  # JSD: the column of the student's (first) maximum
     for i in range(0, num_blocks):
         v = _block_start(i, num_blocks, BLOCK_V, False) + cols
         in_vocab = v < vocab
@@ -215,6 +236,10 @@ def kd_tile_kernel(
         s, _ = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
         t, _ = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
         new_max_s, new_shift_s = _running_shift(max_s, s)
+        if DIVERGENCE == JSD:
+            block_max = tl.max(s, 0)
+            block_top = tl.min(tl.where(s == block_max, v, vocab), 0)
+            top_s = tl.where(block_max > max_s, block_top, top_s)
         new_max_t, new_shift_t = _running_shift(max_t, t)
         a_rel = (s - new_shift_s) / temperature
         b_rel = (t - new_shift_t) / teacher_temperature
@@ -251,9 +276,26 @@ def kd_tile_kernel(
         aux = kl_acc / sum_a
         divergence = aux - log_za + log_zb  # D = K - log Z_a + log Z_b
     else:
-        # Pass 2 (JSD), right to left: log q = (a - c_a) - log Z_a, log p = (b - c_b) - log Z_b,
-        # log m = logaddexp(log beta + log p, log(1 - beta) + log q),
-        # D = beta sum p (log p - log m) + (1 - beta) sum q (log q - log m)
+        # Pass 2 (JSD), right to left. In the log-ratio d = log p - log q = (b - c_b) - (a - c_a) +
+        # (log Z_a - log Z_b), rather than from log q and log p (whose roundings, eps |log q| ~ eps log V,
+        # would not cancel: 3x to 10x the error on the gradient):
+        #   L_q = log m - log q = logaddexp(log beta + d, log(1 - beta))
+        #   L_p = log m - log p = logaddexp(log beta, log(1 - beta) - d)
+        # sharing log(1 + e^(-|r|)), r = d + log(beta / (1 - beta)) (both pairs differ by r);
+        #   D = beta KL(p || m) + (1 - beta) KL(q || m) = -beta sum p L_p - (1 - beta) sum q L_q
+        # The student's top token v* is the reference of KL(q || m) (as the fused reverse KL's, §3):
+        #   K' = sum q (L_q - L_q*),  KL(q || m) = -L_q* - K',  dD/ds = (1 - beta) q (K' - (L_q - L_q*)) / T
+        # with L_q - L_q* exactly 0 at v*, so that G at v* does not cancel (for a peaked q it is
+        # O(1 - q*), where the plain form subtracts two numbers of size |log(1 - beta)|).
+        log_odds = log_beta - log1m_beta
+        log_ratio_z = log_za - log_zb
+        top_s = tl.minimum(tl.maximum(top_s, 0), vocab - 1)  # in range even for a row that is not read
+        s_top, _ = _head(tl.load(s_row + top_s), True, student_mult, student_cap_mult, HAS_SOFTCAP_S)
+        t_top, _ = _head(tl.load(t_row + top_s), True, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
+        d_top = ((t_top - shift_t) / teacher_temperature - (s_top - shift_s) / temperature) + log_ratio_z
+        mix_over_q_top = _mix_over_q(d_top, log_beta, log1m_beta, log_odds)
+        inv_za = 1.0 / sum_a
+        inv_zb = 1.0 / sum_b
         kl_teacher_mix = zero
         kl_student_mix = zero
         for i in range(0, num_blocks):
@@ -263,14 +305,20 @@ def kd_tile_kernel(
             x_t = tl.load(t_row + v, mask=in_vocab, other=neg_inf)
             s, _ = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
             t, _ = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
-            log_q = (s - shift_s) / temperature - log_za
-            log_p = (t - shift_t) / teacher_temperature - log_zb
-            log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
-            p = tl.exp(log_p)
-            q = tl.exp(log_q)
-            kl_teacher_mix += tl.sum(tl.where(p > 0.0, p * (log_p - log_m), 0.0), 0)
-            kl_student_mix += tl.sum(tl.where(q > 0.0, q * (log_q - log_m), 0.0), 0)
+            a_rel = (s - shift_s) / temperature
+            b_rel = (t - shift_t) / teacher_temperature
+            q = tl.exp(a_rel) * inv_za
+            p = tl.exp(b_rel) * inv_zb
+            d = (b_rel - a_rel) + log_ratio_z
+            softplus = tl.log(1.0 + tl.exp(-tl.abs(d + log_odds)))
+            mix_over_q = tl.maximum(log_beta + d, log1m_beta) + softplus  # L_q
+            mix_over_p = tl.maximum(log_beta, log1m_beta - d) + softplus  # L_p
+            relative = tl.where(v == top_s, 0.0, mix_over_q - mix_over_q_top)  # L_q - L_q*
+            # Weight 0 (p or q = 0: d = -inf, +inf or NaN) gives 0.
+            kl_teacher_mix -= tl.sum(tl.where(p > 0.0, p * mix_over_p, 0.0), 0)
+            kl_student_mix += tl.sum(tl.where(q > 0.0, q * relative, 0.0), 0)  # K'
         aux = kl_student_mix
+        kl_student_mix = -mix_over_q_top - kl_student_mix
         divergence = beta * kl_teacher_mix + (1.0 - beta) * kl_student_mix
     tl.store(divergence_ptr + row, tl.where(distill_good, divergence, float("nan")))
 
@@ -314,10 +362,12 @@ def kd_tile_kernel(
                 # dD/ds = q ((a - b) - K) / T, 0 where q = 0
                 g = tl.where(exp_a > 0.0, exp_a * ((a_rel - b_rel) - aux), 0.0) * coef_q
             else:
-                # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T, 0 where q = 0
-                log_q = a_rel - log_za
-                log_m = logaddexp(b_rel - log_zb + log_beta, log_q + log1m_beta)
-                g = tl.where(exp_a > 0.0, exp_a * (log_q - log_m - aux), 0.0) * ((1.0 - beta) * coef_q)
+                # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T
+                #       = (1 - beta) q (K' - (L_q - L_q*)) / T, 0 where q = 0; as in pass 2
+                d = (b_rel - a_rel) + log_ratio_z
+                relative = _mix_over_q(d, log_beta, log1m_beta, log_odds) - mix_over_q_top
+                relative = tl.where(v == top_s, 0.0, relative)
+                g = tl.where(exp_a > 0.0, exp_a * (aux - relative), 0.0) * ((1.0 - beta) * coef_q)
             if HAS_CE_GRAD:
                 # dC/ds = softmax(s) - onehot(y)
                 if SEPARATE_CE:
@@ -328,6 +378,8 @@ def kd_tile_kernel(
             if HAS_SOFTCAP_S:
                 g = g * cap_derivative
             g = tl.where(distill_good, g, float("nan"))
+            if ROUND_BF16:
+                g = _round_to_bfloat16(g)
             tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
 
 
@@ -438,6 +490,7 @@ def kd_tile_terms_triton(
             HAS_SOFTCAP_S=options.student_softcap is not None,
             HAS_SOFTCAP_T=options.teacher_softcap is not None,
             HAS_VALID=valid is not None,
+            ROUND_BF16=INTERPRETER and want_grad and grad_out.dtype == torch.bfloat16,
             BLOCK_V=block_v,
             num_warps=8 if block_v >= 2048 else 4,
         )
