@@ -9,10 +9,13 @@ same non-finite rule (docs/design.md §9).
 
 Grid and passes. One program per row (grid `(c,)`), walking its vocabulary in BLOCK_V columns:
 
-    pass 1  reads s, t         running maxima, Z_a, Z_b (Z_s), the one-pass KL accumulator A (§3)
-                               -> D (forward / reverse KL) and C are finished here
+    pass 1  reads s, t         running maxima, Z_a, Z_b (Z_s), the one-pass KL accumulator A (§3),
+                               the student's top column (JSD) -> D (forward / reverse KL) and C
     pass 2  reads s, t         JSD only: KL(p || m), KL(q || m), which need the final LSEs (§3)
     pass 3  reads s, t, writes G   (only when `grad_weights` is given; §4)
+
+plus one scalar load per row of the label's logit (labels) and of s, t at the top column (JSD); a row
+that does not count reads nothing and writes its zero G row.
 
 so a float32 tile element is read 2 times (KL) or 3 times (JSD) and G written once: 20 bytes per
 (token, vocabulary entry) for the KL with a float32 G (18 with a 16-bit `grad_out`), 8 without a
@@ -23,9 +26,9 @@ The math, per row (docs/design.md §2-§4). The tiles hold `folded * z` (z = W h
 each head is finished as `tiles.finish_head` does:
 
     s = (lambda_s / f_s) x_s                 or  s = c_s tanh((lambda_s / c_s / f_s) x_s)
-    t = (lambda_t / d / f_t) x_t             or  t = (c_t / d) tanh((lambda_t / c_t / f_t) x_t)
+    t = (lambda_t / T_h / f_t) x_t           or  t = (c_t / T_h) tanh((lambda_t / c_t / f_t) x_t)
 
-with d = T when `teacher_tempered` (the teacher's tile already holds z_t lambda_t / T), else 1. With
+with T_h = T when `teacher_tempered` (the teacher's tile already holds z_t lambda_t / T), else 1. With
 m_s, m_t the row maxima, a = (s - m_s) / T, b = (t - m_t) / T' (T' = 1 when tempered, else T):
 
     Z_a = sum e^a,  Z_b = sum e^b,  Z_s = sum e^(s - m_s)  (T = 1 softmax of the CE; Z_a when T = 1)
@@ -43,15 +46,17 @@ d head / d(lambda z) = 1 / cosh^2 of tanh's argument:
 
     forward_kl  dD/ds = (q - p) / T
     reverse_kl  dD/ds = q ((a - b) - K) / T
-    jsd         dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T = (1 - beta) q (-L_q - KL(q || m)) / T
+    jsd         dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T = (1 - beta) q (K' - (L_q - L_q*)) / T
+                with K' = sum q (L_q - L_q*) = -KL(q || m) - L_q*, L_q* at the student's top token
+                (exactly 0 there: no cancellation for a peaked q, as the fused reverse KL, §3)
     ce          dC/ds = softmax(s) - onehot(y)
 
 Non-finite rows (§9), as `tiles.subtract_row_max` / `fill_gradient_rows`: a row that does not count
 (`valid` False) is never read: 0, 0 and a zero G row. A counted row whose transformed student logits
 hold a NaN or +inf, or are all -inf, gets D = C = NaN and a NaN G row; one whose teacher's do gets
 D = NaN and a NaN G row, C as computed. The test: a row is a distribution iff its sum of
-exponentials relative to its maximum is >= 1 (the maximum's own term is e^0 = 1): a NaN entry makes
-the sum NaN (whether or not `tl.max` drops it: it drops NaN on the GPU and under the interpreter,
+exponentials relative to its maximum is >= 1/2 (it is >= 1, the maximum's own term being e^0): a NaN
+entry makes the sum NaN (whether or not `tl.max` drops it: it drops NaN on the GPU and under the interpreter,
 np.nanmax), +inf makes it NaN (inf - inf), a row of -inf 0. The running maximum is merged across
 blocks with `tl.maximum(..., propagate_nan=ALL)` (np.maximum under the interpreter), so a NaN that
 does reach it stays. -inf entries are exact zero probabilities: a term whose weight is 0 is 0
@@ -106,17 +111,24 @@ def _tanh_and_cosh2(u):
 
 
 @triton.jit
-def _head(x, in_vocab, mult, cap_mult, HAS_SOFTCAP: tl.constexpr):
+def _head_and_derivative(x, in_vocab, mult, cap_mult, HAS_SOFTCAP: tl.constexpr):
     """A tile block through its model's head transform: `mult` x, or `cap_mult` tanh(`mult` x) for a
     soft-capped head (entries past the vocabulary, loaded as -inf, stay -inf; an in-vocabulary -inf
-    becomes -cap, as the capped head computes it). Also returns the cap's derivative 1 / cosh^2 of
-    tanh's argument (the block itself, unused, without a cap)."""
+    becomes -cap, as the capped head computes it), and the cap's derivative 1 / cosh^2 of tanh's
+    argument (the block itself, unused, without a cap)."""
     u = x * mult
     if HAS_SOFTCAP:
         th, derivative = _tanh_and_cosh2(u)
         return tl.where(in_vocab, cap_mult * th, float("-inf")), derivative
     else:
         return u, u
+
+
+@triton.jit
+def _head(x, in_vocab, mult, cap_mult, HAS_SOFTCAP: tl.constexpr):
+    """`_head_and_derivative`'s logits alone."""
+    y, _derivative = _head_and_derivative(x, in_vocab, mult, cap_mult, HAS_SOFTCAP)
+    return y
 
 
 @triton.jit
@@ -145,10 +157,10 @@ def _mix_over_q(d, log_beta, log1m_beta, log_odds):
 
 
 @triton.jit
-def _running_shift(old_max, block):
+def _running_shift(old_max, block_max):
     """Online maximum step: the new maximum (NaN kept: `propagate_nan=ALL`) and the shift sums are taken
     relative to (the maximum, or 0 while every value so far is -inf, so no exp(-inf - (-inf)))."""
-    new_max = tl.maximum(old_max, tl.max(block, 0), propagate_nan=tl.PropagateNan.ALL)
+    new_max = tl.maximum(old_max, block_max, propagate_nan=tl.PropagateNan.ALL)
     return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
 
 
@@ -227,20 +239,20 @@ def kd_tile_kernel(
     sum_b = zero
     sum_s = zero
     kl_acc = zero
-    top_s = 0  # JSD: the column of the student's (first) maximum
+    top_s = tl.zeros([], tl.int32)  # JSD: the column of the student's (first) maximum
     for i in range(0, num_blocks):
         v = _block_start(i, num_blocks, BLOCK_V, False) + cols
         in_vocab = v < vocab
         x_s = tl.load(s_row + v, mask=in_vocab, other=neg_inf)
         x_t = tl.load(t_row + v, mask=in_vocab, other=neg_inf)
-        s, _ = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
-        t, _ = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
-        new_max_s, new_shift_s = _running_shift(max_s, s)
+        s = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
+        t = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
+        block_max_s = tl.max(s, 0)
+        new_max_s, new_shift_s = _running_shift(max_s, block_max_s)
+        new_max_t, new_shift_t = _running_shift(max_t, tl.max(t, 0))
         if DIVERGENCE == JSD:
-            block_max = tl.max(s, 0)
-            block_top = tl.min(tl.where(s == block_max, v, vocab), 0)
-            top_s = tl.where(block_max > max_s, block_top, top_s)
-        new_max_t, new_shift_t = _running_shift(max_t, t)
+            block_top = tl.min(tl.where(s == block_max_s, v, vocab), 0)
+            top_s = tl.where(block_max_s > max_s, block_top, top_s)
         a_rel = (s - new_shift_s) / temperature
         b_rel = (t - new_shift_t) / teacher_temperature
         exp_a = tl.exp(a_rel)
@@ -265,11 +277,12 @@ def kd_tile_kernel(
         sum_s = sum_a  # T = 1 (or no labels): the CE's softmax is q
     log_za = tl.log(sum_a)
     log_zb = tl.log(sum_b)
-    # Not a distribution (NaN, +inf, or all -inf): the maximum's own term e^0 = 1 is missing from the sum.
-    student_good = sum_a >= 1.0
-    distill_good = student_good & (sum_b >= 1.0)
+    # Not a distribution (NaN, +inf, or all -inf): the sum is NaN or 0, not >= 1 (the maximum's own term
+    # e^0); 1/2 leaves room for an approximate exp (ex2.approx on the GPU).
+    student_good = sum_a >= 0.5
+    distill_good = student_good & (sum_b >= 0.5)
 
-    aux = zero  # K = A / Z_a (reverse KL), KL(q || m) (JSD): the G pass's constant
+    aux = zero  # the G pass's constant: K = A / Z_a (reverse KL), K' (JSD)
     if DIVERGENCE == FORWARD_KL:
         divergence = kl_acc / sum_b - log_zb + log_za  # D = A / Z_b - log Z_b + log Z_a
     elif DIVERGENCE == REVERSE_KL:
@@ -290,8 +303,8 @@ def kd_tile_kernel(
         log_odds = log_beta - log1m_beta
         log_ratio_z = log_za - log_zb
         top_s = tl.minimum(tl.maximum(top_s, 0), vocab - 1)  # in range even for a row that is not read
-        s_top, _ = _head(tl.load(s_row + top_s), True, student_mult, student_cap_mult, HAS_SOFTCAP_S)
-        t_top, _ = _head(tl.load(t_row + top_s), True, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
+        s_top = _head(tl.load(s_row + top_s), True, student_mult, student_cap_mult, HAS_SOFTCAP_S)
+        t_top = _head(tl.load(t_row + top_s), True, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
         d_top = ((t_top - shift_t) / teacher_temperature - (s_top - shift_s) / temperature) + log_ratio_z
         mix_over_q_top = _mix_over_q(d_top, log_beta, log1m_beta, log_odds)
         inv_za = 1.0 / sum_a
@@ -303,8 +316,8 @@ def kd_tile_kernel(
             in_vocab = v < vocab
             x_s = tl.load(s_row + v, mask=in_vocab, other=neg_inf)
             x_t = tl.load(t_row + v, mask=in_vocab, other=neg_inf)
-            s, _ = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
-            t, _ = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
+            s = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
+            t = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
             a_rel = (s - shift_s) / temperature
             b_rel = (t - shift_t) / teacher_temperature
             q = tl.exp(a_rel) * inv_za
@@ -327,7 +340,7 @@ def kd_tile_kernel(
         # C = LSE(s) - s_y = log Z_s - (s_y - c_s)
         label = tl.load(labels_ptr + row)
         x_y = tl.load(s_row + label)
-        s_y, _ = _head(x_y, True, student_mult, student_cap_mult, HAS_SOFTCAP_S)
+        s_y = _head(x_y, True, student_mult, student_cap_mult, HAS_SOFTCAP_S)
         ce = tl.log(sum_s) - (s_y - shift_s)
         tl.store(ce_ptr + row, tl.where(student_good, ce, float("nan")))
     else:
@@ -350,8 +363,10 @@ def kd_tile_kernel(
             in_vocab = v < vocab
             x_s = tl.load(s_row + v, mask=in_vocab, other=neg_inf)
             x_t = tl.load(t_row + v, mask=in_vocab, other=neg_inf)
-            s, cap_derivative = _head(x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S)
-            t, _ = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
+            s, cap_derivative = _head_and_derivative(
+                x_s, in_vocab, student_mult, student_cap_mult, HAS_SOFTCAP_S
+            )
+            t = _head(x_t, in_vocab, teacher_mult, teacher_cap_mult, HAS_SOFTCAP_T)
             a_rel = (s - shift_s) / temperature
             b_rel = (t - shift_t) / teacher_temperature
             exp_a = tl.exp(a_rel)
