@@ -29,9 +29,12 @@ pytestmark = pytest.mark.skipif(
 # Norm-wise relative error of the float32 kernel against float64: float32 rounding (2^-24 = 6e-8)
 # amplified by the log-sum-exp's sums over up to 1,500 entries and by the cancellation in
 # A / Z_b - log Z_b + log Z_a (terms of size log V ~ 7 for divergences of size ~0.1-1): the project's
-# FP32_RTOL (docs/design.md §6). The same bound holds against `kd_tile_terms`, the same float32 math
-# in another order.
+# FP32_RTOL (docs/design.md §6).
 RTOL = 2e-5
+# Against `kd_tile_terms`: the sum of the two float32 errors. Its JSD gradient is the less accurate of
+# the two (the kernel's is relative to the student's top token): up to 2.8e-5 from float64 on a peaked
+# row at T = 0.7 (seeds 0-3 of "jsd-T0.7-tempered-wce-none"), where the kernel's is 3e-6.
+RTOL_VS_TORCH = 5e-5
 
 IGNORE = -100
 
@@ -142,7 +145,7 @@ def _check(kernel, torch_terms, expected, what=""):
             assert k is None and ts is None
             continue
         _assert_matches(k, e, f"{what}{name} vs float64")
-        _assert_matches(k, ts.double(), f"{what}{name} vs kd_tile_terms")
+        _assert_matches(k, ts.double(), f"{what}{name} vs kd_tile_terms", rtol=RTOL_VS_TORCH)
 
 
 def _weights(c, want_grad, w_ce):
@@ -294,6 +297,8 @@ def _poisoned_logits(divergence, vocab):
             z_t[row, 13:15] = -math.inf
         if divergence != "forward_kl":
             z_s[row, 15:17] = -math.inf
+    if divergence == "forward_kl":  # q = 0 < p: KL(p || q) = +inf (its gradient (q - p) / T stays finite)
+        z_s[10, 17:19] = -math.inf
     valid = torch.ones(c, dtype=torch.bool)
     valid[[7, 8]] = False
     labels = torch.randint(20, vocab, (c,))  # never a -inf logit: a finite CE
@@ -326,6 +331,7 @@ def test_nonfinite_rows(divergence, T, heads):
     if not heads:
         assert divergence_nan.nonzero().view(-1).tolist() == [1, 2, 3, 4, 5, 6]
         assert ce_nan.nonzero().view(-1).tolist() == [1, 2, 3]
+        assert expected[0].isinf().nonzero().view(-1).tolist() == ([10] if divergence == "forward_kl" else [])
     assert torch.equal(grad_rows_nan.all(-1), divergence_nan) and torch.equal(
         grad_rows_nan.any(-1), divergence_nan
     )
