@@ -19,7 +19,7 @@ that does not count reads nothing and writes its zero G row.
 
 so a float32 tile element is read 2 times (KL) or 3 times (JSD) and G written once: 20 bytes per
 (token, vocabulary entry) for the KL with a float32 G (18 with a 16-bit `grad_out`), 8 without a
-gradient, 28 (26) for the JSD. Successive passes walk the row in opposite directions, so each pass
+gradient, 28 (26) for the JSD, 16 without. Successive passes walk the row in opposite directions, so each pass
 starts on the blocks the previous one read last (the likeliest still in the L2 cache).
 
 The math, per row (docs/design.md §2-§4). The tiles hold `folded * z` (z = W h + b, `tiles.gemm_scales`);
