@@ -20,7 +20,7 @@
    GPU run tests the model's predictions too.
    Peak memory is `torch.cuda.max_memory_allocated()` after a reset, minus the memory held before the
    step (the inputs) and minus the student gradients: the loss's own extra memory. Achieved TFLOP/s
-   uses the fused FLOP count 2 N V (2 H_t + 4 H_s) (DESIGN.md §5), against a bf16 matmul measured on
+   uses the fused FLOP count 2 N V (2 H_t + 4 H_s) (docs/design.md §5), against a bf16 matmul measured on
    the same machine at the teacher's logits shape.
 3. The table comes last; every number (and the machine) goes to --output as JSON.
 

@@ -158,7 +158,7 @@ class Shapes:
 
     @property
     def fused_flops(self) -> float:
-        """2 N V (2 H_t + 4 H_s): both projections again in the backward (DESIGN.md §5)."""
+        """2 N V (2 H_t + 4 H_s): both projections again in the backward (docs/design.md §5)."""
         return 2 * self.tokens * self.vocab * (2 * self.teacher_dim + 4 * self.student_dim)
 
 

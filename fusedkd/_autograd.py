@@ -1,4 +1,4 @@
-"""Autograd plumbing shared by the Functions of every loss, on both backends (DESIGN.md §2, §4).
+"""Autograd plumbing shared by the Functions of every loss, on both backends (docs/design.md §2, §4).
 
 Every loss returns ``(loss, distill, ce)``, each reduced the same way, with
 ``loss = alpha T^2 distill + (1 - alpha) ce`` per token. Its backward needs the same few pieces
@@ -53,7 +53,8 @@ def gradient_weights(
     dtype: torch.dtype,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token weights ``(w_D, w_C)`` of ``dD/ds`` and ``dC/ds``, ``[num_tokens]``, contiguous (§4)::
+    """Per-token weights ``(w_D, w_C)`` of ``dD/ds`` and ``dC/ds``, ``[num_tokens]``, contiguous
+    (docs/design.md §4)::
 
         w_D = (g_loss alpha T^2 + g_distill) * scale        w_C = (g_loss (1 - alpha) + g_ce) * scale
 

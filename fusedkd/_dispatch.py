@@ -12,30 +12,71 @@ import torch
 
 from fusedkd._options import KDOptions, check_backend
 
+# The tiles backend's working set per (token, vocabulary entry) of a chunk: the student's and the
+# teacher's float32 logit tiles and G (16-bit for 16-bit heads; float32 otherwise, 12 bytes).
+TILES_BYTES_PER_ENTRY = 10
+# Its default budget for those tiles, and the smallest chunk worth running it with (below that the
+# weight-gradient GEMM, which reads and writes all of dW once per chunk, is bound by memory traffic).
+TILES_MEMORY_BUDGET = 3 * 2**29  # 1.5 GiB: 1,024-token chunks at V = 151,936 with a 16-bit G
+MIN_TILES_CHUNK = 256
+
+
+def tiles_chunk_size(vocab_size: int, memory_budget: int | None, grad_bytes: int = 2) -> int:
+    """Tokens per chunk of the tiles backend: two float32 tiles and G within `memory_budget` bytes
+    (default `TILES_MEMORY_BUDGET`), a multiple of 64 when it is at least 64."""
+    budget = TILES_MEMORY_BUDGET if memory_budget is None else memory_budget
+    chunk = budget // max(1, vocab_size * (8 + grad_bytes))
+    return int(chunk // 64 * 64 if chunk >= 64 else max(1, chunk))
+
 
 def resolve_backend(
-    backend: str, device: torch.device, dtype: torch.dtype = torch.float32, *, has_triton: bool = True
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    *,
+    has_triton: bool = True,
+    has_tiles: bool = False,
+    tiles_fit: bool = True,
 ) -> str:
-    """The backend `backend` names for tensors of `dtype` on `device`: "torch" or "triton" (raises if the
-    request cannot run). "auto" leaves float64, which the Triton kernels do not take, to torch."""
+    """The backend `backend` names for tensors of `dtype` on `device`: "torch", "tiles" or "triton"
+    (raises if the request cannot run).
+
+    The rule of "auto": on CUDA with Triton and a float32 / bfloat16 / float16 dtype, the tiles backend
+    (`has_tiles`: the fused linear loss) when its tiles fit the memory budget (`tiles_fit`), else the
+    fused Triton kernels (O(N) memory); everywhere else the PyTorch backend. float64 stays on torch."""
     check_backend(backend, has_triton=has_triton)
+    if backend == "tiles" and not has_tiles:
+        raise ValueError(
+            "backend='tiles' is fused_linear_kd_loss's (it projects the heads into logit tiles); this loss "
+            "takes 'auto', 'torch' or 'triton'"
+        )
     if backend == "torch" or not has_triton:
         return "torch"
     from fusedkd import kernels  # imports Triton: only when it may run
 
     reason = kernels.unavailable_reason(device)
-    if backend == "triton":
+    if backend in ("triton", "tiles"):
         if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run here: {reason}")
-        return "triton"
-    return "triton" if device.type == "cuda" and reason is None and dtype != torch.float64 else "torch"
+            raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
+        return backend
+    if device.type != "cuda" or reason is not None or dtype == torch.float64:
+        return "torch"
+    return "tiles" if has_tiles and tiles_fit else "triton"
 
 
-def backend_for(options: KDOptions, device: torch.device, dtype: torch.dtype) -> str:
-    """`resolve_backend` for a loss call's `options`; `chunk_size` is the torch backend's only."""
-    chosen = resolve_backend(options.backend, device, dtype, has_triton=options.HAS_TRITON)
-    if options.chunk_size is not None and chosen != "torch":
-        raise ValueError("chunk_size applies to backend='torch' only; the Triton backend tiles itself")
+def backend_for(
+    options: KDOptions, device: torch.device, dtype: torch.dtype, *, has_tiles: bool = False
+) -> str:
+    """`resolve_backend` for a loss call's `options` (its vocabulary resolved); `chunk_size` is the torch
+    and tiles backends' only."""
+    fits = tiles_chunk_size(options.vocab_size or 1, options.memory_budget) >= MIN_TILES_CHUNK
+    chosen = resolve_backend(
+        options.backend, device, dtype, has_triton=options.HAS_TRITON, has_tiles=has_tiles, tiles_fit=fits
+    )
+    if options.chunk_size is not None and chosen == "triton":
+        raise ValueError(
+            "chunk_size applies to backends 'torch' and 'tiles'; the Triton kernels tile themselves"
+        )
     return chosen
 
 

@@ -21,8 +21,10 @@ Reduction = Literal["mean", "sum", "none"]
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
-# Which code runs: "auto" picks "triton" for CUDA tensors when Triton is importable, else "torch".
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+# Which code runs (fusedkd._dispatch): "torch" (PyTorch, token chunks, any device), "tiles" (per token
+# chunk, both logit tiles on cuBLAS and one Triton pass over them), "triton" (the fused Triton kernels:
+# no logit tile at all, O(N) memory); "auto" picks one by device, dtype and `memory_budget`.
+BACKENDS: tuple[str, ...] = ("auto", "torch", "tiles", "triton")
 # The sparse top-k teacher (`fused_linear_topk_kd_loss`): its divergences and its tail treatments.
 TOPK_DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl")
 TAILS: tuple[str, ...] = ("bucket", "renormalize")
@@ -38,7 +40,7 @@ def tail_precision(logprobs_dtype: torch.dtype, compute: torch.dtype) -> float:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float accumulates in float32 (DESIGN.md §6)."""
+    """float64 stays float64; every other float accumulates in float32 (docs/design.md §6)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -174,9 +176,9 @@ class KDOptions:
     `vocab_size` is the caller's request (None: the heads' size) until `resolve` sets the number of
     vocabulary rows used; `has_labels` is False when the caller passed ``labels=None`` (every token
     counts, alpha == 1). `student_head`, `teacher_head`: each model's head transform. The rest say how
-    the call runs: `backend`, `chunk_size` (torch backend), `return_components`, `check_finite` (an
-    up-front check for NaN / inf inputs), `shift_labels` (labels given unshifted, as Hugging Face models
-    take them).
+    the call runs: `backend`, `chunk_size` (torch and tiles backends), `return_components`,
+    `check_finite` (an up-front check for NaN / inf inputs), `shift_labels` (labels given unshifted, as
+    Hugging Face models take them), `memory_budget` (bytes of logit tiles the tiles backend may hold).
     """
 
     divergence: Divergence = "forward_kl"
@@ -194,6 +196,7 @@ class KDOptions:
     return_components: bool = False
     check_finite: bool = False
     shift_labels: bool = False
+    memory_budget: int | None = None
 
     # What the loss accepts: its divergences, whether it has Triton kernels, the models with a head.
     LOSS: ClassVar[str] = "this loss"
@@ -213,6 +216,8 @@ class KDOptions:
             check_vocab_size(self.vocab_size)
         if self.chunk_size is not None:
             check_positive_int("chunk_size", self.chunk_size)
+        if self.memory_budget is not None:
+            check_positive_int("memory_budget", self.memory_budget)
         for name in ("has_labels", "return_components", "check_finite", "shift_labels"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -307,6 +312,14 @@ class KDOptions:
 
 
 @dataclass(frozen=True)
+class LogitsKDOptions(KDOptions):
+    """The options of `kd_loss`: `KDOptions` less `memory_budget` (its inputs are the logits)."""
+
+    LOSS: ClassVar[str] = "kd_loss"
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("memory_budget",)
+
+
+@dataclass(frozen=True)
 class TopKOptions(KDOptions):
     """The options of `fused_linear_topk_kd_loss`: `KDOptions` (forward or reverse KL, no teacher head:
     the teacher's log-probabilities are given) and the treatment of the teacher's tail, `tail`."""
@@ -317,7 +330,7 @@ class TopKOptions(KDOptions):
     DIVERGENCES: ClassVar[tuple[str, ...]] = TOPK_DIVERGENCES
     HAS_TRITON: ClassVar[bool] = False
     ROLES: ClassVar[tuple[str, ...]] = ("student",)
-    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("beta",)
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("beta", "memory_budget")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -327,7 +340,7 @@ class TopKOptions(KDOptions):
 def check_backend(backend: str, *, has_triton: bool = True, loss: str = "this loss") -> str:
     """`backend` is one of `BACKENDS`, and not "triton" for a loss without Triton kernels."""
     check_choice("backend", backend, BACKENDS)
-    if backend == "triton" and not has_triton:
+    if backend in ("triton", "tiles") and not has_triton:
         raise ValueError(
             f"{loss} has no Triton kernel: use backend='torch' or 'auto' (the token-chunked PyTorch "
             "backend, on any device)"

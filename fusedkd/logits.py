@@ -1,7 +1,7 @@
 """Distillation loss over logits the caller already holds: `kd_loss` and the `KDLoss` module.
 
 A drop-in for the common ``DistillationLoss(alpha, temperature)`` recipe, with the semantics of
-`fusedkd.fused_linear_kd_loss` (DESIGN.md §2) on given ``[..., V]`` logits. Neither backend makes a
+`fusedkd.fused_linear_kd_loss` (docs/design.md §2) on given ``[..., V]`` logits. Neither backend makes a
 softmax, a log-softmax or a float32 copy of the inputs: the Triton kernels (fusedkd/kernels/kd_logits*)
 stream each row with an online log-sum-exp, and the PyTorch backend (fusedkd/torch_backend/kd_logits.py)
 works on `chunk x V` tiles. The only ``[N, V]`` allocation is the gradient of the student logits, in
@@ -16,7 +16,7 @@ import torch
 from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import prepare_logits_kd
-from fusedkd._options import KDOptions
+from fusedkd._options import LogitsKDOptions
 from fusedkd.torch_backend.kd_logits import kd_logits as torch_kd_logits
 
 
@@ -44,7 +44,7 @@ def kd_loss(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss of student logits against frozen teacher logits, without softmax copies.
 
-    The loss of `fusedkd.fused_linear_kd_loss` (DESIGN.md §2), for callers that already hold the logits.
+    The loss of `fusedkd.fused_linear_kd_loss` (docs/design.md §2), for callers that already hold the logits.
     For every token ``i`` whose label is not ``ignore_index``, with ``s``, ``t`` its logit rows::
 
         q = softmax(s / T)    p = softmax(t / T)
@@ -87,9 +87,8 @@ def kd_loss(
             PyTorch), ``"torch"`` (token-chunked, any device) or ``"triton"``.
         return_components: also return the two terms, ``(loss, distill, ce)``, each reduced like
             ``loss``: ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
-        chunk_size: tokens per chunk of the PyTorch backend (default: as `fused_linear_kd_loss`, one
-            ``chunk x V`` float32 tile of `fusedkd.torch_backend.tiles.TILE_BYTES`). Not accepted by the
-            Triton backend.
+        chunk_size: tokens per chunk of the PyTorch backend (default: one ``chunk x V`` compute-dtype
+            tile of `fusedkd.torch_backend.tiles.TILE_BYTES`, 32 MiB). Not accepted by the Triton backend.
         check_finite: check the logits of the tokens that count first and raise a ValueError naming the
             tensor and the first token with a NaN or +inf, or with -inf everywhere. Without it, such a
             token's loss and the gradients it feeds are NaN (docs/design.md §9). Synchronizes.
@@ -113,11 +112,11 @@ def kd_loss(
         >>> student_logits.grad.shape, student_logits.grad.dtype
         (torch.Size([2, 9, 100]), torch.float32)
     """
-    options = KDOptions.of(locals())
+    options = LogitsKDOptions.of(locals())
     return logits_kd(student_logits, teacher_logits, labels, options)
 
 
-def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
+def logits_kd(student_logits, teacher_logits, labels, options: LogitsKDOptions):
     """`kd_loss` with its options already validated: the checks, then the chosen backend."""
     inputs = prepare_logits_kd(student_logits, teacher_logits, labels, options)
     tensors = (inputs.student_logits, inputs.teacher_logits, inputs.labels)
@@ -150,7 +149,7 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, **options) -> None:
         super().__init__()
-        self.options = KDOptions.of(dict(options, alpha=alpha, temperature=temperature), strict=True)
+        self.options = LogitsKDOptions.of(dict(options, alpha=alpha, temperature=temperature), strict=True)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fusedkd._autograd import autocast_off
-from fusedkd._dispatch import backend_for, shaped_outputs
+from fusedkd._dispatch import backend_for, shaped_outputs, tiles_chunk_size
 from fusedkd._inputs import prepare_linear_kd
 from fusedkd._options import KDOptions
 from fusedkd.torch_backend.fused_linear_kd import fused_linear_kd as torch_fused_linear_kd
@@ -39,6 +39,7 @@ def fused_linear_kd_loss(
     teacher_softcap: float | None = None,
     check_finite: bool = False,
     shift_labels: bool = False,
+    memory_budget: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss of a student against a frozen teacher, from hidden states and lm_head weights.
 
@@ -82,17 +83,28 @@ def fused_linear_kd_loss(
             (default): no cap. The gradient carries the cap's derivative ``1 - tanh^2``.
         vocab_size: use only the first ``vocab_size`` rows of both heads (padded heads, or heads of
             different sizes over one tokenizer). Required when ``V_s != V_t``.
-        backend: ``"auto"`` (Triton kernels on CUDA tensors when Triton is importable, else the
-            PyTorch backend), ``"torch"`` (pure PyTorch, token-chunked, any device) or ``"triton"``.
+        backend: ``"torch"`` (pure PyTorch, token-chunked, any device), ``"tiles"`` (per chunk of
+            tokens, both logit tiles on cuBLAS and one Triton pass over them for the divergence, the
+            cross-entropy and G; the fast path on a GPU), ``"triton"`` (the fused Triton kernels: no
+            logit tile at all, O(tokens) memory, the logits recomputed in the backward) or ``"auto"``:
+            on CUDA with Triton, ``"tiles"`` when chunks of at least 256 tokens fit `memory_budget`,
+            else ``"triton"``; ``"torch"`` elsewhere and for float64.
         return_components: also return the two terms, ``(loss, distill, ce)``, each reduced like
             ``loss`` and unweighted: ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
-        chunk_size: tokens per chunk of the PyTorch backend (default: sized so that one
-            ``chunk x V`` float32 tile is about 64 MiB; the backend holds two). Not accepted by the
+        chunk_size: tokens per chunk of the PyTorch and tiles backends (default for the tiles: from
+            `memory_budget`; for the PyTorch backend: sized so that one
+            ``chunk x V`` float32 tile is about 64 MiB; the backend holds two, and up to four scratch
+            blocks of a few rows on a CPU, of the chunk's rows elsewhere). Not accepted by the
             Triton backend.
         check_finite: check the inputs first and raise a ValueError naming the first tensor and the
             first token (or vocabulary row) holding a NaN or an inf (-inf is allowed in biases: a masked
             entry). Without it, a NaN or +inf in a counted token's logits makes that token's loss and the
             gradients it feeds NaN (docs/design.md §9). Reads a flag on the host: a synchronization.
+        memory_budget: bytes of logit tiles the ``"tiles"`` backend may hold: its chunk of c tokens
+            holds two float32 ``c x V`` tiles and G (16-bit for 16-bit heads), 10 bytes per entry
+            (default 1.5 GiB: 1,024-token chunks at V = 151,936). ``"auto"`` takes the fused kernels
+            instead when fewer than 256 tokens fit. The ``"torch"`` backend sizes its chunks by
+            ``chunk_size``.
         shift_labels: take ``labels`` as Hugging Face causal LMs do, unshifted (``labels[..., i]`` is the
             token at position i, the same tensor as ``input_ids`` with ignored positions), with the hidden
             states of every position: position i is trained on ``labels[..., i + 1]`` and the last
@@ -159,14 +171,25 @@ def linear_kd(
         inputs.teacher_bias,
         inputs.labels,
     )
-    device = inputs.student_hidden.device
+    device, options = inputs.student_hidden.device, inputs.options
     with autocast_off(device):
-        if backend_for(inputs.options, device, inputs.student_hidden.dtype) == "triton":
+        backend = backend_for(options, device, inputs.student_hidden.dtype, has_tiles=True)
+        if backend == "triton":
             from fusedkd.kernels.fused_linear_kd import fused_linear_kd
 
-            outputs = fused_linear_kd(*tensors, inputs.options)
+            outputs = fused_linear_kd(*tensors, options)
+        elif backend == "tiles":  # the torch backend's chunks, each chunk's tiles in one Triton pass
+            from fusedkd.kernels.kd_tile import kd_tile_terms_triton
+
+            grad_bytes = 2 if inputs.student_weight.dtype == torch.bfloat16 else 4
+            chunk = options.chunk_size or tiles_chunk_size(
+                options.vocab_size, options.memory_budget, grad_bytes
+            )
+            outputs = torch_fused_linear_kd(
+                *tensors, options, chunk_size=chunk, tile_terms=kd_tile_terms_triton
+            )
         else:
-            outputs = torch_fused_linear_kd(*tensors, inputs.options, chunk_size=inputs.options.chunk_size)
+            outputs = torch_fused_linear_kd(*tensors, options, chunk_size=options.chunk_size)
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 

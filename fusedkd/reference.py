@@ -1,7 +1,7 @@
 """Naive, exact distillation losses that materialize the logits: the ground truth of the tests.
 
 These functions take the same arguments and check them the same way as `fusedkd.fused_linear_kd_loss`,
-then compute DESIGN.md §2 literally with PyTorch autograd. Pass float64 tensors for a float64 reference.
+then compute docs/design.md §2 literally with PyTorch autograd. Pass float64 tensors for a float64 reference.
 They hold several `[tokens x vocab]` tensors: use them for checking, not for training.
 """
 
@@ -29,7 +29,7 @@ def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 def divergence_from_logits(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, options: KDOptions
 ) -> torch.Tensor:
-    """Per-token divergence D of DESIGN.md §2 from [N, V] logits (already in the compute dtype)."""
+    """Per-token divergence D of docs/design.md §2 from [N, V] logits (already in the compute dtype)."""
     log_q = F.log_softmax(student_logits / options.temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits / options.temperature, dim=-1)
     if options.divergence == "forward_kl":

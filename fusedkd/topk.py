@@ -8,7 +8,7 @@ fuses the student's lm_head with its full-vocabulary log-sum-exp and compares th
 the teacher's support.
 
 The divergence on a top-k support K (ids of one token, log-probabilities log p_j, j in K), with
-q = softmax(s / T) the student's full-vocabulary distribution (DESIGN.md §2 for the rest):
+q = softmax(s / T) the student's full-vocabulary distribution (docs/design.md §2 for the rest):
 
 * ``tail="bucket"``: all tokens outside K are merged into one extra outcome, the tail, with the
   teacher's mass p_tail = max(1 - sum_K p_j, tau) and the student's q_tail = sum_{v not in K} q_v
@@ -178,7 +178,8 @@ def fused_linear_topk_kd_loss(
       finite for a confident teacher).
     * ``tail="renormalize"``: ``D = KL(p^ || q^)`` (forward) or ``KL(q^ || p^)`` (reverse) between the
       distributions restricted to K and renormalized; tokens outside K get no distillation gradient.
-      Without cross-entropy (``alpha=1``) the loss touches only the k head rows ``W_s[ids]`` per token.
+      Without cross-entropy (``alpha=1``, and ``return_components=False`` or no labels) the loss
+      touches only the k head rows ``W_s[ids]`` per token.
 
     Reductions, ignored tokens, components and ``labels=None`` work as in `fused_linear_kd_loss`.
 

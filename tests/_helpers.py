@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import torch
 import fusedkd
 from fusedkd import kernels, reference
 from fusedkd._inputs import prepare_logits_kd, prepare_topk_kd
-from fusedkd._options import HeadTransform, KDOptions, TopKOptions, apply_head, tail_precision
+from fusedkd._options import HeadTransform, LogitsKDOptions, TopKOptions, apply_head, tail_precision
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -21,8 +20,6 @@ def _triton_skip_reason() -> str | None:
     reason = kernels.unavailable_reason(DEVICE)
     if reason is not None:
         return reason
-    if importlib.util.find_spec("fusedkd.kernels.fused_linear_kd") is None:
-        return "the Triton fused linear KD kernels are not part of this checkout"
     return None
 
 
@@ -179,8 +176,9 @@ def fused(backend: str):
 
 
 def reference_kd_loss(student_logits, teacher_logits, labels=None, *, return_components=False, **options):
-    """DESIGN.md §2 literally, with autograd, in the dtype of `student_logits` (float64 for ground truth)."""
-    checked = prepare_logits_kd(student_logits, teacher_logits, labels, KDOptions.of(options, strict=True))
+    """docs/design.md §2 literally, with autograd, in the dtype of `student_logits` (float64: the truth)."""
+    options = LogitsKDOptions.of(options, strict=True)
+    checked = prepare_logits_kd(student_logits, teacher_logits, labels, options)
     vocab = checked.options.vocab_size
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab].to(compute)

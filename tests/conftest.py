@@ -1,4 +1,4 @@
-"""Test setup: without a GPU, Triton kernels run through Triton's interpreter (DESIGN.md §7).
+"""Test setup: without a GPU, Triton kernels run through Triton's interpreter (docs/design.md §7).
 
 TRITON_INTERPRET must be set before `triton` is first imported, so this happens at collection time,
 before any test module imports fusedkd's kernels.

@@ -252,7 +252,7 @@ def check_against_reference(
     """The loss on `inputs` against the float64 reference on `expected` (default: `inputs` in float64).
 
     `naive_bound`: for ill-conditioned inputs, allow each output three times the error of the naive
-    recipe in the inputs' own dtype (the reference on `inputs`), never less than `rtol` (DESIGN.md §6).
+    recipe in the inputs' own dtype (the reference on `inputs`), never less than `rtol` (docs/design.md §6).
     """
     loss = LOSSES[key]
     values, grads = run(loss.function, inputs, grad_outputs, backend=backend, **options)
@@ -579,7 +579,7 @@ def test_bad_module_options_fail_at_construction(key):
 @pytest.mark.skipif(kernels.unavailable_reason(DEVICE) is not None, reason="needs the Triton backend")
 @pytest.mark.parametrize("key", ["linear", "logits"])
 def test_chunk_size_is_a_torch_backend_option(key):
-    with pytest.raises(ValueError, match="chunk_size applies to backend='torch' only"):
+    with pytest.raises(ValueError, match="chunk_size applies to backends 'torch' and 'tiles'"):
         run(LOSSES[key].function, _small(key), backend="triton", chunk_size=8)
 
 

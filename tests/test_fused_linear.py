@@ -82,7 +82,7 @@ def test_leading_shape_and_padded_heads(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("divergence,beta", [DIVERGENCES[0], DIVERGENCES[1], DIVERGENCES[3]])
 def test_low_precision(backend, dtype, divergence, beta):
-    """Exact means: no worse than the naive recipe in the same dtype (DESIGN.md §6).
+    """Exact means: no worse than the naive recipe in the same dtype (docs/design.md §6).
 
     Both are compared with the float64 loss of the very same (rounded) inputs. The allowance is three
     times the naive recipe's own error, with a floor of a few units of the dtype's rounding (eps),

@@ -40,17 +40,18 @@ IGNORE = -100
 
 
 def _options(divergence, temperature, *, vocab, labels=True, heads=None, beta=0.3) -> KDOptions:
-    return KDOptions(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        alpha=0.5,
-        ignore_index=IGNORE,
-        reduction="none",
-        vocab_size=vocab,
-        has_labels=labels,
-        **(heads or {}),
+    options = KDOptions.of(
+        dict(
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            alpha=0.5 if labels else 1.0,
+            ignore_index=IGNORE,
+            reduction="none",
+            **(heads or {}),
+        )
     )
+    return options.resolve(vocab_size=vocab, has_labels=labels)
 
 
 def _logits(c: int, vocab: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The PyTorch backend never allocates a tensor with N*V elements (DESIGN.md §5)."""
+"""The PyTorch backend never allocates a tensor with N*V elements (docs/design.md §5)."""
 
 from __future__ import annotations
 

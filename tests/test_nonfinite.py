@@ -19,6 +19,11 @@ from tests._helpers import BACKENDS, DEVICE, reference_kd_loss, reference_topk_k
 
 # The torch backend as on an accelerator: ignored tokens are computed (not compacted away) and masked.
 BACKENDS = [*BACKENDS, pytest.param("torch", id="torch-uncompacted", marks=pytest.mark.uncompacted)]
+# The fused linear loss has one more: the tiles backend (its chunks' tiles in one Triton pass).
+LINEAR_BACKENDS = [
+    *BACKENDS,
+    pytest.param("tiles", id="tiles", marks=[m for b in BACKENDS if b.id == "triton" for m in b.marks]),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +137,7 @@ def _compare(run, reference_run, reduction: str, n_grads: int) -> None:
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("poison", LINEAR_POISONS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_fused_linear_nonfinite(backend, divergence, poison, reduction):
     inputs, labels = _linear_inputs(poison), _labels()
 

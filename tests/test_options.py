@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import fusedkd
-from fusedkd._options import KDOptions, TopKOptions
+from fusedkd._options import KDOptions, LogitsKDOptions, TopKOptions
 
 LOSSES = [
     (fusedkd.fused_linear_kd_loss, fusedkd.FusedLinearKDLoss, KDOptions),
-    (fusedkd.kd_loss, fusedkd.KDLoss, KDOptions),
+    (fusedkd.kd_loss, fusedkd.KDLoss, LogitsKDOptions),
     (fusedkd.fused_linear_topk_kd_loss, fusedkd.FusedLinearTopKKDLoss, TopKOptions),
 ]
 

@@ -45,6 +45,7 @@ SETTINGS = hypothesis.settings(
     suppress_health_check=list(hypothesis.HealthCheck),
 )
 BACKEND_NAMES = [b.values[0] for b in BACKENDS if b.id != "torch-small-tiles"]
+TRITON_MARKS = [m for b in BACKENDS if b.id == "triton" for m in b.marks]
 
 
 def _check(actual: torch.Tensor, expected: torch.Tensor, naive: torch.Tensor, what: str, atol: float = 0.0):
@@ -172,7 +173,7 @@ def _run(loss_fn, problem, dtype, **extra):
     return out, torch.autograd.grad(total, students)
 
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("backend", [*BACKEND_NAMES, pytest.param("tiles", marks=TRITON_MARKS)])
 @SETTINGS
 @hypothesis.given(problem=problems())
 def test_fused_linear_kd_loss_matches_the_float64_reference(backend, problem):

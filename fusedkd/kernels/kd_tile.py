@@ -374,8 +374,9 @@ def kd_tile_kernel(
                 # dD/ds = (q - p) / T
                 g = exp_a * coef_q - tl.exp(b_rel) * coef_p
             elif DIVERGENCE == REVERSE_KL:
-                # dD/ds = q ((a - b) - K) / T, 0 where q = 0
-                g = tl.where(exp_a > 0.0, exp_a * ((a_rel - b_rel) - aux), 0.0) * coef_q
+                # dD/ds = q ((a - b) - K) / T; where q = 0, 0 * K: 0, or NaN when the divergence K is
+                # infinite (as autograd of the definition, and `tiles.kd_tile_terms`)
+                g = tl.where(exp_a > 0.0, exp_a * ((a_rel - b_rel) - aux), 0.0 * aux) * coef_q
             else:
                 # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T
                 #       = (1 - beta) q (K' - (L_q - L_q*)) / T, 0 where q = 0; as in pass 2
@@ -419,6 +420,7 @@ def kd_tile_terms_triton(
     valid: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
     block_v: int | None = None,
+    scratch: object = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`tiles.kd_tile_terms` in one kernel: (divergence [c], ce [c], G [c, V] or None).
 
@@ -429,6 +431,7 @@ def kd_tile_terms_triton(
     over `tiles.grad_tile(options, s, t)` (the student's tile for forward KL, the teacher's otherwise),
     and returned. Unlike `kd_tile_terms`, the tiles themselves are otherwise left as they are.
     `block_v`: vocabulary columns per step (a power of two; default min(MAX_BLOCK_V, V rounded up)).
+    `scratch`: `kd_tile_terms`' scratch blocks, taken for a drop-in call and not needed here.
     """
     if s.dtype != torch.float32 or t.dtype != torch.float32:
         raise TypeError(f"the tile kernel takes float32 tiles, got {s.dtype} and {t.dtype}")

@@ -2,7 +2,7 @@
 
 Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once (`tiles.project`),
 into two buffers allocated once per call, derives the per-token divergence and cross-entropy and, when
-a gradient is wanted, the tile of G = dloss/dlogits (`tiles.kd_tile_terms`, DESIGN.md §4), which is
+a gradient is wanted, the tile of G = dloss/dlogits (`tiles.kd_tile_terms`, docs/design.md §4), which is
 multiplied straight into grad_student_hidden and grad_student_weight. No tensor with N*V elements is
 ever allocated.
 
@@ -12,6 +12,8 @@ differentiated, backward recomputes the tiles with the per-token weights it rece
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +40,21 @@ from fusedkd.torch_backend.tiles import (
 )
 
 
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two 16-bit matrices as float32: on CUDA a 16-bit GEMM whose float32 accumulator is
+    written out as is (cuBLAS, ``out_dtype``); where that is not available, the 16-bit product, rounded
+    once to 16 bits, in float32."""
+    if a.is_cuda and _FLOAT32_OUT.get(a.device.type, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # an older torch, or no such kernel
+            _FLOAT32_OUT[a.device.type] = False
+    return torch.mm(a, b).float()
+
+
+_FLOAT32_OUT: dict[str, bool] = {}
+
+
 def stream(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -51,14 +68,21 @@ def stream(
     grad_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     need_bias_grad: bool = False,
     valid: torch.Tensor | None = None,
+    tile_terms: Callable = kd_tile_terms,
 ):
     """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
+
+    `tile_terms` computes a chunk's divergence, cross-entropy and G from its two logit tiles:
+    `tiles.kd_tile_terms` (torch element-wise passes), or the tiles backend's one Triton kernel
+    (`fusedkd.kernels.kd_tile.kd_tile_terms_triton`), which writes G straight in a 16-bit weight's dtype
+    so that the two gradient products run as 16-bit GEMMs.
 
     `valid` ([N] bool or None): which tokens count, when ignored ones are streamed too
     (`Tokens.uncompacted_valid`); their hidden states must then be zero rows (`Tokens.zero_ignored`).
 
-    grads = (grad_student_hidden [N, H_s] input dtype, grad_student_weight [V, H_s] float32,
-    grad_student_bias [V] float32 or None), with G weighted per token by `grad_weights`.
+    grads = (grad_student_hidden [N, H_s] input dtype, grad_student_weight [V, H_s] and
+    grad_student_bias [V] (or None) in the compute dtype (float32; float64 for float64 inputs)), with G
+    weighted per token by `grad_weights`.
     """
     n = student_hidden.shape[0]
     vocab = student_weight.shape[0]
@@ -86,6 +110,15 @@ def stream(
     student_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     scratch = Scratch(chunk, vocab, dtype, device)
+    extra = {}
+    if (
+        tile_terms is not kd_tile_terms
+        and grad_weights is not None
+        and student_weight.dtype == torch.bfloat16
+    ):
+        grad_buffer = torch.empty(chunk, vocab, dtype=student_weight.dtype, device=device)
+    else:
+        grad_buffer = None
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         count = rows.stop - rows.start
@@ -93,7 +126,9 @@ def stream(
         chunk_weights = select_rows(grad_weights, rows)
         s = project(student_tile[:count], hidden, student_weight, student_bias, student_scale)
         t = project(teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, teacher_scale)
-        divergence[rows], ce[rows], grad = kd_tile_terms(
+        if grad_buffer is not None:
+            extra["grad_out"] = grad_buffer[:count]
+        divergence[rows], ce[rows], grad = tile_terms(
             s,
             t,
             select_rows(labels, rows),
@@ -103,18 +138,26 @@ def stream(
             scratch=scratch,
             folded=folded,
             valid=select_rows(valid, rows),
+            **extra,
         )
         if grad is not None:
             if student_weight.dtype == grad.dtype:
                 torch.mm(grad, student_weight, out=grad_hidden[rows])
             else:
                 grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
-            if start == 0:
-                torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
-            else:
-                grad_weight.addmm_(grad.T, hidden.to(dtype))
+            if grad.dtype == dtype:
+                if start == 0:
+                    torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
+                else:
+                    grad_weight.addmm_(grad.T, hidden.to(dtype))
+            else:  # a 16-bit G: a 16-bit GEMM accumulated into the float32 weight gradient
+                product = mm_float32(grad.T, hidden)
+                if start == 0:
+                    grad_weight.copy_(product)
+                else:
+                    grad_weight.add_(product)
             if grad_bias is not None:
-                grad_bias.add_(grad.sum(0))
+                grad_bias.add_(grad.sum(0, dtype=dtype))
         del grad
     return divergence, ce, grads
 
@@ -131,6 +174,7 @@ def _compact_stream(
     chunk_size: int,
     grad_weights=None,
     need_bias_grad=False,
+    tile_terms: Callable = kd_tile_terms,
 ):
     """`stream` over the tokens that count (`tokens`), per-token results scattered back to all N."""
     n = student_hidden.shape[0]
@@ -147,6 +191,7 @@ def _compact_stream(
         None if grad_weights is None else tuple(tokens.take(w) for w in grad_weights),
         need_bias_grad=need_bias_grad,
         valid=tokens.uncompacted_valid,
+        tile_terms=tile_terms,
     )
     divergence = torch.where(tokens.valid, tokens.put(divergence, n), 0.0)
     ce = torch.where(tokens.valid, tokens.put(ce, n), 0.0)
@@ -171,6 +216,7 @@ class LinearKDFunction(torch.autograd.Function):
         labels,
         options: KDOptions,
         chunk_size: int,
+        tile_terms: Callable,
     ):
         n = student_hidden.shape[0]
         dtype = compute_dtype(student_hidden.dtype)
@@ -193,6 +239,7 @@ class LinearKDFunction(torch.autograd.Function):
             chunk_size,
             grad_weights,
             need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
+            tile_terms=tile_terms,
         )
         loss = options.distill_weight * divergence + options.ce_weight * ce
 
@@ -200,7 +247,7 @@ class LinearKDFunction(torch.autograd.Function):
         ctx.save_for_backward(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels
         )
-        ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
+        ctx.options, ctx.chunk_size, ctx.tile_terms, ctx.scale = options, chunk_size, tile_terms, scale
         ctx.eager = EagerGradients(grads)
         return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
 
@@ -235,6 +282,7 @@ class LinearKDFunction(torch.autograd.Function):
                     ctx.chunk_size,
                     weights,
                     need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
+                    tile_terms=ctx.tile_terms,
                 )
         grad_hidden, grad_weight, grad_bias = grads
         return input_grads(
@@ -258,13 +306,15 @@ def fused_linear_kd(
     options: KDOptions,
     *,
     chunk_size: int | None = None,
+    tile_terms: Callable = kd_tile_terms,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked, flattened inputs -> (loss, distill, ce), reduced per `options`.
 
     Inputs are [N, H] hidden states, [V, H] heads (already cut to `options.vocab_size` rows), [V]
     biases, [N] int64 labels (or None), as `fusedkd._inputs.prepare_linear_kd` hands them; `chunk_size`
     a positive int or None (the default: `tiles.LINEAR_TILE_BYTES` per logit tile). Outputs are float32
-    (float64 for float64 inputs).
+    (float64 for float64 inputs). `tile_terms`: the per-chunk arithmetic (`stream`); the tiles backend
+    passes its Triton kernel here and its own chunk size.
     """
     if chunk_size is None:
         chunk_size = default_chunk_size(
@@ -273,7 +323,7 @@ def fused_linear_kd(
             tiles.LINEAR_TILE_BYTES,
         )
     teacher = tuple(None if x is None else x.detach() for x in (teacher_hidden, teacher_weight, teacher_bias))
-    args = (student_hidden, student_weight, student_bias, *teacher, labels, options, chunk_size)
+    args = (student_hidden, student_weight, student_bias, *teacher, labels, options, chunk_size, tile_terms)
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
     )
@@ -283,7 +333,7 @@ def fused_linear_kd(
         n = student_hidden.shape[0]
         dtype = compute_dtype(student_hidden.dtype)
         tokens = Tokens(labels, options, n, student_hidden.device)
-        divergence, ce, _ = _compact_stream(*args[:6], tokens, options, chunk_size)
+        divergence, ce, _ = _compact_stream(*args[:6], tokens, options, chunk_size, tile_terms=tile_terms)
         loss = options.distill_weight * divergence + options.ce_weight * ce
         scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
         return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))

@@ -4,11 +4,11 @@ divergence, cross-entropy and gradient of a tile, and the tokens that count.
 The PyTorch backend (backend="torch") is token-chunked, exact, for CPUs and any device. Each chunk of
 `c` tokens computes its `c x V` logit tiles once, into buffers allocated once per call, in the compute
 dtype (float32, or float64 for float64 inputs). It derives the per-token divergence and cross-entropy
-and, when a gradient is wanted, the tile of G = dloss/dlogits (DESIGN.md §4) in place of a logit tile;
+and, when a gradient is wanted, the tile of G = dloss/dlogits (docs/design.md §4) in place of a logit tile;
 G is multiplied straight into the student's gradients. No tensor with N*V elements is ever allocated.
 
 On a CPU, where matmul throughput rather than memory bandwidth is the bottleneck, computing each tile
-once (no recomputation) is the fast choice (§5). Two things decide the rest of the time there:
+once (no recomputation) is the fast choice (docs/design.md §5). Two things decide the rest of the time there:
 
 - Large chunks. Every chunk streams both heads through the cache and makes a rank-c update of the
   V x H student weight gradient, so the GEMMs run near peak only when c is a hundred tokens or more
@@ -16,7 +16,8 @@ once (no recomputation) is the fast choice (§5). Two things decide the rest of 
 - No fresh `c x V` allocations, and element-wise passes that stay in the cache. A freshly allocated
   tile of tens of MB costs the kernel its page faults, more than the element-wise pass that fills it;
   the arithmetic therefore runs in place in the two reused tiles, a few rows at a time
-  (`GROUP_BYTES`), with three small reused scratch blocks of those rows.
+  (`GROUP_BYTES`), with up to four small reused scratch blocks of those rows (the fourth only for a
+  soft-capped student).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 from fusedkd._options import KDOptions
 
 # Default working-set target of the logits-level loss, `teacher_topk` and the gathered-rows path of
-# the sparse top-k loss: one `chunk x V` (or `chunk x k x H`) compute-dtype tile of about 32 MiB.
+# the sparse top-k loss: one `chunk x V` compute-dtype tile (or a `chunk x k x H` input-dtype tile of
+# gathered head rows) of about 32 MiB.
 TILE_BYTES = 32 * 2**20
 # The fused linear losses (dense: student and teacher tiles; top-k: a student tile) run two or three
 # GEMMs per chunk and a rank-chunk update of the weight gradient, whose efficiency grows with the
@@ -183,7 +185,7 @@ def kd_tile_terms(
 
     `s`, `t` are [c, V] tiles in the compute dtype; `labels` are safe (ignored rows hold any valid id,
     their weights are 0). `grad_weights` = (w_distill [c], w_ce [c] or None): G = w_distill dD/ds +
-    w_ce dC/ds (DESIGN.md §4). The rows are processed in groups of `scratch.rows`.
+    w_ce dC/ds (docs/design.md §4). The rows are processed in groups of `scratch.rows`.
     `valid` ([c] bool, or None when every row counts): rows that do not count get 0 and a zero G row,
     whatever their logits hold; a counted row that is not a distribution gets NaN (§9).
     """
@@ -245,7 +247,7 @@ def _group_terms(
     want_ce_grad = want_grad and labels is not None and w_ce is not None
     rows = torch.arange(n, device=s.device)
 
-    # Each head's transform: s = scale_s z_s, capped; t likewise (DESIGN.md §2). A soft cap multiplies
+    # Each head's transform: s = scale_s z_s, capped; t likewise (docs/design.md §2). A soft cap multiplies
     # the gradient by its derivative 1 - tanh^2 (kept in a block of the group), the scale by itself
     # (folded into the per-row gradient weights: G is linear in them).
     cap_derivative = None
@@ -264,7 +266,7 @@ def _group_terms(
         w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
-    # even for logits of magnitude 1e4 (DESIGN.md §6). A row whose maximum is not finite (a NaN or +inf
+    # even for logits of magnitude 1e4 (docs/design.md §6). A row whose maximum is not finite (a NaN or +inf
     # entry, or -inf everywhere) is not a distribution: its token's values and G row become NaN (§9).
     student_bad, teacher_bad = subtract_row_max(s), subtract_row_max(t)
     if valid is not None:  # ignored rows are never read: no value of theirs reaches an output

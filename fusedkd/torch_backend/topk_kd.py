@@ -193,7 +193,8 @@ def _tile_group(
         w_distill = w_distill * options.student_logit_scale
         w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
-    bad = tiles.subtract_row_max(s)  # relative to the row maximum (DESIGN.md §6); bad: not a distribution
+    # Relative to the row maximum (docs/design.md §6); `bad`: the row is not a distribution (§9).
+    bad = tiles.subtract_row_max(s)
     if valid is not None:
         bad &= valid
 
