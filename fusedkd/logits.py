@@ -17,7 +17,7 @@ from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import prepare_logits_kd
 from fusedkd._options import LogitsKDOptions
-from fusedkd.torch_backend.kd_logits import kd_logits as torch_kd_logits
+from fusedkd.torch_backend import kd_logits as torch_kd_logits
 
 
 def kd_loss(
@@ -127,7 +127,9 @@ def logits_kd(student_logits, teacher_logits, labels, options: LogitsKDOptions):
 
             outputs = kd_logits(*tensors, inputs.options)
         else:
-            outputs = torch_kd_logits(*tensors, inputs.options, chunk_size=inputs.options.chunk_size)
+            outputs = torch_kd_logits.kd_logits(
+                *tensors, inputs.options, chunk_size=inputs.options.chunk_size
+            )
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 

@@ -11,7 +11,7 @@ from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs, tiles_chunk_size
 from fusedkd._inputs import prepare_linear_kd
 from fusedkd._options import KDOptions
-from fusedkd.torch_backend.fused_linear_kd import fused_linear_kd as torch_fused_linear_kd
+from fusedkd.torch_backend import fused_linear_kd as torch_linear_kd
 
 
 def fused_linear_kd_loss(
@@ -185,11 +185,11 @@ def linear_kd(
             chunk = options.chunk_size or tiles_chunk_size(
                 options.vocab_size, options.memory_budget, grad_bytes
             )
-            outputs = torch_fused_linear_kd(
+            outputs = torch_linear_kd.fused_linear_kd(
                 *tensors, options, chunk_size=chunk, tile_terms=kd_tile_terms_triton
             )
         else:
-            outputs = torch_fused_linear_kd(*tensors, options, chunk_size=options.chunk_size)
+            outputs = torch_linear_kd.fused_linear_kd(*tensors, options, chunk_size=options.chunk_size)
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 

@@ -45,8 +45,8 @@ from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import prepare_teacher_topk, prepare_topk_kd
 from fusedkd._options import TopKOptions
-from fusedkd.torch_backend.teacher_topk import teacher_topk as torch_teacher_topk
-from fusedkd.torch_backend.topk_kd import fused_linear_topk_kd as torch_fused_linear_topk_kd
+from fusedkd.torch_backend import teacher_topk as torch_teacher_topk
+from fusedkd.torch_backend import topk_kd as torch_topk_kd
 
 
 def teacher_topk(
@@ -119,7 +119,7 @@ def teacher_topk(
     )
     # The PyTorch backend, on any device (no Triton kernel for the top-k functions).
     with torch.no_grad():
-        ids, logprobs = torch_teacher_topk(
+        ids, logprobs = torch_teacher_topk.teacher_topk(
             inputs.teacher_hidden,
             inputs.teacher_weight,
             inputs.teacher_bias,
@@ -249,7 +249,7 @@ def topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias,
     device = inputs.student_hidden.device
     backend_for(inputs.options, device, inputs.student_hidden.dtype)  # checks the request: always torch
     with autocast_off(device):
-        outputs = torch_fused_linear_topk_kd(
+        outputs = torch_topk_kd.fused_linear_topk_kd(
             inputs.student_hidden,
             inputs.student_weight,
             inputs.student_bias,
