@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedkd import _compile
 from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import prepare_logits_kd
@@ -112,6 +113,8 @@ def kd_loss(
         >>> student_logits.grad.shape, student_logits.grad.dtype
         (torch.Size([2, 9, 100]), torch.float32)
     """
+    if torch.compiler.is_compiling():  # one opaque op in the compiled graph (fusedkd._compile)
+        return _compile.compiled_call("kd_loss", locals())
     options = LogitsKDOptions.of(locals())
     return logits_kd(student_logits, teacher_logits, labels, options)
 
@@ -133,6 +136,11 @@ def logits_kd(student_logits, teacher_logits, labels, options: LogitsKDOptions):
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 
+_compile.register_eager(
+    "kd_loss", lambda t, options: logits_kd(t["student_logits"], t["teacher_logits"], t["labels"], options)
+)
+
+
 class KDLoss(torch.nn.Module):
     """`kd_loss` as a module, a drop-in for the common ``DistillationLoss(alpha, temperature)``.
 
@@ -152,10 +160,13 @@ class KDLoss(torch.nn.Module):
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, **options) -> None:
         super().__init__()
         self.options = LogitsKDOptions.of(dict(options, alpha=alpha, temperature=temperature), strict=True)
+        self._compile_key = _compile.register_options("kd_loss", self.options)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
     ):
+        if torch.compiler.is_compiling():
+            return _compile.run("kd_loss", [student_logits, teacher_logits, labels], self._compile_key)
         return logits_kd(student_logits, teacher_logits, labels, self.options)
 
     def extra_repr(self) -> str:

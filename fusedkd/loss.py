@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedkd import _compile
 from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs, tiles_chunk_size
 from fusedkd._inputs import prepare_linear_kd
@@ -128,6 +129,8 @@ def fused_linear_kd_loss(
         >>> student_weight.grad.shape
         torch.Size([100, 16])
     """
+    if torch.compiler.is_compiling():  # one opaque op in the compiled graph (fusedkd._compile)
+        return _compile.compiled_call("fused_linear_kd", locals())
     options = KDOptions.of(locals())
     return linear_kd(
         student_hidden,
@@ -193,6 +196,15 @@ def linear_kd(
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 
+_compile.register_eager(
+    "fused_linear_kd",
+    lambda t, options: linear_kd(
+        t["student_hidden"], t["student_weight"], t["teacher_hidden"], t["teacher_weight"], t["labels"],
+        t["student_bias"], t["teacher_bias"], options,
+    ),
+)  # fmt: skip
+
+
 class FusedLinearKDLoss(torch.nn.Module):
     """`fused_linear_kd_loss` as a module: its keyword options at construction (validated then, kept as
     `options`, a `fusedkd._options.KDOptions`), tensors at call.
@@ -209,6 +221,7 @@ class FusedLinearKDLoss(torch.nn.Module):
     def __init__(self, **options) -> None:
         super().__init__()
         self.options = KDOptions.of(options, strict=True)
+        self._compile_key = _compile.register_options("fused_linear_kd", self.options)
 
     def forward(
         self,
@@ -220,6 +233,20 @@ class FusedLinearKDLoss(torch.nn.Module):
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
     ):
+        if torch.compiler.is_compiling():
+            return _compile.run(
+                "fused_linear_kd",
+                [
+                    student_hidden,
+                    student_weight,
+                    student_bias,
+                    teacher_hidden,
+                    teacher_weight,
+                    teacher_bias,
+                    labels,
+                ],
+                self._compile_key,
+            )
         return linear_kd(
             student_hidden,
             student_weight,

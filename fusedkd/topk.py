@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedkd import _compile
 from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import prepare_teacher_topk, prepare_topk_kd
@@ -238,6 +239,8 @@ def fused_linear_topk_kd_loss(
         >>> student_weight.grad.shape
         torch.Size([500, 16])
     """
+    if torch.compiler.is_compiling():  # one opaque op in the compiled graph (fusedkd._compile)
+        return _compile.compiled_call("fused_linear_topk_kd", locals())
     options = TopKOptions.of(locals())
     return topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, options)
 
@@ -263,6 +266,20 @@ def topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias,
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 
 
+_compile.register_eager(
+    "fused_linear_topk_kd",
+    lambda t, options: topk_kd(
+        t["student_hidden"],
+        t["student_weight"],
+        t["ids"],
+        t["logprobs"],
+        t["labels"],
+        t["student_bias"],
+        options,
+    ),
+)
+
+
 class FusedLinearTopKKDLoss(torch.nn.Module):
     """`fused_linear_topk_kd_loss` as a module: options at construction, tensors at call.
 
@@ -280,6 +297,7 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
     def __init__(self, **options) -> None:
         super().__init__()
         self.options = TopKOptions.of(options, strict=True)
+        self._compile_key = _compile.register_options("fused_linear_topk_kd", self.options)
 
     def forward(
         self,
@@ -290,6 +308,12 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         labels: torch.Tensor | None = None,
         student_bias: torch.Tensor | None = None,
     ):
+        if torch.compiler.is_compiling():
+            return _compile.run(
+                "fused_linear_topk_kd",
+                [student_hidden, student_weight, student_bias, ids, logprobs, labels],
+                self._compile_key,
+            )
         return topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, self.options)
 
     def extra_repr(self) -> str:
