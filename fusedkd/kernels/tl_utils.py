@@ -186,12 +186,13 @@ def running_max(old_max, block):
 
 @triton.jit
 def logaddexp(x, y):
-    """log(e^x + e^y), elementwise, for values of any magnitude; -inf where both are -inf (never NaN).
+    """log(e^x + e^y), elementwise, for values of any magnitude; -inf where both are -inf, NaN where
+    either is NaN (a NaN log-probability, from a row that is not a distribution, stays NaN).
 
     One exp and one log: larger + log(1 + e^(smaller - larger)).
     """
-    larger = tl.maximum(x, y)
-    smaller = tl.minimum(x, y)
+    larger = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    smaller = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     both_empty = larger == float("-inf")
     return tl.where(both_empty, larger, larger + tl.log(1.0 + tl.exp(smaller - larger)))
 
