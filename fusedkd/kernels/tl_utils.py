@@ -159,19 +159,28 @@ def merge_lse(m1, z1, m2, z2, scale):
 
 
 @triton.jit
+def lse_shift(m):
+    """The shift a state's sums are taken relative to: its maximum m, or 0 while it is empty (m = -inf),
+    so that differences of shifts are finite (never -inf - (-inf)) and e^(x - shift) is 0 at x = -inf.
+    A NaN or +inf maximum stays as it is (the state is NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def shift_kl_accumulator(acc, z_w, m_w_old, m_o_old, m_w, m_o, scale):
     """Move the one-pass KL accumulator of a state to new maxima (m_w, m_o).
 
-    A = sum_v e^(w_v - m_w) ((w_v - m_w) - (o_v - m_o)) over the state's entries, in scaled units
-    (w = weighting logits, o = other logits, both times `scale`). With d_w = (m_w - m_w_old) * scale
-    and d_o = (m_o - m_o_old) * scale:  A_new = e^(-d_w) (A + Z_w (d_o - d_w)).
-    An empty state (Z_w = 0, maxima -inf) stays 0: its old maxima are taken as the new ones.
+    A = sum_v e^(w_v - c_w) ((w_v - c_w) - (o_v - c_o)) over the state's entries, in scaled units
+    (w = weighting logits, o = other logits, both times `scale`; c = `lse_shift` of the maxima). With
+    d_w = (c_w - c_w_old) * scale and d_o = (c_o - c_o_old) * scale:  A_new = e^(-d_w) (A + Z_w (d_o - d_w)).
+    An empty state (Z_w = 0) holds A = 0 and is not moved (its shifts may be far from the new ones).
+    Entries of weight exactly 0 are left out of A by the callers, so -inf logits (masked entries) give
+    no 0 * inf; an infinite A (a term of weight > 0 against o_v = -inf) stays infinite.
     """
     nonempty = z_w > 0.0
-    m_w_old = tl.where(nonempty, m_w_old, m_w)
-    m_o_old = tl.where(nonempty, m_o_old, m_o)
-    moved = acc + z_w * (((m_o - m_o_old) - (m_w - m_w_old)) * scale)
-    return moved * tl.exp((m_w_old - m_w) * scale)
+    moved_w = tl.where(nonempty, lse_shift(m_w) - lse_shift(m_w_old), 0.0)
+    moved_o = tl.where(nonempty, lse_shift(m_o) - lse_shift(m_o_old), 0.0)
+    return (acc + z_w * ((moved_o - moved_w) * scale)) * tl.exp(-moved_w * scale)
 
 
 @triton.jit
@@ -181,7 +190,7 @@ def running_max(old_max, block):
     while every value so far is -inf, so that exp(x - c) and the rescale factor exp(m - c) are 0
     there, never NaN."""
     new_max = tl.maximum(old_max, tl.max(block, 0))
-    return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, lse_shift(new_max)
 
 
 @triton.jit
