@@ -40,6 +40,7 @@ import triton.language as tl
 from fusedkd.kernels.tl_utils import (
     FORWARD_KL,
     JSD,
+    NEG_FLT_MAX,
     REVERSE_KL,
     logits_tile,
     lse_shift,
@@ -111,34 +112,20 @@ def merge_states(
         kl_acc = shift_kl_accumulator(
             kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
         ) + shift_kl_accumulator(
-            part_kl,
-            part_z_teacher_t,
-            part_m_teacher,
-            part_m_student,
-            new_m_teacher,
-            new_m_student,
+            part_kl, part_z_teacher_t, part_m_teacher, part_m_student, new_m_teacher, new_m_student,
             inv_temperature,
-        )
+        )  # fmt: skip
     elif DIVERGENCE == REVERSE_KL:
+        # The teacher's logits relative to t at the student's top token (finite: fold_statistics).
         # Ties keep the earlier column, like argmax.
         new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
         kl_acc = shift_kl_accumulator(
-            kl_acc,
-            z_student_t,
-            m_student,
-            teacher_at_top,
-            new_m_student,
-            new_teacher_at_top,
+            kl_acc, z_student_t, m_student, teacher_at_top, new_m_student, new_teacher_at_top,
             inv_temperature,
         ) + shift_kl_accumulator(
-            part_kl,
-            part_z_student_t,
-            part_m_student,
-            part_teacher_at_top,
-            new_m_student,
-            new_teacher_at_top,
-            inv_temperature,
-        )
+            part_kl, part_z_student_t, part_m_student, part_teacher_at_top, new_m_student,
+            new_teacher_at_top, inv_temperature,
+        )  # fmt: skip
         teacher_at_top = new_teacher_at_top
     if SEPARATE_CE:
         _, z_student_plain = merge_lse(m_student, z_student_plain, part_m_student, part_z_student_plain, 1.0)
@@ -187,16 +174,17 @@ def fold_statistics(
     if HAS_LABELS:
         # s_y: exactly one slice holds the label column.
         tile_label_logit = tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
-    # The slice's own states, relative to its shifts (maxima, or 0 for a row of -inf: lse_shift):
-    # a = (s - c_s)/T, b = (t - c_t)/T. Padding columns past vocab_size are -inf, like masked entries:
-    # e^a = e^b = 0 there, and the KL terms leave out every entry of weight exactly 0 (no 0 * inf; a
-    # NaN weight, from a NaN or +inf logit, stays NaN).
+    # The slice's own states, relative to its maxima: a = (s - max s)/T, b = (t - max t)/T. Padding
+    # columns past vocab_size are -inf, like masked entries: e^a = e^b = 0 there. A row of -inf only
+    # (an empty state) takes the maximum -FLT_MAX, not -inf, so that no -inf - (-inf) arises here or in
+    # the merges (its Z is 0 all the same, and a NaN logit still makes Z NaN). The KL terms leave out
+    # the entries of weight exactly 0 (no 0 * inf; a NaN weight, from a NaN or +inf logit, stays NaN).
     s = tl.where(col_mask[None, :], s, neg_inf)
     t = tl.where(col_mask[None, :], t, neg_inf)
-    tile_m_student = tl.max(s, axis=1)
-    tile_m_teacher = tl.max(t, axis=1)
-    a = (s - lse_shift(tile_m_student)[:, None]) * inv_temperature
-    b = (t - lse_shift(tile_m_teacher)[:, None]) * inv_temperature
+    tile_m_student = tl.maximum(tl.max(s, axis=1), NEG_FLT_MAX)
+    tile_m_teacher = tl.maximum(tl.max(t, axis=1), NEG_FLT_MAX)
+    a = (s - tile_m_student[:, None]) * inv_temperature
+    b = (t - tile_m_teacher[:, None]) * inv_temperature
     exp_a = tl.exp(a)
     exp_b = tl.exp(b)
     tile_z_student_t = tl.sum(exp_a, axis=1)
@@ -221,7 +209,7 @@ def fold_statistics(
     tile_z_student_plain = tl.zeros_like(m_student)
     if SEPARATE_CE:
         # Cross-entropy softmax at T = 1 (when T != 1): Z_s = sum_v e^(s_v - m_s).
-        tile_z_student_plain = tl.sum(tl.exp(s - lse_shift(tile_m_student)[:, None]), axis=1)
+        tile_z_student_plain = tl.sum(tl.exp(s - tile_m_student[:, None]), axis=1)
     return merge_states(
         m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit, teacher_at_top,
         tile_m_student, tile_z_student_t, tile_z_student_plain, tile_m_teacher, tile_z_teacher_t, tile_kl,

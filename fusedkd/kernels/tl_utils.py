@@ -9,7 +9,16 @@ Keeping the raw maximum means the student's T-softmax and T=1 softmax share one 
 log-probabilities are formed as `(x_v - m) * scale - log Z`: relative to the row maximum, so the
 likely tokens' log-probabilities stay exact even for logits of magnitude 1e4. An empty state is
 (m = -inf, Z = 0) and merges as the identity: every helper treats -inf as an exact zero probability
-(DESIGN.md §6) and never forms exp(-inf - (-inf)).
+(DESIGN.md §6) and never forms exp(-inf - (-inf)): the logits-level kernels take sums relative to
+`lse_shift` (the maximum, or 0 while the state is empty), the fused linear statistics floor a slice's
+maximum at -FLT_MAX (`NEG_FLT_MAX`).
+
+Non-finite logits (docs/design.md §9) need no test of their own: the maxima drop NaN (`tl.max`,
+`tl.maximum`), but a NaN logit makes its e^(x - m) NaN, and a +inf one makes m = +inf and its
+e^(x - m) = e^(inf - inf) NaN, so Z is NaN and so is everything formed from it; a row of -inf only
+has Z = 0 and log Z = -inf, and its log-probabilities (-inf) - (-inf) are NaN. What the kernels must
+not do is turn such a NaN back into a number: terms of weight exactly 0 are left out with
+`tl.where(p == 0, 0, ...)` (never `p > 0`, false for NaN), and `logaddexp` propagates NaN.
 
 Where 1/T is formed: `fusedkd.kernels.fused_linear_kd.inverse_temperature(options)` is the one place
 the temperature of `KDOptions` becomes the kernels' `inv_temperature`.
@@ -26,6 +35,9 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+# The most negative float32: a floor for maxima that must stay finite (statistics.fold_statistics).
+NEG_FLT_MAX: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -170,17 +182,20 @@ def lse_shift(m):
 def shift_kl_accumulator(acc, z_w, m_w_old, m_o_old, m_w, m_o, scale):
     """Move the one-pass KL accumulator of a state to new maxima (m_w, m_o).
 
-    A = sum_v e^(w_v - c_w) ((w_v - c_w) - (o_v - c_o)) over the state's entries, in scaled units
-    (w = weighting logits, o = other logits, both times `scale`; c = `lse_shift` of the maxima). With
-    d_w = (c_w - c_w_old) * scale and d_o = (c_o - c_o_old) * scale:  A_new = e^(-d_w) (A + Z_w (d_o - d_w)).
-    An empty state (Z_w = 0) holds A = 0 and is not moved (its shifts may be far from the new ones).
-    Entries of weight exactly 0 are left out of A by the callers, so -inf logits (masked entries) give
-    no 0 * inf; an infinite A (a term of weight > 0 against o_v = -inf) stays infinite.
+    A = sum_v e^(w_v - m_w) ((w_v - m_w) - (o_v - m_o)) over the state's entries, in scaled units
+    (w = weighting logits, o = other logits, both times `scale`; m_o may be any finite reference
+    value). With d_w = (m_w - m_w_old) * scale and d_o = (m_o - m_o_old) * scale:
+    A_new = e^(-d_w) (A + Z_w (d_o - d_w)). An empty state (Z_w = 0) stays 0: its old maxima are taken
+    as the new ones. Where Z_w > 0 the maxima must be finite (statistics.fold_statistics floors a
+    slice's maxima at -FLT_MAX, so that no -inf - (-inf) arises for a model whose entries are all -inf
+    there); the callers leave entries of weight exactly 0 out of A (no 0 * inf at -inf logits), and an
+    infinite A (a term of weight > 0 against o_v = -inf) stays infinite.
     """
     nonempty = z_w > 0.0
-    moved_w = tl.where(nonempty, lse_shift(m_w) - lse_shift(m_w_old), 0.0)
-    moved_o = tl.where(nonempty, lse_shift(m_o) - lse_shift(m_o_old), 0.0)
-    return (acc + z_w * ((moved_o - moved_w) * scale)) * tl.exp(-moved_w * scale)
+    m_w_old = tl.where(nonempty, m_w_old, m_w)
+    m_o_old = tl.where(nonempty, m_o_old, m_o)
+    moved = acc + z_w * (((m_o - m_o_old) - (m_w - m_w_old)) * scale)
+    return moved * tl.exp((m_w_old - m_w) * scale)
 
 
 @triton.jit
