@@ -146,8 +146,8 @@ def jsd_kernel(
                 # 0 log 0 = 0 where a probability is exactly 0 (no 0 * inf); a NaN one stays NaN.
                 p = tl.exp(log_p)
                 q = tl.exp(log_q)
-                kl_teacher_mix += tl.sum(tl.where(p == 0, 0.0, p * (log_p - log_m)), axis=1)
-                kl_student_mix += tl.sum(tl.where(q == 0, 0.0, q * (log_q - log_m)), axis=1)
+                kl_teacher_mix += tl.sum(p * tl.where(p > 0, log_p - log_m, 0.0), axis=1)
+                kl_student_mix += tl.sum(q * tl.where(q > 0, log_q - log_m, 0.0), axis=1)
 
         out = partial_ptr + split.to(tl.int64) * NUM_JSD_FIELDS * num_tokens + positions
         tl.store(out + PARTIAL_KL_TEACHER_MIX * num_tokens, kl_teacher_mix, mask=row_mask)

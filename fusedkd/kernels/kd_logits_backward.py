@@ -81,9 +81,6 @@ def kd_logits_grad_row(
     beta_acc = tl.zeros([], ACC_DTYPE) + beta  # works for a float32 argument and a Python float
     log_beta = tl.log(beta_acc)
     log1m_beta = tl.log(1.0 - beta_acc)
-    # Where q_v = 0 the divergence's term is 0 and so is its gradient, unless D (or KL(q || m)) is not
-    # finite: then autograd's q_v (g_v - sum_u q_u g_u) is 0 * inf or 0 * NaN = NaN, and so is this.
-    zero_term = aux * 0.0
     for start in range(0, grad_cols, BLOCK_V):
         v = start + cols
         in_vocab = v < vocab_size
@@ -101,14 +98,15 @@ def kd_logits_grad_row(
             # dD/ds = (q - p) / T
             grad = q - tl.exp(log_p)
         elif DIVERGENCE == REVERSE_KL:
-            # dD/ds = q (log q - log p - D) / T, and 0 where q = 0 (NaN there if D is not finite)
-            grad = tl.where(q == 0, zero_term, q * (log_q - log_p - aux))
+            # dD/ds = q (log q - log p - D) / T. Where q = 0 it is q D: 0, or NaN when D is not finite
+            # (autograd's q (g - sum q g) there is 0 * inf), never q times an infinite log-ratio.
+            grad = q * tl.where(q > 0, log_q - log_p - aux, aux)
         else:
-            # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T, and 0 where q = 0 (NaN there if
-            # KL(q || m) is not finite), with
+            # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T, and q KL(q || m) where q = 0 (as
+            # the reverse KL's), with
             # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
             log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
-            grad = (1.0 - beta_acc) * tl.where(q == 0, zero_term, q * (log_q - log_m - aux))
+            grad = (1.0 - beta_acc) * (q * tl.where(q > 0, log_q - log_m - aux, aux))
         grad = grad * w_distill_over_t
         if HAS_LABELS:
             # dC/ds = softmax(s) - onehot(y)

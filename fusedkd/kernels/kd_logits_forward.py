@@ -113,10 +113,10 @@ def kd_logits_forward_kernel(
         # NaN weight (a NaN or +inf logit) stays NaN.
         if DIVERGENCE == FORWARD_KL:
             kl_acc = rescale_b * (kl_acc - sum_b * drift)
-            kl_acc += tl.sum(tl.where(exp_b == 0, 0.0, exp_b * (b_shifted - a_shifted)), 0)
+            kl_acc += tl.sum(exp_b * tl.where(exp_b > 0, b_shifted - a_shifted, 0.0), 0)
         if DIVERGENCE == REVERSE_KL:
             kl_acc = rescale_a * (kl_acc + sum_a * drift)
-            kl_acc += tl.sum(tl.where(exp_a == 0, 0.0, exp_a * (a_shifted - b_shifted)), 0)
+            kl_acc += tl.sum(exp_a * tl.where(exp_a > 0, a_shifted - b_shifted, 0.0), 0)
         sum_a = sum_a * rescale_a + tl.sum(exp_a, 0)
         sum_b = sum_b * rescale_b + tl.sum(exp_b, 0)
         if HAS_LABELS:
@@ -154,8 +154,8 @@ def kd_logits_forward_kernel(
             q = tl.exp(log_q)
             # 0 log 0 = 0 where a probability is exactly 0; a NaN one (a row that is not a
             # distribution) stays NaN.
-            kl_teacher_mix += tl.sum(tl.where(p == 0, 0.0, p * (log_p - log_m)), 0)
-            kl_student_mix += tl.sum(tl.where(q == 0, 0.0, q * (log_q - log_m)), 0)
+            kl_teacher_mix += tl.sum(p * tl.where(p > 0, log_p - log_m, 0.0), 0)
+            kl_student_mix += tl.sum(q * tl.where(q > 0, log_q - log_m, 0.0), 0)
         divergence = beta_acc * kl_teacher_mix + (1.0 - beta_acc) * kl_student_mix
         aux = kl_student_mix
 

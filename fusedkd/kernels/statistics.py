@@ -193,7 +193,7 @@ def fold_statistics(
     tile_kl = tl.zeros_like(m_student)
     if DIVERGENCE == FORWARD_KL:
         # A = sum_v e^(b_v) (b_v - a_v): weighted by the teacher.
-        tile_kl = tl.sum(tl.where(exp_b == 0, 0.0, exp_b * (b - a)), axis=1)
+        tile_kl = tl.sum(exp_b * tl.where(exp_b > 0, b - a, 0.0), axis=1)
     elif DIVERGENCE == REVERSE_KL:
         # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token. A
         # teacher's -inf there (p = 0 where q is largest: D = +inf) is taken as 0, so that A is +inf, not
@@ -203,8 +203,7 @@ def fold_statistics(
             tl.sum(tl.where(offs_fold[None, :] == tile_top[:, None], t, 0.0), axis=1)
         )
         tile_kl = tl.sum(
-            tl.where(exp_a == 0, 0.0, exp_a * (a - (t - tile_teacher_at_top[:, None]) * inv_temperature)),
-            axis=1,
+            exp_a * tl.where(exp_a > 0, a - (t - tile_teacher_at_top[:, None]) * inv_temperature, 0.0), axis=1
         )
     tile_z_student_plain = tl.zeros_like(m_student)
     if SEPARATE_CE:

@@ -17,8 +17,9 @@ Non-finite logits (docs/design.md §9) need no test of their own: the maxima dro
 `tl.maximum`), but a NaN logit makes its e^(x - m) NaN, and a +inf one makes m = +inf and its
 e^(x - m) = e^(inf - inf) NaN, so Z is NaN and so is everything formed from it; a row of -inf only
 has Z = 0 and log Z = -inf, and its log-probabilities (-inf) - (-inf) are NaN. What the kernels must
-not do is turn such a NaN back into a number: terms of weight exactly 0 are left out with
-`tl.where(p == 0, 0, ...)` (never `p > 0`, false for NaN), and `logaddexp` propagates NaN.
+not do is turn such a NaN back into a number: a term p (log-ratio) is formed as
+`p * tl.where(p > 0, log-ratio, 0)`, 0 where p is exactly 0 (no 0 * inf at -inf logits) and NaN where
+p is NaN (never `tl.where(p > 0, p * log-ratio, 0)`, which drops it), and `logaddexp` propagates NaN.
 
 Where 1/T is formed: `fusedkd.kernels.fused_linear_kd.inverse_temperature(options)` is the one place
 the temperature of `KDOptions` becomes the kernels' `inv_temperature`.
