@@ -112,20 +112,35 @@ def merge_states(
         kl_acc = shift_kl_accumulator(
             kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
         ) + shift_kl_accumulator(
-            part_kl, part_z_teacher_t, part_m_teacher, part_m_student, new_m_teacher, new_m_student,
+            part_kl,
+            part_z_teacher_t,
+            part_m_teacher,
+            part_m_student,
+            new_m_teacher,
+            new_m_student,
             inv_temperature,
-        )  # fmt: skip
+        )
     elif DIVERGENCE == REVERSE_KL:
         # The teacher's logits relative to t at the student's top token (finite: fold_statistics).
         # Ties keep the earlier column, like argmax.
         new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
         kl_acc = shift_kl_accumulator(
-            kl_acc, z_student_t, m_student, teacher_at_top, new_m_student, new_teacher_at_top,
+            kl_acc,
+            z_student_t,
+            m_student,
+            teacher_at_top,
+            new_m_student,
+            new_teacher_at_top,
             inv_temperature,
         ) + shift_kl_accumulator(
-            part_kl, part_z_student_t, part_m_student, part_teacher_at_top, new_m_student,
-            new_teacher_at_top, inv_temperature,
-        )  # fmt: skip
+            part_kl,
+            part_z_student_t,
+            part_m_student,
+            part_teacher_at_top,
+            new_m_student,
+            new_teacher_at_top,
+            inv_temperature,
+        )
         teacher_at_top = new_teacher_at_top
     if SEPARATE_CE:
         _, z_student_plain = merge_lse(m_student, z_student_plain, part_m_student, part_z_student_plain, 1.0)

@@ -173,9 +173,9 @@ def merge_lse(m1, z1, m2, z2, scale):
 
 @triton.jit
 def lse_shift(m):
-    """The shift a state's sums are taken relative to: its maximum m, or 0 while it is empty (m = -inf),
-    so that differences of shifts are finite (never -inf - (-inf)) and e^(x - shift) is 0 at x = -inf.
-    A NaN or +inf maximum stays as it is (the state is NaN)."""
+    """m, or 0 where m = -inf: the shift a running state's sums are taken relative to (its maximum, or 0
+    while it is empty, so that differences of shifts are finite, never -inf - (-inf), and e^(x - shift)
+    is 0 at x = -inf), or any finite stand-in for a -inf reference value. NaN and +inf stay."""
     return tl.where(m == float("-inf"), 0.0, m)
 
 
