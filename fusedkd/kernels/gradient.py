@@ -118,15 +118,21 @@ def gradient_tile(
         # student's top token (statistics.py): exact where q is large.
         divergence_top = tl.load(stats + STAT_DIVERGENCE * num_tokens, mask=row_mask, other=0.0)
         teacher_at_top = tl.load(stats + STAT_TEACHER_AT_TOP * num_tokens, mask=row_mask, other=0.0)
+        # Where q = 0 (a -inf logit) it is q D_*: 0, or NaN when D_* is not finite (autograd's
+        # q (g - sum q g) there is 0 * inf), never q times an infinite log-ratio.
         log_ratio = student_shifted * inv_temperature - (t - teacher_at_top[:, None]) * inv_temperature
-        grad = q * (log_ratio - divergence_top[:, None]) * (weight_distill * inv_temperature)[:, None]
+        divergence_top = divergence_top[:, None]
+        grad = q * tl.where(q > 0, log_ratio - divergence_top, divergence_top)
+        grad = grad * (weight_distill * inv_temperature)[:, None]
     else:
         log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
         # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T,  log m = logaddexp(log beta + log p, ...)
         kl_student_mix = tl.load(stats + STAT_DIVERGENCE * num_tokens, mask=row_mask, other=0.0)
         log_m = logaddexp(log_beta + log_p, log_one_minus_beta + log_q)
         weight = weight_distill * ((1.0 - beta) * inv_temperature)
-        grad = q * (log_q - log_m - kl_student_mix[:, None]) * weight[:, None]
+        # Where q = 0 it is q KL(q || m) (as the reverse KL's).
+        kl_student_mix = kl_student_mix[:, None]
+        grad = q * tl.where(q > 0, log_q - log_m - kl_student_mix, kl_student_mix) * weight[:, None]
     if HAS_CE_GRAD:
         # dC/ds = softmax(s) - onehot(y); softmax(s) is q itself when T = 1.
         if SEPARATE_CE:

@@ -135,20 +135,19 @@ def jsd_kernel(
                 col_mask = cols < vocab_size
                 t = unpark_tile(park_teacher, fold * FOLD_V, BLOCK_V, BLOCK_N, FOLD_V)
                 s = unpark_tile(park_student, fold * FOLD_V, BLOCK_V, BLOCK_N, FOLD_V)
-                # Padding columns take the row maxima (finite, no overflow); their terms are dropped below.
-                s = tl.where(col_mask[None, :], s, m_student[:, None])
-                t = tl.where(col_mask[None, :], t, m_teacher[:, None])
+                # Padding columns are -inf, like masked entries: probability 0, no term.
+                s = tl.where(col_mask[None, :], s, float("-inf"))
+                t = tl.where(col_mask[None, :], t, float("-inf"))
                 # log q = (s - m_s)/T - log Z_a,  log p = (t - m_t)/T - log Z_b  (relative to the row maxima)
                 log_q = (s - m_student[:, None]) * inv_temperature - logz_student[:, None]
                 log_p = (t - m_teacher[:, None]) * inv_temperature - logz_teacher[:, None]
                 # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
                 log_m = logaddexp(log_beta + log_p, log_one_minus_beta + log_q)
-                kl_teacher_mix += tl.sum(
-                    tl.where(col_mask[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1
-                )
-                kl_student_mix += tl.sum(
-                    tl.where(col_mask[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1
-                )
+                # 0 log 0 = 0 where a probability is exactly 0 (no 0 * inf); a NaN one stays NaN.
+                p = tl.exp(log_p)
+                q = tl.exp(log_q)
+                kl_teacher_mix += tl.sum(p * tl.where(p > 0, log_p - log_m, 0.0), axis=1)
+                kl_student_mix += tl.sum(q * tl.where(q > 0, log_q - log_m, 0.0), axis=1)
 
         out = partial_ptr + split.to(tl.int64) * NUM_JSD_FIELDS * num_tokens + positions
         tl.store(out + PARTIAL_KL_TEACHER_MIX * num_tokens, kl_teacher_mix, mask=row_mask)

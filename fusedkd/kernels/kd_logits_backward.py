@@ -98,13 +98,15 @@ def kd_logits_grad_row(
             # dD/ds = (q - p) / T
             grad = q - tl.exp(log_p)
         elif DIVERGENCE == REVERSE_KL:
-            # dD/ds = q (log q - log p - D) / T, and 0 where q = 0
-            grad = tl.where(q > 0, q * (log_q - log_p - aux), 0.0)
+            # dD/ds = q (log q - log p - D) / T. Where q = 0 it is q D: 0, or NaN when D is not finite
+            # (autograd's q (g - sum q g) there is 0 * inf), never q times an infinite log-ratio.
+            grad = q * tl.where(q > 0, log_q - log_p - aux, aux)
         else:
-            # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T, and 0 where q = 0, with
+            # dD/ds = (1 - beta) q (log q - log m - KL(q || m)) / T, and q KL(q || m) where q = 0 (as
+            # the reverse KL's), with
             # log m = logaddexp(log beta + log p, log(1 - beta) + log q)
             log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
-            grad = (1.0 - beta_acc) * tl.where(q > 0, q * (log_q - log_m - aux), 0.0)
+            grad = (1.0 - beta_acc) * (q * tl.where(q > 0, log_q - log_m - aux, aux))
         grad = grad * w_distill_over_t
         if HAS_LABELS:
             # dC/ds = softmax(s) - onehot(y)

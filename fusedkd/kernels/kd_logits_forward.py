@@ -109,13 +109,14 @@ def kd_logits_forward_kernel(
         rescale_a = tl.exp((max_s - new_shift_s) / temperature)  # 0 while max_s is -inf
         rescale_b = tl.exp((max_t - new_shift_t) / temperature)
         drift = ((new_shift_t - shift_t) - (new_shift_s - shift_s)) / temperature  # d_b - d_a
-        # A weight of 0 makes a term 0 even when its log-ratio is infinite or NaN (masked entries).
+        # A weight of exactly 0 makes a term 0 even when its log-ratio is infinite (masked entries); a
+        # NaN weight (a NaN or +inf logit) stays NaN.
         if DIVERGENCE == FORWARD_KL:
             kl_acc = rescale_b * (kl_acc - sum_b * drift)
-            kl_acc += tl.sum(tl.where(exp_b > 0, exp_b * (b_shifted - a_shifted), 0.0), 0)
+            kl_acc += tl.sum(exp_b * tl.where(exp_b > 0, b_shifted - a_shifted, 0.0), 0)
         if DIVERGENCE == REVERSE_KL:
             kl_acc = rescale_a * (kl_acc + sum_a * drift)
-            kl_acc += tl.sum(tl.where(exp_a > 0, exp_a * (a_shifted - b_shifted), 0.0), 0)
+            kl_acc += tl.sum(exp_a * tl.where(exp_a > 0, a_shifted - b_shifted, 0.0), 0)
         sum_a = sum_a * rescale_a + tl.sum(exp_a, 0)
         sum_b = sum_b * rescale_b + tl.sum(exp_b, 0)
         if HAS_LABELS:
@@ -151,8 +152,10 @@ def kd_logits_forward_kernel(
             log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
             p = tl.exp(log_p)
             q = tl.exp(log_q)
-            kl_teacher_mix += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), 0)
-            kl_student_mix += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), 0)
+            # 0 log 0 = 0 where a probability is exactly 0; a NaN one (a row that is not a
+            # distribution) stays NaN.
+            kl_teacher_mix += tl.sum(p * tl.where(p > 0, log_p - log_m, 0.0), 0)
+            kl_student_mix += tl.sum(q * tl.where(q > 0, log_q - log_m, 0.0), 0)
         divergence = beta_acc * kl_teacher_mix + (1.0 - beta_acc) * kl_student_mix
         aux = kl_student_mix
 

@@ -40,8 +40,10 @@ import triton.language as tl
 from fusedkd.kernels.tl_utils import (
     FORWARD_KL,
     JSD,
+    NEG_FLT_MAX,
     REVERSE_KL,
     logits_tile,
+    lse_shift,
     merge_lse,
     park_tile,
     shift_kl_accumulator,
@@ -119,6 +121,7 @@ def merge_states(
             inv_temperature,
         )
     elif DIVERGENCE == REVERSE_KL:
+        # The teacher's logits relative to t at the student's top token (finite: fold_statistics).
         # Ties keep the earlier column, like argmax.
         new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
         kl_acc = shift_kl_accumulator(
@@ -186,36 +189,41 @@ def fold_statistics(
     if HAS_LABELS:
         # s_y: exactly one slice holds the label column.
         tile_label_logit = tl.sum(tl.where(cols[None, :] == labels[:, None], s, 0.0), axis=1)
-    # The slice's own states, relative to its maxima: a = (s - max s)/T, b = (t - max t)/T.
-    # Padding columns past vocab_size: excluded from the maxima, a = b = 0 there (finite, so
-    # no 0 * inf anywhere) and e^a = e^b = 0.
-    s_valid = tl.where(col_mask[None, :], s, neg_inf)
-    tile_m_student = tl.max(s_valid, axis=1)
-    tile_m_teacher = tl.max(tl.where(col_mask[None, :], t, neg_inf), axis=1)
-    s = tl.where(col_mask[None, :], s, tile_m_student[:, None])
-    t = tl.where(col_mask[None, :], t, tile_m_teacher[:, None])
+    # The slice's own states, relative to its maxima: a = (s - max s)/T, b = (t - max t)/T. Padding
+    # columns past vocab_size are -inf, like masked entries: e^a = e^b = 0 there. A row of -inf only
+    # (an empty state) takes the maximum -FLT_MAX, not -inf, so that no -inf - (-inf) arises here or in
+    # the merges (its Z is 0 all the same, and a NaN logit still makes Z NaN). The KL terms leave out
+    # the entries of weight exactly 0 (no 0 * inf; a NaN weight, from a NaN or +inf logit, stays NaN).
+    s = tl.where(col_mask[None, :], s, neg_inf)
+    t = tl.where(col_mask[None, :], t, neg_inf)
+    tile_m_student = tl.maximum(tl.max(s, axis=1), NEG_FLT_MAX)
+    tile_m_teacher = tl.maximum(tl.max(t, axis=1), NEG_FLT_MAX)
     a = (s - tile_m_student[:, None]) * inv_temperature
     b = (t - tile_m_teacher[:, None]) * inv_temperature
-    exp_a = tl.where(col_mask[None, :], tl.exp(a), 0.0)
-    exp_b = tl.where(col_mask[None, :], tl.exp(b), 0.0)
+    exp_a = tl.exp(a)
+    exp_b = tl.exp(b)
     tile_z_student_t = tl.sum(exp_a, axis=1)
     tile_z_teacher_t = tl.sum(exp_b, axis=1)
     tile_teacher_at_top = tl.zeros_like(m_student)
     tile_kl = tl.zeros_like(m_student)
     if DIVERGENCE == FORWARD_KL:
         # A = sum_v e^(b_v) (b_v - a_v): weighted by the teacher.
-        tile_kl = tl.sum(exp_b * (b - a), axis=1)
+        tile_kl = tl.sum(exp_b * tl.where(exp_b > 0, b - a, 0.0), axis=1)
     elif DIVERGENCE == REVERSE_KL:
-        # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token.
-        tile_top = tl.argmax(s_valid, axis=1)
-        tile_teacher_at_top = tl.sum(tl.where(offs_fold[None, :] == tile_top[:, None], t, 0.0), axis=1)
-        tile_kl = tl.sum(exp_a * (a - (t - tile_teacher_at_top[:, None]) * inv_temperature), axis=1)
+        # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token. A
+        # teacher's -inf there (p = 0 where q is largest: D = +inf) is taken as 0, so that A is +inf, not
+        # NaN; the saved t_* is that same value, which is all the merge and the gradient need.
+        tile_top = tl.argmax(s, axis=1)
+        tile_teacher_at_top = lse_shift(
+            tl.sum(tl.where(offs_fold[None, :] == tile_top[:, None], t, 0.0), axis=1)
+        )
+        tile_kl = tl.sum(
+            exp_a * tl.where(exp_a > 0, a - (t - tile_teacher_at_top[:, None]) * inv_temperature, 0.0), axis=1
+        )
     tile_z_student_plain = tl.zeros_like(m_student)
     if SEPARATE_CE:
         # Cross-entropy softmax at T = 1 (when T != 1): Z_s = sum_v e^(s_v - m_s).
-        tile_z_student_plain = tl.sum(
-            tl.where(col_mask[None, :], tl.exp(s - tile_m_student[:, None]), 0.0), axis=1
-        )
+        tile_z_student_plain = tl.sum(tl.exp(s - tile_m_student[:, None]), axis=1)
     return merge_states(
         m_student, z_student_t, z_student_plain, m_teacher, z_teacher_t, kl_acc, label_logit, teacher_at_top,
         tile_m_student, tile_z_student_t, tile_z_student_plain, tile_m_teacher, tile_z_teacher_t, tile_kl,

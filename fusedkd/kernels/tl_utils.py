@@ -9,7 +9,17 @@ Keeping the raw maximum means the student's T-softmax and T=1 softmax share one 
 log-probabilities are formed as `(x_v - m) * scale - log Z`: relative to the row maximum, so the
 likely tokens' log-probabilities stay exact even for logits of magnitude 1e4. An empty state is
 (m = -inf, Z = 0) and merges as the identity: every helper treats -inf as an exact zero probability
-(DESIGN.md §6) and never forms exp(-inf - (-inf)).
+(DESIGN.md §6) and never forms exp(-inf - (-inf)): the logits-level kernels take sums relative to
+`lse_shift` (the maximum, or 0 while the state is empty), the fused linear statistics floor a slice's
+maximum at -FLT_MAX (`NEG_FLT_MAX`).
+
+Non-finite logits (docs/design.md §9) need no test of their own: the maxima drop NaN (`tl.max`,
+`tl.maximum`), but a NaN logit makes its e^(x - m) NaN, and a +inf one makes m = +inf and its
+e^(x - m) = e^(inf - inf) NaN, so Z is NaN and so is everything formed from it; a row of -inf only
+has Z = 0 and log Z = -inf, and its log-probabilities (-inf) - (-inf) are NaN. What the kernels must
+not do is turn such a NaN back into a number: a term p (log-ratio) is formed as
+`p * tl.where(p > 0, log-ratio, 0)`, 0 where p is exactly 0 (no 0 * inf at -inf logits) and NaN where
+p is NaN (never `tl.where(p > 0, p * log-ratio, 0)`, which drops it), and `logaddexp` propagates NaN.
 
 Where 1/T is formed: `fusedkd.kernels.fused_linear_kd.inverse_temperature(options)` is the one place
 the temperature of `KDOptions` becomes the kernels' `inv_temperature`.
@@ -26,6 +36,9 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+# The most negative float32: a floor for maxima that must stay finite (statistics.fold_statistics).
+NEG_FLT_MAX: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -159,13 +172,25 @@ def merge_lse(m1, z1, m2, z2, scale):
 
 
 @triton.jit
+def lse_shift(m):
+    """m, or 0 where m = -inf: the shift a running state's sums are taken relative to (its maximum, or 0
+    while it is empty, so that differences of shifts are finite, never -inf - (-inf), and e^(x - shift)
+    is 0 at x = -inf), or any finite stand-in for a -inf reference value. NaN and +inf stay."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def shift_kl_accumulator(acc, z_w, m_w_old, m_o_old, m_w, m_o, scale):
     """Move the one-pass KL accumulator of a state to new maxima (m_w, m_o).
 
     A = sum_v e^(w_v - m_w) ((w_v - m_w) - (o_v - m_o)) over the state's entries, in scaled units
-    (w = weighting logits, o = other logits, both times `scale`). With d_w = (m_w - m_w_old) * scale
-    and d_o = (m_o - m_o_old) * scale:  A_new = e^(-d_w) (A + Z_w (d_o - d_w)).
-    An empty state (Z_w = 0, maxima -inf) stays 0: its old maxima are taken as the new ones.
+    (w = weighting logits, o = other logits, both times `scale`; m_o may be any finite reference
+    value). With d_w = (m_w - m_w_old) * scale and d_o = (m_o - m_o_old) * scale:
+    A_new = e^(-d_w) (A + Z_w (d_o - d_w)). An empty state (Z_w = 0) stays 0: its old maxima are taken
+    as the new ones. Where Z_w > 0 the maxima must be finite (statistics.fold_statistics floors a
+    slice's maxima at -FLT_MAX, so that no -inf - (-inf) arises for a model whose entries are all -inf
+    there); the callers leave entries of weight exactly 0 out of A (no 0 * inf at -inf logits), and an
+    infinite A (a term of weight > 0 against o_v = -inf) stays infinite.
     """
     nonempty = z_w > 0.0
     m_w_old = tl.where(nonempty, m_w_old, m_w)
@@ -181,17 +206,18 @@ def running_max(old_max, block):
     while every value so far is -inf, so that exp(x - c) and the rescale factor exp(m - c) are 0
     there, never NaN."""
     new_max = tl.maximum(old_max, tl.max(block, 0))
-    return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, lse_shift(new_max)
 
 
 @triton.jit
 def logaddexp(x, y):
-    """log(e^x + e^y), elementwise, for values of any magnitude; -inf where both are -inf (never NaN).
+    """log(e^x + e^y), elementwise, for values of any magnitude; -inf where both are -inf, NaN where
+    either is NaN (a NaN log-probability, from a row that is not a distribution, stays NaN).
 
     One exp and one log: larger + log(1 + e^(smaller - larger)).
     """
-    larger = tl.maximum(x, y)
-    smaller = tl.minimum(x, y)
+    larger = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    smaller = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     both_empty = larger == float("-inf")
     return tl.where(both_empty, larger, larger + tl.log(1.0 + tl.exp(smaller - larger)))
 
