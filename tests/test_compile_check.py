@@ -89,3 +89,21 @@ def test_loop_spills_are_found_in_the_loops_only():
         /*0090*/                   EXIT ;
     """
     assert mma_loop_spills(sass) == (2, 1)
+
+
+def test_a_new_token_count_reuses_the_compiled_kernels():
+    """Token counts are not specialized on (`do_not_specialize`): N and N + 1 tokens (and a count that
+    is a multiple of 16 and one that is not) bind to the same specializations through Triton's own
+    launcher binder, so a training run whose batches vary in length compiles each kernel once."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = (
+        "import json; from fusedkd.kernels.compile_check import specializations as s; "
+        "print(json.dumps([s(4096), s(4097), s(1000)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, n_plus_one, other = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(n) >= 6  # statistics, merge, gradient kernels of both divergences
+    assert n == n_plus_one == other

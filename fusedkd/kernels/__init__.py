@@ -2,7 +2,7 @@
 
 This package imports without Triton; `unavailable_reason(device)` says whether the Triton backend can
 run on a device and, if not, why. The kernels run on CUDA tensors, and on CPU tensors through Triton's
-interpreter when `TRITON_INTERPRET=1` was set before Triton was first imported (DESIGN.md §7).
+interpreter when `TRITON_INTERPRET=1` was set before Triton was first imported (docs/design.md §7).
 
 Every file of the package:
 

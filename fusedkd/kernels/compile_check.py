@@ -261,6 +261,34 @@ def compile_all(
     return rows
 
 
+def specializations(
+    tokens: int,
+    arch: int = 90,
+    vocab: int = 151_936,
+    student_dim: int = 1024,
+    teacher_dim: int = 2560,
+    sms: int = 132,
+) -> list[tuple[str, str]]:
+    """What Triton's launcher binder would compile, per launch of the fused linear loss and its gradient
+    (bf16; forward KL and JSD) at `tokens` tokens: (kernel name, its specialization). A launch with
+    another token count reuses the compiled kernel exactly when its specialization is the same."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    keys = []
+    for divergence in ("forward_kl", "jsd"):
+        launches = fused_linear_launches(
+            torch.bfloat16, divergence, tokens, vocab, student_dim, teacher_dim, sms
+        )
+        for kernel, args, kwargs in launches:
+            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            _, specialization, options = binder(*args, **kwargs)
+            keys.append((kernel.__name__, repr(specialization) + repr(sorted(options.items()))))
+    return keys
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

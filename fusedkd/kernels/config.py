@@ -2,7 +2,7 @@
 
 The defaults are chosen for Hopper (H100/H200) and serve every GPU; under Triton's interpreter small
 tiles keep the CPU tests fast. `FUSEDKD_AUTOTUNE=1` (GPU only, never under the interpreter, where
-Triton's autotuner cannot run, DESIGN.md §7) times a few candidate configurations on the first call
+Triton's autotuner cannot run, docs/design.md §7) times a few candidate configurations on the first call
 for each problem shape and keeps the fastest. It tunes whole `KernelConfig`s, the statistics and the
 gradient tiles together, because the gradient pass must recompute the logits exactly as the
 statistics pass computed them and its scratch is sized by its tile.

@@ -106,7 +106,7 @@ class _Problem:
             HAS_TEACHER_BIAS=self.teacher_bias is not None,
             EVEN_STUDENT_DIM=self.student_hidden.shape[1] % tile.block_h == 0,
             EVEN_TEACHER_DIM=self.teacher_hidden.shape[1] % tile.block_h == 0,
-            # Triton's interpreter computes bf16 dots wrongly: upcast those tiles there (DESIGN.md §7).
+            # Triton's interpreter computes bf16 dots wrongly: upcast those tiles there (docs/design.md §7).
             STUDENT_UPCAST=INTERPRETER and self.student_hidden.dtype == torch.bfloat16,
             TEACHER_UPCAST=INTERPRETER and self.teacher_hidden.dtype == torch.bfloat16,
             DOT_PRECISION=dot_precision(),
@@ -308,7 +308,7 @@ def _gradient_programs(problem: _Problem, group_width: int) -> int:
 
 def staging_dtype(hidden_dtype: torch.dtype, interpreter: bool = False) -> torch.dtype:
     """The dtype G is staged in and the gradient products run in: the student's, except bf16 under the
-    interpreter (float32: its bf16 dot is wrong, DESIGN.md §7)."""
+    interpreter (float32: its bf16 dot is wrong, docs/design.md §7)."""
     if interpreter and hidden_dtype == torch.bfloat16:
         return torch.float32
     return hidden_dtype
@@ -326,7 +326,7 @@ def gradient_scale(
     |G| <= bound = max_i (|w_D,i| c / T + |w_C,i|), with c = 1 for the KL and a small multiple for the
     log-ratio factors of the reverse KL and the JSD; the scale maps the bound to [2^-1, 2^0), so the
     largest entries of G stay far below fp16's maximum (65504) while the small ones, scaled by 1 / N
-    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (DESIGN.md §6).
+    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (docs/design.md §6).
     """
     one = torch.ones(1, dtype=torch.float32, device=weight_distill.device)
     if staged_dtype != torch.float16:

@@ -1,12 +1,12 @@
 """Pass 2: the gradient kernel. Recomputes the logit tiles, forms the tile of G = dloss/ds from the saved
-per-token statistics (DESIGN.md §4) and multiplies it straight into the student's gradients:
+per-token statistics (docs/design.md §4) and multiplies it straight into the student's gradients:
 
     grad_student_hidden = G W_s      grad_student_weight = G^T h_s      grad_student_bias = sum_i G
 
 No [N, V] buffer exists: a tile of G lives in registers and in a small per-program staging scratch
 (an update's tokens x one vocabulary group), never more. The logits are computed once here, so the
 pass costs 2 N V (H_t + H_s) for the recomputation plus 4 N V H_s for the two gradient products
-(DESIGN.md §5). benchmarks/gpu_model.py models what each step moves; `python -m
+(docs/design.md §5). benchmarks/gpu_model.py models what each step moves; `python -m
 fusedkd.kernels.compile_check` shows what the compiler made of it.
 
 Work split:
@@ -145,7 +145,8 @@ def gradient_tile(
     return tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
 
 
-@triton.jit
+# Token counts vary per batch: never specialized on, so a new batch size never recompiles.
+@triton.jit(do_not_specialize=["num_tokens"])
 def gradient_kernel(
     student_hidden_ptr,
     student_weight_ptr,

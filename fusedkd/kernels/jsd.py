@@ -1,13 +1,13 @@
 """JSD's second pass: with the final log-sum-exps known, sum KL(p || m) and KL(q || m) per token.
 
 log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v) needs the normalized log-probabilities,
-so the JSD cannot come out of the one-pass statistics (DESIGN.md §3): this kernel recomputes the logit
+so the JSD cannot come out of the one-pass statistics (docs/design.md §3): this kernel recomputes the logit
 tiles on the statistics kernel's grid (token blocks x vocabulary splits) and writes per-split partial
 sums; the merge kernel adds the splits in order (deterministic) and finishes
 
     D = beta KL(p || m) + (1 - beta) KL(q || m)
 
-keeping KL(q || m) for the gradient (DESIGN.md §4).
+keeping KL(q || m) for the gradient (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ PARTIAL_KL_STUDENT_MIX: tl.constexpr = tl.constexpr(1)  # sum_v q_v (log q_v - l
 NUM_JSD_FIELDS: tl.constexpr = tl.constexpr(2)
 
 
-@triton.jit
+# Token counts vary per batch: never specialized on, so a new batch size never recompiles.
+@triton.jit(do_not_specialize=["num_tokens", "blocks_per_split", "num_splits"])
 def jsd_kernel(
     student_hidden_ptr,
     student_weight_ptr,
@@ -154,7 +155,8 @@ def jsd_kernel(
         tl.store(out + PARTIAL_KL_STUDENT_MIX * num_tokens, kl_student_mix, mask=row_mask)
 
 
-@triton.jit
+# Token counts vary per batch: never specialized on, so a new batch size never recompiles.
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def merge_jsd_kernel(
     partial_ptr,
     stats_ptr,

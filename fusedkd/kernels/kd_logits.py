@@ -29,7 +29,7 @@ from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_ker
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
 from fusedkd.kernels.tl_utils import DIVERGENCE_CODES
 
-# Fixed launch configuration (autotuning needs a GPU driver, DESIGN.md §7): one row per program,
+# Fixed launch configuration (autotuning needs a GPU driver, docs/design.md §7): one row per program,
 # vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
 # per thread and spills nothing (ptxas -v); not yet timed on a GPU.
 MAX_BLOCK_V = 2048

@@ -1,7 +1,7 @@
 """Gradient kernel of the logits-level KD loss: G = dloss/dstudent_logits, one program per token row.
 
 Given the per-row statistics of the forward kernel (kd_logits_forward.py), one more pass over the
-vocabulary forms each block of G (DESIGN.md §4) and writes it in the student-logits dtype. With
+vocabulary forms each block of G (docs/design.md §4) and writes it in the student-logits dtype. With
 a = s / T, b = t / T, q = softmax(a), p = softmax(b):
 
     forward_kl : dD/ds_v = (q_v - p_v) / T
@@ -30,7 +30,7 @@ from fusedkd.kernels.tl_utils import (
 # Columns of the per-row statistics [N, NUM_STATS]. Each log-sum-exp is kept as a shift and a log-sum:
 # c_s = max(s), c_t = max(t) and LSE(s / T) = c_s / T + log Z_a, LSE(t / T) = c_t / T + log Z_b,
 # LSE(s) = c_s + log Z_s. Then log q = (s - c_s) / T - log Z_a is exact for the likely tokens even for
-# logits of magnitude 1e4 (DESIGN.md §6). AUX is D (reverse_kl) or KL(q || m) (jsd).
+# logits of magnitude 1e4 (docs/design.md §6). AUX is D (reverse_kl) or KL(q || m) (jsd).
 STAT_SHIFT_STUDENT = tl.constexpr(0)
 STAT_LOGZ_STUDENT = tl.constexpr(1)
 STAT_SHIFT_TEACHER = tl.constexpr(2)

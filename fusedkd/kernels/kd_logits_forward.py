@@ -1,6 +1,6 @@
 """Statistics kernel of the logits-level KD loss: one program per token row, streaming the vocabulary.
 
-With a = s / T and b = t / T, one pass of online log-sum-exp (DESIGN.md §3) gives LSE(a), LSE(b), the
+With a = s / T and b = t / T, one pass of online log-sum-exp (docs/design.md §3) gives LSE(a), LSE(b), the
 plain LSE(s) of the cross-entropy and the one-pass KL accumulator. JSD needs the final log-sum-exps
 first, so it takes a second pass. When the gradient is wanted for an output gradient of 1 (reductions
 "mean" and "sum"), the kernel goes on to the gradient pass of kd_logits_backward.py while the row is

@@ -2,7 +2,7 @@
 
 A task takes one block of BLOCK_N tokens and walks the vocabulary blocks of its split; for each (token
 x vocab) tile it computes the teacher and the student logit tiles with `tl.dot` over the hidden
-dimension (two hidden sizes) and folds them into per-token online states (DESIGN.md §3), all merged
+dimension (two hidden sizes) and folds them into per-token online states (docs/design.md §3), all merged
 exactly across blocks:
 
     student:  m_s = max_v s_v,  Z_a = sum_v e^((s_v - m_s)/T),  Z_s = sum_v e^(s_v - m_s)  (CE, T != 1)
@@ -103,7 +103,7 @@ def merge_states(
     HAS_LABELS: tl.constexpr,
     SEPARATE_CE: tl.constexpr,
 ):
-    """The per-token states of two disjoint sets of vocabulary entries merged exactly (DESIGN.md §3):
+    """The per-token states of two disjoint sets of vocabulary entries merged exactly (docs/design.md §3):
     a running state and a slice's (`fold_statistics`) or a split's (`merge_statistics_kernel`).
     Fields the options leave unused are passed through."""
     new_m_student = tl.maximum(m_student, part_m_student)
@@ -182,7 +182,7 @@ def fold_statistics(
     FOLD_V: tl.constexpr,
 ):
     """Fold one [BLOCK_N, FOLD_V] slice of logits (student s, teacher t; columns `cols`) into the
-    per-token online states, merged exactly (DESIGN.md §3). Returns the eight states."""
+    per-token online states, merged exactly (docs/design.md §3). Returns the eight states."""
     neg_inf = float("-inf")
     offs_fold = tl.arange(0, FOLD_V)
     tile_label_logit = tl.zeros_like(m_student)
@@ -231,7 +231,8 @@ def fold_statistics(
     )  # fmt: skip
 
 
-@triton.jit
+# Token counts vary per batch: never specialized on, so a new batch size never recompiles.
+@triton.jit(do_not_specialize=["num_tokens", "blocks_per_split", "num_splits"])
 def statistics_kernel(
     student_hidden_ptr,
     student_weight_ptr,
@@ -366,7 +367,8 @@ def statistics_kernel(
         tl.store(out + PARTIAL_TEACHER_AT_TOP * num_tokens, teacher_at_top, mask=row_mask)
 
 
-@triton.jit
+# Token counts vary per batch: never specialized on, so a new batch size never recompiles.
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def merge_statistics_kernel(
     partial_ptr,
     stats_ptr,

@@ -1,6 +1,6 @@
 """Triton helpers shared by every kernel of fusedkd: logit tiles, the online log-sum-exp, logaddexp.
 
-The one online log-sum-exp convention (DESIGN.md §3), used by the fused linear kernels and the
+The one online log-sum-exp convention (docs/design.md §3), used by the fused linear kernels and the
 logits-level kernels alike: a running softmax state over a set of vocabulary entries is the raw
 (unscaled) maximum logit `m` and `Z = sum_v exp((x_v - m) * scale)`, where `scale` is 1/T for the
 temperature softmaxes and 1 for the cross-entropy (`inv_temperature` in the kernels; the logits-level
@@ -9,7 +9,7 @@ Keeping the raw maximum means the student's T-softmax and T=1 softmax share one 
 log-probabilities are formed as `(x_v - m) * scale - log Z`: relative to the row maximum, so the
 likely tokens' log-probabilities stay exact even for logits of magnitude 1e4. An empty state is
 (m = -inf, Z = 0) and merges as the identity: every helper treats -inf as an exact zero probability
-(DESIGN.md §6) and never forms exp(-inf - (-inf)): the logits-level kernels take sums relative to
+(docs/design.md §6) and never forms exp(-inf - (-inf)): the logits-level kernels take sums relative to
 `lse_shift` (the maximum, or 0 while the state is empty), the fused linear statistics floor a slice's
 maximum at -FLT_MAX (`NEG_FLT_MAX`).
 
@@ -46,7 +46,7 @@ def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + a @ b with float32 accumulation.
 
     UPCAST: compute the product in float32 (bf16 tiles under Triton's interpreter, whose bf16 dot is
-    wrong, DESIGN.md §7). DOT_PRECISION: "ieee", "tf32x3" or "tf32" for float32 tiles (ignored by
+    wrong, docs/design.md §7). DOT_PRECISION: "ieee", "tf32x3" or "tf32" for float32 tiles (ignored by
     the hardware for bf16/fp16 tiles), from torch.get_float32_matmul_precision().
     """
     if UPCAST:
@@ -237,7 +237,7 @@ def park_tile(scratch, x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     128 x 128; L2-resident), freeing the registers it held for the next dot; `unpark_tile` reads it
     back, whole or by column slices. This is how one program computes the teacher's and the
     student's logit tiles with one accumulator in registers at a time, and then works on them a
-    slice at a time, so that the tiles can be twice as large (DESIGN.md §5, kernels/config.py).
+    slice at a time, so that the tiles can be twice as large (docs/design.md §5, kernels/config.py).
 
     The barrier first: the threads still reading the previous parked tile are done with it."""
     offsets = tl.arange(0, BLOCK_N)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
