@@ -170,3 +170,18 @@ def test_kd_only_smoke_measures_trls_chunked_divergence(tmp_path):
     # alpha = 1: every method computes T^2 KL alone, the same loss.
     losses = [float(find(rows, m, EXACT_TOKENS)["loss"]) for m in ("naive", "trl", "fusedkd")]
     assert max(losses) - min(losses) < FP32_RTOL * abs(losses[0]), losses
+
+
+def test_compile_step_benchmark_runs():
+    """benchmarks/compile_step.py on a tiny step (the aot_eager compiler: no code generation)."""
+    import json
+
+    command = [
+        sys.executable, "benchmarks/compile_step.py", "--tokens", "32", "--vocab", "300",
+        "--student-hidden", "8", "--teacher-hidden", "12", "--repeats", "1", "--compiler", "aot_eager",
+        "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["backend"] == "torch"
