@@ -321,7 +321,9 @@ def gradient_kernel(
                         )  # fmt: skip
                         if STUDENT_SOFTCAP:
                             # dloss/dx = G (1 - tanh^2); the logit scale (dx/dz) is in the token weights.
-                            grad = grad * cap_derivative
+                            # Padding columns stay 0: their x = h . 0 is NaN for an infinite h, and so is
+                            # the derivative there (0 * NaN).
+                            grad = tl.where(half_mask[None, :], grad * cap_derivative, 0.0)
                         if GRAD_BIAS:
                             # The program owns these columns: a read-modify-write of the float32 sums.
                             bias_ptrs = grad_bias_ptr + half_cols
