@@ -1,75 +1,80 @@
-"""GPU check in one shot, for a first (10-minute) GPU session: at most ~8 minutes on one H100.
+"""GPU check in one shot, made for a first (10-minute) GPU session: at most ~8 minutes on one H100.
 
-    bash benchmarks/gpu_check.sh                      # on the GPU machine: writes $OUT/gpu_check.jsonl
+    bash benchmarks/gpu_check.sh                      # on the GPU machine: $OUT/gpu_check.jsonl (+ .log)
     python benchmarks/gpu_check.py --output gpu_check.jsonl [--max-minutes 8]
     python benchmarks/gpu_check.py --dry-run          # anywhere: tiny shapes (CPU: Triton's interpreter)
 
 Every step writes ONE JSON line as soon as it ends, flushed (and fsync'ed) to --output (JSON Lines) and
-printed to stdout, so a run cut off at any point keeps everything before it. Each line holds "step",
-"status" ("ok", "skipped" with a "reason", or "failed" with an "error"), "machine" (the GPU's name),
-"t_s" (seconds since the start), the step's "estimate_s" and "elapsed_s", and its numbers. stderr gets
-a readable line per step and, at the end, the table. The exit status is 1 when a correctness check
-fails, else 0 (targets that FAIL are results, not errors).
+then printed to stdout, so a run cut off at any point keeps every line before. Each line holds "step",
+"status" ("ok"; "skipped" with a "reason"; "failed" with an "error"), "machine" (the GPU's name), "t_s"
+(seconds since the start), the step's "estimate_s" and "elapsed_s", and its numbers. stderr gets a
+readable line per step and, at the end, the table. Exit status 1 when a correctness check fails, else 0
+(a target that FAILs is a result, not an error).
 
-Shapes: Qwen3-4B -> Qwen3-0.6B, V = 151,936, H_t = 2560, H_s = 1024 (the real sizes; nothing is scaled
-down), bf16 for the speed and memory rows, forward KL at T = 2 plus cross-entropy (alpha = 0.5).
-Inputs are generated on the GPU: the two heads once, the hidden states and labels once per N (shared by
-every method at that N).
+Shapes: Qwen3-4B -> Qwen3-0.6B at their real sizes (V = 151,936, H_t = 2560, H_s = 1024; nothing scaled
+down), bf16 for the timed rows, forward KL at T = 2 plus cross-entropy (alpha = 0.5). Inputs are made
+on the GPU: the two heads once, the hidden states and labels once per N (shared by every method at N).
 
-Steps, in order, with the time each is budgeted on a fresh H100 (empty compile caches; the budget is
-each step's estimate, padded, in `BUDGET_S`; about 6.5 minutes in all):
+Steps, in order, and the time each is budgeted on a fresh H100 (empty Triton / inductor caches; the
+estimates in `BUDGET_S` and `FIRST_CALL_S`, padded; a timing row's is 3x the model's predicted time
+per call plus 1 s). The plan comes to ~390 s (6.5 min), written in the first line:
 
-  machine      versions, GPU, the plan (every step and its estimate)                         10 s
-  gemm         cuBLAS bf16 GEMMs at the shapes the tile path runs, each at N = 1,024 (its
-               chunk) and N = 16,384: the teacher's and the student's logits [N, H] x [H, V],
-               dh = G W_s [N, V] x [V, H_s] and dW = G^T h_s [V, N] x [N, H_s] (float32 out);
-               measured TFLOP/s next to the model's assumed cuBLAS rate (8 lines)         8 x 2 s
-  compile      first call of backend="tiles" and of "triton" (bf16, N = 1,024) against a second
-               call: the compile time, reported apart from every timed row below       20 + 75 s
-  correctness  "tiles" and "triton" against the torch backend computing in float32, at N = 4,096
-               (25% of the labels ignored): in float32 (fp32 compile included) and in bf16
-               (reference: the torch backend in float32 on the same bf16-rounded inputs).
-               Judged against float64 (the torch backend in float64): each error must be within
-               3x the torch backend's own error in that dtype (floors 2e-5 / 2^-6). The fused
-               gradient pass updates its float32 dW rows once per `gradient_sub_blocks x block_n`
-               tokens (1,024 in bf16, 128 in float32; `fusedkd.kernels.config`): 3,072 counted
-               tokens are >= 2 updates, checked. dW of a second call with the same inputs must
-               be bitwise identical (dh too is reported; the fused pass adds it atomically).   75 + 45 s
+  machine      versions, GPU, float32 matmul precision, the plan                                     10 s
+  gemm         cuBLAS bf16 GEMMs as the tile path runs them, at N = 1,024 (its chunk) and 16,384:
+               the teacher's and the student's logits [N, H] x [H, V], dh = G W_s [N, V] x [V, H_s],
+               dW = G^T h_s [V, N] x [N, H_s] (float32 out, `mm_float32`); measured TFLOP/s next to
+               the model's assumed cuBLAS rate (peak x efficiency)                             8 x 2 s
+  compile      the first call of backend="tiles" and of "triton" (bf16, N = 1,024) against a second
+               call: compile time, reported apart from the timed rows                         20 + 75 s
+  correctness  "tiles" and "triton" against the torch backend computing in float32, at N = 4,096 with
+               25% of the labels ignored (3,072 counted tokens), real shapes: in float32 (the
+               kernels' float32 variants compile here) and in bf16 (reference: the torch backend in
+               float32 on the same bf16-rounded inputs). Judged against float64 (the torch backend
+               in float64): loss, dh, dW each within 3x the torch backend's own error in that dtype
+               (floors 2e-5 / 2^-6). The fused gradient pass updates its float32 dW rows once per
+               gradient_sub_blocks x block_n tokens (`fusedkd.kernels.config`: 1,024 in bf16, 128 in
+               float32); >= 2 updates is checked. A second call on the same inputs must give a
+               bitwise-identical dW (dh and the loss reported too; the fused pass adds dh atomically).
+                                                                                  30 + 50 + 15 + 10 s
   timing       per (N, method): forward and backward timed apart with CUDA events (median of
-               --repeats, 5), the first call's time apart, the extra memory (peak allocated minus
-               the inputs held before, minus the student's gradients), the model's prediction
-               (benchmarks/gpu_model.py for this GPU: H200 when the name says so, else H100
-               figures) and measured / predicted. fusedkd "auto", "tiles", "triton" at N = 4,096,
-               16,384, 32,768; at N = 16,384 also
-                 liger  `LigerFusedLinearJSDLoss(beta=0)` (forward KL + CE), torch.compile'd;
-                 trl    TRL >= 1.16's `ChunkedDivergenceFunction` (beta 0; divergence only, no CE),
-                        when importable (the GPU machine has no network: else "skipped").
-               fusedkd rows: ~1-6 s each; liger 90 s (torch.compile), trl 30 s
-  targets      from the N = 16,384 measurements, never written in: auto <= 0.9x Liger's time,
-               auto below TRL's, auto's extra memory <= Liger's, the fused path ("triton") <= 300
-               MiB extra (constants from gpu_model); PASS / FAIL, or unjudged with the reason     0 s
-  profile      one torch.profiler step of backend="tiles" at N = 16,384: the top 15 CUDA kernels
-               by time                                                                        15 s
-  summary      the counts, the correctness verdict, the targets; the table goes to stderr      0 s
+               --repeats 5), the first call apart (first_call_ms, first_call_extra_s), extra memory
+               (peak allocated minus what was held before, minus the student's gradients), the
+               prediction of benchmarks/gpu_model.py for this GPU (H200 figures when its name says
+               H200, else H100's) and measured / predicted, for time and memory. fusedkd "auto",
+               "tiles", "triton" at N = 4,096, 16,384, 32,768 (1-6 s a row); at 16,384 also
+                 liger  `LigerFusedLinearJSDLoss(beta=0)` (forward KL + CE), torch.compile'd        92 s
+                 trl    TRL >= 1.16's `ChunkedDivergenceFunction` (beta 0: forward KL; divergence
+                        only, no CE), when importable (else "skipped: not installed")              33 s
+  targets      from the N = 16,384 lines, never written in: auto's time <= 0.9x Liger's, below
+               TRL's; auto's extra memory <= Liger's; the fused path ("triton") <= 300 MiB extra
+               (constants from gpu_model). PASS / FAIL each, or unjudged with why (a row missing);
+               the model's own verdicts beside them. Never refused by the budget                   0 s
+  profile      one torch.profiler step of backend="tiles" at N = 16,384: the top 15 CUDA kernels by
+               time, their calls and shares                                                       15 s
+  timing       the N = 32,768 rows, last: the first to go when time runs short
+  summary      counts, the correctness verdict, the targets, what was skipped or failed; the table
+               goes to stderr
 
 Guards. --max-minutes (default 8) skips a step, with a line saying so, when the time so far plus its
-estimate would pass the limit. Before each timing row the free GPU memory (`torch.cuda.mem_get_info`)
-is compared with the method's memory model (gpu_model's extra memory, naive: 8 N V float32 bytes,
-plus the student's gradients, x 1.25, plus a --memory-margin-mib margin): a row that would not fit is
-skipped with a line saying so, and a `torch.cuda.OutOfMemoryError` is caught and reported the same way.
+estimate would pass the limit. Before each timing row the free GPU memory (`torch.cuda.mem_get_info`
+after emptying the cache) is compared with the row's need: the model's extra memory (gpu_model; naive:
+8 N V float32 bytes) plus the student's gradients, x 1.25, plus --memory-margin-mib (1024); a row that
+would not fit is skipped with a line saying so, and a `torch.cuda.OutOfMemoryError` is caught and
+reported as skipped too.
 
-Notes. backend="tiles" (and the torch backend) form the gradients during the forward (for an output
-gradient of 1), so their "forward" holds nearly all the time and their "backward" only hands the
-gradients over; Liger does the same; "triton" and TRL recompute in the backward. "naive" (both models'
-full logits, log_softmax, KL, CE) is opt-in (--methods): it needs ~8 N V float32 bytes.
+Notes. backend="tiles" (like the torch backend and Liger) forms the gradients in the forward (for an
+output gradient of 1): its forward holds nearly all its time, its backward only hands the gradients
+over; "triton" and TRL recompute in the backward. "naive" (both models' full logits, log_softmax, KL,
+CE) is opt-in (--methods auto,tiles,triton,naive).
 
---dry-run: tiny shapes (V = 257, H_s = 24, H_t = 40, N = 32 / 64, correctness at N = 96: two dW
-updates of the interpreter's 64 tokens; the tiles backend in 32-token chunks), on a CPU through
-Triton's interpreter, every step run and written as on a GPU. auto runs the torch backend there (auto
-takes Triton on CUDA only), the memory figures are absent (targets on memory: unjudged), the profile
-lists CPU operators instead of CUDA kernels, and "naive" is in the method list to exercise both skip
-paths: --pretend-full naive@64 (the memory check sees no free memory) and --pretend-oom naive@32 (the
-row raises torch.cuda.OutOfMemoryError). Its numbers mean nothing; tests/test_gpu_check.py runs it.
+--dry-run: tiny shapes (V = 257, H_s = 24, H_t = 40; timing at N = 16 and 32, peers and targets at 32;
+correctness at N = 96, 71 counted tokens: two dW updates of the interpreter's 64, the tiles backend in
+32-token chunks), on a CPU through Triton's interpreter: every step runs and writes its line as on a
+GPU. There auto runs the torch backend (auto takes the Triton paths on CUDA only), memory figures are
+absent (the memory targets: unjudged), the profile lists CPU operators instead of CUDA kernels, and
+"naive" is in the method list to exercise both skip paths: --pretend-full naive@32 (the memory check
+sees 0 bytes free) and --pretend-oom naive@16 (the row raises torch.cuda.OutOfMemoryError). Its numbers
+mean nothing. tests/test_gpu_check.py runs it (~40 s on two cores).
 
 Liger-Kernel on a machine without it (and without network), e.g. the lent GPU machine, whose python3
 has torch and triton but no liger-kernel: download its (pure Python) wheel here, at the repo root,
@@ -78,8 +83,8 @@ has torch and triton but no liger-kernel: download its (pure Python) wheel here,
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform any -d .whl liger-kernel==0.8.5
 
-carry `.whl` along, and there run `bash benchmarks/gpu_check.sh`, which installs it into /tmp/site and
-runs this script with --output $OUT/gpu_check.jsonl. Without Liger its row says "skipped: not
+carry `.whl` along, and there run `bash benchmarks/gpu_check.sh`: it installs the wheel into /tmp/site
+and runs this script with --output $OUT/gpu_check.jsonl. Without Liger its line says "skipped: not
 installed" and the rest runs. fusedkd itself needs no install: the script puts the repository on
 sys.path.
 """
@@ -345,6 +350,9 @@ def machine_info(torch, args) -> dict:
         "trl": _version("trl"),
         "dry_run": args.dry_run,
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        # The float32 correctness check wants IEEE float32 GEMMs and dots (no TF32): "highest".
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
     try:
         info["commit"] = (
@@ -868,7 +876,7 @@ def timing_step(check: Check, method: str, n: int, x: dict) -> dict:
         if check.cuda:
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        forward, backward, loss = [], [], None
+        forward, backward, losses = [], [], []
         for _ in range(a.repeats):
             sh.grad = sw.grad = None
             if check.cuda:
@@ -889,6 +897,8 @@ def timing_step(check: Check, method: str, n: int, x: dict) -> dict:
                 t2 = time.perf_counter()
                 forward.append(1e3 * (t1 - t0))
                 backward.append(1e3 * (t2 - t1))
+            losses.append(loss.detach())
+            loss = None  # the call's graph goes before the next call
         totals = [f + b for f, b in zip(forward, backward)]
         fields.update(
             first_call_ms=first_call_ms,
@@ -898,7 +908,7 @@ def timing_step(check: Check, method: str, n: int, x: dict) -> dict:
             samples_ms=[[f, b] for f, b in zip(forward, backward)],
             # The first call over the steady state: compiling (torch.compile, Triton) and warming up.
             first_call_extra_s=max(0.0, first_call_ms - statistics.median(totals)) / 1e3,
-            loss=loss.item(),
+            loss=losses[-1].item(),
         )
         if check.cuda:
             peak = torch.cuda.max_memory_allocated()
