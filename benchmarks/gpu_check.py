@@ -582,7 +582,11 @@ def gemm_step(check: Check, name: str, n: int) -> dict:
 # --- the losses ----------------------------------------------------------------------------------------
 
 
-def build_loss(check: Check, method: str, x: dict):
+def liger_compiled(check: Check) -> bool:
+    return not (check.args.no_liger_compile or check.args.dry_run)
+
+
+def build_loss(check: Check, method: str, x: dict, liger_compile: bool = True):
     """A zero-argument callable returning the loss of `method` on the inputs `x`."""
     torch, fusedkd = check.torch, check.fusedkd
     sh, sw, th, tw, labels = (
@@ -628,7 +632,7 @@ def build_loss(check: Check, method: str, x: dict):
             weight_soft_loss=ALPHA,
             beta=0.0,
             temperature=TEMPERATURE,
-            compiled=not (check.args.no_liger_compile or check.args.dry_run),
+            compiled=liger_compile and liger_compiled(check),
         )
         return lambda: criterion(sh, sw, th, tw, labels)
     if method == "trl":
@@ -867,9 +871,21 @@ def timing_step(check: Check, method: str, n: int, x: dict) -> dict:
             raise torch.cuda.OutOfMemoryError(f"--pretend-oom {a.pretend_oom}: raised before the first call")
         synchronize(torch)
         started = time.perf_counter()
-        run_once(check, loss_fn, x)
+        try:
+            run_once(check, loss_fn, x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # torch.compile failing on this machine: Liger eagerly, said so
+            if method != "liger" or not liger_compiled(check):
+                raise
+            fields.update(liger_compiled=False, compile_error=_first_line(exc))
+            loss_fn = build_loss(check, method, x, liger_compile=False)
+            started = time.perf_counter()
+            run_once(check, loss_fn, x)
         synchronize(torch)
         first_call_ms = 1e3 * (time.perf_counter() - started)
+        if method == "liger":
+            fields.setdefault("liger_compiled", liger_compiled(check))
 
         sh.grad = sw.grad = None
         free_memory(torch)
