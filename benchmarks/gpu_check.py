@@ -43,6 +43,7 @@ per call plus 1 s). The plan comes to ~390 s (6.5 min), written in the first lin
                H200, else H100's) and measured / predicted, for time and memory. fusedkd "auto",
                "tiles", "triton" at N = 4,096, 16,384, 32,768 (1-6 s a row); at 16,384 also
                  liger  `LigerFusedLinearJSDLoss(beta=0)` (forward KL + CE), torch.compile'd        92 s
+                        (eager, with the compile error in its line, when torch.compile fails)
                  trl    TRL >= 1.16's `ChunkedDivergenceFunction` (beta 0: forward KL; divergence
                         only, no CE), when importable (else "skipped: not installed")              33 s
   targets      from the N = 16,384 lines, never written in: auto's time <= 0.9x Liger's, below
