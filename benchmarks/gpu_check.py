@@ -1166,6 +1166,29 @@ def plan(check: Check) -> list[tuple[str, float]]:
     return steps
 
 
+def print_readable(check: Check, records: list[dict], targets: dict | None) -> None:
+    """The end of stderr: the GEMM, compile and correctness lines again, the table, the targets."""
+    args = check.args
+    log("")
+    log(
+        f"fusedkd GPU check: {check.report.machine}; bf16, V={args.vocab} H_s={args.student_hidden} "
+        f"H_t={args.teacher_hidden}, forward KL T={TEMPERATURE} + CE alpha={ALPHA}; "
+        f"median of {args.repeats}; "
+        f"predicted: benchmarks/gpu_model.py, {check.gpu_name} figures; extra = peak - held before - "
+        "student gradients (trl: divergence only, no CE)"
+    )
+    for record in records:  # again, next to the table: the lines a reader wants first
+        if record["step"] in ("gemm", "compile", "correctness") or record["status"] == "failed":
+            log(describe(record))
+    for line in table(check):
+        log(line)
+    if targets is not None:
+        log(describe(targets))
+    if args.dry_run:
+        log("dry run: tiny shapes on Triton's interpreter; the numbers mean nothing")
+    log(f"details: {args.output} ({time.perf_counter() - START:.0f} s)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = Report(args.output)
@@ -1275,21 +1298,10 @@ def main(argv=None) -> int:
     )
     report.close()
 
-    log("")
-    log(
-        f"fusedkd GPU check: {report.machine}; bf16, V={args.vocab} H_s={args.student_hidden} "
-        f"H_t={args.teacher_hidden}, forward KL T={TEMPERATURE} + CE alpha={ALPHA}; "
-        f"median of {args.repeats}; "
-        f"predicted: benchmarks/gpu_model.py, {check.gpu_name} figures; extra = peak - held before - "
-        "student gradients (trl: divergence only, no CE)"
-    )
-    for line in table(check):
-        log(line)
-    if targets is not None:
-        log(describe(targets))
-    if args.dry_run:
-        log("dry run: tiny shapes on Triton's interpreter; the numbers mean nothing")
-    log(f"details: {args.output} ({time.perf_counter() - START:.0f} s)")
+    try:
+        print_readable(check, records, targets)
+    except Exception as exc:  # the JSON lines are written already
+        log(f"(no readable summary: {_first_line(exc)})")
     return 1 if correctness_failed else 0
 
 
