@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Run benchmarks/gpu_check.py on a GPU machine, with Liger-Kernel from a carried wheel when there is one.
 #
-#   bash benchmarks/gpu_check.sh [gpu_check.py options]      # details go to $OUT (or .) /gpu_check.json
+#   bash benchmarks/gpu_check.sh [gpu_check.py options]      # e.g. --max-minutes 6
+#
+# Writes to $OUT (or .): gpu_check.jsonl, one JSON line per step, each flushed as the step ends (a run
+# cut off keeps every line before), and gpu_check.log, everything the run printed (the same lines and
+# a readable line per step, then the table). At most ~8 minutes on one H100 (--max-minutes 8).
 #
 # Liger-Kernel (pure Python) for a machine without network: here, at the repository root, run
 #   echo /.whl/ >> .git/info/exclude
@@ -10,12 +14,14 @@
 # and carry `.whl` to the GPU machine; this script installs it into /tmp/site there.
 # TRL (`trl.kernels.chunked_divergence`, >= 1.16) is compared when it imports there; it needs
 # transformers and accelerate besides its own wheel, so on a machine without them (and without
-# network) its rows say "not installed" and the rest of the check runs as usual.
+# network) its line says "skipped: not installed" and the rest of the check runs as usual.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+out="${OUT:-.}"
+mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-exec python3 benchmarks/gpu_check.py --output "${OUT:-.}/gpu_check.json" "$@"
+python3 benchmarks/gpu_check.py --output "$out/gpu_check.jsonl" "$@" 2>&1 | tee "$out/gpu_check.log"
