@@ -53,6 +53,8 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _FLOAT32_OUT: dict[str, bool] = {}
+# Vocabulary rows per weight-gradient GEMM of a 16-bit G (its float32 product: 64 MiB at H_s = 1024).
+WEIGHT_ROWS = 16384
 
 
 def stream(
@@ -150,12 +152,15 @@ def stream(
                     torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
                 else:
                     grad_weight.addmm_(grad.T, hidden.to(dtype))
-            else:  # a 16-bit G: a 16-bit GEMM accumulated into the float32 weight gradient
-                product = mm_float32(grad.T, hidden)
-                if start == 0:
-                    grad_weight.copy_(product)
-                else:
-                    grad_weight.add_(product)
+            else:  # a 16-bit G: 16-bit GEMMs accumulated into the float32 weight gradient, by blocks
+                # of vocabulary rows so that their float32 products stay small (WEIGHT_ROWS x H_s)
+                for first in range(0, vocab, WEIGHT_ROWS):
+                    block = slice(first, min(vocab, first + WEIGHT_ROWS))
+                    product = mm_float32(grad[:, block].T, hidden)
+                    if start == 0:
+                        grad_weight[block].copy_(product)
+                    else:
+                        grad_weight[block].add_(product)
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0, dtype=dtype))
         del grad
