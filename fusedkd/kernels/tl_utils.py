@@ -21,14 +21,19 @@ not do is turn such a NaN back into a number: a term p (log-ratio) is formed as
 `p * tl.where(p > 0, log-ratio, 0)`, 0 where p is exactly 0 (no 0 * inf at -inf logits) and NaN where
 p is NaN (never `tl.where(p > 0, p * log-ratio, 0)`, which drops it), and `logaddexp` propagates NaN.
 
-Where 1/T is formed: `fusedkd.kernels.fused_linear_kd.inverse_temperature(options)` is the one place
-the temperature of `KDOptions` becomes the kernels' `inv_temperature`.
+Where 1/T is formed: `inverse_temperature(options)` below is the one place the temperature of
+`KDOptions` becomes the kernels' `inv_temperature`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from fusedkd._options import KDOptions
 
 # Divergence codes (the kernels' DIVERGENCE constexpr).
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -36,6 +41,12 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def inverse_temperature(options: KDOptions) -> float:
+    """The one place where the temperature T of `KDOptions` becomes the kernels' `inv_temperature` = 1/T
+    (the scale of the online log-sum-exp convention above)."""
+    return 1.0 / options.temperature
 
 # The most negative float32: a floor for maxima that must stay finite (statistics.fold_statistics).
 NEG_FLT_MAX: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
