@@ -146,6 +146,30 @@ def tanh(x):
 
 
 @triton.jit
+def tanh_and_cosh2(u):
+    """(tanh(u), 1 / cosh^2(u)) to a few ulps for every u (NaN for NaN, +-1 and 0 at +-inf).
+
+    With e = e^(-2|u|) in (0, 1]: tanh |u| = (1 - e) / (1 + e), whose 1 - e cancels for small |u|
+    (relative error eps e / (1 - e), 2 eps at |u| = 0.2), so below 0.2 the odd Taylor series (the first
+    term left out, 1382 u^11 / 155925, is < 1e-9 relative there). 1 / cosh^2(u) = 4 e / (1 + e)^2
+    has no cancellation: exact where tanh saturates, 0 when e underflows (the right limit).
+    (`tanh` above, 2 sigmoid(2u) - 1, loses the low bits of small u: c tanh(x / c) would carry an
+    absolute error of c eps.)
+    """
+    au = tl.abs(u)
+    e = tl.exp(-2.0 * au)
+    u2 = au * au
+    # tanh u = u - u^3/3 + 2 u^5/15 - 17 u^7/315 + 62 u^9/2835 - ..., in Horner form in u^2
+    series = -0.05396825396825397 + u2 * 0.021869488536155203
+    series = 0.13333333333333333 + u2 * series
+    series = au * (1.0 + u2 * (-0.3333333333333333 + u2 * series))
+    th = tl.where(au < 0.2, series, (1.0 - e) / (1.0 + e))
+    th = tl.where(u < 0.0, -th, th)
+    one_plus = 1.0 + e
+    return th, 4.0 * e / (one_plus * one_plus)
+
+
+@triton.jit
 def soft_cap(x, softcap):
     """Final-logit soft-capping (Gemma): softcap * tanh(x / softcap)."""
     return softcap * tanh(x / softcap)
@@ -265,3 +289,14 @@ def unpark_tile(scratch, first_col, row_stride, BLOCK_N: tl.constexpr, BLOCK_V: 
     offsets = tl.arange(0, BLOCK_N)[:, None] * row_stride + (first_col + tl.arange(0, BLOCK_V))[None, :]
     tl.debug_barrier()
     return tl.load(scratch + offsets)
+
+
+@triton.jit
+def round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), still float32: the GPU's fp32 -> bf16
+    conversion. Triton's interpreter truncates instead (`cast_impl` with no rounding mode), so under it
+    (kd_tile.py's ROUND_BF16) the kernel rounds first and the cast is exact. NaN stays NaN, overflow
+    becomes inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
