@@ -3,8 +3,8 @@
 The one online log-sum-exp convention (docs/design.md §3), used by the fused linear kernels and the
 logits-level kernels alike: a running softmax state over a set of vocabulary entries is the raw
 (unscaled) maximum logit `m` and `Z = sum_v exp((x_v - m) * scale)`, where `scale` is 1/T for the
-temperature softmaxes and 1 for the cross-entropy (`inv_temperature` in the kernels; the logits-level
-kernels divide by T instead, which is the same number to rounding and exact for float64 rows).
+temperature softmaxes and 1 for the cross-entropy (`inv_temperature` in every kernel; the logits-level
+kernels take it as a float64 argument, so that float64 rows multiply by 1/T rounded in float64).
 Keeping the raw maximum means the student's T-softmax and T=1 softmax share one maximum, and
 log-probabilities are formed as `(x_v - m) * scale - log Z`: relative to the row maximum, so the
 likely tokens' log-probabilities stay exact even for logits of magnitude 1e4. An empty state is
