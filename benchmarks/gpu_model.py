@@ -14,7 +14,7 @@ are the peers. Each row gives the predicted forward + backward time, the useful 
 issue's targets on them (PASS / FAIL per row, computed, never written in).
 
 Nothing here ran on a GPU. For each kernel of fusedkd's two CUDA paths (with the launch configurations
-the code actually uses: imported from `fusedkd.kernels.config` and `fusedkd.kernels.fused_linear_kd`,
+the code actually uses: imported from `fusedkd.kernels.config` and `fusedkd.kernels.statistics`,
 never copied) and for the two chunked peers (Liger-Kernel's fused linear JSD, TRL 1.16's
 `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`), it counts
 
@@ -91,7 +91,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from fusedkd.kernels import config as kernel_config  # noqa: E402
-from fusedkd.kernels import fused_linear_kd  # noqa: E402
+from fusedkd.kernels import statistics as kernel_statistics  # noqa: E402
 
 MB = 1e6
 GB = 1e9
@@ -259,11 +259,11 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
     token_blocks, vocab_blocks = _cdiv(n, tile.block_n), _cdiv(v, tile.block_v)
-    splits, blocks_per_split = fused_linear_kd.statistics_grid(n, v, cfg, hw.sms)
-    programs = fused_linear_kd.statistics_programs(n, splits, tile, hw.sms)
+    splits, blocks_per_split = kernel_config.statistics_grid(n, v, cfg, hw.sms)
+    programs = kernel_config.statistics_programs(n, splits, tile, hw.sms)
     tasks = token_blocks * splits
     # The tasks running together (the first `programs`): the token blocks and splits they cover.
-    placed = [fused_linear_kd.statistics_task(task, splits) for task in range(min(programs, tasks))]
+    placed = [kernel_config.statistics_task(task, splits) for task in range(min(programs, tasks))]
     wave_token_blocks = len({token_block for token_block, _ in placed})
     wave_splits = len({split for _, split in placed})
     waves = tasks / programs
@@ -275,7 +275,7 @@ def fusedkd_statistics(shapes: Shapes, hw: Hardware, jsd_pass: bool = False) -> 
     split_blocks = [min(blocks_per_split, vocab_blocks - split * blocks_per_split) for split in range(splits)]
     loads = [0] * programs
     for task in range(tasks):
-        loads[task % programs] += split_blocks[fused_linear_kd.statistics_task(task, splits)[1]]
+        loads[task % programs] += split_blocks[kernel_config.statistics_task(task, splits)[1]]
     busiest = max(loads)
     p = Prediction(
         "jsd_kernel" if jsd_pass else "statistics_kernel",
@@ -345,8 +345,8 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     tile = cfg.gradient_tile(shapes.divergence)
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
-    group = fused_linear_kd.gradient_group_width(cfg, tile)
-    programs = fused_linear_kd.gradient_programs(v, group, hw.sms)
+    group = kernel_config.gradient_group_width(cfg, tile)
+    programs = kernel_config.gradient_programs(v, group, hw.sms)
     token_blocks, groups_v = _cdiv(n, tile.block_n), _cdiv(v, group)
     tiles = token_blocks * groups_v * cfg.gradient_vocab_sub_blocks  # logits tiles, padded
     sub_blocks = cfg.gradient_sub_blocks
@@ -433,7 +433,7 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     )
     # G staging: written once in (a); read by grad_W once per hidden chunk, by grad_h once per hidden
     # chunk in (b).
-    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    staged_bytes = kernel_config.staging_dtype(_dtype()).itemsize
     staged_entries = tiles * tile.block_n * tile.block_v
     staging_set = programs * tokens_per_update * group * staged_bytes
     logits.streams.append(
@@ -493,21 +493,21 @@ def fusedkd(shapes: Shapes, hw: Hardware) -> list[Prediction]:
 def fusedkd_extra_memory(shapes: Shapes) -> float:
     """Bytes the fused loss allocates besides its inputs and the gradients (forward + backward): the
     statistics and the forward's parking, then the float32 dh accumulator, the per-program dW rows, G
-    staging and parking of the gradient pass (fused_linear_kd); the larger of the two passes."""
+    staging and parking of the gradient pass (gradient.launch_gradient); the larger of the two passes."""
     cfg = kernel_config.gpu_config(_dtype())
     n, v, hs = shapes.tokens, shapes.vocab, shapes.student_dim
-    splits, _ = fused_linear_kd.statistics_grid(n, v, cfg, _SMS)
-    stat_programs = fused_linear_kd.statistics_programs(n, splits, cfg.statistics, _SMS)
+    splits, _ = kernel_config.statistics_grid(n, v, cfg, _SMS)
+    stat_programs = kernel_config.statistics_programs(n, splits, cfg.statistics, _SMS)
     tile = cfg.gradient_tile(shapes.divergence)
-    group = fused_linear_kd.gradient_group_width(cfg, tile)
-    programs = fused_linear_kd.gradient_programs(v, group, _SMS)
-    partial_fields = int(fused_linear_kd.NUM_PARTIAL_FIELDS.value)
-    saved = (int(fused_linear_kd.NUM_STAT_FIELDS.value) + 8) * n * 4
+    group = kernel_config.gradient_group_width(cfg, tile)
+    programs = kernel_config.gradient_programs(v, group, _SMS)
+    partial_fields = int(kernel_statistics.NUM_PARTIAL_FIELDS.value)
+    saved = (int(kernel_statistics.NUM_STAT_FIELDS.value) + 8) * n * 4
     forward = (
         splits * partial_fields * n * 4
         + stat_programs * 2 * cfg.statistics.block_n * cfg.statistics.block_v * 4
     )
-    staged_bytes = fused_linear_kd.staging_dtype(_dtype()).itemsize
+    staged_bytes = kernel_config.staging_dtype(_dtype()).itemsize
     staging = programs * cfg.gradient_sub_blocks * tile.block_n * group * staged_bytes
     park = programs * tile.block_n * tile.block_v * 4
     backward = n * hs * 4 + programs * group * hs * 4 + staging + park

@@ -92,14 +92,14 @@ def test_h100_differs_from_h200_in_hbm_only():
 def test_gradient_phases_add_and_quantize_from_the_launch_grid():
     """The fused gradient kernel is two rooflines in series, each scaled by the busiest program's share
     of the vocabulary groups the code's grid gives it."""
-    from fusedkd.kernels import config, fused_linear_kd
+    from fusedkd.kernels import config
 
     shapes, hw = gpu_model.Shapes(16384), gpu_model.H200
     phases = gpu_model.fusedkd_gradient(shapes, hw)
     assert len(phases) == 2
     cfg = config.gpu_config(gpu_model._dtype())
-    group = fused_linear_kd.gradient_group_width(cfg, cfg.gradient)
-    programs = fused_linear_kd.gradient_programs(shapes.vocab, group, hw.sms)
+    group = config.gradient_group_width(cfg, cfg.gradient)
+    programs = config.gradient_programs(shapes.vocab, group, hw.sms)
     groups = math.ceil(shapes.vocab / group)
     for phase in phases:
         assert phase.engine == "triton"

@@ -70,11 +70,11 @@ def test_allocates_nothing_of_tokens_by_vocab(dtype, options):
     inputs = [case.student_hidden, case.student_weight, case.teacher_hidden, case.teacher_weight]
     largest_input = max(x.numel() * x.element_size() for x in inputs)
     n, vocab = case.labels.numel(), case.student_weight.shape[0]
-    from fusedkd.kernels import config, fused_linear_kd
+    from fusedkd.kernels import config
 
     tiles = config.default_config(dtype)
-    group_width = fused_linear_kd.gradient_group_width(tiles, tiles.gradient)
-    programs = fused_linear_kd.gradient_programs(vocab, group_width, 1, kernels.INTERPRETER)
+    group_width = config.gradient_group_width(tiles, tiles.gradient)
+    programs = config.gradient_programs(vocab, group_width, 1, kernels.INTERPRETER)
     staging = programs * tiles.gradient_sub_blocks * tiles.gradient.block_n * group_width * 4
     assert max(largest_input, staging) * 4 < n * vocab * case.student_weight.element_size()
     with LargestOutput() as largest:
@@ -331,7 +331,7 @@ def test_fp16_gradient_does_not_underflow(monkeypatch):
     so entries of G below fp16's smallest normal (6e-5, and its smallest subnormal 6e-8), as at
     N >= 16k under reduction "mean", still add up right. Without the scale they flush to zero or to
     one subnormal step, and the hidden-state gradient is far off."""
-    from fusedkd.kernels import fused_linear_kd
+    from fusedkd.kernels import gradient
 
     # Weights of magnitude ~512 and hidden states ~1/512: logits of magnitude ~1, and grad_h = G W_s
     # of magnitude ~1e-4 (representable) from entries of G of ~2e-8 (not).
@@ -347,12 +347,12 @@ def test_fp16_gradient_does_not_underflow(monkeypatch):
 
     weights = torch.full((41,), 2.0**-20, device=DEVICE)
     options_mean = KDOptions("forward_kl", 0.5, 2.0, 0.6, -100, "mean", 301, True)
-    scale = fused_linear_kd.gradient_scale(options_mean, weights, weights, torch.float16)
+    scale = gradient.gradient_scale(options_mean, weights, weights, torch.float16)
     assert scale.item() == 2.0**19  # a power of two: bound 2^-20 (1/T + 1) = 1.5 * 2^-20, scaled to 0.75
-    assert fused_linear_kd.gradient_scale(options_mean, weights, weights, torch.bfloat16).item() == 1.0
+    assert gradient.gradient_scale(options_mean, weights, weights, torch.bfloat16).item() == 1.0
 
     monkeypatch.setattr(
-        fused_linear_kd, "gradient_scale", lambda *args: torch.ones(1, dtype=torch.float32, device=DEVICE)
+        gradient, "gradient_scale", lambda *args: torch.ones(1, dtype=torch.float32, device=DEVICE)
     )
     _, unscaled = run_loss(fused("triton"), case, grad_outputs=seed, **options)
     assert rel_err(unscaled[0], exact[0]) > 0.1  # the test can fail: without the scale G underflows
@@ -533,6 +533,7 @@ def test_launches_run_under_the_inputs_device(monkeypatch):
     device; the CPU context is empty)."""
     from fusedkd import kernels as kernels_package
     from fusedkd.kernels import fused_linear_kd as fused_module
+    from fusedkd.kernels import gradient, jsd, statistics
     from fusedkd.kernels import kd_logits as logits_module
 
     depth = {"inside": 0, "launches": 0, "outside": 0}
@@ -563,9 +564,14 @@ def test_launches_run_under_the_inputs_device(monkeypatch):
 
         monkeypatch.setattr(module, name, Launch())
 
-    for name in ("statistics_kernel", "merge_statistics_kernel", "jsd_kernel", "merge_jsd_kernel"):
-        wrap(fused_module, name)
-    wrap(fused_module, "gradient_kernel")
+    for module, name in (
+        (statistics, "statistics_kernel"),
+        (statistics, "merge_statistics_kernel"),
+        (jsd, "jsd_kernel"),
+        (jsd, "merge_jsd_kernel"),
+        (gradient, "gradient_kernel"),
+    ):
+        wrap(module, name)
     wrap(logits_module, "kd_logits_forward_kernel")
     wrap(logits_module, "kd_logits_backward_kernel")
     monkeypatch.setattr(fused_module, "launch_device", Tracked)

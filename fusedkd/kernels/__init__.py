@@ -9,12 +9,14 @@ Every file of the package:
     __init__.py             availability (`unavailable_reason`), `launch_device`
     tl_utils.py             the Triton helpers every kernel shares: the logit tile, the online
                             log-sum-exp convention and its merges, the KL shift, logaddexp
-    config.py               tile configurations per model dtype; opt-in autotuning (FUSEDKD_AUTOTUNE=1)
+    config.py               tile configurations per model dtype, the persistent grids' sizes; opt-in
+                            autotuning (FUSEDKD_AUTOTUNE=1)
     compile_check.py        compile every kernel as it is launched, for a GPU architecture, without a
                             GPU: registers, spills, shared memory, wgmma
 
   the fused linear KD loss (`fused_linear_kd_loss(..., backend="triton")`):
-    fused_linear_kd.py      entry point and the autograd.Function; launches the passes below
+    fused_linear_kd.py      entry point, the problem struct and the autograd.Function, over the
+                            passes below (each file launches its own kernels)
     statistics.py           pass 1: logit tiles + online log-sum-exp + one-pass KL -> O(N) statistics
                             (the statistics layout, STAT_*, is defined there once)
     jsd.py                  the JSD's second pass (it needs the final log-sum-exps)

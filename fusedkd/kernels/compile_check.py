@@ -30,13 +30,12 @@ import tempfile
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FUSED_KERNELS = (
-    "statistics_kernel",
-    "merge_statistics_kernel",
-    "jsd_kernel",
-    "merge_jsd_kernel",
-    "gradient_kernel",
-)
+# The kernels of each launching module (the launchers sit beside their kernels).
+FUSED_KERNELS = {
+    "statistics": ("statistics_kernel", "merge_statistics_kernel"),
+    "jsd": ("jsd_kernel", "merge_jsd_kernel"),
+    "gradient": ("gradient_kernel",),
+}
 LOGITS_KERNELS = ("kd_logits_forward_kernel", "kd_logits_backward_kernel")
 
 
@@ -73,7 +72,7 @@ def fused_linear_launches(
 ):
     """The (kernel, args, kwargs) the fused linear backend launches for a loss and its gradient."""
     from fusedkd._options import KDOptions
-    from fusedkd.kernels import fused_linear_kd
+    from fusedkd.kernels import fused_linear_kd, gradient, jsd, statistics
 
     teacher_dtype = teacher_dtype or dtype
     meta = dict(device="meta")
@@ -88,17 +87,16 @@ def fused_linear_launches(
         torch.empty(tokens, dtype=torch.int64, **meta),
         options,
     )
+    problem.multiprocessors = multiprocessors  # the grids are sized for the target, not for "meta"
     recorded: list = []
-    saved_multiprocessors = fused_linear_kd._multiprocessors
-    fused_linear_kd._multiprocessors = lambda device: multiprocessors
-    try:
-        with _recorded_launches(fused_linear_kd, FUSED_KERNELS, recorded):
-            config = fused_linear_kd._select_config(problem)
-            stats, _, _ = fused_linear_kd._statistics(problem, config)
-            weights = torch.empty(tokens, dtype=torch.float32, **meta)
-            fused_linear_kd._gradients(problem, config, stats, weights, weights, (True, True, False))
-    finally:
-        fused_linear_kd._multiprocessors = saved_multiprocessors
+    modules = {"statistics": statistics, "jsd": jsd, "gradient": gradient}
+    with contextlib.ExitStack() as stack:
+        for name, kernels in FUSED_KERNELS.items():
+            stack.enter_context(_recorded_launches(modules[name], kernels, recorded))
+        config = fused_linear_kd._select_config(problem)
+        stats, _, _ = fused_linear_kd._statistics(problem, config)
+        weights = torch.empty(tokens, dtype=torch.float32, **meta)
+        fused_linear_kd._gradients(problem, config, stats, weights, weights, (True, True, False))
     return recorded
 
 

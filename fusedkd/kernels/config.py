@@ -5,11 +5,15 @@ tiles keep the CPU tests fast. `FUSEDKD_AUTOTUNE=1` (GPU only, never under the i
 Triton's autotuner cannot run, docs/design.md §7) times a few candidate configurations on the first call
 for each problem shape and keeps the fastest. It tunes whole `KernelConfig`s, the statistics and the
 gradient tiles together, because the gradient pass must recompute the logits exactly as the
-statistics pass computed them and its scratch is sized by its tile.
+statistics pass computed them and its scratch is sized by its tile. The persistent grids are sized
+here too, from a configuration and the device's multiprocessors (`statistics_grid`,
+`statistics_programs`, `gradient_programs`); the launchers beside the kernels use them, and so does
+benchmarks/gpu_model.py.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,6 +206,73 @@ def dot_precision() -> str:
     bf16 and fp16 tiles ignore it (they always run on the tensor cores with float32 accumulation).
     """
     return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[torch.get_float32_matmul_precision()]
+
+
+def staging_dtype(hidden_dtype: torch.dtype, interpreter: bool = False) -> torch.dtype:
+    """The dtype G is staged in and the gradient products run in: the student's, except bf16 under the
+    interpreter (float32: its bf16 dot is wrong, docs/design.md §7)."""
+    if interpreter and hidden_dtype == torch.bfloat16:
+        return torch.float32
+    return hidden_dtype
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The device's multiprocessors, which the persistent grids are sized for (1 off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def statistics_grid(
+    num_tokens: int, vocab_size: int, config: KernelConfig, multiprocessors: int, interpreter: bool = False
+) -> tuple[int, int]:
+    """(splits, vocabulary blocks per split) of the statistics grid.
+
+    `config.vocab_splits` splits (more when there are too few token blocks to fill the GPU twice):
+    with the grouped raster, a wave of `multiprocessors` programs covers about
+    multiprocessors / splits token blocks, whose hidden states stay in L2 while the wave walks the
+    vocabulary, and reads each weight tile from HBM once.
+    """
+    tile = config.statistics
+    num_vocab_blocks = math.ceil(vocab_size / tile.block_v)
+    num_token_blocks = math.ceil(num_tokens / tile.block_n)
+    fill = math.ceil(2 * multiprocessors / max(1, num_token_blocks))
+    wanted = 2 if interpreter else max(config.vocab_splits, fill)
+    blocks_per_split = math.ceil(num_vocab_blocks / max(1, min(wanted, num_vocab_blocks)))
+    return math.ceil(num_vocab_blocks / blocks_per_split), blocks_per_split
+
+
+def statistics_task(task: int, splits: int) -> tuple[int, int]:
+    """(token block, split) of statistics task `task`: what the kernels compute from it (program `pid`
+    takes tasks pid, pid + P, ...)."""
+    return task // splits, task % splits
+
+
+def statistics_programs(num_tokens: int, splits: int, tile: TileConfig, multiprocessors: int) -> int:
+    """Programs of the persistent statistics (and JSD) grid: one per multiprocessor, at most one per task."""
+    return max(1, min(multiprocessors, math.ceil(num_tokens / tile.block_n) * splits))
+
+
+def statistics_layout(
+    num_tokens: int, vocab_size: int, config: KernelConfig, multiprocessors: int
+) -> tuple[int, int, int]:
+    """(splits, vocabulary blocks per split, programs) of the statistics and JSD grids as launched."""
+    splits, blocks_per_split = statistics_grid(num_tokens, vocab_size, config, multiprocessors, INTERPRETER)
+    programs = statistics_programs(num_tokens, splits, config.statistics, multiprocessors)
+    return splits, blocks_per_split, programs
+
+
+def gradient_group_width(config: KernelConfig, tile: TileConfig) -> int:
+    """Vocabulary columns a gradient program owns at a time (the width of its gradient products)."""
+    return tile.block_v * config.gradient_vocab_sub_blocks
+
+
+def gradient_programs(
+    vocab_size: int, group_width: int, multiprocessors: int, interpreter: bool = False
+) -> int:
+    """Programs of the (persistent) gradient grid: one per multiprocessor, at most one per vocab group."""
+    num_vocab_groups = math.ceil(vocab_size / group_width)
+    return min(num_vocab_groups, 3 if interpreter else multiprocessors)
 
 
 def autotune_enabled(device: torch.device) -> bool:

@@ -38,7 +38,7 @@ Work split:
   rows once per update, each long after the L2 would have evicted them (132 programs stream distinct
   vocabulary groups), so they are loaded with the evict_first hint, which keeps them from displacing
   what is re-read soon: the parked tile, the staged G, the hidden states.
-* fp16: G is multiplied by a power of two before its cast (fused_linear_kd.gradient_scale) and the
+* fp16: G is multiplied by a power of two before its cast (`gradient_scale`) and the
   products are divided by it in float32, so G does not underflow fp16 at N >= 16k under "mean".
 * The alternative, one pass owning token blocks for grad_student_hidden and one owning vocabulary
   blocks for grad_student_weight, would be deterministic but recomputes both models' logits twice:
@@ -47,9 +47,16 @@ Work split:
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
+import torch
 import triton
 import triton.language as tl
 
+from fusedkd._options import KDOptions
+from fusedkd.kernels import INTERPRETER
+from fusedkd.kernels.config import KernelConfig, gradient_group_width, gradient_programs, staging_dtype
 from fusedkd.kernels.statistics import (
     STAT_DIVERGENCE,
     STAT_LOGZ_STUDENT_PLAIN,
@@ -60,9 +67,11 @@ from fusedkd.kernels.statistics import (
     STAT_TEACHER_AT_TOP,
 )
 from fusedkd.kernels.tl_utils import (
+    DIVERGENCE_CODES,
     FORWARD_KL,
     REVERSE_KL,
     dot,
+    inverse_temperature,
     logaddexp,
     logits_tile,
     park_tile,
@@ -70,6 +79,9 @@ from fusedkd.kernels.tl_utils import (
     soft_cap_derivative,
     unpark_tile,
 )
+
+if TYPE_CHECKING:
+    from fusedkd.kernels.fused_linear_kd import _Problem
 
 
 @triton.jit
@@ -148,76 +160,30 @@ def gradient_tile(
 # Token counts vary per batch: never specialized on, so a new batch size never recompiles.
 @triton.jit(do_not_specialize=["num_tokens"])
 def gradient_kernel(
-    student_hidden_ptr,
-    student_weight_ptr,
-    student_bias_ptr,
-    teacher_hidden_ptr,
-    teacher_weight_ptr,
-    teacher_bias_ptr,
-    labels_ptr,
-    stride_labels,
-    token_index_ptr,
-    num_valid_ptr,
-    stats_ptr,
-    weight_distill_ptr,
-    weight_ce_ptr,
-    grad_scale_ptr,
-    staging_ptr,
-    park_ptr,
-    grad_hidden_ptr,
-    grad_weight_acc_ptr,
-    grad_weight_ptr,
-    grad_bias_ptr,
-    num_tokens,
-    vocab_size,
-    student_dim,
-    teacher_dim,
-    stride_student_hidden_n,
-    stride_student_hidden_h,
-    stride_student_weight_v,
-    stride_student_weight_h,
+    student_hidden_ptr, student_weight_ptr, student_bias_ptr,
+    teacher_hidden_ptr, teacher_weight_ptr, teacher_bias_ptr,
+    labels_ptr, stride_labels, token_index_ptr, num_valid_ptr, stats_ptr,
+    weight_distill_ptr, weight_ce_ptr, grad_scale_ptr, staging_ptr, park_ptr,
+    grad_hidden_ptr, grad_weight_acc_ptr, grad_weight_ptr, grad_bias_ptr,
+    num_tokens, vocab_size, student_dim, teacher_dim,
+    stride_student_hidden_n, stride_student_hidden_h, stride_student_weight_v, stride_student_weight_h,
     stride_student_bias,
-    stride_teacher_hidden_n,
-    stride_teacher_hidden_h,
-    stride_teacher_weight_v,
-    stride_teacher_weight_h,
+    stride_teacher_hidden_n, stride_teacher_hidden_h, stride_teacher_weight_v, stride_teacher_weight_h,
     stride_teacher_bias,
-    inv_temperature,
-    beta,
-    log_beta,
-    log_one_minus_beta,
-    DIVERGENCE: tl.constexpr,
-    HAS_CE_GRAD: tl.constexpr,
-    SEPARATE_CE: tl.constexpr,
-    student_logit_scale,
-    student_softcap,
-    teacher_logit_scale,
-    teacher_softcap,
-    STUDENT_SOFTCAP: tl.constexpr,
-    TEACHER_SOFTCAP: tl.constexpr,
-    HAS_STUDENT_BIAS: tl.constexpr,
-    HAS_TEACHER_BIAS: tl.constexpr,
-    EVEN_STUDENT_DIM: tl.constexpr,
-    EVEN_TEACHER_DIM: tl.constexpr,
-    STUDENT_UPCAST: tl.constexpr,
-    TEACHER_UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    GRAD_HIDDEN: tl.constexpr,
-    GRAD_WEIGHT: tl.constexpr,
-    GRAD_BIAS: tl.constexpr,
-    WEIGHT_SCRATCH: tl.constexpr,
-    TOKEN_GROUPS: tl.constexpr,
-    SUB_BLOCKS: tl.constexpr,
-    VOCAB_SUB_BLOCKS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    PRODUCT_M: tl.constexpr,
-    PRODUCT_H: tl.constexpr,
-    PRODUCT_K: tl.constexpr,
-    PRODUCT_STAGES: tl.constexpr,
-    EVEN_PRODUCT_DIM: tl.constexpr,
-):
+    inv_temperature, beta, log_beta, log_one_minus_beta,
+    DIVERGENCE: tl.constexpr, HAS_CE_GRAD: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
+    STUDENT_SOFTCAP: tl.constexpr, TEACHER_SOFTCAP: tl.constexpr,
+    HAS_STUDENT_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+    EVEN_STUDENT_DIM: tl.constexpr, EVEN_TEACHER_DIM: tl.constexpr,
+    STUDENT_UPCAST: tl.constexpr, TEACHER_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
+    WEIGHT_SCRATCH: tl.constexpr, TOKEN_GROUPS: tl.constexpr,
+    SUB_BLOCKS: tl.constexpr, VOCAB_SUB_BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRODUCT_M: tl.constexpr, PRODUCT_H: tl.constexpr, PRODUCT_K: tl.constexpr,
+    PRODUCT_STAGES: tl.constexpr, EVEN_PRODUCT_DIM: tl.constexpr,
+):  # fmt: skip
     """A program owns vocabulary groups of GROUP_V = VOCAB_SUB_BLOCKS * BLOCK_V columns: the logits
     and G are formed BLOCK_V columns at a time, the gradient products run over the whole group.
 
@@ -446,3 +412,90 @@ def gradient_kernel(
                     mask=mask,
                 )
             tl.debug_barrier()
+
+
+def gradient_scale(
+    options: KDOptions, weight_distill: torch.Tensor, weight_ce: torch.Tensor | None, staged_dtype
+) -> torch.Tensor:
+    """The power of two G is multiplied by before its cast to fp16 (and divided by after the products):
+    a [1] float32 device tensor, no host sync; 1 for other dtypes.
+
+    |G| <= bound = max_i (|w_D,i| c / T + |w_C,i|), with c = 1 for the KL and a small multiple for the
+    log-ratio factors of the reverse KL and the JSD; the scale maps the bound to [2^-1, 2^0), so the
+    largest entries of G stay far below fp16's maximum (65504) while the small ones, scaled by 1 / N
+    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (docs/design.md §6).
+    """
+    one = torch.ones(1, dtype=torch.float32, device=weight_distill.device)
+    if staged_dtype != torch.float16:
+        return one
+    bound = weight_distill.abs() * inverse_temperature(options)
+    if weight_ce is not None:
+        bound = bound + weight_ce.abs()
+    largest = bound.max().reshape(1) if bound.numel() else one
+    exponent = torch.ceil(torch.log2(largest.clamp(min=2.0**-100)))
+    return torch.exp2(-exponent).clamp(max=2.0**100)
+
+
+def launch_gradient(
+    problem: _Problem,
+    config: KernelConfig,
+    stats: torch.Tensor,
+    weight_distill: torch.Tensor,
+    weight_ce: torch.Tensor | None,
+    wanted: tuple[bool, bool, bool],
+):
+    """The gradient pass: (grad_student_hidden, grad_student_weight, grad_student_bias), None where not
+    wanted. `weight_distill`, `weight_ce`: [N] float32 per-token weights of dD/ds and dC/ds (token order).
+    """
+    options, n, device = problem.options, problem.num_tokens, problem.device
+    want_hidden, want_weight, want_bias = wanted
+    if options.student_logit_scale != 1.0:
+        # s = scale z (then capped): dloss/dz = scale dloss/ds, G being linear in the token weights.
+        weight_distill = weight_distill * options.student_logit_scale
+        weight_ce = None if weight_ce is None else weight_ce * options.student_logit_scale
+    tile = config.gradient_tile(options.divergence)
+    hidden, weight = problem.student_hidden, problem.student_weight
+    vocab, student_dim = problem.vocab_size, hidden.shape[1]
+    group_width = gradient_group_width(config, tile)
+    programs = gradient_programs(vocab, group_width, problem.multiprocessors, INTERPRETER)
+    f32 = dict(dtype=torch.float32, device=device)
+    # float32 accumulators: the outputs themselves for float32 tensors.
+    grad_hidden_acc = torch.zeros((n, student_dim), **f32) if want_hidden else None
+    weight_scratch = want_weight and weight.dtype != torch.float32
+    if not want_weight:
+        grad_weight = grad_weight_acc = None
+    elif weight_scratch:
+        grad_weight = torch.empty((vocab, student_dim), dtype=weight.dtype, device=device)
+        grad_weight_acc = torch.empty((programs * group_width, student_dim), **f32)
+    else:
+        grad_weight = grad_weight_acc = torch.zeros((vocab, student_dim), **f32)
+    grad_bias = torch.zeros(vocab, **f32) if want_bias else None
+    staged_dtype = staging_dtype(hidden.dtype, INTERPRETER)
+    staging = torch.empty(
+        (programs, config.gradient_sub_blocks * tile.block_n, group_width), dtype=staged_dtype, device=device
+    )
+    grad_scale = gradient_scale(options, weight_distill, weight_ce, staged_dtype)
+    # Each program's parking place for its teacher logit tile (tl_utils.park_tile).
+    park = torch.empty((programs, tile.block_n * tile.block_v), **f32)
+    beta = options.beta if options.divergence == "jsd" else 0.5
+    # The pointers of the weights and outputs that are not computed: never touched, any tensor will do.
+    weight_ce_arg = stats if weight_ce is None else weight_ce
+    outputs = [stats if x is None else x for x in (grad_hidden_acc, grad_weight_acc, grad_weight, grad_bias)]
+    sizes = (n, vocab, student_dim, problem.teacher_hidden.shape[1])
+    student, teacher, student_strides, teacher_strides = problem.tile_args()
+    gradient_kernel[(programs,)](
+        *student, *teacher, *problem.label_args(), problem.token_index, problem.num_valid, stats,
+        weight_distill, weight_ce_arg, grad_scale, staging, park, *outputs, *sizes, *student_strides,
+        *teacher_strides, inverse_temperature(options), beta, math.log(beta), math.log1p(-beta),
+        DIVERGENCE=DIVERGENCE_CODES[options.divergence], HAS_CE_GRAD=weight_ce is not None,
+        SEPARATE_CE=problem.separate_ce, GRAD_HIDDEN=want_hidden, GRAD_WEIGHT=want_weight,
+        GRAD_BIAS=want_bias, WEIGHT_SCRATCH=weight_scratch, TOKEN_GROUPS=config.token_groups,
+        SUB_BLOCKS=config.gradient_sub_blocks, VOCAB_SUB_BLOCKS=config.gradient_vocab_sub_blocks,
+        PRODUCT_M=min(config.gradient_product_m, group_width), PRODUCT_H=config.gradient_product_h,
+        PRODUCT_K=config.gradient_product_k, PRODUCT_STAGES=config.gradient_product_stages,
+        EVEN_PRODUCT_DIM=student_dim % config.gradient_product_h == 0, **problem.tile_flags(tile),
+    )  # fmt: skip
+    grad_hidden = None if grad_hidden_acc is None else grad_hidden_acc.to(hidden.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(problem.student_bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

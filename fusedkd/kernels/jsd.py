@@ -12,17 +12,26 @@ keeping KL(q || m) for the gradient (docs/design.md §4).
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
+import torch
 import triton
 import triton.language as tl
 
+from fusedkd.kernels.config import KernelConfig, statistics_layout
 from fusedkd.kernels.statistics import (
+    MERGE_BLOCK,
     STAT_DIVERGENCE,
     STAT_LOGZ_STUDENT_T,
     STAT_LOGZ_TEACHER_T,
     STAT_M_STUDENT,
     STAT_M_TEACHER,
 )
-from fusedkd.kernels.tl_utils import logaddexp, logits_tile, park_tile, unpark_tile
+from fusedkd.kernels.tl_utils import inverse_temperature, logaddexp, logits_tile, park_tile, unpark_tile
+
+if TYPE_CHECKING:
+    from fusedkd.kernels.fused_linear_kd import _Problem
 
 # Fields of a split's partial sums: partial[split, field, position].
 PARTIAL_KL_TEACHER_MIX: tl.constexpr = tl.constexpr(0)  # sum_v p_v (log p_v - log m_v)
@@ -181,3 +190,23 @@ def merge_jsd_kernel(
     tl.store(stats_ptr + STAT_DIVERGENCE * num_tokens + positions, kl_student_mix, mask=mask)
     rows = tl.load(token_index_ptr + positions, mask=mask, other=0)
     tl.store(distill_ptr + rows, divergence, mask=mask)
+
+
+def launch_jsd(problem: _Problem, config: KernelConfig, stats, distill, park) -> None:
+    """The JSD's pass 2 and its merge, for N > 0 tokens, after `statistics.launch_statistics` (whose
+    `stats` it completes, whose parking scratch `park` it reuses): writes D into `distill` [N]."""
+    n, beta, tile = problem.num_tokens, problem.options.beta, config.statistics
+    sms = problem.multiprocessors
+    splits, blocks_per_split, programs = statistics_layout(n, problem.vocab_size, config, sms)
+    sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
+    student, teacher, student_strides, teacher_strides = problem.tile_args()
+    jsd_partial = torch.empty((splits, NUM_JSD_FIELDS, n), dtype=torch.float32, device=problem.device)
+    jsd_kernel[(programs,)](
+        *student, *teacher, problem.token_index, problem.num_valid, stats, jsd_partial, park, *sizes,
+        blocks_per_split, splits, *student_strides, *teacher_strides, inverse_temperature(problem.options),
+        math.log(beta), math.log1p(-beta), FOLD_V=tile.fold_v, **problem.tile_flags(tile),
+    )  # fmt: skip
+    merge_jsd_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
+        jsd_partial, stats, problem.token_index, problem.num_valid, distill, n, splits, beta,
+        BLOCK=MERGE_BLOCK,
+    )  # fmt: skip

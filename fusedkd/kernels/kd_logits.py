@@ -27,7 +27,7 @@ from fusedkd._options import KDOptions
 from fusedkd.kernels import launch_device
 from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
-from fusedkd.kernels.tl_utils import DIVERGENCE_CODES
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, inverse_temperature
 
 # Fixed launch configuration (autotuning needs a GPU driver, docs/design.md §7): one row per program,
 # vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
@@ -56,7 +56,8 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
     """Arguments shared by both kernels: row addressing, labels, sizes, scalars and flags.
 
     Labels arrive contiguous int64 (`kd_logits` converts any other layout). The temperature goes to
-    the kernels as T itself: they divide by it (exact for float64 rows).
+    the kernels as 1/T (`tl_utils.inverse_temperature`, as for the fused kernels), a float64 argument
+    that the kernels round once to their accumulation dtype (so float64 rows keep float64 precision).
     """
     has_labels = labels is not None
     student_offsets = row_offsets(student_logits)
@@ -74,7 +75,7 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
     scalars = (
         options.vocab_size,
         student_logits.shape[-1],
-        options.temperature,
+        inverse_temperature(options),
         options.beta,
         *head_scalars(options),
     )

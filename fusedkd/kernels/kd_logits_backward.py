@@ -58,7 +58,7 @@ def kd_logits_grad_row(
     w_ce,
     vocab_size,
     grad_cols,
-    temperature,
+    inv_temperature,
     beta,
     student_logit_scale,
     student_softcap,
@@ -73,11 +73,12 @@ def kd_logits_grad_row(
 ):
     """Write G for one row: `grad_cols` contiguous entries, zero past `vocab_size` (padded vocabulary).
 
-    `temperature` and `beta` arrive as float32 kernel arguments; logits are divided by T (not multiplied
-    by a rounded 1 / T), so a float64 row is exact whenever T and beta are float32 numbers.
+    `inv_temperature` is 1/T in ACC_DTYPE (the kernels take it as a float64 argument, so a float64 row
+    multiplies by 1/T rounded once, in float64); `beta` arrives as a float32 kernel argument, so a
+    float64 row is exact to float64 rounding whenever beta is a float32 number.
     """
     cols = tl.arange(0, BLOCK_V)
-    w_distill_over_t = w_distill / temperature
+    w_distill_over_t = w_distill * inv_temperature
     beta_acc = tl.zeros([], ACC_DTYPE) + beta  # works for a float32 argument and a Python float
     log_beta = tl.log(beta_acc)
     log1m_beta = tl.log(1.0 - beta_acc)
@@ -91,8 +92,8 @@ def kd_logits_grad_row(
             cap_derivative = soft_cap_derivative(s * student_logit_scale, student_softcap)
         s = head_logits(s, in_vocab, student_logit_scale, student_softcap, STUDENT_SOFTCAP)
         t = head_logits(t, in_vocab, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP)
-        log_q = (s - shift_student) / temperature - logz_student
-        log_p = (t - shift_teacher) / temperature - logz_teacher
+        log_q = (s - shift_student) * inv_temperature - logz_student
+        log_p = (t - shift_teacher) * inv_temperature - logz_teacher
         q = tl.exp(log_q)
         if DIVERGENCE == FORWARD_KL:
             # dD/ds = (q - p) / T
@@ -134,7 +135,7 @@ def kd_logits_backward_kernel(
     w_stride,
     vocab_size,
     grad_cols,
-    temperature,
+    inv_temperature: tl.float64,
     beta,
     student_logit_scale,
     student_softcap,
@@ -177,7 +178,7 @@ def kd_logits_backward_kernel(
         tl.load(w_ce_ptr + row * w_stride).to(ACC_DTYPE),
         vocab_size,
         grad_cols,
-        temperature,
+        (tl.zeros([], tl.float64) + inv_temperature).to(ACC_DTYPE),  # 1/T, rounded once to ACC_DTYPE
         beta,
         student_logit_scale,
         student_softcap,

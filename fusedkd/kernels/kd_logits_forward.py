@@ -43,7 +43,7 @@ def kd_logits_forward_kernel(
     w_ce_ptr,
     vocab_size,
     grad_cols,
-    temperature,
+    inv_temperature: tl.float64,
     beta,
     student_logit_scale,
     student_softcap,
@@ -67,6 +67,7 @@ def kd_logits_forward_kernel(
     stats_row = stats_ptr + row * NUM_STATS
     grad_row = grad_ptr + row * grad_cols
     zero = tl.zeros([], ACC_DTYPE)
+    inv_t = (tl.zeros([], tl.float64) + inv_temperature).to(ACC_DTYPE)  # 1/T, rounded once to ACC_DTYPE
     label = -1
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
@@ -102,13 +103,13 @@ def kd_logits_forward_kernel(
         t = head_logits(t, in_vocab, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP)
         new_max_s, new_shift_s = running_max(max_s, s)
         new_max_t, new_shift_t = running_max(max_t, t)
-        a_shifted = (s - new_shift_s) / temperature
-        b_shifted = (t - new_shift_t) / temperature
+        a_shifted = (s - new_shift_s) * inv_t
+        b_shifted = (t - new_shift_t) * inv_t
         exp_a = tl.exp(a_shifted)
         exp_b = tl.exp(b_shifted)
-        rescale_a = tl.exp((max_s - new_shift_s) / temperature)  # 0 while max_s is -inf
-        rescale_b = tl.exp((max_t - new_shift_t) / temperature)
-        drift = ((new_shift_t - shift_t) - (new_shift_s - shift_s)) / temperature  # d_b - d_a
+        rescale_a = tl.exp((max_s - new_shift_s) * inv_t)  # 0 while max_s is -inf
+        rescale_b = tl.exp((max_t - new_shift_t) * inv_t)
+        drift = ((new_shift_t - shift_t) - (new_shift_s - shift_s)) * inv_t  # d_b - d_a
         # A weight of exactly 0 makes a term 0 even when its log-ratio is infinite (masked entries); a
         # NaN weight (a NaN or +inf logit) stays NaN.
         if DIVERGENCE == FORWARD_KL:
@@ -147,8 +148,8 @@ def kd_logits_forward_kernel(
             t = tl.load(teacher_row + v * teacher_stride_v, mask=in_vocab, other=neg_inf).to(ACC_DTYPE)
             s = head_logits(s, in_vocab, student_logit_scale, student_softcap, STUDENT_SOFTCAP)
             t = head_logits(t, in_vocab, teacher_logit_scale, teacher_softcap, TEACHER_SOFTCAP)
-            log_q = (s - shift_s) / temperature - logz_a
-            log_p = (t - shift_t) / temperature - logz_b
+            log_q = (s - shift_s) * inv_t - logz_a
+            log_p = (t - shift_t) * inv_t - logz_b
             log_m = logaddexp(log_p + log_beta, log_q + log1m_beta)
             p = tl.exp(log_p)
             q = tl.exp(log_q)
@@ -195,7 +196,7 @@ def kd_logits_forward_kernel(
             tl.load(w_ce_ptr).to(ACC_DTYPE),
             vocab_size,
             grad_cols,
-            temperature,
+            inv_t,
             beta,
             student_logit_scale,
             student_softcap,

@@ -78,36 +78,19 @@ import triton.language as tl
 
 from fusedkd._options import KDOptions
 from fusedkd.kernels import INTERPRETER, launch_device
-from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, FORWARD_KL, JSD, REVERSE_KL
+from fusedkd.kernels.tl_utils import (
+    DIVERGENCE_CODES,
+    FORWARD_KL,
+    JSD,
+    REVERSE_KL,
+    round_to_bfloat16,
+    tanh_and_cosh2,
+)
 
 # Vocabulary columns per step of a program, and warps: as `kd_logits` (one row per program, blocks of
 # up to 2048 entries over 8 warps). Not yet timed on a GPU.
 MAX_BLOCK_V = 2048
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _tanh_and_cosh2(u):
-    """(tanh(u), 1 / cosh^2(u)) to a few ulps for every u (NaN for NaN, +-1 and 0 at +-inf).
-
-    With e = e^(-2|u|) in (0, 1]: tanh |u| = (1 - e) / (1 + e), whose 1 - e cancels for small |u|
-    (relative error eps e / (1 - e), 2 eps at |u| = 0.2), so below 0.2 the odd Taylor series (the first
-    term left out, 1382 u^11 / 155925, is < 1e-9 relative there). 1 / cosh^2(u) = 4 e / (1 + e)^2
-    has no cancellation: exact where tanh saturates, 0 when e underflows (the right limit).
-    (`tl_utils.tanh`, 2 sigmoid(2u) - 1, loses the low bits of small u: c tanh(x / c) would carry an
-    absolute error of c eps.)
-    """
-    au = tl.abs(u)
-    e = tl.exp(-2.0 * au)
-    u2 = au * au
-    # tanh u = u - u^3/3 + 2 u^5/15 - 17 u^7/315 + 62 u^9/2835 - ..., in Horner form in u^2
-    series = -0.05396825396825397 + u2 * 0.021869488536155203
-    series = 0.13333333333333333 + u2 * series
-    series = au * (1.0 + u2 * (-0.3333333333333333 + u2 * series))
-    th = tl.where(au < 0.2, series, (1.0 - e) / (1.0 + e))
-    th = tl.where(u < 0.0, -th, th)
-    one_plus = 1.0 + e
-    return th, 4.0 * e / (one_plus * one_plus)
 
 
 @triton.jit
@@ -118,7 +101,7 @@ def _head_and_derivative(x, in_vocab, mult, cap_mult, HAS_SOFTCAP: tl.constexpr)
     argument (the block itself, unused, without a cap)."""
     u = x * mult
     if HAS_SOFTCAP:
-        th, derivative = _tanh_and_cosh2(u)
+        th, derivative = tanh_and_cosh2(u)
         return tl.where(in_vocab, cap_mult * th, float("-inf")), derivative
     else:
         return u, u
@@ -138,16 +121,6 @@ def _block_start(i, num_blocks, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr):
         return (num_blocks - 1 - i) * BLOCK_V
     else:
         return i * BLOCK_V
-
-
-@triton.jit
-def _round_to_bfloat16(x):
-    """float32 x rounded to the nearest bfloat16 (ties to even), still float32: the GPU's fp32 -> bf16
-    conversion. Triton's interpreter truncates instead (`cast_impl` with no rounding mode), so under it
-    (ROUND_BF16) the kernel rounds first and the cast is exact. NaN stays NaN, overflow becomes inf."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -395,7 +368,7 @@ def kd_tile_kernel(
                 g = g * cap_derivative
             g = tl.where(distill_good, g, float("nan"))
             if ROUND_BF16:
-                g = _round_to_bfloat16(g)
+                g = round_to_bfloat16(g)
             tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
 
 

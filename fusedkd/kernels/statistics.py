@@ -34,14 +34,20 @@ and no host sync is needed to know how many there are.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 import triton
 import triton.language as tl
 
+from fusedkd.kernels.config import KernelConfig, statistics_layout
 from fusedkd.kernels.tl_utils import (
+    DIVERGENCE_CODES,
     FORWARD_KL,
     JSD,
     NEG_FLT_MAX,
     REVERSE_KL,
+    inverse_temperature,
     logits_tile,
     lse_shift,
     merge_lse,
@@ -49,6 +55,11 @@ from fusedkd.kernels.tl_utils import (
     shift_kl_accumulator,
     unpark_tile,
 )
+
+if TYPE_CHECKING:
+    from fusedkd.kernels.fused_linear_kd import _Problem
+
+MERGE_BLOCK = 256  # tokens per program of the (cheap, O(N)) merge kernels
 
 # Fields of a split's partial state: partial[split, field, position].
 PARTIAL_M_STUDENT: tl.constexpr = tl.constexpr(0)
@@ -450,3 +461,36 @@ def merge_statistics_kernel(
     if HAS_LABELS:
         # CE = LSE(s) - s_y = (m_s - s_y) + log Z_s
         tl.store(ce_ptr + rows, (m_student - label_logit) + logz_student_plain, mask=mask)
+
+
+def launch_statistics(problem: _Problem, config: KernelConfig):
+    """Pass 1 and its merge, for N > 0 tokens: (stats [fields, N], distill [N], ce [N]), float32, and
+    the programs' parking scratch (which the JSD's pass 2 reuses)."""
+    options, n, device = problem.options, problem.num_tokens, problem.device
+    tile = config.statistics
+    sms = problem.multiprocessors
+    splits, blocks_per_split, programs = statistics_layout(n, problem.vocab_size, config, sms)
+    inv_temperature = inverse_temperature(options)
+    sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
+    student, teacher, student_strides, teacher_strides = problem.tile_args()
+    flags = dict(
+        DIVERGENCE=DIVERGENCE_CODES[options.divergence],
+        HAS_LABELS=problem.labels is not None,
+        SEPARATE_CE=problem.separate_ce,
+    )
+    f32 = dict(dtype=torch.float32, device=device)
+    partial = torch.empty((splits, NUM_PARTIAL_FIELDS, n), **f32)
+    # Each program's parking place for its two logit tiles (tl_utils.park_tile).
+    park = torch.empty((programs, 2, tile.block_n * tile.block_v), **f32)
+    statistics_kernel[(programs,)](
+        *student, *teacher, *problem.label_args(), problem.token_index, problem.num_valid, partial, park,
+        *sizes, blocks_per_split, splits, *student_strides, *teacher_strides, inv_temperature,
+        FOLD_V=tile.fold_v, **flags, **problem.tile_flags(tile),
+    )  # fmt: skip
+    stats = torch.empty((NUM_STAT_FIELDS, n), **f32)
+    distill, ce = torch.zeros(n, **f32), torch.zeros(n, **f32)
+    merge_statistics_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
+        partial, stats, problem.token_index, problem.num_valid, distill, ce, n, splits, inv_temperature,
+        BLOCK=MERGE_BLOCK, **flags,
+    )  # fmt: skip
+    return stats, distill, ce, park

@@ -3,8 +3,8 @@
 The one online log-sum-exp convention (docs/design.md §3), used by the fused linear kernels and the
 logits-level kernels alike: a running softmax state over a set of vocabulary entries is the raw
 (unscaled) maximum logit `m` and `Z = sum_v exp((x_v - m) * scale)`, where `scale` is 1/T for the
-temperature softmaxes and 1 for the cross-entropy (`inv_temperature` in the kernels; the logits-level
-kernels divide by T instead, which is the same number to rounding and exact for float64 rows).
+temperature softmaxes and 1 for the cross-entropy (`inv_temperature` in every kernel; the logits-level
+kernels take it as a float64 argument, so that float64 rows multiply by 1/T rounded in float64).
 Keeping the raw maximum means the student's T-softmax and T=1 softmax share one maximum, and
 log-probabilities are formed as `(x_v - m) * scale - log Z`: relative to the row maximum, so the
 likely tokens' log-probabilities stay exact even for logits of magnitude 1e4. An empty state is
@@ -21,14 +21,19 @@ not do is turn such a NaN back into a number: a term p (log-ratio) is formed as
 `p * tl.where(p > 0, log-ratio, 0)`, 0 where p is exactly 0 (no 0 * inf at -inf logits) and NaN where
 p is NaN (never `tl.where(p > 0, p * log-ratio, 0)`, which drops it), and `logaddexp` propagates NaN.
 
-Where 1/T is formed: `fusedkd.kernels.fused_linear_kd.inverse_temperature(options)` is the one place
-the temperature of `KDOptions` becomes the kernels' `inv_temperature`.
+Where 1/T is formed: `inverse_temperature(options)` below is the one place the temperature of
+`KDOptions` becomes the kernels' `inv_temperature`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from fusedkd._options import KDOptions
 
 # Divergence codes (the kernels' DIVERGENCE constexpr).
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -36,6 +41,12 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def inverse_temperature(options: KDOptions) -> float:
+    """The one place where the temperature T of `KDOptions` becomes the kernels' `inv_temperature` = 1/T
+    (the scale of the online log-sum-exp convention above)."""
+    return 1.0 / options.temperature
 
 # The most negative float32: a floor for maxima that must stay finite (statistics.fold_statistics).
 NEG_FLT_MAX: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
@@ -132,6 +143,30 @@ def tanh(x):
     """tanh(x) = 2 sigmoid(2x) - 1 (`tl` has no tanh in every version): exactly -1 and 1 at saturation
     (sigmoid(-inf) = 1 / (1 + inf) = 0), never NaN for finite or infinite x."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def tanh_and_cosh2(u):
+    """(tanh(u), 1 / cosh^2(u)) to a few ulps for every u (NaN for NaN, +-1 and 0 at +-inf).
+
+    With e = e^(-2|u|) in (0, 1]: tanh |u| = (1 - e) / (1 + e), whose 1 - e cancels for small |u|
+    (relative error eps e / (1 - e), 2 eps at |u| = 0.2), so below 0.2 the odd Taylor series (the first
+    term left out, 1382 u^11 / 155925, is < 1e-9 relative there). 1 / cosh^2(u) = 4 e / (1 + e)^2
+    has no cancellation: exact where tanh saturates, 0 when e underflows (the right limit).
+    (`tanh` above, 2 sigmoid(2u) - 1, loses the low bits of small u: c tanh(x / c) would carry an
+    absolute error of c eps.)
+    """
+    au = tl.abs(u)
+    e = tl.exp(-2.0 * au)
+    u2 = au * au
+    # tanh u = u - u^3/3 + 2 u^5/15 - 17 u^7/315 + 62 u^9/2835 - ..., in Horner form in u^2
+    series = -0.05396825396825397 + u2 * 0.021869488536155203
+    series = 0.13333333333333333 + u2 * series
+    series = au * (1.0 + u2 * (-0.3333333333333333 + u2 * series))
+    th = tl.where(au < 0.2, series, (1.0 - e) / (1.0 + e))
+    th = tl.where(u < 0.0, -th, th)
+    one_plus = 1.0 + e
+    return th, 4.0 * e / (one_plus * one_plus)
 
 
 @triton.jit
@@ -254,3 +289,14 @@ def unpark_tile(scratch, first_col, row_stride, BLOCK_N: tl.constexpr, BLOCK_V: 
     offsets = tl.arange(0, BLOCK_N)[:, None] * row_stride + (first_col + tl.arange(0, BLOCK_V))[None, :]
     tl.debug_barrier()
     return tl.load(scratch + offsets)
+
+
+@triton.jit
+def round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), still float32: the GPU's fp32 -> bf16
+    conversion. Triton's interpreter truncates instead (`cast_impl` with no rounding mode), so under it
+    (kd_tile.py's ROUND_BF16) the kernel rounds first and the cast is exact. NaN stays NaN, overflow
+    becomes inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
