@@ -287,8 +287,7 @@ def gradient_kernel(
                         )  # fmt: skip
                         if STUDENT_SOFTCAP:
                             # dloss/dx = G (1 - tanh^2); the logit scale (dx/dz) is in the token weights.
-                            # Padding columns stay 0: their x = h . 0 is NaN for an infinite h, and so is
-                            # the derivative there (0 * NaN).
+                            # Padding columns stay 0 (x = h . 0 there: NaN for an infinite h).
                             grad = tl.where(half_mask[None, :], grad * cap_derivative, 0.0)
                         if GRAD_BIAS:
                             # The program owns these columns: a read-modify-write of the float32 sums.
