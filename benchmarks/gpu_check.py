@@ -762,7 +762,7 @@ def dw_update_tokens(dtype, divergence: str = DIVERGENCE) -> int:
     from fusedkd.kernels.config import default_config
 
     config = default_config(dtype)
-    return config.gradient_sub_blocks * config.gradient_tile(divergence).block_n
+    return config.gradient_sub_blocks * config.gradient.block_n
 
 
 def correctness_step(check: Check, refs: References, dtype, backend: str) -> dict:

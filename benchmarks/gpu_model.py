@@ -342,7 +342,7 @@ def fusedkd_gradient(shapes: Shapes, hw: Hardware) -> list[Prediction]:
     specialization): each is its own roofline and their times add. Returned as two predictions of
     the one kernel."""
     cfg = kernel_config.gpu_config(_dtype())
-    tile = cfg.gradient_tile(shapes.divergence)
+    tile = cfg.gradient
     n, v, hs, ht = shapes.tokens, shapes.vocab, shapes.student_dim, shapes.teacher_dim
     eb = shapes.element_bytes
     group = kernel_config.gradient_group_width(cfg, tile)
@@ -498,7 +498,7 @@ def fusedkd_extra_memory(shapes: Shapes) -> float:
     n, v, hs = shapes.tokens, shapes.vocab, shapes.student_dim
     splits, _ = kernel_config.statistics_grid(n, v, cfg, _SMS)
     stat_programs = kernel_config.statistics_programs(n, splits, cfg.statistics, _SMS)
-    tile = cfg.gradient_tile(shapes.divergence)
+    tile = cfg.gradient
     group = kernel_config.gradient_group_width(cfg, tile)
     programs = kernel_config.gradient_programs(v, group, _SMS)
     partial_fields = int(kernel_statistics.NUM_PARTIAL_FIELDS.value)

@@ -1080,7 +1080,7 @@ def main() -> None:
         notes.append(
             "Sparse top-k: the teacher's top-k (fusedkd.teacher_topk) is computed once per point, "
             "outside the timed region (offline setting); its outputs count as inputs."
-            )
+        )
 
     device_type = torch.device(cfg.device).type
     budget_gib = args.max_memory_gib

@@ -67,7 +67,7 @@ def init_distributed(device_request: str = "auto", timeout_minutes: float | None
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def check_backend(backend: str, device: torch.device) -> None:
+def require_backend(backend: str, device: torch.device) -> None:
     """`UsageError` if fusedkd's loss `backend` cannot run on `device` (e.g. "triton" without a GPU)."""
     from fusedkd._dispatch import resolve_backend
 

@@ -39,7 +39,7 @@ import fusedkd
 from fusedkd.distill.cache import building, cache_key, default_cache_dir
 from fusedkd.distill.corpus import Corpus, stdlib_corpus
 from fusedkd.distill.data import Batch, TokenizedSamples, collate, tokenize
-from fusedkd.distill.distributed import DistContext, check_backend, init_distributed
+from fusedkd.distill.distributed import DistContext, init_distributed, require_backend
 from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from fusedkd.distill.evaluate import EvalResult, evaluate
 from fusedkd.distill.models import (
@@ -192,7 +192,7 @@ def run_default(args: argparse.Namespace) -> int:
         raise UsageError(
             "the embedded default runs in one process; use torchrun with --teacher and --student"
         )
-    check_backend(args.backend, ctx.device)
+    require_backend(args.backend, ctx.device)
     output_dir = prepare_output_dir(args.output_dir, mode="default", resume=False, ctx=ctx)
     if (output_dir / "report.md").exists():
         raise UsageError(

@@ -26,10 +26,10 @@ from fusedkd.distill.data import Sample, TokenizedSamples, TokenizeReport, load_
 from fusedkd.distill.distributed import (
     DistContext,
     barrier,
-    check_backend,
     gather_objects,
     init_distributed,
     is_fsdp,
+    require_backend,
     shutdown,
     wrap_objective,
 )
@@ -280,7 +280,7 @@ def run_distillation(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device, args.dist_timeout)
     code = None
     try:
-        check_backend(args.backend, ctx.device)
+        require_backend(args.backend, ctx.device)
         code = _run(args, config, ctx)
         return code
     finally:

@@ -69,15 +69,6 @@ class KernelConfig:
     gradient_product_h: int = 128
     gradient_product_k: int = 64
     gradient_product_stages: int = 2
-    # The gradient tile of the reverse KL, when its G (a log-ratio more per entry) needs another
-    # (same BLOCK_N, BLOCK_V, BLOCK_H: the staging and the K-order stay the same).
-    reverse_kl_gradient: TileConfig | None = None
-
-    def gradient_tile(self, divergence: str) -> TileConfig:
-        """The gradient pass's tile for `divergence`."""
-        if divergence == "reverse_kl" and self.reverse_kl_gradient is not None:
-            return self.reverse_kl_gradient
-        return self.gradient
 
 
 # Under the interpreter every tile is a numpy operation: small, odd-shape-friendly tiles (two token

@@ -452,7 +452,7 @@ def launch_gradient(
         # s = scale z (then capped): dloss/dz = scale dloss/ds, G being linear in the token weights.
         weight_distill = weight_distill * options.student_logit_scale
         weight_ce = None if weight_ce is None else weight_ce * options.student_logit_scale
-    tile = config.gradient_tile(options.divergence)
+    tile = config.gradient
     hidden, weight = problem.student_hidden, problem.student_weight
     vocab, student_dim = problem.vocab_size, hidden.shape[1]
     group_width = gradient_group_width(config, tile)

@@ -48,6 +48,7 @@ def inverse_temperature(options: KDOptions) -> float:
     (the scale of the online log-sum-exp convention above)."""
     return 1.0 / options.temperature
 
+
 # The most negative float32: a floor for maxima that must stay finite (statistics.fold_statistics).
 NEG_FLT_MAX: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 

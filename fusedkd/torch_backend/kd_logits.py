@@ -24,7 +24,7 @@ from fusedkd._autograd import (
     unit_gradient_weights,
 )
 from fusedkd._options import KDOptions, compute_dtype
-from fusedkd.torch_backend.tiles import Scratch, Tokens, default_chunk_size, kd_tile_terms
+from fusedkd.torch_backend.tiles import Scratch, Tokens, default_chunk_size, kd_tile_terms, select_rows
 
 
 class Rows:
@@ -94,11 +94,11 @@ def stream(
         chunk_divergence, chunk_ce, chunk_grad = kd_tile_terms(
             student.tile(rows, tiles[0][: stop - start]),
             teacher.tile(rows, tiles[1][: stop - start]),
-            _pick(labels, rows),
+            select_rows(labels, rows),
             options,
-            None if grad_weights is None else tuple(_pick(w, rows) for w in grad_weights),
+            None if grad_weights is None else tuple(select_rows(w, rows) for w in grad_weights),
             scratch=scratch,
-            valid=_pick(valid, rows),
+            valid=select_rows(valid, rows),
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce
@@ -109,10 +109,6 @@ def stream(
                 grad_rows.index_copy_(0, rows, chunk_grad.to(x.dtype))
         del chunk_grad
     return divergence, ce, grad
-
-
-def _pick(values: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
-    return None if values is None else values[rows]
 
 
 class LogitsKDFunction(torch.autograd.Function):
