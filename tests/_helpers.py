@@ -162,6 +162,23 @@ def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol:
         assert err <= rtol, f"{what}[{i}]: relative error {err:.3g} > {rtol:.3g}"
 
 
+def assert_like_reference(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float) -> None:
+    """`actual` has NaN and inf exactly where the float64 `expected` has them (the same infinities),
+    and its finite entries match to a norm-wise relative error of `rtol` (docs/design.md §9)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, what
+    assert torch.equal(actual.isnan(), expected.isnan()), (
+        f"{what}: NaN at {actual.isnan().nonzero().tolist()[:6]}, reference at "
+        f"{expected.isnan().nonzero().tolist()[:6]}"
+    )
+    inf = expected.isinf()
+    assert torch.equal(actual.isinf(), inf) and torch.equal(actual[inf], expected[inf]), f"{what}: inf differ"
+    finite = expected.isfinite()
+    diff = (actual[finite] - expected[finite]).norm().item()
+    scale = expected[finite].norm().item()
+    assert diff <= rtol * max(scale, 1e-6), f"{what}: relative error {diff / max(scale, 1e-30):.3g}"
+
+
 def fused(backend: str):
     def fn(*args, **kwargs):
         return fusedkd.fused_linear_kd_loss(*args, backend=backend, **kwargs)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fusedkd
-from tests._helpers import DEVICE, _triton_skip_reason, reference_kd_loss
+from tests._helpers import DEVICE, _triton_skip_reason, assert_like_reference, reference_kd_loss
 
 pytestmark = pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
 
@@ -41,18 +41,7 @@ LINEAR_MASKS = {
 
 
 def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    assert torch.equal(actual.isnan(), expected.isnan()), (
-        f"{what}: NaN at {actual.isnan().nonzero().tolist()[:6]}, reference at "
-        f"{expected.isnan().nonzero().tolist()[:6]}"
-    )
-    inf = expected.isinf()
-    assert torch.equal(actual.isinf(), inf) and torch.equal(actual[inf], expected[inf]), f"{what}: inf differ"
-    finite = expected.isfinite()
-    diff = (actual[finite] - expected[finite]).norm().item()
-    scale = expected[finite].norm().item()
-    assert diff <= RTOL * max(scale, 1e-6), f"{what}: relative error {diff / max(scale, 1e-30):.3g}"
+    assert_like_reference(actual, expected, what, RTOL)
 
 
 def _labels(n: int, vocab: int, masked: list[int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 import fusedkd
 from fusedkd.torch_backend import tiles
-from tests._helpers import BACKENDS, DEVICE, reference_kd_loss, reference_topk_kd_loss
+from tests._helpers import BACKENDS, DEVICE, assert_like_reference, reference_kd_loss, reference_topk_kd_loss
 
 # The torch backend as on an accelerator: ignored tokens are computed (not compacted away) and masked.
 BACKENDS = [*BACKENDS, pytest.param("torch", id="torch-uncompacted", marks=pytest.mark.uncompacted)]
@@ -111,18 +111,7 @@ def _logits_inputs(poison: str):
 
 
 def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    assert torch.equal(actual.isnan(), expected.isnan()), (
-        f"{what}: NaN at {actual.isnan().nonzero().tolist()[:6]}, reference at "
-        f"{expected.isnan().nonzero().tolist()[:6]}"
-    )
-    inf = expected.isinf()
-    assert torch.equal(actual.isinf(), inf) and torch.equal(actual[inf], expected[inf]), f"{what}: inf differ"
-    finite = expected.isfinite()
-    diff = (actual[finite] - expected[finite]).norm().item()
-    scale = expected[finite].norm().item()
-    assert diff <= RTOL * max(scale, 1e-6), f"{what}: relative error {diff / max(scale, 1e-30):.3g}"
+    assert_like_reference(actual, expected, what, RTOL)
 
 
 def _compare(run, reference_run, reduction: str, n_grads: int) -> None:
