@@ -1,8 +1,11 @@
 """The PyTorch backend (``backend="torch"``): token-chunked, exact, for CPUs and any device.
 
-It mirrors `fusedkd.kernels`: one file per loss, each with its backend entry point and its autograd
-Function, over shared tile arithmetic.
+It mirrors `fusedkd.kernels`: one file per loss, each with its backend entry point and its chunk
+loop, over shared tile arithmetic and one autograd Function.
 
+- `streamed`: the one autograd Function of every loss here (`StreamedFunction`: reduction, gradients
+  formed in the forward or recomputed in the backward, one no-gradient path); a loss plugs in its
+  chunk loop (`Streamed`).
 - `tiles`: chunk sizes, logit tiles (`project`), the per-row divergence, cross-entropy and gradient
   of a tile (`kd_tile_terms`), the tokens that count (`Tokens`).
 - `fused_linear_kd`: `fused_linear_kd_loss` (hidden states and lm_head weights of both models).
@@ -12,5 +15,5 @@ Function, over shared tile arithmetic.
 
 Every entry point takes the inputs as `fusedkd._inputs` prepares them (checked, flattened, contiguous
 int64 labels and contiguous biases) and the validated `fusedkd._options.KDOptions`, and runs with
-autocast off (`fusedkd._dispatch`).
+autocast off (the public losses).
 """

@@ -17,19 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from fusedkd._autograd import (
-    EagerGradients,
-    autocast_off,
-    gradient_weights,
-    input_grads,
-    no_output_grad,
-    once_differentiable,
-    reduce,
-    reduction_scale,
-    unit_gradient_weights,
-)
 from fusedkd._options import KDOptions, compute_dtype
-from fusedkd.torch_backend import tiles
+from fusedkd.torch_backend import streamed, tiles
 from fusedkd.torch_backend.tiles import (
     Scratch,
     Tokens,
@@ -205,101 +194,6 @@ def _compact_stream(
     return divergence, ce, grads
 
 
-class LinearKDFunction(torch.autograd.Function):
-    """(loss, distill, ce) of the dense fused linear loss; gradients to the student's hidden states,
-    weight and bias (inputs 0, 1, 2), none to the teacher."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        labels,
-        options: KDOptions,
-        chunk_size: int,
-        tile_terms: Callable,
-    ):
-        n = student_hidden.shape[0]
-        dtype = compute_dtype(student_hidden.dtype)
-        tokens = Tokens(labels, options, n, student_hidden.device)
-        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
-        grad_weights = None
-        if options.reduction != "none":  # form the gradient now, for an output gradient of 1
-            grad_weights = unit_gradient_weights(
-                options, scale, num_tokens=n, dtype=dtype, valid=tokens.valid
-            )
-        divergence, ce, grads = _compact_stream(
-            student_hidden,
-            student_weight,
-            student_bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            tokens,
-            options,
-            chunk_size,
-            grad_weights,
-            need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
-            tile_terms=tile_terms,
-        )
-        loss = options.distill_weight * divergence + options.ce_weight * ce
-
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels
-        )
-        ctx.options, ctx.chunk_size, ctx.tile_terms, ctx.scale = options, chunk_size, tile_terms, scale
-        ctx.eager = EagerGradients(grads)
-        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_distill, grad_ce):
-        saved = ctx.saved_tensors
-        student_hidden, student_weight, student_bias = saved[:3]
-        options: KDOptions = ctx.options
-        if no_output_grad(grad_loss, grad_distill, grad_ce):
-            return (None,) * len(ctx.needs_input_grad)
-        grads = ctx.eager.take(grad_loss, grad_distill, grad_ce)
-        if grads is None:  # recompute the tiles with the per-token weights of these output gradients
-            n = student_hidden.shape[0]
-            dtype = compute_dtype(student_hidden.dtype)
-            tokens = Tokens(saved[6], options, n, student_hidden.device)
-            weights = gradient_weights(
-                options,
-                ctx.scale,
-                grad_loss,
-                grad_distill,
-                grad_ce,
-                num_tokens=n,
-                dtype=dtype,
-                valid=tokens.valid,
-            )
-            with autocast_off(student_hidden.device):
-                _, _, grads = _compact_stream(
-                    *saved[:6],
-                    tokens,
-                    options,
-                    ctx.chunk_size,
-                    weights,
-                    need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
-                    tile_terms=ctx.tile_terms,
-                )
-        grad_hidden, grad_weight, grad_bias = grads
-        return input_grads(
-            ctx.needs_input_grad,
-            {
-                0: grad_hidden,
-                1: None if grad_weight is None else grad_weight.to(student_weight.dtype),
-                2: None if grad_bias is None else grad_bias.to(student_bias.dtype),
-            },
-        )
-
-
 def fused_linear_kd(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -328,17 +222,25 @@ def fused_linear_kd(
             tiles.LINEAR_TILE_BYTES,
         )
     teacher = tuple(None if x is None else x.detach() for x in (teacher_hidden, teacher_weight, teacher_bias))
-    args = (student_hidden, student_weight, student_bias, *teacher, labels, options, chunk_size, tile_terms)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-    )
-    if needs_grad:
-        return LinearKDFunction.apply(*args)
-    with torch.no_grad():  # the forward alone: no gradient is formed, nothing is saved
-        n = student_hidden.shape[0]
-        dtype = compute_dtype(student_hidden.dtype)
-        tokens = Tokens(labels, options, n, student_hidden.device)
-        divergence, ce, _ = _compact_stream(*args[:6], tokens, options, chunk_size, tile_terms=tile_terms)
-        loss = options.distill_weight * divergence + options.ce_weight * ce
-        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
-        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
+
+    def stream_chunks(tensors, tokens: Tokens, options: KDOptions, weights, needs):
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, _ = (
+            tensors
+        )
+        return _compact_stream(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            tokens,
+            options,
+            chunk_size,
+            weights,
+            need_bias_grad=student_bias is not None and needs[2],
+            tile_terms=tile_terms,
+        )
+
+    loss = streamed.Streamed(stream_chunks, students=(0, 1, 2), labels=6)
+    return streamed.run(loss, options, (student_hidden, student_weight, student_bias, *teacher, labels))

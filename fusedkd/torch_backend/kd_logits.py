@@ -12,18 +12,8 @@ import math
 
 import torch
 
-from fusedkd._autograd import (
-    EagerGradients,
-    autocast_off,
-    gradient_weights,
-    input_grads,
-    no_output_grad,
-    once_differentiable,
-    reduce,
-    reduction_scale,
-    unit_gradient_weights,
-)
 from fusedkd._options import KDOptions, compute_dtype
+from fusedkd.torch_backend import streamed
 from fusedkd.torch_backend.tiles import Scratch, Tokens, default_chunk_size, kd_tile_terms, select_rows
 
 
@@ -111,81 +101,6 @@ def stream(
     return divergence, ce, grad
 
 
-class LogitsKDFunction(torch.autograd.Function):
-    """(loss, distill, ce) of the loss over logits; a gradient to the student logits (input 0) only."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, options: KDOptions, chunk_size: int):
-        n = math.prod(student_logits.shape[:-1])
-        dtype = compute_dtype(student_logits.dtype)
-        tokens = Tokens(labels, options, n, student_logits.device)
-        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
-        grad_weights = None
-        if ctx.needs_input_grad[0] and options.reduction != "none":  # G now, for an output gradient of 1
-            grad_weights = unit_gradient_weights(
-                options, scale, num_tokens=n, dtype=dtype, valid=tokens.valid
-            )
-        divergence, ce, grad = stream(
-            Rows(student_logits, options.vocab_size),
-            Rows(teacher_logits, options.vocab_size),
-            tokens.safe_labels,
-            options,
-            chunk_size,
-            tokens.index,
-            n,
-            grad_weights,
-            student_logits.shape,
-            tokens.uncompacted_valid,
-        )
-        divergence = torch.where(tokens.valid, divergence, 0.0)
-        ce = torch.where(tokens.valid, ce, 0.0)
-        loss = options.distill_weight * divergence + options.ce_weight * ce
-
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student_logits, teacher_logits, labels)
-        ctx.options, ctx.chunk_size, ctx.scale = options, chunk_size, scale
-        ctx.eager = EagerGradients(None if grad is None else (grad,))
-        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_distill, grad_ce):
-        student_logits, teacher_logits, labels = ctx.saved_tensors
-        options: KDOptions = ctx.options
-        if not ctx.needs_input_grad[0] or no_output_grad(grad_loss, grad_distill, grad_ce):
-            return (None,) * len(ctx.needs_input_grad)
-        grads = ctx.eager.take(grad_loss, grad_distill, grad_ce)
-        if grads is None:  # recompute the tiles with the per-token weights of these output gradients
-            n = math.prod(student_logits.shape[:-1])
-            dtype = compute_dtype(student_logits.dtype)
-            tokens = Tokens(labels, options, n, student_logits.device)
-            weights = gradient_weights(
-                options,
-                ctx.scale,
-                grad_loss,
-                grad_distill,
-                grad_ce,
-                num_tokens=n,
-                dtype=dtype,
-                valid=tokens.valid,
-            )
-            with autocast_off(student_logits.device):
-                _, _, grad = stream(
-                    Rows(student_logits, options.vocab_size),
-                    Rows(teacher_logits, options.vocab_size),
-                    tokens.safe_labels,
-                    options,
-                    ctx.chunk_size,
-                    tokens.index,
-                    n,
-                    weights,
-                    student_logits.shape,
-                    tokens.uncompacted_valid,
-                )
-            grads = (grad,)
-        return input_grads(ctx.needs_input_grad, {0: grads[0]})
-
-
 def kd_logits(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -205,8 +120,24 @@ def kd_logits(
         chunk_size = default_chunk_size(
             options.vocab_size, torch.finfo(compute_dtype(student_logits.dtype)).bits // 8
         )
-    teacher_logits = teacher_logits.detach()
-    if torch.is_grad_enabled() and student_logits.requires_grad:
-        return LogitsKDFunction.apply(student_logits, teacher_logits, labels, options, chunk_size)
-    with torch.no_grad():
-        return LogitsKDFunction.apply(student_logits.detach(), teacher_logits, labels, options, chunk_size)
+
+    def stream_chunks(tensors, tokens: Tokens, options: KDOptions, weights, needs):
+        student, teacher, _ = tensors
+        vocab = options.vocab_size
+        divergence, ce, grad = stream(
+            Rows(student, vocab),
+            Rows(teacher, vocab),
+            tokens.safe_labels,
+            options,
+            chunk_size,
+            tokens.index,
+            math.prod(student.shape[:-1]),
+            weights,
+            student.shape,
+            tokens.uncompacted_valid,
+        )
+        divergence = torch.where(tokens.valid, divergence, 0.0)
+        return divergence, torch.where(tokens.valid, ce, 0.0), (grad,)
+
+    loss = streamed.Streamed(stream_chunks, students=(0,), labels=2)
+    return streamed.run(loss, options, (student_logits, teacher_logits.detach(), labels))

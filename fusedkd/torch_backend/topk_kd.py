@@ -13,19 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedkd._autograd import (
-    EagerGradients,
-    autocast_off,
-    gradient_weights,
-    input_grads,
-    no_output_grad,
-    once_differentiable,
-    reduce,
-    reduction_scale,
-    unit_gradient_weights,
-)
 from fusedkd._options import KDOptions, SupportOptions, compute_dtype
-from fusedkd.torch_backend import tiles
+from fusedkd.torch_backend import streamed, tiles
 from fusedkd.torch_backend.tiles import (
     MAX_CHUNK,
     MIN_CHUNK,
@@ -424,98 +413,6 @@ def _compact_stream(
     return divergence, ce, grads
 
 
-class TopKKDFunction(torch.autograd.Function):
-    """(loss, distill, ce) of the sparse top-k loss; gradients to the student's hidden states, weight and
-    bias (inputs 0, 1, 2), none to the teacher's ids and log-probabilities."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        student_hidden,
-        student_weight,
-        student_bias,
-        ids,
-        logprobs,
-        labels,
-        options: KDOptions,
-        support: SupportOptions,
-        chunk_size: int | None,
-    ):
-        n = student_hidden.shape[0]
-        dtype = compute_dtype(student_hidden.dtype)
-        tokens = Tokens(labels, options, n, student_hidden.device)
-        scale = reduction_scale(tokens.num_valid, options.reduction, dtype)
-        grad_weights = None
-        if any(ctx.needs_input_grad[:3]) and options.reduction != "none":
-            # form the gradient now, for an output gradient of 1
-            grad_weights = unit_gradient_weights(
-                options, scale, num_tokens=n, dtype=dtype, valid=tokens.valid
-            )
-        divergence, ce, grads = _compact_stream(
-            student_hidden,
-            student_weight,
-            student_bias,
-            ids,
-            logprobs,
-            tokens,
-            options,
-            support,
-            chunk_size,
-            grad_weights,
-            need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
-        )
-        loss = options.distill_weight * divergence + options.ce_weight * ce
-
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student_hidden, student_weight, student_bias, ids, logprobs, labels)
-        ctx.options, ctx.support, ctx.chunk_size, ctx.scale = options, support, chunk_size, scale
-        ctx.eager = EagerGradients(grads)
-        return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_distill, grad_ce):
-        saved = ctx.saved_tensors
-        student_hidden, student_weight, student_bias = saved[:3]
-        options: KDOptions = ctx.options
-        if no_output_grad(grad_loss, grad_distill, grad_ce):
-            return (None,) * len(ctx.needs_input_grad)
-        grads = ctx.eager.take(grad_loss, grad_distill, grad_ce)
-        if grads is None:  # recompute the tiles with the per-token weights of these output gradients
-            n = student_hidden.shape[0]
-            dtype = compute_dtype(student_hidden.dtype)
-            tokens = Tokens(saved[5], options, n, student_hidden.device)
-            weights = gradient_weights(
-                options,
-                ctx.scale,
-                grad_loss,
-                grad_distill,
-                grad_ce,
-                num_tokens=n,
-                dtype=dtype,
-                valid=tokens.valid,
-            )
-            with autocast_off(student_hidden.device):
-                _, _, grads = _compact_stream(
-                    *saved[:5],
-                    tokens,
-                    options,
-                    ctx.support,
-                    ctx.chunk_size,
-                    weights,
-                    need_bias_grad=student_bias is not None and ctx.needs_input_grad[2],
-                )
-        grad_hidden, grad_weight, grad_bias = grads
-        return input_grads(
-            ctx.needs_input_grad,
-            {
-                0: grad_hidden,
-                1: None if grad_weight is None else grad_weight.to(student_weight.dtype),
-                2: None if grad_bias is None else grad_bias.to(student_bias.dtype),
-            },
-        )
-
-
 def fused_linear_topk_kd(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -535,11 +432,23 @@ def fused_linear_topk_kd(
     skips the cross-entropy (returned as zeros) when neither the loss nor the caller uses it; with
     tail="renormalize" the loss then touches only the k head rows W_s[ids] per token.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
-    )
-    args = (student_hidden, student_weight, student_bias, ids.detach(), logprobs.detach(), labels)
-    if needs_grad:
-        return TopKKDFunction.apply(*args, options, support, chunk_size)
-    with torch.no_grad():
-        return TopKKDFunction.apply(*args, options, support, chunk_size)
+
+    def stream_chunks(tensors, tokens: Tokens, options: KDOptions, weights, needs):
+        student_hidden, student_weight, student_bias, ids, logprobs, _ = tensors
+        return _compact_stream(
+            student_hidden,
+            student_weight,
+            student_bias,
+            ids,
+            logprobs,
+            tokens,
+            options,
+            support,
+            chunk_size,
+            weights,
+            need_bias_grad=student_bias is not None and needs[2],
+        )
+
+    loss = streamed.Streamed(stream_chunks, students=(0, 1, 2), labels=5)
+    tensors = (student_hidden, student_weight, student_bias, ids.detach(), logprobs.detach(), labels)
+    return streamed.run(loss, options, tensors)
