@@ -934,10 +934,10 @@ def test_no_host_sync_on_the_loss_path(key, reduction):
     options = dict(temperature=2.0, alpha=0.6, reduction=reduction, return_components=True, backend="torch")
     expected = run(LOSSES[key].function, inputs, **options)
     with pytest.MonkeyPatch.context() as patch:
-        from fusedkd import _inputs
+        from fusedkd import _values
         from fusedkd.torch_backend import tiles
 
-        patch.setattr(_inputs, "eager_value_checks", lambda device: False)
+        patch.setattr(_values, "eager_value_checks", lambda device: False)
         patch.setattr(tiles, "compacts_ignored", lambda device: False)
 
         def sync(self, *args, **kwargs):
@@ -958,10 +958,10 @@ def test_no_host_sync_on_the_loss_path(key, reduction):
 @pytest.mark.parametrize("key", list(LOSSES))
 def test_value_checks_on_an_accelerator_are_asynchronous_and_name_the_argument(key, monkeypatch):
     """On an accelerator a bad label is a device-side assertion (no host sync) with the same message."""
-    from fusedkd import _inputs
+    from fusedkd import _values
 
     calls = []
-    monkeypatch.setattr(_inputs, "eager_value_checks", lambda device: calls.append(device) or False)
+    monkeypatch.setattr(_values, "eager_value_checks", lambda device: calls.append(device) or False)
     inputs = _small(key).replace(labels=torch.full((6,), 50))
     # On a CPU the asynchronous assertion fails at once, as a RuntimeError carrying the message.
     with pytest.raises(RuntimeError, match=r"labels must be in \[0, 50\) or equal ignore_index=-100"):
@@ -978,9 +978,9 @@ def test_value_checks_on_an_accelerator_are_asynchronous_and_name_the_argument(k
     ],
 )
 def test_topk_value_checks_on_an_accelerator_are_asynchronous(overrides, message, monkeypatch):
-    from fusedkd import _inputs
+    from fusedkd import _values
 
-    monkeypatch.setattr(_inputs, "eager_value_checks", lambda device: False)
+    monkeypatch.setattr(_values, "eager_value_checks", lambda device: False)
     with pytest.raises(RuntimeError, match=message):
         run(fusedkd.fused_linear_topk_kd_loss, _small("topk").replace(**overrides))
     repeated = _small("topk")
