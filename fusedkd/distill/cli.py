@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loss.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight (--divergence jsd)")
     loss.add_argument(
-        "--backend", default="auto", choices=("auto", "torch", "triton"), help="fusedkd loss backend"
+        "--backend", default="auto", choices=("auto", "torch", "tiles", "triton"), help="fusedkd loss backend"
     )
     loss.add_argument(
         "--teacher-topk",
