@@ -105,6 +105,18 @@ def check_softcap(name: str, value: float | None) -> float | None:
     return value
 
 
+def head_factors(
+    logit_scale: float, softcap: float | None, folded: float, divisor: float
+) -> tuple[float, float]:
+    """The two factors that finish a head's transform on a tile holding ``folded * z`` (z = W h + b):
+    ``head(z) / divisor = cap_mult * tanh(mult * x)`` for a soft-capped head, ``mult * x`` otherwise
+    (cap_mult 1). One place for both backends' tiles (`torch_backend.tiles.finish_head`, the tile
+    kernel's launcher)."""
+    if softcap is None:
+        return logit_scale / divisor / folded, 1.0
+    return logit_scale / softcap / folded, softcap / divisor
+
+
 def apply_head(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """The head transform of `KDOptions` on full logits (not in place): scale, then soft cap."""
     if logit_scale != 1.0:

@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedkd._options import KDOptions
+from fusedkd._options import KDOptions, head_factors
 from fusedkd.kernels import INTERPRETER, launch_device
 from fusedkd.kernels.tl_utils import (
     DIVERGENCE_CODES,
@@ -372,15 +372,6 @@ def kd_tile_kernel(
             tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
 
 
-def _head_scalars(
-    logit_scale: float, softcap: float | None, folded: float, divisor: float
-) -> tuple[float, float]:
-    """(mult, cap_mult) of `_head`, formed as `tiles.finish_head` forms its factors."""
-    if softcap is None:
-        return logit_scale / divisor / folded, 1.0
-    return logit_scale / softcap / folded, softcap / divisor
-
-
 def kd_tile_terms_triton(
     s: torch.Tensor,
     t: torch.Tensor,
@@ -433,10 +424,10 @@ def kd_tile_terms_triton(
     has_labels = labels is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     has_ce_grad = want_grad and has_labels and w_ce is not None
-    student_mult, student_cap_mult = _head_scalars(
+    student_mult, student_cap_mult = head_factors(
         options.student_logit_scale, options.student_softcap, folded[0], 1.0
     )
-    teacher_mult, teacher_cap_mult = _head_scalars(
+    teacher_mult, teacher_cap_mult = head_factors(
         options.teacher_logit_scale, options.teacher_softcap, folded[1], T if teacher_tempered else 1.0
     )
     beta = options.beta if options.divergence == "jsd" else 0.5  # unused outside the JSD

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fusedkd._options import KDOptions
+from fusedkd._options import KDOptions, head_factors
 
 # Default working-set target of the logits-level loss, `teacher_topk` and the gathered-rows path of
 # the sparse top-k loss: one `chunk x V` compute-dtype tile (or a `chunk x k x H` input-dtype tile of
@@ -145,15 +145,14 @@ def finish_head(
     softcap tanh(. / softcap) when capped. `derivative`, when given (capped heads only), receives
     d head / d(scale z) = 1 - tanh^2 = 1 / cosh^2 of tanh's argument: exact at saturation, where
     1 - tanh^2 would cancel."""
+    mult, cap_mult = head_factors(logit_scale, softcap, folded, divisor)
+    if mult != 1.0:
+        x.mul_(mult)
     if softcap is None:
-        if logit_scale / divisor != folded:
-            x.mul_(logit_scale / divisor / folded)
         return
-    if logit_scale / softcap != folded:
-        x.mul_(logit_scale / softcap / folded)
     if derivative is not None:  # cosh overflows to inf past |x| ~ 89 (float32): 1 / inf^2 = 0, right
         torch.cosh(x, out=derivative).square_().reciprocal_()
-    x.tanh_().mul_(softcap / divisor)
+    x.tanh_().mul_(cap_mult)
 
 
 def grad_tile(options: KDOptions, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
