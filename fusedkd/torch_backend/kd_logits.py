@@ -136,8 +136,7 @@ def kd_logits(
             student.shape,
             tokens.uncompacted_valid,
         )
-        divergence = torch.where(tokens.valid, divergence, 0.0)
-        return divergence, torch.where(tokens.valid, ce, 0.0), (grad,)
+        return divergence, ce, (grad,)  # rows that do not count hold 0: never computed, or masked
 
     loss = streamed.Streamed(stream_chunks, students=(0,), labels=2)
     return streamed.run(loss, options, (student_logits, teacher_logits.detach(), labels))
