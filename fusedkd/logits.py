@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedkd import _compile
+from fusedkd import _compile, vocab_parallel
 from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import prepare_logits_kd
@@ -121,6 +121,8 @@ def kd_loss(
 
 def logits_kd(student_logits, teacher_logits, labels, options: LogitsKDOptions):
     """`kd_loss` with its options already validated: the checks, then the chosen backend."""
+    if vocab_parallel.any_dtensor(student_logits, teacher_logits):
+        return vocab_parallel.logits_kd(student_logits, teacher_logits, labels, options)
     inputs = prepare_logits_kd(student_logits, teacher_logits, labels, options)
     tensors = (inputs.student_logits, inputs.teacher_logits, inputs.labels)
     device = inputs.student_logits.device

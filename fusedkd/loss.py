@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedkd import _compile
+from fusedkd import _compile, vocab_parallel
 from fusedkd._autograd import autocast_off
 from fusedkd._dispatch import backend_for, shaped_outputs, tiles_chunk_size
 from fusedkd._inputs import prepare_linear_kd
@@ -155,6 +155,13 @@ def linear_kd(
     options: KDOptions,
 ):
     """`fused_linear_kd_loss` with its options already validated: the checks, then the chosen backend."""
+    if vocab_parallel.any_dtensor(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias
+    ):
+        return vocab_parallel.linear_kd(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+            teacher_bias, options,
+        )  # fmt: skip
     inputs = prepare_linear_kd(
         student_hidden,
         student_weight,

@@ -13,11 +13,13 @@ differentiated, backward recomputes the tiles with the per-token weights it rece
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from fusedkd._options import KDOptions, compute_dtype
+from fusedkd._shard import VocabShard
 from fusedkd.torch_backend import streamed, tiles
 from fusedkd.torch_backend.tiles import (
     Scratch,
@@ -27,6 +29,7 @@ from fusedkd.torch_backend.tiles import (
     project,
     select_rows,
 )
+from fusedkd.torch_backend.vocab_parallel import sharded_tile_terms
 
 
 def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -206,6 +209,7 @@ def fused_linear_kd(
     *,
     chunk_size: int | None = None,
     tile_terms: Callable = kd_tile_terms,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked, flattened inputs -> (loss, distill, ce), reduced per `options`.
 
@@ -214,10 +218,16 @@ def fused_linear_kd(
     a positive int or None (the default: `tiles.LINEAR_TILE_BYTES` per logit tile). Outputs are float32
     (float64 for float64 inputs). `tile_terms`: the per-chunk arithmetic (`stream`); the tiles backend
     passes its Triton kernel here and its own chunk size.
+
+    `shard`: the heads are this rank's block of a vocabulary-parallel head (`fusedkd.vocab_parallel`):
+    the chunks' tiles are its columns, combined across the ranks per chunk
+    (`vocab_parallel.sharded_tile_terms`), and the hidden-state gradient is summed over the ranks.
     """
+    if shard is not None:
+        tile_terms = functools.partial(sharded_tile_terms, shard=shard)
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            options.vocab_size,
+            options.vocab_size if shard is None else shard.block,
             torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8,
             tiles.LINEAR_TILE_BYTES,
         )
@@ -227,7 +237,7 @@ def fused_linear_kd(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, _ = (
             tensors
         )
-        return _compact_stream(
+        divergence, ce, grads = _compact_stream(
             student_hidden,
             student_weight,
             student_bias,
@@ -241,6 +251,9 @@ def fused_linear_kd(
             need_bias_grad=student_bias is not None and needs[2],
             tile_terms=tile_terms,
         )
+        if shard is not None and grads is not None:  # each rank's columns' share of dh, summed
+            shard.all_reduce_(grads[0])
+        return divergence, ce, grads
 
     loss = streamed.Streamed(stream_chunks, students=(0, 1, 2), labels=6)
     return streamed.run(loss, options, (student_hidden, student_weight, student_bias, *teacher, labels))

@@ -8,13 +8,17 @@ in their dtype. Views such as ``logits[:, :-1]`` are read in place (`Rows`).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
 from fusedkd._options import KDOptions, compute_dtype
+from fusedkd._shard import VocabShard
 from fusedkd.torch_backend import streamed
 from fusedkd.torch_backend.tiles import Scratch, Tokens, default_chunk_size, kd_tile_terms, select_rows
+from fusedkd.torch_backend.vocab_parallel import sharded_tile_terms
 
 
 class Rows:
@@ -55,12 +59,15 @@ def stream(
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     grad_shape: torch.Size | None = None,
     valid: torch.Tensor | None = None,
+    tile_terms: Callable = kd_tile_terms,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stream over token chunks: (divergence [N], ce [N], grad [..., V_s] or None).
 
     `index` lists the rows to compute (the valid ones, on a CPU) or is None (all rows). `labels` and
     `grad_weights` are per row of the full [N]. Rows not computed get 0 and a zero gradient, and so do
-    rows computed but not `valid` (`Tokens.uncompacted_valid`).
+    rows computed but not `valid` (`Tokens.uncompacted_valid`). `tile_terms`: the per-chunk arithmetic
+    (`tiles.kd_tile_terms`, or a vocabulary-parallel rank's `vocab_parallel.sharded_tile_terms`); the
+    tiles are `student.vocab` columns wide.
     """
     x = student.x
     dtype = compute_dtype(x.dtype)
@@ -69,19 +76,19 @@ def stream(
     grad = None
     if grad_weights is not None:
         grad = torch.zeros(grad_shape, dtype=x.dtype, device=x.device)
-        grad_rows = grad.view(-1, grad.shape[-1])[:, : options.vocab_size]
+        grad_rows = grad.view(-1, grad.shape[-1])[:, : student.vocab]
     count = n if index is None else index.numel()
     if count == 0:
         return divergence, ce, grad
     # Two compute-dtype tiles and the scratch, allocated once and reused by every chunk.
     chunk = min(count, chunk_size)
-    tiles = [torch.empty(chunk, options.vocab_size, dtype=dtype, device=x.device) for _ in range(2)]
-    scratch = Scratch(chunk, options.vocab_size, dtype, x.device)
+    tiles = [torch.empty(chunk, student.vocab, dtype=dtype, device=x.device) for _ in range(2)]
+    scratch = Scratch(chunk, student.vocab, dtype, x.device)
     for start in range(0, count, chunk_size):
         stop = min(count, start + chunk_size)
         rows = slice(start, stop) if index is None else index[start:stop]
 
-        chunk_divergence, chunk_ce, chunk_grad = kd_tile_terms(
+        chunk_divergence, chunk_ce, chunk_grad = tile_terms(
             student.tile(rows, tiles[0][: stop - start]),
             teacher.tile(rows, tiles[1][: stop - start]),
             select_rows(labels, rows),
@@ -108,6 +115,7 @@ def kd_logits(
     options: KDOptions,
     *,
     chunk_size: int | None = None,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked inputs -> (loss, distill, ce), reduced per `options`, flat for "none".
 
@@ -115,18 +123,24 @@ def kd_logits(
     first `options.vocab_size` entries used); `labels` flat [N] int64 or None; `chunk_size` a positive int
     or None (the default: `tiles.TILE_BYTES` per tile). Outputs are float32 (float64 for float64 student
     logits); the gradient has the student logits' shape and dtype.
+
+    `shard`: the logits are this rank's block of vocabulary-parallel logits (`fusedkd.vocab_parallel`),
+    their first `shard.rows` entries counted; the per-token numbers are combined across the ranks per
+    chunk (`vocab_parallel.sharded_tile_terms`).
     """
+    tile_terms = kd_tile_terms if shard is None else functools.partial(sharded_tile_terms, shard=shard)
+    width = options.vocab_size if shard is None else shard.rows
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            options.vocab_size, torch.finfo(compute_dtype(student_logits.dtype)).bits // 8
+            options.vocab_size if shard is None else shard.block,
+            torch.finfo(compute_dtype(student_logits.dtype)).bits // 8,
         )
 
     def stream_chunks(tensors, tokens: Tokens, options: KDOptions, weights, needs):
         student, teacher, _ = tensors
-        vocab = options.vocab_size
         divergence, ce, grad = stream(
-            Rows(student, vocab),
-            Rows(teacher, vocab),
+            Rows(student, width),
+            Rows(teacher, width),
             tokens.safe_labels,
             options,
             chunk_size,
@@ -135,6 +149,7 @@ def kd_logits(
             weights,
             student.shape,
             tokens.uncompacted_valid,
+            tile_terms,
         )
         return divergence, ce, (grad,)  # rows that do not count hold 0: never computed, or masked
 

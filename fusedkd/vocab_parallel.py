@@ -1,0 +1,318 @@
+"""Vocabulary-parallel distillation: heads and logits sharded over a tensor-parallel mesh, never gathered.
+
+`fusedkd.fused_linear_kd_loss` and `fusedkd.kd_loss` come here when they are handed DTensors
+(docs/design.md §10):
+
+- **fused linear loss**: both heads ``Shard(0)`` (by vocabulary rows, as ``ColwiseParallel`` shards an
+  ``lm_head``) on one 1-D mesh, biases likewise or None, hidden states ``Replicate()`` on that mesh (as
+  a ``ColwiseParallel`` head receives them), labels a plain tensor (or a replicated DTensor) equal on
+  every rank;
+- **logits loss**: student and teacher logits ``Shard(-1)`` on one 1-D mesh (as
+  ``ColwiseParallel(use_local_output=False)`` returns them).
+
+Each rank projects (or reads) only its block of the vocabulary for every token. The per-token numbers
+each token's loss needs from the whole vocabulary (maxima, log-sums of exponentials, the label's logit on
+the rank that owns it, the divergence's sums) cross the ranks in two gathers of 6 and 2 numbers per token
+per chunk; G = dloss/dlogits stays on its rank. The student's weight (and bias) gradient comes back
+sharded like the weight, the logits' gradient like the logits; the hidden-state gradient is summed over
+the ranks (one all-reduce of ``[N, H_s]`` per call). The loss is a plain tensor, equal on every rank.
+
+A DTensor head with plain hidden states is what an FSDP-sharded head looks like outside its module's
+forward (each rank holding different tokens): refused, naming what to do instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fusedkd._autograd import autocast_off
+from fusedkd._dispatch import shaped_outputs
+from fusedkd._inputs import (
+    check_devices,
+    check_float,
+    check_model,
+    check_no_functorch,
+    check_same_leading,
+    check_sizes,
+    check_tensor,
+    contiguous,
+    first_rows,
+    prepare_labels,
+    resolve_vocab_size,
+)
+from fusedkd._options import KDOptions
+from fusedkd._shard import VocabShard, shard_offsets
+
+SUPPORTED = (
+    "vocabulary-parallel inputs are: for fused_linear_kd_loss, both heads (and biases) DTensors placed "
+    "(Shard(0),) on one 1-D mesh with hidden states DTensors placed (Replicate(),) on that mesh; for "
+    "kd_loss, both logits DTensors placed (Shard(-1),) on one 1-D mesh; labels a plain tensor equal on "
+    "every rank (docs/design.md §10)"
+)
+
+
+def _dtensor_type():
+    """The DTensor class when torch.distributed.tensor is loaded (no DTensor can exist otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def any_dtensor(*tensors) -> bool:
+    """Whether any of `tensors` is a DTensor."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(x, dtensor) for x in tensors)
+
+
+def _describe(x) -> str:
+    if x is None:
+        return "None"
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(x, dtensor):
+        return f"a DTensor placed {tuple(x.placements)} on a mesh of shape {tuple(x.device_mesh.shape)}"
+    return "a plain tensor"
+
+
+def _is_placed(x, mesh, placement) -> bool:
+    dtensor = _dtensor_type()
+    return isinstance(x, dtensor) and x.device_mesh == mesh and tuple(x.placements) == (placement,)
+
+
+def _check_mesh(name: str, x) -> object:
+    mesh = x.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"{name} is a DTensor on a {mesh.ndim}-D mesh {tuple(mesh.shape)}; the vocabulary-parallel loss "
+            f"takes heads on a 1-D (tensor-parallel) mesh, e.g. world_mesh['tp']. {SUPPORTED}"
+        )
+    return mesh
+
+
+def _plain_labels(labels, mesh):
+    """Labels as a plain tensor: a plain tensor, or a DTensor replicated on `mesh` (its local tensor)."""
+    if labels is None or not any_dtensor(labels):
+        return labels
+    from torch.distributed.tensor import Replicate
+
+    if not _is_placed(labels, mesh, Replicate()):
+        raise ValueError(
+            f"labels must be a plain tensor or replicated on the heads' mesh; got {_describe(labels)}"
+        )
+    return labels.to_local()
+
+
+def _shard(mesh, rows_by_name: dict[str, int], vocab: int) -> VocabShard:
+    """This rank's block: the same rows of every head (equal blocks: ceil(rows / world) for each)."""
+    world = mesh.size()
+    rank = mesh.get_local_rank()
+    blocks = {name: shard_offsets(rows, world) for name, rows in rows_by_name.items()}
+    first_name, first = next(iter(blocks.items()))
+    for name, layout in blocks.items():
+        if [offset for offset, _ in layout] != [offset for offset, _ in first]:
+            raise ValueError(
+                f"{first_name} ({rows_by_name[first_name]} rows) and {name} ({rows_by_name[name]} rows) are "
+                f"split into different vocabulary blocks over the mesh's {world} ranks; pad both to one "
+                f"number of rows (and pass vocab_size=) so that each rank holds the same vocabulary entries"
+            )
+    offset, rows = first[rank]
+    block = max(r for _, r in first)
+    return VocabShard(
+        group=mesh.get_group(),
+        rank=rank,
+        world=world,
+        offset=offset,
+        rows=max(0, min(rows, vocab - offset)),
+        block=max(1, block),
+        vocab=vocab,
+    )
+
+
+def _refuse_plain_hidden(weight_name: str, weight, hidden_name: str) -> None:
+    raise ValueError(
+        f"{weight_name} is {_describe(weight)} but {hidden_name} is a plain tensor. This is what an "
+        f"FSDP-sharded head looks like outside its module's forward, each rank holding different tokens: "
+        f"call the loss inside the module's forward (FSDP then hands it the whole head, as "
+        f"fusedkd.integrations do) or pass the gathered head ({weight_name}.full_tensor()). For a "
+        f"tensor-parallel head, pass the hidden states as a DTensor replicated on its mesh "
+        f"(DTensor.from_local(hidden, mesh, [Replicate()])). {SUPPORTED}"
+    )
+
+
+def _check_local_finite(shard: VocabShard, named: dict[str, torch.Tensor | None], logits: set[str]) -> None:
+    """`check_finite=True` on each rank's blocks: the ranks agree (one all-reduce of a flag) and all raise
+    when any of them found a NaN or an inf (for logits and biases a NaN or +inf: -inf is a mask)."""
+    found = None
+    for name, x in named.items():
+        if x is None or x.numel() == 0:
+            continue
+        x = x.detach()
+        bad = (x.isnan() | (x == float("inf"))) if name in logits else ~torch.isfinite(x)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            found = f"{name} holds a NaN or an inf on rank {shard.rank} (local index {index})"
+            break
+    flag = torch.tensor([0.0 if found is None else 1.0], device=next(iter(named.values())).device)
+    shard.all_reduce_(flag)
+    if found is not None:
+        raise ValueError(f"check_finite: {found}")
+    if flag.item() > 0:
+        raise ValueError("check_finite: another rank of the mesh found a NaN or an inf (see its error)")
+
+
+def linear_kd(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    options: KDOptions,
+):
+    """`fused_linear_kd_loss` on DTensor inputs (module docstring): checks, then the chosen backend on
+    this rank's block. Returns (loss, distill, ce) shaped like the plain call's."""
+    check_no_functorch()
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    for name, weight, hidden in (
+        ("student_weight", student_weight, student_hidden),
+        ("teacher_weight", teacher_weight, teacher_hidden),
+    ):
+        if isinstance(weight, DTensor) and not isinstance(hidden, DTensor):
+            _refuse_plain_hidden(name, weight, name.replace("weight", "hidden"))
+    if not isinstance(student_weight, DTensor):
+        raise ValueError(f"student_weight is a plain tensor but another input is a DTensor. {SUPPORTED}")
+    mesh = _check_mesh("student_weight", student_weight)
+    named = {
+        "student_weight": (student_weight, Shard(0)),
+        "teacher_weight": (teacher_weight, Shard(0)),
+        "student_hidden": (student_hidden, Replicate()),
+        "teacher_hidden": (teacher_hidden, Replicate()),
+        "student_bias": (student_bias, Shard(0)),
+        "teacher_bias": (teacher_bias, Shard(0)),
+    }
+    for name, (x, placement) in named.items():
+        if x is not None and not _is_placed(x, mesh, placement):
+            raise ValueError(
+                f"{name} must be a DTensor placed ({placement!r},) on student_weight's mesh; got "
+                f"{_describe(x)}. {SUPPORTED}"
+            )
+    labels = _plain_labels(labels, mesh)
+    global_rows = {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]}
+    for role, bias, weight in (
+        ("student", student_bias, student_weight),
+        ("teacher", teacher_bias, teacher_weight),
+    ):
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+            raise ValueError(
+                f"{role}_bias must have one entry per row of {role}_weight ({weight.shape[0]}), got "
+                f"{tuple(bias.shape)}"
+            )
+    sh, sw, sb = check_model("student", *(_local(x) for x in (student_hidden, student_weight, student_bias)))
+    th, tw, tb = check_model("teacher", *(_local(x) for x in (teacher_hidden, teacher_weight, teacher_bias)))
+    if labels is not None:
+        check_tensor("labels", labels)
+    check_devices(
+        {"student_hidden": sh, "student_weight": sw, "teacher_hidden": th, "teacher_weight": tw,
+         "labels": labels, "student_bias": sb, "teacher_bias": tb}
+    )  # fmt: skip
+    check_same_leading("teacher_hidden", th, "student_hidden", sh)
+    leading_shape = sh.shape[:-1]
+    vocab = resolve_vocab_size(options.vocab_size, global_rows)
+    options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
+    labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_hidden")
+    shard = _shard(mesh, global_rows, vocab)
+    tensors = (
+        sh.reshape(-1, sh.shape[-1]),
+        first_rows(sw, shard.rows),
+        contiguous(first_rows(sb, shard.rows)),
+        th.reshape(-1, th.shape[-1]),
+        first_rows(tw, shard.rows),
+        contiguous(first_rows(tb, shard.rows)),
+        labels,
+    )
+    if options.check_finite:
+        names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
+                 "teacher_bias")  # fmt: skip
+        _check_local_finite(shard, dict(zip(names, tensors[:6])), {"student_bias", "teacher_bias"})
+    backend = _backend(options, sh.device)
+    with autocast_off(sh.device):
+        if backend == "triton":
+            from fusedkd.kernels.fused_linear_kd import fused_linear_kd
+
+            outputs = fused_linear_kd(*tensors, options, shard=shard)
+        else:
+            from fusedkd.torch_backend.fused_linear_kd import fused_linear_kd
+
+            outputs = fused_linear_kd(*tensors, options, chunk_size=options.chunk_size, shard=shard)
+    return shaped_outputs(outputs, options, leading_shape)
+
+
+def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
+    """`kd_loss` on DTensor logits sharded on the vocabulary (module docstring). Returns (loss, distill,
+    ce) shaped like the plain call's; the student logits' gradient is sharded like them."""
+    check_no_functorch()
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(student_logits, DTensor):
+        raise ValueError(f"student_logits is a plain tensor but another input is a DTensor. {SUPPORTED}")
+    mesh = _check_mesh("student_logits", student_logits)
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        last = Shard(x.dim() - 1) if isinstance(x, DTensor) else None
+        if last is None or not (_is_placed(x, mesh, last) or _is_placed(x, mesh, Shard(-1))):
+            raise ValueError(
+                f"{name} must be a DTensor placed (Shard(-1),) (its vocabulary dimension) on student_logits' "
+                f"mesh; got {_describe(x)}. {SUPPORTED}"
+            )
+    labels = _plain_labels(labels, mesh)
+    local_student, local_teacher = student_logits.to_local(), teacher_logits.to_local()
+    for name, logits in (("student_logits", local_student), ("teacher_logits", local_teacher)):
+        check_tensor(name, logits, min_ndim=1)
+        check_float(name, logits)
+        check_sizes(name, logits, "vocabulary size")
+    if labels is not None:
+        check_tensor("labels", labels)
+    check_devices({"student_logits": local_student, "teacher_logits": local_teacher, "labels": labels})
+    check_same_leading("teacher_logits", local_teacher, "student_logits", local_student)
+    leading_shape = local_student.shape[:-1]
+    global_entries = {"student_logits": student_logits.shape[-1], "teacher_logits": teacher_logits.shape[-1]}
+    vocab = resolve_vocab_size(options.vocab_size, global_entries, unit="entries")
+    options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
+    labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_logits")
+    shard = _shard(mesh, global_entries, vocab)
+    if options.check_finite:
+        named = {
+            "student_logits": local_student[..., : shard.rows],
+            "teacher_logits": local_teacher[..., : shard.rows],
+        }
+        _check_local_finite(shard, named, set(named))
+    if _backend(options, local_student.device) == "triton":
+        raise ValueError(
+            "kd_loss on vocabulary-sharded logits runs on the PyTorch backend (backend='torch' or 'auto'); "
+            "its Triton kernels take whole logit rows"
+        )
+    with autocast_off(local_student.device):
+        from fusedkd.torch_backend.kd_logits import kd_logits
+
+        outputs = kd_logits(local_student, local_teacher.detach(), labels, options,
+                            chunk_size=options.chunk_size, shard=shard)  # fmt: skip
+    return shaped_outputs(outputs, options, leading_shape)
+
+
+def _local(x):
+    """A DTensor's local tensor (differentiable: its gradient comes back placed like it), or None."""
+    return None if x is None else x.to_local()
+
+
+def _backend(options: KDOptions, device: torch.device) -> str:
+    """The backend of a vocabulary-parallel call: "torch", or "triton" when named or, under "auto", on
+    CUDA with Triton available. The tile path ("tiles") is not vocabulary-parallel."""
+    if options.backend == "tiles":
+        raise ValueError(
+            "backend='tiles' does not run vocabulary-parallel; use backend='auto', 'torch' or 'triton' "
+            "with sharded heads"
+        )
+    if options.backend == "auto":
+        return "torch"
+    return options.backend

@@ -1,0 +1,247 @@
+"""Vocabulary-parallel losses (fusedkd.vocab_parallel) on 2 and 3 gloo processes against one process.
+
+Each world size runs every case in one launch of `_vocab_parallel_worker.py` (heads or logits sharded with
+DTensor, uneven blocks: V is never a multiple of the world size); the loss and every gradient must equal
+the single-process loss on the whole tensors to float32 rounding, the collectives must be the per-chunk
+gathers of a few numbers per token (and one all-reduce of the hidden-state gradient), and each rank's
+largest tensor must be its block's tile: memory per rank proportional to V / P.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import _vocab_parallel_worker as worker
+import pytest
+import torch
+
+from fusedkd._inputs import shift_labels
+
+WORKER = Path(__file__).with_name("_vocab_parallel_worker.py")
+HS = 12  # the worker's default student hidden size
+
+CASES = {
+    "forward_kl": dict(
+        kind="linear", seed=1, shape=(3, 7), rows=101, options=dict(temperature=2.0, alpha=0.6)
+    ),
+    "reverse_kl_bias_sum": dict(
+        kind="linear",
+        seed=2,
+        shape=(19,),
+        rows=77,
+        bias=True,
+        options=dict(divergence="reverse_kl", temperature=0.5, alpha=0.3, reduction="sum"),
+    ),
+    "jsd_none_components": dict(
+        kind="linear",
+        seed=3,
+        shape=(2, 9),
+        rows=64,
+        bias=True,
+        options=dict(divergence="jsd", beta=0.3, reduction="none", return_components=True, temperature=3.0),
+    ),
+    "jsd_beta_one": dict(
+        kind="linear", seed=4, shape=(11,), rows=53, options=dict(divergence="jsd", beta=1.0)
+    ),
+    "jsd_beta_zero_t1": dict(
+        kind="linear", seed=5, shape=(11,), rows=53, options=dict(divergence="jsd", beta=0.0)
+    ),
+    "no_labels": dict(kind="linear", seed=6, shape=(13,), rows=59, labels=False, options=dict(alpha=1.0)),
+    "head_transforms": dict(
+        kind="linear",
+        seed=7,
+        shape=(15,),
+        rows=71,
+        bias=True,
+        options=dict(
+            student_logit_scale=0.5,
+            teacher_logit_scale=2.0,
+            student_softcap=3.0,
+            teacher_softcap=5.0,
+            temperature=1.5,
+            divergence="reverse_kl",
+        ),
+    ),
+    "padded_vocab": dict(
+        kind="linear", seed=8, shape=(12,), rows=64, vocab_size=50, options=dict(vocab_size=50)
+    ),
+    # With 3 ranks (blocks of 22) the last block starts at 44 > 40: a rank with no counted row.
+    "rank_without_rows": dict(
+        kind="linear",
+        seed=9,
+        shape=(12,),
+        rows=64,
+        vocab_size=40,
+        options=dict(vocab_size=40, divergence="jsd", beta=0.6),
+    ),
+    "ignore_index_many_chunks": dict(
+        kind="linear",
+        seed=10,
+        shape=(40,),
+        rows=37,
+        ignore=0.6,
+        ignore_index=-1,
+        options=dict(ignore_index=-1, chunk_size=4, temperature=0.8),
+    ),
+    "all_ignored": dict(kind="linear", seed=11, shape=(6,), rows=31, ignore=1.0),
+    "extreme_logits": dict(
+        kind="linear",
+        seed=12,
+        shape=(9,),
+        rows=45,
+        logit_scale=3000.0,
+        options=dict(divergence="reverse_kl", alpha=0.9),
+    ),
+    "check_finite": dict(kind="linear", seed=13, shape=(7,), rows=29, options=dict(check_finite=True)),
+    "nan_teacher_jsd": dict(
+        kind="linear",
+        seed=14,
+        shape=(8,),
+        rows=33,
+        ignore=0.0,
+        poke={"teacher_hidden": ((2, 0), math.nan)},
+        options=dict(divergence="jsd"),
+    ),
+    "logits_forward_kl": dict(kind="logits", seed=20, shape=(4, 5), rows=67, options=dict(temperature=2.0)),
+    "logits_reverse_kl_shift": dict(
+        kind="logits",
+        seed=21,
+        shape=(3, 6),
+        rows=41,
+        options=dict(divergence="reverse_kl", shift_labels=True, alpha=0.2),
+    ),
+    "logits_jsd_none_padded": dict(
+        kind="logits",
+        seed=22,
+        shape=(10,),
+        rows=48,
+        vocab_size=45,
+        options=dict(divergence="jsd", beta=0.7, reduction="none", vocab_size=45, teacher_softcap=4.0),
+    ),
+    "logits_nan_student": dict(
+        kind="logits", seed=23, shape=(6,), rows=35, ignore=0.0, poke={"student_logits": ((1, 30), math.nan)}
+    ),
+    # Memory: one 64-token chunk of a 30,000-entry vocabulary.
+    "memory": dict(
+        kind="linear", seed=30, shape=(64,), rows=30_000, hs=8, ht=8, ignore=0.0, options=dict(chunk_size=64)
+    ),
+}
+for case in CASES.values():
+    case.setdefault("options", {})["backend"] = "torch"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def sharded(request, tmp_path_factory):
+    """(world size, [per-rank results]) of every case, from one launch of the worker."""
+    world = request.param
+    directory = tmp_path_factory.mktemp(f"vp{world}")
+    cases_path, out_path = directory / "cases.pt", directory / "out.pt"
+    torch.save(CASES, cases_path)
+    command = [sys.executable, str(WORKER), str(world), str(cases_path), str(out_path), str(_free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return world, torch.load(out_path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return {name: worker.run_plain(case, worker.make_inputs(case)) for name, case in CASES.items()}
+
+
+pytestmark = pytest.mark.slow  # two launches of 2 and 3 processes, ~1 min in all on a 2-core CPU
+
+
+def _counted(case: dict) -> int:
+    labels = worker.make_inputs(case)["labels"]
+    if not case.get("labels", True):
+        return labels.numel()
+    ignore_index = case.get("ignore_index", -100)
+    if case["options"].get("shift_labels"):
+        labels = shift_labels(labels, ignore_index)
+    return int((labels != ignore_index).sum())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_equal_to_one_process(sharded, plain, name):
+    world, results = sharded
+    expected = plain[name]
+    for rank, result in enumerate(results):
+        result = result[name]
+        assert "error" not in result, result.get("error")
+        assert set(expected) <= set(result), (sorted(expected), sorted(result))
+        for key, value in expected.items():
+            finite = value[torch.isfinite(value)]
+            scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+            torch.testing.assert_close(
+                result[key], value, rtol=3e-5, atol=3e-6 * scale, equal_nan=True, msg=f"rank {rank}: {key}"
+            )
+    if name.startswith("nan") or name.startswith("logits_nan"):
+        assert torch.isnan(expected["out0"]).all()  # the rule: a NaN input in a counted token stays a NaN
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "memory"])
+def test_collectives_are_per_token_numbers(sharded, name):
+    """Per chunk: one gather of 6 numbers per token and one of 2; per call of the fused linear loss one
+    all-reduce of the hidden-state gradient [N, H_s]; nothing else (no head or logits gather)."""
+    world, results = sharded
+    case = CASES[name]
+    options = case["options"]
+    # The forward's gathers, and the backward's again when it recomputes (reduction "none", components).
+    passes = 2 if options.get("reduction") == "none" or options.get("return_components") else 1
+    expected = sorted(_expected_log(case, _counted(case), math.prod(case["shape"]), passes))
+    for rank, result in enumerate(results):
+        assert sorted(result[name]["collectives"]) == expected, (rank, result[name]["collectives"])
+
+
+def _expected_log(case: dict, counted: int, n: int, passes: int) -> list[tuple[str, int]]:
+    """The collectives of one loss call and its backward."""
+    options = case["options"]
+    chunk = options.get("chunk_size") or 4096
+    log = [("all_reduce", 1)] if options.get("check_finite") else []
+    gathers = []
+    for start in range(0, counted, chunk):
+        rows = min(chunk, counted - start)
+        gathers += [("all_gather", 6 * rows), ("all_gather", 2 * rows)]
+    log += gathers * passes
+    if case["kind"] == "linear":
+        log.append(("all_reduce", n * case.get("hs", HS)))  # the hidden-state gradient, once
+    return log
+
+
+def test_memory_per_rank_scales_as_vocab_over_world(sharded):
+    """The largest tensor a rank makes is one chunk x its block of the vocabulary: V / P of one process's."""
+    world, results = sharded
+    case = CASES["memory"]
+    one_process = worker.Largest()
+    with one_process:
+        worker.run_plain(case, worker.make_inputs(case))
+    block = math.ceil(case["rows"] / world)
+    assert one_process.numel == 64 * case["rows"]  # the one-process tile: 64 tokens x V
+    for result in results:
+        largest = result["memory"]["largest"]
+        assert result["memory"]["local_shape"][0] in (block, case["rows"] - block * (world - 1))
+        assert largest <= 64 * block, (largest, 64 * block)
+        assert largest / one_process.numel <= 1.0 / world + 1e-3
+
+
+def test_refusals_name_the_layout(sharded):
+    world, results = sharded
+    messages = results[0]["refusals"]
+    assert "FSDP-sharded head" in messages["fsdp"] and "full_tensor()" in messages["fsdp"]
+    assert "student_hidden must be a DTensor placed (Replicate(),)" in messages["hidden_sharded"]
+    assert "student_weight must be a DTensor placed (Shard(dim=0),)" in messages["weight_dim1"]
+    assert "teacher_weight" in messages["teacher_plain"] and "plain tensor" in messages["teacher_plain"]
+    assert "backend='tiles' does not run vocabulary-parallel" in messages["tiles"]
+    assert "teacher_logits must be a DTensor placed (Shard(-1),)" in messages["logits_replicated"]
+    assert "labels must be in [0, 11)" in messages["labels_range"]
+    assert "different vocabulary blocks" in messages["blocks"]
