@@ -38,6 +38,10 @@ class VocabShard:
     block: int
     vocab: int
 
+    def rows_of(self, rank: int) -> int:
+        """How many counted rows rank `rank`'s block holds."""
+        return max(0, min(self.block, self.vocab - rank * self.block))
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[world, *x.shape]``: every rank's `x`, in rank order (= vocabulary order), on every rank."""
         out = x.new_empty((self.world, *x.shape))

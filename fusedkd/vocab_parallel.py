@@ -28,7 +28,7 @@ import sys
 import torch
 
 from fusedkd._autograd import autocast_off
-from fusedkd._dispatch import shaped_outputs
+from fusedkd._dispatch import backend_for, shaped_outputs
 from fusedkd._inputs import (
     check_devices,
     check_float,
@@ -236,7 +236,7 @@ def linear_kd(
         names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
                  "teacher_bias")  # fmt: skip
         _check_local_finite(shard, dict(zip(names, tensors[:6])), {"student_bias", "teacher_bias"})
-    backend = _backend(options, sh.device)
+    backend = _backend(options, sh.device, sh.dtype)
     with autocast_off(sh.device):
         if backend == "triton":
             from fusedkd.kernels.fused_linear_kd import fused_linear_kd
@@ -287,7 +287,7 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
             "teacher_logits": local_teacher[..., : shard.rows],
         }
         _check_local_finite(shard, named, set(named))
-    if _backend(options, local_student.device) == "triton":
+    if _backend(options, local_student.device, local_student.dtype) == "triton":
         raise ValueError(
             "kd_loss on vocabulary-sharded logits runs on the PyTorch backend (backend='torch' or 'auto'); "
             "its Triton kernels take whole logit rows"
@@ -305,14 +305,12 @@ def _local(x):
     return None if x is None else x.to_local()
 
 
-def _backend(options: KDOptions, device: torch.device) -> str:
-    """The backend of a vocabulary-parallel call: "torch", or "triton" when named or, under "auto", on
-    CUDA with Triton available. The tile path ("tiles") is not vocabulary-parallel."""
+def _backend(options: KDOptions, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend of a vocabulary-parallel call: `fusedkd._dispatch.backend_for`'s rule without the tile
+    path ("tiles" is not vocabulary-parallel): the fused Triton kernels on CUDA under "auto"."""
     if options.backend == "tiles":
         raise ValueError(
             "backend='tiles' does not run vocabulary-parallel; use backend='auto', 'torch' or 'triton' "
             "with sharded heads"
         )
-    if options.backend == "auto":
-        return "torch"
-    return options.backend
+    return backend_for(options, device, dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 import _vocab_parallel_worker as worker
 import pytest
 import torch
+from _helpers import _triton_skip_reason
 
 from fusedkd._inputs import shift_labels
 
@@ -132,6 +133,57 @@ CASES = {
 }
 for case in CASES.values():
     case.setdefault("options", {})["backend"] = "torch"
+# The fused Triton kernels (Triton's interpreter on a CPU): their passes' per-split states cross the ranks.
+TRITON_CASES = {
+    "triton_forward_kl_bias": dict(
+        kind="linear", seed=40, shape=(2, 9), rows=101, bias=True, options=dict(temperature=2.0, alpha=0.6)
+    ),
+    "triton_reverse_kl_transforms": dict(
+        kind="linear",
+        seed=41,
+        shape=(21,),
+        rows=77,
+        options=dict(divergence="reverse_kl", temperature=0.7, student_logit_scale=0.5, teacher_softcap=4.0),
+    ),
+    "triton_jsd_none_components": dict(
+        kind="linear",
+        seed=42,
+        shape=(17,),
+        rows=64,
+        bias=True,
+        options=dict(divergence="jsd", beta=0.3, reduction="none", return_components=True, temperature=3.0),
+    ),
+    "triton_rank_without_rows": dict(
+        kind="linear",
+        seed=43,
+        shape=(12,),
+        rows=64,
+        vocab_size=40,
+        options=dict(vocab_size=40, divergence="jsd", beta=0.6, alpha=0.2),
+    ),
+    "triton_ignore_index_no_labels_t1": dict(
+        kind="linear",
+        seed=44,
+        shape=(30,),
+        rows=37,
+        labels=False,
+        options=dict(alpha=1.0, divergence="reverse_kl"),
+    ),
+    "triton_nan_teacher_jsd": dict(
+        kind="linear",
+        seed=45,
+        shape=(8,),
+        rows=33,
+        ignore=0.0,
+        poke={"teacher_hidden": ((2, 0), math.nan)},
+        options=dict(divergence="jsd"),
+    ),
+}
+for case in TRITON_CASES.values():
+    case["options"]["backend"] = "triton"
+TRITON_SKIP = _triton_skip_reason()
+if TRITON_SKIP is None:
+    CASES.update(TRITON_CASES)
 
 
 def _free_port() -> int:
@@ -198,9 +250,30 @@ def test_collectives_are_per_token_numbers(sharded, name):
     options = case["options"]
     # The forward's gathers, and the backward's again when it recomputes (reduction "none", components).
     passes = 2 if options.get("reduction") == "none" or options.get("return_components") else 1
-    expected = sorted(_expected_log(case, _counted(case), math.prod(case["shape"]), passes))
+    n = math.prod(case["shape"])
+    if options["backend"] == "triton":
+        return _check_triton_collectives(case, n, results)
+    expected = sorted(_expected_log(case, _counted(case), n, passes))
     for rank, result in enumerate(results):
         assert sorted(result[name]["collectives"]) == expected, (rank, result[name]["collectives"])
+
+
+def _check_triton_collectives(case: dict, n: int, results) -> None:
+    """The fused kernels' passes: one gather of the statistics pass's per-split states (8 numbers per
+    token and split), one of the JSD pass's (2), both O(N); one all-reduce of the hidden-state gradient."""
+    jsd = case["options"].get("divergence") == "jsd"
+    for rank, result in enumerate(results):
+        log = result[case_name(case)]["collectives"]
+        names = [name for name, _ in log]
+        assert names == ["all_gather"] * (2 if jsd else 1) + ["all_reduce"], (rank, log)
+        assert log[0][1] % (8 * n) == 0 and 1 <= log[0][1] // (8 * n) <= 4, (rank, log)
+        if jsd:
+            assert log[1][1] == log[0][1] // 4, (rank, log)  # the same splits, 2 fields instead of 8
+        assert log[-1][1] == n * case.get("hs", HS), (rank, log)
+
+
+def case_name(case: dict) -> str:
+    return next(name for name, c in CASES.items() if c is case)
 
 
 def _expected_log(case: dict, counted: int, n: int, passes: int) -> list[tuple[str, int]]:

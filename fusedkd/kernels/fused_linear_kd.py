@@ -31,11 +31,13 @@ from fusedkd._autograd import (
     unit_gradient_weights,
 )
 from fusedkd._options import KDOptions
+from fusedkd._shard import VocabShard
 from fusedkd.kernels import INTERPRETER, launch_device, unavailable_reason
 from fusedkd.kernels.config import (
     KernelConfig,
     TileConfig,
     config_dtype,
+    default_config,
     dot_precision,
     multiprocessor_count,
     select_config,
@@ -62,6 +64,9 @@ class _Problem:
     num_valid: torch.Tensor  # [1] int64, on the device
     options: KDOptions
     multiprocessors: int = 0  # the grids are sized for (0: the device's; compile_check sets its own)
+    # This rank's block of a vocabulary-parallel head (the passes' per-token states are combined across
+    # the ranks: `combine_partials`), or None.
+    shard: VocabShard | None = None
 
     def __post_init__(self):
         if not self.multiprocessors:
@@ -160,9 +165,27 @@ def _statistics(problem: _Problem, config: KernelConfig):
 
 
 def _gradients(problem: _Problem, config: KernelConfig, stats, weight_distill, weight_ce, wanted):
-    """The gradient pass on the inputs' device: see `gradient.launch_gradient`."""
-    with launch_device(problem.student_hidden):
-        return launch_gradient(problem, config, stats, weight_distill, weight_ce, wanted)
+    """The gradient pass on the inputs' device: see `gradient.launch_gradient`. Vocabulary-parallel: this
+    rank's columns' share of the hidden-state gradient, summed over the ranks."""
+    shard = problem.shard
+    if shard is not None and (problem.vocab_size == 0 or problem.num_tokens == 0):
+        grads = _empty_gradients(problem, wanted)
+    else:
+        with launch_device(problem.student_hidden):
+            grads = launch_gradient(problem, config, stats, weight_distill, weight_ce, wanted)
+    if shard is not None and grads[0] is not None:
+        shard.all_reduce_(grads[0])
+    return grads
+
+
+def _empty_gradients(problem: _Problem, wanted):
+    """The gradients of a rank whose block holds no counted row (or of no token): zeros."""
+    hidden, weight, bias = problem.student_hidden, problem.student_weight, problem.student_bias
+    return (
+        torch.zeros_like(hidden) if wanted[0] else None,
+        torch.zeros_like(weight) if wanted[1] else None,
+        torch.zeros_like(bias) if wanted[2] else None,
+    )
 
 
 def _reduction_scale(problem: _Problem) -> torch.Tensor:
@@ -201,6 +224,8 @@ def _select_config(problem: _Problem) -> KernelConfig:
         stats, _, _ = _statistics(problem, config)
         return _unit_gradients(problem, config, stats)
 
+    if problem.shard is not None:  # every rank must run one configuration (their splits pair up)
+        return default_config(config_dtype(hidden.dtype, teacher.dtype))
     return select_config(key, config_dtype(hidden.dtype, teacher.dtype), problem.device, run)
 
 
@@ -208,14 +233,14 @@ class _FusedLinearKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         """inputs: the seven tensors of `fused_linear_kd` (student_hidden ... labels), then the options."""
-        *tensors, options = inputs
-        problem = _make_problem(*tensors, options)
+        *tensors, options, shard = inputs
+        problem = _make_problem(*tensors, options, shard=shard)
         config = _select_config(problem)
         stats, distill, ce = _statistics(problem, config)
         scale = _reduction_scale(problem)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors, problem.token_index, problem.num_valid, stats, scale)
-        ctx.options, ctx.config = options, config
+        ctx.options, ctx.config, ctx.shard = options, config, shard
         return _outputs(problem, distill, ce, scale)
 
     @staticmethod
@@ -225,7 +250,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         wanted = ctx.needs_input_grad
         if no_output_grad(grad_loss, grad_distill, grad_ce):
             return input_grads(wanted, {})
-        problem = _Problem(*tensors, token_index, num_valid, ctx.options)
+        problem = _Problem(*tensors, token_index, num_valid, ctx.options, shard=ctx.shard)
         # Ignored tokens are never visited by the kernels: their weights do not matter.
         weight_distill, weight_ce = gradient_weights(
             ctx.options,
@@ -241,12 +266,12 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         return input_grads(wanted, dict(enumerate(grads)))
 
 
-def _make_problem(*inputs) -> _Problem:
+def _make_problem(*inputs, shard: VocabShard | None = None) -> _Problem:
     """inputs: the seven tensors of `fused_linear_kd` (student_hidden ... labels), then the options."""
     *tensors, labels, options = inputs
     hidden = tensors[0]
     token_index, num_valid = _token_order(labels, options, hidden.shape[0], hidden.device)
-    return _Problem(*tensors, labels, token_index, num_valid, options)
+    return _Problem(*tensors, labels, token_index, num_valid, options, shard=shard)
 
 
 def _check_supported(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> None:
@@ -270,6 +295,8 @@ def fused_linear_kd(
     teacher_bias: torch.Tensor | None,
     labels: torch.Tensor | None,
     options: KDOptions,
+    *,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked, flattened inputs -> (loss, distill, ce), float32, reduced per `options`.
 
@@ -278,10 +305,17 @@ def fused_linear_kd(
     (the teacher's dtype may differ from the student's). The teacher gets no gradient. Under
     torch.no_grad, or when no student tensor requires grad, only the forward passes run and nothing
     is saved. The backward is once-differentiable (double backward raises).
+
+    `shard`: the heads are this rank's block of a vocabulary-parallel head (`fusedkd.vocab_parallel`),
+    `labels` global vocabulary indices: each pass's per-split states are gathered from every rank and
+    merged as one rank's splits are (`statistics.combine_partials`), the label's logit and one-hot on the
+    rank that owns it, and the hidden-state gradient summed over the ranks.
     """
     _check_supported(student_hidden, teacher_hidden)
     if labels is not None and labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
+    if shard is not None:
+        labels = shard.local_labels(labels, options.ignore_index)
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     args = (
@@ -297,8 +331,8 @@ def fused_linear_kd(
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)
     )
     if needs_grad:
-        return _FusedLinearKDFunction.apply(*args, options)
+        return _FusedLinearKDFunction.apply(*args, options, shard)
     with torch.no_grad():
-        problem = _make_problem(*args, options)
+        problem = _make_problem(*args, options, shard=shard)
         _, distill, ce = _statistics(problem, _select_config(problem))
         return _outputs(problem, distill, ce, _reduction_scale(problem))

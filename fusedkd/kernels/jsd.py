@@ -27,6 +27,7 @@ from fusedkd.kernels.statistics import (
     STAT_LOGZ_TEACHER_T,
     STAT_M_STUDENT,
     STAT_M_TEACHER,
+    combine_partials,
 )
 from fusedkd.kernels.tl_utils import inverse_temperature, logaddexp, logits_tile, park_tile, unpark_tile
 
@@ -197,15 +198,21 @@ def launch_jsd(problem: _Problem, config: KernelConfig, stats, distill, park) ->
     `stats` it completes, whose parking scratch `park` it reuses): writes D into `distill` [N]."""
     n, beta, tile = problem.num_tokens, problem.options.beta, config.statistics
     sms = problem.multiprocessors
-    splits, blocks_per_split, programs = statistics_layout(n, problem.vocab_size, config, sms)
-    sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
+    vocab = problem.vocab_size  # 0 on a rank of a vocabulary-parallel head whose block counts no row
+    splits, blocks_per_split, programs = statistics_layout(n, vocab, config, sms) if vocab else (0, 0, 1)
+    sizes = (n, vocab, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
     student, teacher, student_strides, teacher_strides = problem.tile_args()
     jsd_partial = torch.empty((splits, NUM_JSD_FIELDS, n), dtype=torch.float32, device=problem.device)
-    jsd_kernel[(programs,)](
-        *student, *teacher, problem.token_index, problem.num_valid, stats, jsd_partial, park, *sizes,
-        blocks_per_split, splits, *student_strides, *teacher_strides, inverse_temperature(problem.options),
-        math.log(beta), math.log1p(-beta), FOLD_V=tile.fold_v, **problem.tile_flags(tile),
-    )  # fmt: skip
+    if vocab:
+        jsd_kernel[(programs,)](
+            *student, *teacher, problem.token_index, problem.num_valid, stats, jsd_partial, park, *sizes,
+            blocks_per_split, splits, *student_strides, *teacher_strides,
+            inverse_temperature(problem.options), math.log(beta), math.log1p(-beta), FOLD_V=tile.fold_v,
+            **problem.tile_flags(tile),
+        )  # fmt: skip
+    if problem.shard is not None:  # every rank's sums, added below like this rank's own splits
+        jsd_partial = combine_partials(problem, config, jsd_partial, (0.0, 0.0))
+        splits = jsd_partial.shape[0]
     merge_jsd_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
         jsd_partial, stats, problem.token_index, problem.num_valid, distill, n, splits, beta,
         BLOCK=MERGE_BLOCK,

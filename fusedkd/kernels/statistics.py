@@ -34,6 +34,7 @@ and no host sync is needed to know how many there are.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,6 +72,8 @@ PARTIAL_KL_ACC: tl.constexpr = tl.constexpr(5)
 PARTIAL_LABEL_LOGIT: tl.constexpr = tl.constexpr(6)
 PARTIAL_TEACHER_AT_TOP: tl.constexpr = tl.constexpr(7)
 NUM_PARTIAL_FIELDS: tl.constexpr = tl.constexpr(8)
+# The partial state of no vocabulary entry (`empty_states`), field by field.
+EMPTY_PARTIAL = (-math.inf, 0.0, 0.0, -math.inf, 0.0, 0.0, 0.0, 0.0)
 
 # Fields of the merged statistics saved for the backward: stats[field, position].
 STAT_M_STUDENT: tl.constexpr = tl.constexpr(0)  # max_v s_v
@@ -463,13 +466,33 @@ def merge_statistics_kernel(
         tl.store(ce_ptr + rows, (m_student - label_logit) + logz_student_plain, mask=mask)
 
 
+def combine_partials(problem: _Problem, config: KernelConfig, partial: torch.Tensor, empty) -> torch.Tensor:
+    """A pass's per-split states [splits, fields, N] of this rank, and every other rank's after them in
+    vocabulary order: [all splits, fields, N], which the merge kernels combine exactly as they combine one
+    rank's splits (docs/design.md §10). Each rank's splits are padded to the most any rank has with the
+    states of no vocabulary entry (`empty`, one value per field), which merging leaves unchanged."""
+    shard = problem.shard
+    n = problem.num_tokens
+    most = max(
+        statistics_layout(n, shard.rows_of(rank), config, problem.multiprocessors)[0]
+        if shard.rows_of(rank)
+        else 0
+        for rank in range(shard.world)
+    )
+    padded = partial.new_empty((most, partial.shape[1], n))
+    padded[: partial.shape[0]] = partial
+    padded[partial.shape[0] :] = torch.tensor(empty, dtype=partial.dtype, device=partial.device)[:, None]
+    return shard.gather(padded).flatten(0, 1)
+
+
 def launch_statistics(problem: _Problem, config: KernelConfig):
     """Pass 1 and its merge, for N > 0 tokens: (stats [fields, N], distill [N], ce [N]), float32, and
     the programs' parking scratch (which the JSD's pass 2 reuses)."""
     options, n, device = problem.options, problem.num_tokens, problem.device
     tile = config.statistics
     sms = problem.multiprocessors
-    splits, blocks_per_split, programs = statistics_layout(n, problem.vocab_size, config, sms)
+    vocab = problem.vocab_size  # 0 on a rank of a vocabulary-parallel head whose block counts no row
+    splits, blocks_per_split, programs = statistics_layout(n, vocab, config, sms) if vocab else (0, 0, 1)
     inv_temperature = inverse_temperature(options)
     sizes = (n, problem.vocab_size, problem.student_hidden.shape[1], problem.teacher_hidden.shape[1])
     student, teacher, student_strides, teacher_strides = problem.tile_args()
@@ -482,11 +505,15 @@ def launch_statistics(problem: _Problem, config: KernelConfig):
     partial = torch.empty((splits, NUM_PARTIAL_FIELDS, n), **f32)
     # Each program's parking place for its two logit tiles (tl_utils.park_tile).
     park = torch.empty((programs, 2, tile.block_n * tile.block_v), **f32)
-    statistics_kernel[(programs,)](
-        *student, *teacher, *problem.label_args(), problem.token_index, problem.num_valid, partial, park,
-        *sizes, blocks_per_split, splits, *student_strides, *teacher_strides, inv_temperature,
-        FOLD_V=tile.fold_v, **flags, **problem.tile_flags(tile),
-    )  # fmt: skip
+    if vocab:
+        statistics_kernel[(programs,)](
+            *student, *teacher, *problem.label_args(), problem.token_index, problem.num_valid, partial, park,
+            *sizes, blocks_per_split, splits, *student_strides, *teacher_strides, inv_temperature,
+            FOLD_V=tile.fold_v, **flags, **problem.tile_flags(tile),
+        )  # fmt: skip
+    if problem.shard is not None:  # every rank's splits, merged below like this rank's own
+        partial = combine_partials(problem, config, partial, EMPTY_PARTIAL)
+        splits = partial.shape[0]
     stats = torch.empty((NUM_STAT_FIELDS, n), **f32)
     distill, ce = torch.zeros(n, **f32), torch.zeros(n, **f32)
     merge_statistics_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
