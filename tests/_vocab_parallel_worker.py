@@ -203,6 +203,51 @@ def run_refusals(mesh) -> dict:
     return messages
 
 
+def run_integration(mesh) -> dict:
+    """The trainer integrations' loss pieces (`fusedkd.integrations._common`) on Hugging Face models whose
+    lm_heads were made tensor-parallel with ``parallelize_module(..., ColwiseParallel())``, against the same
+    models unsharded: the loss, the student head's and its embedding's gradients, and the collectives."""
+    from _helpers import tiny_gemma2, tiny_granite
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from fusedkd.integrations import _common
+
+    out = {}
+    for sharded in (False, True):
+        student = tiny_granite(53, 16, seed=0, logits_scaling=2.0, head_scale=3.0)
+        teacher = tiny_gemma2(53, 32, seed=1, final_logit_softcapping=5.0, head_scale=3.0)
+        if sharded:
+            for model in (student, teacher):
+                parallelize_module(model, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
+        ids = torch.randint(0, 53, (2, 9), generator=torch.Generator().manual_seed(5))
+        valid = ids % 4 != 0
+        log: list = []
+        undo = _record_collectives(log)
+        try:
+            student_hidden = _common.backbone_hidden_states(student, input_ids=ids)
+            with torch.no_grad():
+                teacher_hidden = _common.backbone_hidden_states(teacher, input_ids=ids)
+            student_head = _common.head_parameters(student, student_hidden.dtype)
+            teacher_head = _common.head_parameters(teacher, teacher_hidden.dtype)
+            options = {**_common.head_options(student, "student"), **_common.head_options(teacher, "teacher")}
+            loss = _common.summed_divergence(
+                student_hidden, student_head, teacher_hidden, teacher_head, valid, beta=0.4, temperature=2.0,
+                head_options=options,
+            )  # fmt: skip
+            loss.backward()
+        finally:
+            undo()
+        grad = student.lm_head.weight.grad
+        out["sharded" if sharded else "plain"] = dict(
+            loss=loss.detach(),
+            head_is_dtensor=hasattr(student_head[0], "device_mesh"),
+            grad_head=grad.full_tensor() if hasattr(grad, "full_tensor") else grad,
+            grad_embedding=student.model.embed_tokens.weight.grad,
+            collectives=log,
+        )
+    return out
+
+
 def main(rank: int, world: int, cases_path: str, out_path: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -218,6 +263,7 @@ def main(rank: int, world: int, cases_path: str, out_path: str, port: int) -> No
                 results[name] = {"error": traceback.format_exc()}
         if world > 1:
             results["refusals"] = run_refusals(mesh)
+            results["integration"] = run_integration(mesh)
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(results, gathered, dst=0)
         if rank == 0:

@@ -318,3 +318,34 @@ def test_refusals_name_the_layout(sharded):
     assert "teacher_logits must be a DTensor placed (Shard(-1),)" in messages["logits_replicated"]
     assert "labels must be in [0, 11)" in messages["labels_range"]
     assert "different vocabulary blocks" in messages["blocks"]
+
+
+def test_integrations_keep_tensor_parallel_heads_sharded(sharded):
+    """`fusedkd.integrations` on models whose lm_heads are ``ColwiseParallel``: the heads stay sharded (no
+    gather), and the loss and the student's gradients equal those of the unsharded models."""
+    world, results = sharded
+    for rank, result in enumerate(results):
+        plain, parallel = result["integration"]["plain"], result["integration"]["sharded"]
+        assert parallel["head_is_dtensor"] and not plain["head_is_dtensor"]
+        assert {name for name, _ in parallel["collectives"]} == {"all_gather", "all_reduce"}, parallel[
+            "collectives"
+        ]
+        assert max(size for name, size in parallel["collectives"] if name == "all_gather") <= 6 * 18
+        for key in ("loss", "grad_head", "grad_embedding"):
+            torch.testing.assert_close(
+                parallel[key], plain[key], rtol=3e-5, atol=1e-6, msg=f"rank {rank}: {key}"
+            )
+
+
+def test_tensor_parallel_example_runs():
+    """examples/tensor_parallel_kd.py under torchrun on 2 CPU processes: it checks itself against one."""
+    example = Path(__file__).parents[1] / "examples" / "tensor_parallel_kd.py"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+        str(_free_port()), str(example), "--vocab", "20011", "--tokens", "128",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "matches one process on whole heads" in done.stdout
+    for block in ("(10006, 64)", "(10005, 64)"):  # 20,011 rows over 2 ranks: uneven blocks
+        assert f"head gradient block {block}" in done.stdout

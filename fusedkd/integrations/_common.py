@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedkd import vocab_parallel
 from fusedkd.heads import head_transform
 from fusedkd.loss import fused_linear_kd_loss
 
@@ -46,13 +47,15 @@ def head_options(model: torch.nn.Module, role: str) -> dict[str, float | None]:
 def head_parameters(
     model: torch.nn.Module, hidden_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head's ``(weight [V, H], bias [V] or None)`` as full tensors.
+    """The lm_head's ``(weight [V, H], bias [V] or None)``.
 
-    Under FSDP2 the parameters are DTensors: ``full_tensor()`` gathers them once (its backward
-    scatters the gradient back), cast to the hidden states' dtype (under mixed precision the
-    gathered weight is the float32 master copy), as TRL does. DeepSpeed ZeRO-3 partitions
-    parameters outside their module's forward, and the fused loss reads the head without calling
-    it: refused.
+    A tensor-parallel head (``ColwiseParallel``: a DTensor placed ``(Shard(0),)`` on a 1-D mesh, in a
+    model FSDP does not manage) stays sharded: the loss runs vocabulary-parallel (`fusedkd.vocab_parallel`;
+    `head_input` places the hidden states for it). Under FSDP2 the parameters are DTensors:
+    ``full_tensor()`` gathers them once (its backward scatters the gradient back), cast to the hidden
+    states' dtype (under mixed precision the gathered weight is the float32 master copy), as TRL does.
+    DeepSpeed ZeRO-3 partitions parameters outside their module's forward, and the fused loss reads the
+    head without calling it: refused.
     """
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -66,11 +69,39 @@ def head_parameters(
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
+        if is_vocab_parallel(weight) and not _fsdp_managed(model):
+            return weight.to(hidden_dtype), None if bias is None else bias.to(hidden_dtype)
         if isinstance(weight, DTensor):
             weight = weight.full_tensor().to(hidden_dtype)
         if isinstance(bias, DTensor):
             bias = bias.full_tensor().to(hidden_dtype)
     return weight, bias
+
+
+def is_vocab_parallel(weight) -> bool:
+    """Whether `weight` is a head sharded by vocabulary rows over a 1-D mesh (``ColwiseParallel``)."""
+    if not vocab_parallel.any_dtensor(weight):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),)
+
+
+def _fsdp_managed(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def head_input(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`hidden` as the loss takes it with the head `weight`: for a vocabulary-parallel head, a DTensor
+    replicated on its mesh (every tensor-parallel rank holds the same tokens; its gradient comes back
+    whole on every rank), else `hidden` itself."""
+    if not is_vocab_parallel(weight) or vocab_parallel.any_dtensor(hidden):
+        return hidden
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
 
 
 def backbone_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
@@ -139,9 +170,9 @@ def summed_divergence(
     # Labels only select the tokens (alpha = 1: there is no cross-entropy term); 0 is a valid id.
     labels = torch.where(valid.to(device=student_hidden.device) != 0, 0, -100)
     divergence_sum = fused_linear_kd_loss(
-        student_hidden,
+        head_input(student_hidden, student_weight),
         student_weight,
-        teacher_hidden,
+        head_input(teacher_hidden, teacher_weight),
         teacher_weight,
         labels,
         divergence=divergence_of_beta(beta),

@@ -38,6 +38,7 @@ from fusedkd.integrations._common import (
     ForwardRedirection,
     backbone_hidden_states,
     check_head,
+    head_input,
     head_options,
     head_parameters,
 )
@@ -150,9 +151,9 @@ class KDTrainer(Trainer):
         student_weight, student_bias = head_parameters(student, student_hidden.dtype)
         teacher_weight, teacher_bias = head_parameters(teacher, teacher_hidden.dtype)
         loss = fused_linear_kd_loss(
-            student_hidden,
+            head_input(student_hidden, student_weight),
             student_weight,
-            teacher_hidden.to(teacher_weight.device),
+            head_input(teacher_hidden.to(teacher_weight.device), teacher_weight),
             teacher_weight,
             labels.to(student_hidden.device),
             divergence=self.divergence,

@@ -193,8 +193,9 @@ def _log(x: float) -> float:
 
 
 def _weighted(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """weight * log_ratio, 0 where the weight is 0 (0 log 0 = 0, even where the log-ratio is infinite)."""
-    return torch.where(weight > 0, log_ratio, 0.0).mul_(weight)
+    """weight * log_ratio, 0 where the weight is 0 (0 log 0 = 0, even where the log-ratio is infinite); a
+    NaN weight stays NaN (§9)."""
+    return torch.where(weight == 0, 0.0, log_ratio).mul_(weight)
 
 
 def _weighted_sum(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
