@@ -287,12 +287,13 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
             "teacher_logits": local_teacher[..., : shard.rows],
         }
         _check_local_finite(shard, named, set(named))
-    if _backend(options, local_student.device, local_student.dtype) == "triton":
-        raise ValueError(
-            "kd_loss on vocabulary-sharded logits runs on the PyTorch backend (backend='torch' or 'auto'); "
-            "its Triton kernels take whole logit rows"
-        )
+    backend = _backend(options, local_student.device, local_student.dtype)
     with autocast_off(local_student.device):
+        if backend == "triton":
+            from fusedkd.kernels.kd_logits_sharded import sharded_kd_logits
+
+            outputs = sharded_kd_logits(local_student, local_teacher, labels, options, shard)
+            return shaped_outputs(outputs, options, leading_shape)
         from fusedkd.torch_backend.kd_logits import kd_logits
 
         outputs = kd_logits(local_student, local_teacher.detach(), labels, options,

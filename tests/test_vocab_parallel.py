@@ -178,9 +178,54 @@ TRITON_CASES = {
         poke={"teacher_hidden": ((2, 0), math.nan)},
         options=dict(divergence="jsd"),
     ),
+    "triton_logits_forward_kl": dict(
+        kind="logits", seed=50, shape=(4, 5), rows=67, options=dict(temperature=2.0)
+    ),
+    "triton_logits_reverse_kl_shift": dict(
+        kind="logits",
+        seed=51,
+        shape=(3, 6),
+        rows=41,
+        options=dict(divergence="reverse_kl", shift_labels=True, alpha=0.2),
+    ),
+    "triton_logits_jsd_none_padded_transforms": dict(
+        kind="logits",
+        seed=52,
+        shape=(10,),
+        rows=48,
+        vocab_size=45,
+        options=dict(
+            divergence="jsd",
+            beta=0.7,
+            reduction="none",
+            vocab_size=45,
+            teacher_softcap=4.0,
+            student_logit_scale=0.5,
+            return_components=True,
+        ),
+    ),
+    "triton_logits_rank_without_rows": dict(
+        kind="logits",
+        seed=53,
+        shape=(9,),
+        rows=64,
+        vocab_size=40,
+        options=dict(vocab_size=40, temperature=1.5),
+    ),
+    "triton_logits_no_labels": dict(
+        kind="logits",
+        seed=54,
+        shape=(7,),
+        rows=29,
+        labels=False,
+        options=dict(alpha=1.0, divergence="reverse_kl"),
+    ),
+    "triton_logits_nan_student": dict(
+        kind="logits", seed=55, shape=(6,), rows=35, ignore=0.0, poke={"student_logits": ((1, 30), math.nan)}
+    ),
 }
 for case in TRITON_CASES.values():
-    case["options"]["backend"] = "triton"
+    case.setdefault("options", {})["backend"] = "triton"
 TRITON_SKIP = _triton_skip_reason()
 if TRITON_SKIP is None:
     CASES.update(TRITON_CASES)
@@ -262,6 +307,11 @@ def _check_triton_collectives(case: dict, n: int, results) -> None:
     """The fused kernels' passes: one gather of the statistics pass's per-split states (8 numbers per
     token and split), one of the JSD pass's (2), both O(N); one all-reduce of the hidden-state gradient."""
     jsd = case["options"].get("divergence") == "jsd"
+    if case["kind"] == "logits":  # the row kernels: 6 statistics and 2 sums per row, nothing else
+        for rank, result in enumerate(results):
+            log = result[case_name(case)]["collectives"]
+            assert log == [("all_gather", 6 * n), ("all_gather", 2 * n)], (rank, log)
+        return
     for rank, result in enumerate(results):
         log = result[case_name(case)]["collectives"]
         names = [name for name, _ in log]

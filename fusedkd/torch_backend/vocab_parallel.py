@@ -47,14 +47,20 @@ def _log_sum_exp(x: torch.Tensor, shift: torch.Tensor, scale: float) -> torch.Te
     return torch.logsumexp((x - shift[:, None]) * scale, dim=-1)
 
 
-def _combine(m: torch.Tensor, logz: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ranks' ([world, c]) maxima and log-sums merged, in rank order: (M [c], log Z [c] relative to M).
-    A non-finite M (a NaN or +inf entry, or every entry -inf) is returned as is; its rows are then
-    marked bad and their log Z is not used."""
-    big_m = m.amax(dim=0)
-    safe = torch.where(torch.isfinite(big_m), big_m, 0.0)
-    shifted = torch.where(m == -math.inf, -math.inf, logz + (m - safe) * scale)
-    return big_m, torch.logsumexp(shifted, dim=0)
+def combine_maxima(
+    m: torch.Tensor, logz: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ranks' ([world, c]) maxima and log-sums of exponentials relative to them (times `scale`)
+    merged in rank order: (M [c], log Z [c] relative to M, bad [c]). `bad` marks the rows that are not
+    distributions (§9): a NaN or +inf entry on any rank (a NaN or +inf maximum, or a NaN log-sum), or
+    every entry -inf; their M is 0 and their log Z is not to be used."""
+    m = torch.where(torch.isnan(logz), math.nan, m)
+    big = m.amax(dim=0)  # NaN and +inf propagate
+    usable = torch.where(torch.isnan(m) | (m == math.inf), -math.inf, m)
+    top = usable.amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    shifted = torch.where(usable == -math.inf, -math.inf, logz + (usable - top) * scale)
+    return top, torch.logsumexp(shifted, dim=0), ~torch.isfinite(big)
 
 
 def sharded_tile_terms(
@@ -108,22 +114,20 @@ def sharded_tile_terms(
         if picked is not None:
             local[_LABEL_LOGIT] = torch.where(owned, picked, 0.0)
     gathered = shard.gather(local)
-    big_m_s, logz_a = _combine(_safe_max(gathered[:, _M_STUDENT]), gathered[:, _LOGZ_STUDENT_T], 1.0 / T)
-    big_m_t, logz_b = _combine(
-        _safe_max(gathered[:, _M_TEACHER]), gathered[:, _LOGZ_TEACHER_T], teacher_scale
+    big_m_s, logz_a, student_bad = combine_maxima(
+        gathered[:, _M_STUDENT], gathered[:, _LOGZ_STUDENT_T], 1.0 / T
     )
-    student_bad = ~torch.isfinite(gathered[:, _M_STUDENT].amax(dim=0))
-    teacher_bad = ~torch.isfinite(gathered[:, _M_TEACHER].amax(dim=0))
+    big_m_t, logz_b, teacher_bad = combine_maxima(
+        gathered[:, _M_TEACHER], gathered[:, _LOGZ_TEACHER_T], teacher_scale
+    )
     if valid is not None:  # ignored rows are never read: no value of theirs reaches an output
         student_bad &= valid
         teacher_bad &= valid
     distill_bad = student_bad | teacher_bad
     if separate_ce:
-        _, logz_plain = _combine(_safe_max(gathered[:, _M_STUDENT]), gathered[:, _LOGZ_STUDENT_PLAIN], 1.0)
+        _, logz_plain, _ = combine_maxima(gathered[:, _M_STUDENT], gathered[:, _LOGZ_STUDENT_PLAIN], 1.0)
     else:
         logz_plain = logz_a
-    big_m_s = torch.where(torch.isfinite(big_m_s), big_m_s, 0.0)
-    big_m_t = torch.where(torch.isfinite(big_m_t), big_m_t, 0.0)
 
     # 2. This rank's log-probabilities, its sums of the divergence's terms, gathered and summed.
     s.sub_(big_m_s[:, None])  # s - M_s: the cross-entropy's softmax is exp(s - M_s - log Z_plain)
@@ -181,11 +185,6 @@ def sharded_tile_terms(
         grad.mul_(derivative)
     fill_gradient_rows(grad, distill_bad, valid)
     return divergence, ce, grad
-
-
-def _safe_max(m: torch.Tensor) -> torch.Tensor:
-    """Gathered maxima for merging: NaN / +inf become -inf there (their rows are bad and masked)."""
-    return torch.where(torch.isnan(m) | (m == math.inf), -math.inf, m)
 
 
 def _log(x: float) -> float:
