@@ -67,7 +67,16 @@ def case_labels(case, inputs):
 
 def _call(case: dict, tensors: dict, labels, whole: bool) -> dict:
     options = dict(case.get("options", {}))
-    if case["kind"] == "logits":
+    if case.get("module") and case["kind"] == "logits":
+        criterion = fusedkd.KDLoss(**options)
+        out = criterion(tensors["student_logits"], tensors["teacher_logits"], labels)
+    elif case.get("module"):
+        criterion = fusedkd.FusedLinearKDLoss(**options)
+        out = criterion(
+            tensors["student_hidden"], tensors["student_weight"], tensors["teacher_hidden"],
+            tensors["teacher_weight"], labels, tensors.get("student_bias"), tensors.get("teacher_bias"),
+        )  # fmt: skip
+    elif case["kind"] == "logits":
         out = fusedkd.kd_loss(tensors["student_logits"], tensors["teacher_logits"], labels, **options)
     else:
         out = fusedkd.fused_linear_kd_loss(
@@ -153,11 +162,15 @@ def run_sharded(case: dict, mesh) -> dict:
             result = _call(case, tensors, labels, whole=False)
     finally:
         undo()
+    placements = {}
     for key, value in list(result.items()):
         if hasattr(value, "full_tensor"):
+            placements[key] = tuple(repr(p) for p in value.placements)
             result[key] = value.full_tensor()
     local_rows = tensors["student_logits" if case["kind"] == "logits" else "student_weight"].to_local()
-    result.update(collectives=log, largest=largest.numel, local_shape=tuple(local_rows.shape))
+    result.update(
+        collectives=log, largest=largest.numel, local_shape=tuple(local_rows.shape), placements=placements
+    )
     return result
 
 

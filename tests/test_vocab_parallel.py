@@ -123,6 +123,18 @@ CASES = {
         vocab_size=45,
         options=dict(divergence="jsd", beta=0.7, reduction="none", vocab_size=45, teacher_softcap=4.0),
     ),
+    "module_linear": dict(
+        kind="linear",
+        seed=24,
+        shape=(2, 5),
+        rows=43,
+        bias=True,
+        module=True,
+        options=dict(alpha=0.4, temperature=1.5, divergence="jsd", beta=0.2),
+    ),
+    "module_logits": dict(
+        kind="logits", seed=25, shape=(2, 5), rows=43, module=True, options=dict(alpha=0.4, temperature=1.5)
+    ),
     "logits_nan_student": dict(
         kind="logits", seed=23, shape=(6,), rows=35, ignore=0.0, poke={"student_logits": ((1, 30), math.nan)}
     ),
@@ -399,3 +411,18 @@ def test_tensor_parallel_example_runs():
     assert "matches one process on whole heads" in done.stdout
     for block in ("(10006, 64)", "(10005, 64)"):  # 20,011 rows over 2 ranks: uneven blocks
         assert f"head gradient block {block}" in done.stdout
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl_bias_sum", "logits_forward_kl", "module_logits"])
+def test_gradients_come_back_placed_like_their_inputs(sharded, name):
+    """dW (and db) sharded like the head, the logits' gradient like the logits, dh replicated."""
+    world, results = sharded
+    placements = results[0][name]["placements"]
+    if CASES[name]["kind"] == "logits":
+        last = len(CASES[name]["shape"])  # the vocabulary dimension of [..., V] logits
+        assert placements == {"grad_student_logits": (f"Shard(dim={last})",)}, placements
+    else:
+        assert placements["grad_student_weight"] == ("Shard(dim=0)",)
+        assert placements["grad_student_hidden"] == ("Replicate()",)
+        if CASES[name].get("bias"):
+            assert placements["grad_student_bias"] == ("Shard(dim=0)",)
