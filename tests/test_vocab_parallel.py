@@ -98,6 +98,15 @@ CASES = {
         options=dict(divergence="reverse_kl", alpha=0.9),
     ),
     "check_finite": dict(kind="linear", seed=13, shape=(7,), rows=29, options=dict(check_finite=True)),
+    # Raises on every rank (the rank holding row 28 names it; the others say another rank found it).
+    "raises_check_finite": dict(
+        kind="linear",
+        seed=13,
+        shape=(7,),
+        rows=29,
+        options=dict(check_finite=True),
+        poke={"student_weight": ((28, 3), math.inf)},
+    ),
     "nan_teacher_jsd": dict(
         kind="linear",
         seed=14,
@@ -264,7 +273,11 @@ def sharded(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain():
-    return {name: worker.run_plain(case, worker.make_inputs(case)) for name, case in CASES.items()}
+    return {
+        name: worker.run_plain(case, worker.make_inputs(case))
+        for name, case in CASES.items()
+        if not name.startswith("raises_")
+    }
 
 
 pytestmark = pytest.mark.slow  # two launches of 2 and 3 processes, ~1 min in all on a 2-core CPU
@@ -280,7 +293,7 @@ def _counted(case: dict) -> int:
     return int((labels != ignore_index).sum())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("raises_")])
 def test_equal_to_one_process(sharded, plain, name):
     world, results = sharded
     expected = plain[name]
@@ -298,7 +311,7 @@ def test_equal_to_one_process(sharded, plain, name):
         assert torch.isnan(expected["out0"]).all()  # the rule: a NaN input in a counted token stays a NaN
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "memory"])
+@pytest.mark.parametrize("name", [n for n in CASES if n != "memory" and not n.startswith("raises_")])
 def test_collectives_are_per_token_numbers(sharded, name):
     """Per chunk: one gather of 6 numbers per token and one of 2; per call of the fused linear loss one
     all-reduce of the hidden-state gradient [N, H_s]; nothing else (no head or logits gather)."""
@@ -426,3 +439,15 @@ def test_gradients_come_back_placed_like_their_inputs(sharded, name):
         assert placements["grad_student_hidden"] == ("Replicate()",)
         if CASES[name].get("bias"):
             assert placements["grad_student_bias"] == ("Shard(dim=0)",)
+
+
+def test_check_finite_raises_on_every_rank(sharded):
+    """A NaN or inf in one rank's block: every rank raises (none is left waiting in a collective)."""
+    world, results = sharded
+    owner = 28 // math.ceil(29 / world)
+    for rank, result in enumerate(results):
+        error = result["raises_check_finite"].get("error", "")
+        if rank == owner:
+            assert f"student_weight holds a NaN or an inf on rank {owner} (local index" in error, error
+        else:
+            assert "another rank of the mesh found a NaN or an inf" in error, error
