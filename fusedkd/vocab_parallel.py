@@ -23,6 +23,7 @@ forward (each rank holding different tokens): refused, naming what to do instead
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -44,6 +45,7 @@ from fusedkd._inputs import (
 )
 from fusedkd._options import KDOptions
 from fusedkd._shard import VocabShard, shard_offsets
+from fusedkd._values import counted_tokens
 
 SUPPORTED = (
     "vocabulary-parallel inputs are: for fused_linear_kd_loss, both heads (and biases) DTensors placed "
@@ -139,15 +141,24 @@ def _refuse_plain_hidden(weight_name: str, weight, hidden_name: str) -> None:
     )
 
 
-def _check_local_finite(shard: VocabShard, named: dict[str, torch.Tensor | None], logits: set[str]) -> None:
+def _check_local_finite(
+    shard: VocabShard,
+    named: dict[str, torch.Tensor | None],
+    logits: set[str],
+    tokens: set[str],
+    counts: torch.Tensor | None,
+) -> None:
     """`check_finite=True` on each rank's blocks: the ranks agree (one all-reduce of a flag) and all raise
-    when any of them found a NaN or an inf (for logits and biases a NaN or +inf: -inf is a mask)."""
+    when any of them found a NaN or an inf (for logits and biases a NaN or +inf: -inf is a mask). Rows of
+    the tensors named in `tokens` are tokens: only those that count (`counts`, or all) are checked."""
     found = None
     for name, x in named.items():
         if x is None or x.numel() == 0:
             continue
         x = x.detach()
         bad = (x.isnan() | (x == float("inf"))) if name in logits else ~torch.isfinite(x)
+        if name in tokens and counts is not None:
+            bad = bad & counts.view(-1, *([1] * (bad.dim() - 1)))
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
             found = f"{name} holds a NaN or an inf on rank {shard.rank} (local index {index})"
@@ -235,7 +246,10 @@ def linear_kd(
     if options.check_finite:
         names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
                  "teacher_bias")  # fmt: skip
-        _check_local_finite(shard, dict(zip(names, tensors[:6])), {"student_bias", "teacher_bias"})
+        _check_local_finite(
+            shard, dict(zip(names, tensors[:6])), {"student_bias", "teacher_bias"},
+            {"student_hidden", "teacher_hidden"}, counted_tokens(labels, options),
+        )  # fmt: skip
     backend = _backend(options, sh.device, sh.dtype)
     with autocast_off(sh.device):
         if backend == "triton":
@@ -283,10 +297,10 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
     shard = _shard(mesh, global_entries, vocab)
     if options.check_finite:
         named = {
-            "student_logits": local_student[..., : shard.rows],
-            "teacher_logits": local_teacher[..., : shard.rows],
+            name: x[..., : shard.rows].reshape(math.prod(leading_shape), shard.rows)
+            for name, x in (("student_logits", local_student), ("teacher_logits", local_teacher))
         }
-        _check_local_finite(shard, named, set(named))
+        _check_local_finite(shard, named, set(named), set(named), counted_tokens(labels, options))
     backend = _backend(options, local_student.device, local_student.dtype)
     with autocast_off(local_student.device):
         if backend == "triton":

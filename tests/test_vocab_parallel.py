@@ -98,6 +98,24 @@ CASES = {
         options=dict(divergence="reverse_kl", alpha=0.9),
     ),
     "check_finite": dict(kind="linear", seed=13, shape=(7,), rows=29, options=dict(check_finite=True)),
+    # NaN hidden states of an ignored token are never read, and not refused either.
+    "check_finite_ignored_nan": dict(
+        kind="linear",
+        seed=13,
+        shape=(7,),
+        rows=29,
+        ignore_index=-1,
+        poke={"labels": ((2,), -1), "student_hidden": ((2, 0), math.nan)},
+        options=dict(check_finite=True, ignore_index=-1),
+    ),
+    "logits_check_finite_rank_without_rows": dict(
+        kind="logits",
+        seed=26,
+        shape=(3, 4),
+        rows=64,
+        vocab_size=40,
+        options=dict(check_finite=True, vocab_size=40),
+    ),
     # Raises on every rank (the rank holding row 28 names it; the others say another rank found it).
     "raises_check_finite": dict(
         kind="linear",
