@@ -50,7 +50,8 @@ def make_inputs(case: dict) -> dict:
             out["teacher_bias"] = torch.randn(vocab, generator=g)
     for name, (index, value) in case.get("poke", {}).items():  # non-finite entries
         out[name][index] = value
-    return out
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
 
 
 def run_plain(case: dict, inputs: dict) -> dict:

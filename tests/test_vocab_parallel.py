@@ -150,6 +150,23 @@ CASES = {
         vocab_size=45,
         options=dict(divergence="jsd", beta=0.7, reduction="none", vocab_size=45, teacher_softcap=4.0),
     ),
+    "bf16_reverse_kl": dict(
+        kind="linear",
+        seed=27,
+        shape=(2, 11),
+        rows=83,
+        bias=True,
+        dtype="bfloat16",
+        options=dict(divergence="reverse_kl", temperature=2.0),
+    ),
+    "bf16_logits_jsd": dict(
+        kind="logits",
+        seed=28,
+        shape=(2, 11),
+        rows=83,
+        dtype="bfloat16",
+        options=dict(divergence="jsd", beta=0.4),
+    ),
     "module_linear": dict(
         kind="linear",
         seed=24,
@@ -216,6 +233,9 @@ TRITON_CASES = {
         ignore=0.0,
         poke={"teacher_hidden": ((2, 0), math.nan)},
         options=dict(divergence="jsd"),
+    ),
+    "triton_bf16_forward_kl": dict(
+        kind="linear", seed=46, shape=(2, 11), rows=83, dtype="bfloat16", options=dict(temperature=2.0)
     ),
     "triton_logits_forward_kl": dict(
         kind="logits", seed=50, shape=(4, 5), rows=67, options=dict(temperature=2.0)
@@ -320,10 +340,18 @@ def test_equal_to_one_process(sharded, plain, name):
         assert "error" not in result, result.get("error")
         assert set(expected) <= set(result), (sorted(expected), sorted(result))
         for key, value in expected.items():
-            finite = value[torch.isfinite(value)]
+            finite = value[torch.isfinite(value)].float()
             scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+            # float32: rounding of sums taken in another order; bfloat16 gradients: a few bf16 ulps
+            # (each rank's share of dh is rounded to bf16 before the all-reduce sums them).
+            rtol = 1.6e-2 if value.dtype == torch.bfloat16 else 3e-5
             torch.testing.assert_close(
-                result[key], value, rtol=3e-5, atol=3e-6 * scale, equal_nan=True, msg=f"rank {rank}: {key}"
+                result[key],
+                value,
+                rtol=rtol,
+                atol=rtol / 10 * scale,
+                equal_nan=True,
+                msg=f"rank {rank}: {key}",
             )
     if name.startswith("nan") or name.startswith("logits_nan"):
         assert torch.isnan(expected["out0"]).all()  # the rule: a NaN input in a counted token stays a NaN
