@@ -26,8 +26,7 @@ class VocabShard:
 
     `offset`: the global index of the block's first row; `rows`: how many of its rows count (those
     below `vocab`, the loss's vocabulary size: a padded head's last blocks count fewer, possibly none);
-    `block`: ceil(padded rows / world), the same on every rank, which sizes the token chunks so that
-    every rank walks the tokens in the same chunks (their collectives pair up).
+    `block`: ceil(padded rows / world), the rows of the first (largest) block.
     """
 
     group: object  # a torch.distributed ProcessGroup

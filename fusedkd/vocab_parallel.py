@@ -130,6 +130,29 @@ def _shard(mesh, rows_by_name: dict[str, int], vocab: int) -> VocabShard:
     )
 
 
+def _check_same_tokens(shard: VocabShard, labels: torch.Tensor | None, n: int, device: torch.device) -> None:
+    """Every rank must hold the same tokens and labels, on the same kind of device (their chunks, kernel
+    grids and collectives pair up): one gather of (token count, label checksum, no-labels flag, the
+    device's multiprocessors) per call, compared on every rank, so that all raise together."""
+    checksum = torch.zeros((), dtype=torch.int64, device=device)
+    if labels is not None:  # a position-weighted sum: a label moved, changed or masked changes it
+        weights = torch.arange(1, labels.numel() + 1, device=device, dtype=torch.int64) % 1_000_003
+        checksum = ((labels + 1_000_000) * weights).sum()
+    processors = (
+        torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    )
+    fields = (n, int(labels is None), processors)
+    mine = torch.cat([torch.tensor(fields, dtype=torch.int64, device=device), checksum.reshape(1)])
+    every = shard.gather(mine)
+    if not bool((every == every[0]).all()):
+        raise ValueError(
+            "the ranks of the vocabulary-parallel mesh hold different tokens, labels or devices (token "
+            f"count, no-labels flag, multiprocessors, label checksum per rank: {every.tolist()}): every "
+            "rank of a tensor-parallel group must pass the same hidden states (or logits rows) and labels, "
+            "on the same kind of device"
+        )
+
+
 def _refuse_plain_hidden(weight_name: str, weight, hidden_name: str) -> None:
     raise ValueError(
         f"{weight_name} is {_describe(weight)} but {hidden_name} is a plain tensor. This is what an "
@@ -205,9 +228,15 @@ def linear_kd(
     }
     for name, (x, placement) in named.items():
         if x is not None and not _is_placed(x, mesh, placement):
+            hint = ""
+            if name.endswith("_hidden") and isinstance(x, DTensor) and x.device_mesh == mesh:
+                hint = (
+                    f" (sequence-parallel hidden states, for one: pass "
+                    f"{name}.redistribute(placements=[Replicate()]))"
+                )
             raise ValueError(
                 f"{name} must be a DTensor placed ({placement!r},) on student_weight's mesh; got "
-                f"{_describe(x)}. {SUPPORTED}"
+                f"{_describe(x)}{hint}. {SUPPORTED}"
             )
     labels = _plain_labels(labels, mesh)
     global_rows = {"student_weight": student_weight.shape[0], "teacher_weight": teacher_weight.shape[0]}
@@ -234,6 +263,7 @@ def linear_kd(
     options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
     labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_hidden")
     shard = _shard(mesh, global_rows, vocab)
+    _check_same_tokens(shard, labels, sh.reshape(-1, sh.shape[-1]).shape[0], sh.device)
     tensors = (
         sh.reshape(-1, sh.shape[-1]),
         first_rows(sw, shard.rows),
@@ -280,11 +310,12 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
                 f"mesh; got {_describe(x)}. {SUPPORTED}"
             )
     labels = _plain_labels(labels, mesh)
-    local_student, local_teacher = student_logits.to_local(), teacher_logits.to_local()
-    for name, logits in (("student_logits", local_student), ("teacher_logits", local_teacher)):
+    # Sizes are checked on the whole (global) logits: a rank's block may be empty (Shard's last blocks).
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         check_tensor(name, logits, min_ndim=1)
         check_float(name, logits)
         check_sizes(name, logits, "vocabulary size")
+    local_student, local_teacher = student_logits.to_local(), teacher_logits.to_local()
     if labels is not None:
         check_tensor("labels", labels)
     check_devices({"student_logits": local_student, "teacher_logits": local_teacher, "labels": labels})
@@ -295,6 +326,7 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
     options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
     labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_logits")
     shard = _shard(mesh, global_entries, vocab)
+    _check_same_tokens(shard, labels, math.prod(leading_shape), local_student.device)
     if options.check_finite:
         named = {
             name: x[..., : shard.rows].reshape(math.prod(leading_shape), shard.rows)

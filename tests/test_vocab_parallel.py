@@ -21,6 +21,7 @@ import torch
 from _helpers import _triton_skip_reason
 
 from fusedkd._inputs import shift_labels
+from fusedkd.torch_backend.tiles import LINEAR_TILE_BYTES, default_chunk_size
 
 WORKER = Path(__file__).with_name("_vocab_parallel_worker.py")
 HS = 12  # the worker's default student hidden size
@@ -182,15 +183,54 @@ CASES = {
     "logits_nan_student": dict(
         kind="logits", seed=23, shape=(6,), rows=35, ignore=0.0, poke={"student_logits": ((1, 30), math.nan)}
     ),
-    # Memory: one 64-token chunk of a 30,000-entry vocabulary.
-    "memory": dict(
-        kind="linear", seed=30, shape=(64,), rows=30_000, hs=8, ht=8, ignore=0.0, options=dict(chunk_size=64)
+    # Memory: 1,200 tokens of a 30,000-entry vocabulary, in the default chunks (559 tokens).
+    "memory": dict(kind="linear", seed=30, shape=(1200,), rows=30_000, hs=8, ht=8, ignore=0.0),
+    # A rank whose block of the vocabulary is empty (4 rows over 3 ranks: blocks of 2, 2 and 0).
+    "empty_block": dict(kind="linear", seed=31, shape=(9,), rows=4, bias=True, options=dict(temperature=2.0)),
+    "logits_empty_block": dict(kind="logits", seed=32, shape=(9,), rows=4, options=dict(divergence="jsd")),
+    # Reverse KL where the teacher gives a token probability 0 and the student does not: +inf, and the
+    # token's G row NaN (docs/design.md §9), on the rank that holds the token and on the others.
+    "reverse_kl_infinite": dict(
+        kind="logits",
+        seed=33,
+        shape=(5,),
+        rows=35,
+        ignore=0.0,
+        poke={"teacher_logits": ((0, 3), -math.inf)},
+        options=dict(divergence="reverse_kl", alpha=1.0),
     ),
+    # Ranks passing different labels: every rank raises (none waits in a collective).
+    "raises_labels_differ": dict(kind="linear", seed=34, shape=(6,), rows=31, perturb_rank=1),
 }
 for case in CASES.values():
     case.setdefault("options", {})["backend"] = "torch"
 # The fused Triton kernels (Triton's interpreter on a CPU): their passes' per-split states cross the ranks.
 TRITON_CASES = {
+    "triton_empty_block": dict(
+        kind="linear", seed=47, shape=(9,), rows=4, bias=True, options=dict(divergence="jsd")
+    ),
+    "triton_logits_empty_block": dict(
+        kind="logits", seed=56, shape=(9,), rows=4, options=dict(temperature=2.0)
+    ),
+    "triton_reverse_kl_infinite": dict(
+        kind="linear",
+        seed=48,
+        shape=(5,),
+        rows=35,
+        bias=True,
+        ignore=0.0,
+        poke={"teacher_bias": ((3,), -math.inf)},
+        options=dict(divergence="reverse_kl", alpha=1.0),
+    ),
+    "triton_logits_reverse_kl_infinite": dict(
+        kind="logits",
+        seed=57,
+        shape=(5,),
+        rows=35,
+        ignore=0.0,
+        poke={"teacher_logits": ((0, 3), -math.inf)},
+        options=dict(divergence="reverse_kl", alpha=1.0),
+    ),
     "triton_forward_kl_bias": dict(
         kind="linear", seed=40, shape=(2, 9), rows=101, bias=True, options=dict(temperature=2.0, alpha=0.6)
     ),
@@ -381,10 +421,12 @@ def _check_triton_collectives(case: dict, n: int, results) -> None:
     if case["kind"] == "logits":  # the row kernels: 6 statistics and 2 sums per row, nothing else
         for rank, result in enumerate(results):
             log = result[case_name(case)]["collectives"]
-            assert log == [("all_gather", 6 * n), ("all_gather", 2 * n)], (rank, log)
+            assert log == [("all_gather", 4), ("all_gather", 6 * n), ("all_gather", 2 * n)], (rank, log)
         return
     for rank, result in enumerate(results):
         log = result[case_name(case)]["collectives"]
+        assert log[0] == ("all_gather", 4), (rank, log)  # the ranks' tokens and labels compared
+        log = log[1:]
         names = [name for name, _ in log]
         assert names == ["all_gather"] * (2 if jsd else 1) + ["all_reduce"], (rank, log)
         assert log[0][1] % (8 * n) == 0 and 1 <= log[0][1] // (8 * n) <= 4, (rank, log)
@@ -401,7 +443,9 @@ def _expected_log(case: dict, counted: int, n: int, passes: int) -> list[tuple[s
     """The collectives of one loss call and its backward."""
     options = case["options"]
     chunk = options.get("chunk_size") or 4096
-    log = [("all_reduce", 1)] if options.get("check_finite") else []
+    log = [("all_gather", 4)]  # every rank's (tokens, no-labels flag, multiprocessors, label checksum)
+    if options.get("check_finite"):
+        log.append(("all_reduce", 1))
     gathers = []
     for start in range(0, counted, chunk):
         rows = min(chunk, counted - start)
@@ -413,18 +457,21 @@ def _expected_log(case: dict, counted: int, n: int, passes: int) -> list[tuple[s
 
 
 def test_memory_per_rank_scales_as_vocab_over_world(sharded):
-    """The largest tensor a rank makes is one chunk x its block of the vocabulary: V / P of one process's."""
+    """In the default chunks (those of one process), the largest tensor a rank makes is one chunk x its
+    block of the vocabulary: V / P of one process's."""
     world, results = sharded
     case = CASES["memory"]
     one_process = worker.Largest()
     with one_process:
         worker.run_plain(case, worker.make_inputs(case))
+    chunk = default_chunk_size(case["rows"], 4, LINEAR_TILE_BYTES)
+    assert chunk < case["shape"][0]  # several chunks
     block = math.ceil(case["rows"] / world)
-    assert one_process.numel == 64 * case["rows"]  # the one-process tile: 64 tokens x V
+    assert one_process.numel == chunk * case["rows"]  # the one-process tile: a chunk x V
     for result in results:
         largest = result["memory"]["largest"]
         assert result["memory"]["local_shape"][0] in (block, case["rows"] - block * (world - 1))
-        assert largest <= 64 * block, (largest, 64 * block)
+        assert largest <= chunk * block, (largest, chunk * block)
         assert largest / one_process.numel <= 1.0 / world + 1e-3
 
 
@@ -442,20 +489,27 @@ def test_refusals_name_the_layout(sharded):
 
 
 def test_integrations_keep_tensor_parallel_heads_sharded(sharded):
-    """`fusedkd.integrations` on models whose lm_heads are ``ColwiseParallel``: the heads stay sharded (no
-    gather), and the loss and the student's gradients equal those of the unsharded models."""
+    """`fusedkd.integrations` on models whose lm_heads are ``ColwiseParallel``: both heads sharded, or only
+    the student's (the plain teacher's block is cut out locally), stay sharded (no gather); a sharded
+    teacher with a plain student is gathered (the student's gradient must stay whole). In every layout the
+    loss and the student's gradients equal those of the unsharded models."""
     world, results = sharded
     for rank, result in enumerate(results):
-        plain, parallel = result["integration"]["plain"], result["integration"]["sharded"]
-        assert parallel["head_is_dtensor"] and not plain["head_is_dtensor"]
-        assert {name for name, _ in parallel["collectives"]} == {"all_gather", "all_reduce"}, parallel[
-            "collectives"
-        ]
-        assert max(size for name, size in parallel["collectives"] if name == "all_gather") <= 6 * 18
-        for key in ("loss", "grad_head", "grad_embedding"):
-            torch.testing.assert_close(
-                parallel[key], plain[key], rtol=3e-5, atol=1e-6, msg=f"rank {rank}: {key}"
-            )
+        runs = result["integration"]
+        plain = runs["plain"]
+        assert not plain["head_is_dtensor"]
+        for layout in ("both", "student"):
+            parallel = runs[layout]
+            assert parallel["head_is_dtensor"], layout
+            assert {name for name, _ in parallel["collectives"]} == {"all_gather", "all_reduce"}, parallel
+            assert max(size for name, size in parallel["collectives"] if name == "all_gather") <= 6 * 18
+        assert not runs["teacher"]["head_is_dtensor"]  # gathered: a functional all-gather of the head
+        assert any(name.startswith("functional.") for name, _ in runs["teacher"]["collectives"])
+        for layout in ("both", "student", "teacher"):
+            for key in ("loss", "grad_head", "grad_embedding"):
+                torch.testing.assert_close(
+                    runs[layout][key], plain[key], rtol=3e-5, atol=1e-6, msg=f"rank {rank}, {layout}: {key}"
+                )
 
 
 def test_tensor_parallel_example_runs():
@@ -497,3 +551,10 @@ def test_check_finite_raises_on_every_rank(sharded):
             assert f"student_weight holds a NaN or an inf on rank {owner} (local index" in error, error
         else:
             assert "another rank of the mesh found a NaN or an inf" in error, error
+
+
+def test_different_labels_raise_on_every_rank(sharded):
+    world, results = sharded
+    for rank, result in enumerate(results):
+        error = result["raises_labels_differ"].get("error", "")
+        assert "hold different tokens, labels or devices" in error, (rank, error)

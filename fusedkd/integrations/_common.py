@@ -93,6 +93,46 @@ def _fsdp_managed(model: torch.nn.Module) -> bool:
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
+def pair_heads(
+    student_head: tuple[torch.Tensor, torch.Tensor | None],
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None],
+):
+    """The two heads as the loss takes them together: both vocabulary-parallel on one mesh, or both whole.
+
+    A tensor-parallel student with a replicated (plain) frozen teacher: the teacher's own ``Shard(0)``
+    block of rows is cut out on each rank (no communication). A tensor-parallel teacher with a plain
+    student, or heads on different meshes: the sharded heads are gathered (``full_tensor()``), as before
+    the vocabulary-parallel path existed: a plain student's gradient must stay whole on every rank.
+    """
+    (student_weight, _), (teacher_weight, teacher_bias) = student_head, teacher_head
+    student_vp, teacher_vp = is_vocab_parallel(student_weight), is_vocab_parallel(teacher_weight)
+    if student_vp and teacher_vp and student_weight.device_mesh == teacher_weight.device_mesh:
+        return student_head, teacher_head
+    if student_vp and not teacher_vp and not vocab_parallel.any_dtensor(teacher_weight, teacher_bias):
+        from torch.distributed.tensor import DTensor, Shard
+
+        from fusedkd._shard import shard_offsets
+
+        mesh = student_weight.device_mesh
+        offset, rows = shard_offsets(teacher_weight.shape[0], mesh.size())[mesh.get_local_rank()]
+
+        def block(x):
+            if x is None:
+                return None
+            local = x.detach()[offset : offset + rows]
+            return DTensor.from_local(
+                local, mesh, [Shard(0)], run_check=False, shape=x.shape, stride=x.stride()
+            )
+
+        return student_head, (block(teacher_weight), block(teacher_bias))
+    return tuple(tuple(_whole(x) for x in head) for head in (student_head, teacher_head))
+
+
+def _whole(x):
+    """A DTensor gathered whole (its gradient scattered back), else `x`."""
+    return x.full_tensor() if vocab_parallel.any_dtensor(x) else x
+
+
 def head_input(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`hidden` as the loss takes it with the head `weight`: for a vocabulary-parallel head, a DTensor
     replicated on its mesh (every tensor-parallel rank holds the same tokens; its gradient comes back
@@ -166,6 +206,7 @@ def summed_divergence(
     by ``T^2`` here, so the result is the plain divergence sum that TRL's losses normalize.
     `head_options`: both models' logit scales and soft caps (`head_options`), as loss options.
     """
+    student_head, teacher_head = pair_heads(student_head, teacher_head)
     (student_weight, student_bias), (teacher_weight, teacher_bias) = student_head, teacher_head
     # Labels only select the tokens (alpha = 1: there is no cross-entropy term); 0 is a valid id.
     labels = torch.where(valid.to(device=student_hidden.device) != 0, 0, -100)

@@ -41,6 +41,7 @@ from fusedkd.integrations._common import (
     head_input,
     head_options,
     head_parameters,
+    pair_heads,
 )
 from fusedkd.loss import fused_linear_kd_loss
 
@@ -148,8 +149,9 @@ class KDTrainer(Trainer):
         else:  # position i predicts token i + 1
             labels = inputs["labels"][..., 1:]
             student_hidden, teacher_hidden = student_hidden[..., :-1, :], teacher_hidden[..., :-1, :]
-        student_weight, student_bias = head_parameters(student, student_hidden.dtype)
-        teacher_weight, teacher_bias = head_parameters(teacher, teacher_hidden.dtype)
+        (student_weight, student_bias), (teacher_weight, teacher_bias) = pair_heads(
+            head_parameters(student, student_hidden.dtype), head_parameters(teacher, teacher_hidden.dtype)
+        )
         loss = fused_linear_kd_loss(
             head_input(student_hidden, student_weight),
             student_weight,

@@ -17,6 +17,7 @@ the device without a host sync; blocks of ignored tokens are skipped by the kern
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -224,8 +225,11 @@ def _select_config(problem: _Problem) -> KernelConfig:
         stats, _, _ = _statistics(problem, config)
         return _unit_gradients(problem, config, stats)
 
-    if problem.shard is not None:  # every rank must run one configuration (their splits pair up)
-        return default_config(config_dtype(hidden.dtype, teacher.dtype))
+    if problem.shard is not None:
+        # Every rank runs one configuration (their splits pair up), with the vocabulary splits of one
+        # device divided among the ranks: the gathered states are what one device's pass would hold.
+        config = default_config(config_dtype(hidden.dtype, teacher.dtype))
+        return dataclasses.replace(config, vocab_splits=-(-config.vocab_splits // problem.shard.world))
     return select_config(key, config_dtype(hidden.dtype, teacher.dtype), problem.device, run)
 
 

@@ -142,10 +142,16 @@ def _block_options(options: KDOptions, shard: VocabShard) -> KDOptions:
 
 def _label_logits(student_logits, labels, options: KDOptions, shard: VocabShard, dtype) -> torch.Tensor:
     """[N]: the label's logit (head transform applied) on the rank that owns it, 0 elsewhere."""
-    rows = student_logits.reshape(-1, student_logits.shape[-1])
     owned = shard.owned(labels)
     index = (labels - shard.offset).clamp(0, shard.rows - 1)
-    z = rows.gather(1, index[:, None])[:, 0].to(dtype) * options.student_logit_scale
+    # One entry per row, by multi-index: views such as logits[:, :-1] are read in place, not copied.
+    if student_logits.dim() == 1:  # one row
+        z = student_logits[index]
+    else:
+        leading = student_logits.shape[:-1]
+        rows = torch.unravel_index(torch.arange(labels.numel(), device=labels.device), leading)
+        z = student_logits[(*rows, index)]
+    z = z.to(dtype) * options.student_logit_scale
     if options.student_softcap is not None:
         z = options.student_softcap * torch.tanh(z / options.student_softcap)
     return torch.where(owned, z, 0.0)
@@ -154,7 +160,7 @@ def _label_logits(student_logits, labels, options: KDOptions, shard: VocabShard,
 def _global_statistics(student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard):
     """(stats [N, NUM_STATS] with the global shifts and log-sums, label logits [N] or None, student bad
     [N], teacher bad [N]): passes 1 and its gather."""
-    n = student_logits[..., 0].numel()
+    n = math.prod(student_logits.shape[:-1])
     dtype = _acc_dtype(student_logits.dtype)[0]
     device = student_logits.device
     local = torch.zeros(6, n, dtype=dtype, device=device)
@@ -247,7 +253,7 @@ def _gradient(student_logits, teacher_logits, labels, options, shard, stats, w_d
 class ShardedKDLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard):
-        n = student_logits[..., 0].numel()
+        n = math.prod(student_logits.shape[:-1])
         device = student_logits.device
         stats, label_logit = _global_statistics(student_logits, teacher_logits, labels, options, shard)
         # The backward kernel forms the one-hot by comparing columns with the label: a label another rank

@@ -63,13 +63,15 @@ def stream(
     need_bias_grad: bool = False,
     valid: torch.Tensor | None = None,
     tile_terms: Callable = kd_tile_terms,
+    grad_in_weight_dtype: bool = False,
 ):
     """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
 
     `tile_terms` computes a chunk's divergence, cross-entropy and G from its two logit tiles:
     `tiles.kd_tile_terms` (torch element-wise passes), or the tiles backend's one Triton kernel
     (`fusedkd.kernels.kd_tile.kd_tile_terms_triton`), which writes G straight in a 16-bit weight's dtype
-    so that the two gradient products run as 16-bit GEMMs.
+    so that the two gradient products run as 16-bit GEMMs (`grad_in_weight_dtype`: it is handed a
+    16-bit buffer for G, `grad_out`).
 
     `valid` ([N] bool or None): which tokens count, when ignored ones are streamed too
     (`Tokens.uncompacted_valid`); their hidden states must then be zero rows (`Tokens.zero_ignored`).
@@ -105,11 +107,7 @@ def stream(
     teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     scratch = Scratch(chunk, vocab, dtype, device)
     extra = {}
-    if (
-        tile_terms is not kd_tile_terms
-        and grad_weights is not None
-        and student_weight.dtype == torch.bfloat16
-    ):
+    if grad_in_weight_dtype and grad_weights is not None and student_weight.dtype == torch.bfloat16:
         grad_buffer = torch.empty(chunk, vocab, dtype=student_weight.dtype, device=device)
     else:
         grad_buffer = None
@@ -172,6 +170,7 @@ def _compact_stream(
     grad_weights=None,
     need_bias_grad=False,
     tile_terms: Callable = kd_tile_terms,
+    grad_in_weight_dtype: bool = False,
 ):
     """`stream` over the tokens that count (`tokens`), per-token results scattered back to all N."""
     n = student_hidden.shape[0]
@@ -189,6 +188,7 @@ def _compact_stream(
         need_bias_grad=need_bias_grad,
         valid=tokens.uncompacted_valid,
         tile_terms=tile_terms,
+        grad_in_weight_dtype=grad_in_weight_dtype,
     )
     divergence = torch.where(tokens.valid, tokens.put(divergence, n), 0.0)
     ce = torch.where(tokens.valid, tokens.put(ce, n), 0.0)
@@ -223,11 +223,13 @@ def fused_linear_kd(
     the chunks' tiles are its columns, combined across the ranks per chunk
     (`vocab_parallel.sharded_tile_terms`), and the hidden-state gradient is summed over the ranks.
     """
+    gemm_dtype_grad = tile_terms is not kd_tile_terms  # the tiles backend's kernel writes G in 16 bits
     if shard is not None:
         tile_terms = functools.partial(sharded_tile_terms, shard=shard)
+        gemm_dtype_grad = False
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            options.vocab_size if shard is None else shard.block,
+            options.vocab_size,  # vocabulary-parallel too: the same chunks, tiles of V / P columns
             torch.finfo(compute_dtype(student_hidden.dtype)).bits // 8,
             tiles.LINEAR_TILE_BYTES,
         )
@@ -250,8 +252,9 @@ def fused_linear_kd(
             weights,
             need_bias_grad=student_bias is not None and needs[2],
             tile_terms=tile_terms,
+            grad_in_weight_dtype=gemm_dtype_grad,
         )
-        if shard is not None and grads is not None:  # each rank's columns' share of dh, summed
+        if shard is not None and grads is not None and needs[0]:  # each rank's columns' share of dh, summed
             shard.all_reduce_(grads[0])
         return divergence, ce, grads
 

@@ -31,7 +31,8 @@ class Rows:
     def __init__(self, x: torch.Tensor, vocab: int):
         self.x, self.vocab, self.leading = x, vocab, x.shape[:-1]
         try:
-            self.flat = x.view(-1, x.shape[-1])[:, :vocab]
+            # Explicit row count: a rank's empty vocabulary block ([..., 0]) cannot infer it.
+            self.flat = x.view(math.prod(self.leading), x.shape[-1])[:, :vocab]
         except RuntimeError:
             self.flat = None
 
@@ -76,7 +77,7 @@ def stream(
     grad = None
     if grad_weights is not None:
         grad = torch.zeros(grad_shape, dtype=x.dtype, device=x.device)
-        grad_rows = grad.view(-1, grad.shape[-1])[:, : student.vocab]
+        grad_rows = grad.view(n, grad.shape[-1])[:, : student.vocab]
     count = n if index is None else index.numel()
     if count == 0:
         return divergence, ce, grad
@@ -132,7 +133,7 @@ def kd_logits(
     width = options.vocab_size if shard is None else shard.rows
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            options.vocab_size if shard is None else shard.block,
+            options.vocab_size,  # vocabulary-parallel too: the same chunks, tiles of V / P columns
             torch.finfo(compute_dtype(student_logits.dtype)).bits // 8,
         )
 

@@ -170,15 +170,15 @@ def sharded_tile_terms(
     if options.divergence == "forward_kl":  # (q - p) / T
         grad = log_q.exp_().sub_(p)
     elif options.divergence == "reverse_kl":  # q (log q - log p - D) / T
-        grad = _weighted(q, (log_q - log_p).sub_(divergence[:, None]))
+        grad = _centred(q, log_q - log_p, divergence)
     else:  # (1 - beta) q (log q - log m - KL(q || m)) / T
-        grad = _weighted(q, (log_q - log_m).sub_(totals[1][:, None])).mul_(1.0 - beta)
+        grad = _centred(q, log_q - log_m, totals[1]).mul_(1.0 - beta)
     grad.mul_((w_distill / T)[:, None])
     if labels is not None and w_ce is not None:  # softmax(s) - onehot(y), at T = 1
         grad.add_(torch.exp(s.sub_(logz_plain[:, None])).mul_(w_ce[:, None]))
-        if owned is not None and shard.rows:
-            here = owned.nonzero().view(-1)
-            grad[here, labels[here] - shard.offset] -= w_ce[here]
+        if owned is not None and shard.rows:  # the one-hot, on the label's owner (no host sync)
+            column = (labels - shard.offset).clamp(0, shard.rows - 1)[:, None]
+            grad.scatter_add_(1, column, torch.where(owned, -w_ce, 0.0)[:, None].to(grad.dtype))
     if options.student_logit_scale != 1.0:
         grad.mul_(options.student_logit_scale)
     if derivative is not None:
@@ -195,6 +195,12 @@ def _weighted(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """weight * log_ratio, 0 where the weight is 0 (0 log 0 = 0, even where the log-ratio is infinite); a
     NaN weight stays NaN (§9)."""
     return torch.where(weight == 0, 0.0, log_ratio).mul_(weight)
+
+
+def _centred(q: torch.Tensor, log_ratio: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """q (log_ratio - mean), the log-ratio taken as 0 where q is 0: there the term is q * -mean, which is 0,
+    or NaN when `mean` (the token's divergence) is infinite, as one device gives (§9)."""
+    return torch.where(q == 0, 0.0, log_ratio).sub_(mean[:, None]).mul_(q)
 
 
 def _weighted_sum(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
