@@ -17,10 +17,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _triton_skip_reason() -> str | None:
-    reason = kernels.unavailable_reason(DEVICE)
-    if reason is not None:
-        return reason
-    return None
+    """Why the Triton backend cannot run here (None where it can: a GPU, or Triton's interpreter)."""
+    return kernels.unavailable_reason(DEVICE)
 
 
 BACKENDS = [
