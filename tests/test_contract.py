@@ -19,6 +19,7 @@ import torch
 from _helpers import (
     DEVICE,
     FP32_RTOL,
+    SMALL_TILES,
     _triton_skip_reason,
     assert_close,
     reference_kd_loss,
@@ -154,11 +155,7 @@ def make_topk(
     )
 
 
-TORCH_BACKENDS = [
-    pytest.param("torch", id="torch"),
-    # The torch backend as on large shapes: many chunks of a few groups of rows, partial last ones.
-    pytest.param("torch", id="torch-small-tiles", marks=pytest.mark.small_tiles(3)),
-]
+TORCH_BACKENDS = [pytest.param("torch", id="torch")]
 TRITON = pytest.param(
     "triton",
     id="triton",
@@ -210,24 +207,40 @@ LOSSES = {
 }
 
 
-def cases(*, variants: str | None = None):
-    """(loss, backend[, options]) parameters: every loss on each of its backends (and each of its
-    `variants`: "variants" or "distinct_variants")."""
+def cases(*, variants: str | None = None, small_tiles: bool = False, rotate: list | None = None):
+    """(loss, backend[, options[, extra]]) parameters: every loss on each of its backends (the torch
+    backend also with small tiles when `small_tiles`: `_helpers.SMALL_TILES`), and each of its
+    `variants` ("variants" or "distinct_variants").
+
+    `rotate`: a list of extra parameters, not crossed with the variants but dealt out to them in turn,
+    the (loss, backend) pairs starting where the previous left off, so that each backend of each loss
+    meets every extra value (given at least as many variants) and every variant meets several.
+    """
     out = []
+    turn = 0
     for key, loss in LOSSES.items():
-        for backend in loss.backends:
+        backends = list(loss.backends)
+        if small_tiles:
+            backends.insert(1, SMALL_TILES)
+        for backend in backends:
             if variants is None:
                 out.append(
                     pytest.param(key, backend.values[0], id=f"{key}-{backend.id}", marks=backend.marks)
                 )
                 continue
             for variant in getattr(loss, variants):
+                extra, extra_id = (), ""
+                if rotate is not None:
+                    value = rotate[turn % len(rotate)]
+                    turn += 1
+                    extra, extra_id = (value.values[0],), f"-{value.id}"
                 out.append(
                     pytest.param(
                         key,
                         backend.values[0],
                         variant.values[0],
-                        id=f"{key}-{backend.id}-{variant.id}",
+                        *extra,
+                        id=f"{key}-{backend.id}-{variant.id}{extra_id}",
                         marks=backend.marks,
                     )
                 )
@@ -279,15 +292,34 @@ def check_against_reference(
 # ----------------------------------------------------------------------------------------------------
 
 
-# Each temperature and each alpha at least once with every (loss, backend, variant), not their cross
-# product: T = 1 (the cross-entropy shares the student's softmax) with a mixed loss, T != 1 with the
-# two endpoints of alpha (no cross-entropy; no divergence).
-TEMPERATURE_ALPHA = [(0.5, 0.0), (1.0, 0.7), (5.0, 1.0)]
+# Each temperature and each alpha: T = 1 (the cross-entropy shares the student's softmax) with a mixed
+# loss, T != 1 with the two endpoints of alpha (no cross-entropy; no divergence). Every one with every
+# (loss, variant) on the torch backend; on the others (small tiles, Triton) dealt out over the variants.
+TEMPERATURE_ALPHA = [
+    pytest.param((0.5, 0.0), id="T0.5-a0"),
+    pytest.param((1.0, 0.7), id="T1-a0.7"),
+    pytest.param((5.0, 1.0), id="T5-a1"),
+]
 
 
-@pytest.mark.parametrize("key,backend,variant", cases(variants="variants"))
-@pytest.mark.parametrize("temperature,alpha", TEMPERATURE_ALPHA)
-def test_matches_float64_reference(key, backend, variant, temperature, alpha):
+def _temperature_alpha_cases():
+    full = [
+        pytest.param(*c.values[:3], ta.values[0], id=f"{c.id}-{ta.id}", marks=c.marks)
+        for c in cases(variants="variants")
+        if c.id.split("-")[1] == "torch"
+        for ta in TEMPERATURE_ALPHA
+    ]
+    dealt = [
+        c
+        for c in cases(variants="variants", small_tiles=True, rotate=TEMPERATURE_ALPHA)
+        if c.id.split("-")[1] != "torch" or "small-tiles" in c.id
+    ]
+    return full + dealt
+
+
+@pytest.mark.parametrize("key,backend,variant,temperature_alpha", _temperature_alpha_cases())
+def test_matches_float64_reference(key, backend, variant, temperature_alpha):
+    temperature, alpha = temperature_alpha
     inputs = LOSSES[key].make(bias=alpha > 0.5)
     if key == "topk":
         # The teacher's top-k at the loss's temperature. At T = 0.5 the teacher is so confident that
@@ -306,10 +338,27 @@ def test_matches_float64_reference(key, backend, variant, temperature, alpha):
     )
 
 
-@pytest.mark.parametrize("key,backend,variant", cases(variants="distinct_variants"))
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("components", [False, True], ids=["loss", "components"])
-def test_reductions_and_components(key, backend, variant, reduction, components):
+# Each reduction with and without the components, dealt out two per variant (one of each), so each
+# (loss, backend) meets all six and each variant a reduction with its components differentiated.
+REDUCTION_COMPONENTS = [
+    pytest.param(("mean", False), id="mean-loss"),
+    pytest.param(("none", True), id="none-components"),
+    pytest.param(("sum", False), id="sum-loss"),
+    pytest.param(("mean", True), id="mean-components"),
+    pytest.param(("none", False), id="none-loss"),
+    pytest.param(("sum", True), id="sum-components"),
+]
+
+
+def _reduction_cases():
+    first = cases(variants="distinct_variants", rotate=REDUCTION_COMPONENTS[0::2])
+    second = cases(variants="distinct_variants", rotate=REDUCTION_COMPONENTS[1::2])
+    return [c for pair in zip(first, second) for c in pair]
+
+
+@pytest.mark.parametrize("key,backend,variant,reduction_components", _reduction_cases())
+def test_reductions_and_components(key, backend, variant, reduction_components):
+    reduction, components = reduction_components
     inputs = LOSSES[key].make(leading=(3, 9), vocab=517)
     shape = (3, 9) if reduction == "none" else ()
     # Arbitrary per-output (and, for "none", per-token) weights exercise every backward path.
@@ -379,13 +428,27 @@ def _head_options(key: str, head: dict) -> dict:
     return {k: v for k, v in head.items() if key != "topk" or k.startswith("student_")}
 
 
-@pytest.mark.parametrize("key,backend,variant", cases(variants="variants"))
-@pytest.mark.parametrize(
-    "head,temperature",
-    [(head.values[0], temperature) for head, temperature in zip(HEADS, (0.7, 2.0, 0.7))],
-    ids=[f"{h.id}-T{t}" for h, t in zip(HEADS, (0.7, 2.0, 0.7))],
-)
-def test_head_transforms_match_float64_reference(key, backend, variant, head, temperature):
+HEADS_AT = [
+    pytest.param((head.values[0], temperature), id=f"{head.id}-T{temperature}")
+    for head, temperature in zip(HEADS, (0.7, 2.0, 0.7))
+]
+
+
+def _crossed_on_torch(variants: str, extras: list) -> list:
+    """Every (loss, variant) with every extra on the torch backend; on the others (Triton), the extras
+    dealt out over the variants (`cases(rotate=...)`)."""
+    full = [
+        pytest.param(*c.values, extra.values[0], id=f"{c.id}-{extra.id}", marks=c.marks)
+        for c in cases(variants=variants)
+        if c.values[1] == "torch"
+        for extra in extras
+    ]
+    return full + [c for c in cases(variants=variants, rotate=extras) if c.values[1] != "torch"]
+
+
+@pytest.mark.parametrize("key,backend,variant,head_at", _crossed_on_torch("variants", HEADS_AT))
+def test_head_transforms_match_float64_reference(key, backend, variant, head_at):
+    head, temperature = head_at
     inputs = LOSSES[key].make(bias=True)
     if key == "topk":
         inputs = make_topk(bias=True, temperature=temperature)
@@ -414,16 +477,13 @@ def _extreme(key: str) -> Inputs:
     return inputs.replace(**big)
 
 
-@pytest.mark.parametrize("key,backend,variant", cases(variants="distinct_variants"))
-@pytest.mark.parametrize(
-    "head",
-    [
-        pytest.param(dict(student_softcap=30.0, teacher_softcap=30.0), id="caps"),
-        pytest.param(
-            dict(student_logit_scale=3.0, student_softcap=50.0, teacher_softcap=30.0), id="scale-cap"
-        ),
-    ],
-)
+SATURATED_HEADS = [
+    pytest.param(dict(student_softcap=30.0, teacher_softcap=30.0), id="caps"),
+    pytest.param(dict(student_logit_scale=3.0, student_softcap=50.0, teacher_softcap=30.0), id="scale-cap"),
+]
+
+
+@pytest.mark.parametrize("key,backend,variant,head", _crossed_on_torch("distinct_variants", SATURATED_HEADS))
 def test_saturated_soft_caps_match_float64_reference(key, backend, variant, head):
     # Float32 logits of magnitude 1e4 are known to ~1e-3 absolutely: allow the naive float32 recipe's
     # error (three times), never less than float32's tolerance.
@@ -620,7 +680,8 @@ def _with_layout(inputs: Inputs, layout: str) -> Inputs:
 @pytest.mark.parametrize("key,backend,layout,leading", layout_cases())
 def test_layouts_match_float64_reference(key, backend, layout, leading):
     """The loss (and student gradients) of a strided layout equal those of the same values, contiguous."""
-    inputs = LOSSES[key].make(leading=leading, vocab=509, bias=True)
+    # Two vocabulary blocks of the interpreter's kernels, the second partial: the layout is the point.
+    inputs = LOSSES[key].make(leading=leading, vocab=211, bias=True)
     laid_out = _with_layout(inputs, layout)
     if layout not in ("3d", "labels-int32"):
         changed = [

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from _helpers import DEVICE, FP32_RTOL, assert_close, reference_kd_loss, rel_err
+from _helpers import BACKENDS, DEVICE, FP32_RTOL, assert_close, reference_kd_loss, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -18,18 +18,6 @@ import fusedkd
 from fusedkd import kernels
 from fusedkd.logits import KDLoss, kd_loss
 
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    # The torch backend as on large shapes: many chunks of a few groups of rows, partial last ones.
-    pytest.param("torch", id="torch-small-tiles", marks=pytest.mark.small_tiles(3)),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(
-            kernels.unavailable_reason(DEVICE) is not None, reason=str(kernels.unavailable_reason(DEVICE))
-        ),
-    ),
-]
 DIVERGENCES = [
     pytest.param("forward_kl", 0.5, id="fkl"),
     pytest.param("reverse_kl", 0.5, id="rkl"),

@@ -21,13 +21,9 @@ from fusedkd._options import tail_precision
 from fusedkd.topk import FusedLinearTopKKDLoss, fused_linear_topk_kd_loss, teacher_topk
 
 TOPK_DIVERGENCES = ["forward_kl", "reverse_kl"]
-TAILS = [
-    "bucket",
-    "renormalize",
-    # As on large shapes: many token chunks, each in several element-wise groups of rows.
-    pytest.param("bucket", id="bucket-small-tiles", marks=pytest.mark.small_tiles(3)),
-    pytest.param("renormalize", id="renormalize-small-tiles", marks=pytest.mark.small_tiles(3)),
-]
+# (Many token chunks of several element-wise groups of rows, as on large shapes: test_contract.py's
+# small-tiles run.)
+TAILS = ["bucket", "renormalize"]
 
 
 # ----------------------------------------------------------------------------------------------------
