@@ -117,6 +117,38 @@ def head_factors(
     return logit_scale / softcap / folded, softcap / divisor
 
 
+def head_chain_rule(
+    head: HeadTransform,
+    w_distill: torch.Tensor | None,
+    w_ce: torch.Tensor | None = None,
+    tile: torch.Tensor | None = None,
+    folded: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The chain rule of a student head, in one place for the torch backend and the kernels' launchers
+    (docs/design.md §4). With x = logit_scale z and s = c tanh(x / c) (s = x without a cap):
+
+        dloss/dz = logit_scale (1 - tanh^2(x / c)) dloss/ds
+
+    The scale goes into the per-token gradient weights, G being linear in them: returns `w_distill` and
+    `w_ce` times it (as given for a scale of 1; None stays None). The cap's factor multiplies G element
+    by element: for a capped head and a `tile` holding ``folded * z``, the third value is
+    1 - tanh^2(u) = 1 / cosh^2(u) of tanh's argument u = x / c (written to `out` when given), exact where
+    tanh saturates and 1 - tanh^2 would cancel (cosh overflowing to inf gives 0, the right limit);
+    else None. The kernels compute the same factor with `tl_utils.soft_cap_derivative`.
+    """
+    scale = head.logit_scale
+    if scale != 1.0:
+        w_distill = None if w_distill is None else w_distill * scale
+        w_ce = None if w_ce is None else w_ce * scale
+    derivative = None
+    if tile is not None and head.softcap is not None:
+        mult, _ = head_factors(scale, head.softcap, folded, 1.0)
+        derivative = torch.mul(tile, mult, out=out) if out is not None else tile * mult
+        derivative.cosh_().square_().reciprocal_()
+    return w_distill, w_ce, derivative
+
+
 def apply_head(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """The head transform of `KDOptions` on full logits (not in place): scale, then soft cap."""
     if logit_scale != 1.0:

@@ -1,5 +1,6 @@
-"""The head transform's building blocks: `fusedkd.head_transform` on transformers configs, and the
-Triton soft cap (tanh as 2 sigmoid(2x) - 1) and its derivative against float64, saturation included.
+"""The head transform's building blocks: `fusedkd.head_transform` on transformers configs, the Triton
+soft cap (tanh as 2 sigmoid(2x) - 1, and the tile kernel's `accurate_tanh`) and the chain rule's cap
+derivative (Triton's and torch's) against float64, saturation included.
 The losses' exactness with scaled and capped heads is in test_contract.py."""
 
 from __future__ import annotations
@@ -24,35 +25,68 @@ if _triton_skip_reason() is None:
     import triton
     import triton.language as tl
 
-    from fusedkd.kernels.tl_utils import soft_cap, soft_cap_derivative
+    from fusedkd.kernels.tl_utils import accurate_tanh, soft_cap, soft_cap_derivative
 
     @triton.jit
-    def cap_kernel(x_ptr, cap_ptr, derivative_ptr, n, softcap, BLOCK: tl.constexpr):
+    def cap_kernel(x_ptr, cap_ptr, accurate_ptr, derivative_ptr, n, softcap, BLOCK: tl.constexpr):
         offsets = tl.arange(0, BLOCK)
         mask = offsets < n
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         tl.store(cap_ptr + offsets, soft_cap(x, softcap), mask=mask)
+        tl.store(accurate_ptr + offsets, softcap * accurate_tanh(x / softcap), mask=mask)
         tl.store(derivative_ptr + offsets, soft_cap_derivative(x, softcap), mask=mask)
+
+
+def _check_derivative(derivative: torch.Tensor, exact_derivative: torch.Tensor) -> None:
+    """float32's relative precision, also where 1 - tanh^2 would cancel to 0, down to its underflow
+    (then exactly 0)."""
+    assert not derivative.isnan().any()
+    representable = exact_derivative > 1e-30
+    rel = ((derivative.double() - exact_derivative).abs() / exact_derivative)[representable]
+    assert rel.max() <= 1e-5
+    assert (derivative.double()[~representable] <= 1e-30).all()
 
 
 @pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason()))
 def test_triton_soft_cap_and_derivative_match_float64_at_saturation():
     softcap = 30.0
     x = torch.tensor([s * v * softcap for v in EXTREMES for s in (1.0, -1.0)], dtype=torch.float32)
-    capped, derivative = torch.empty_like(x), torch.empty_like(x)
-    cap_kernel[(1,)](x, capped, derivative, x.numel(), softcap, BLOCK=64)
+    capped, accurate, derivative = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    cap_kernel[(1,)](x, capped, accurate, derivative, x.numel(), softcap, BLOCK=64)
     exact = softcap * torch.tanh(x.double() / softcap)
     exact_derivative = 1.0 / torch.cosh(x.double() / softcap) ** 2
-    assert torch.isfinite(capped).all() and not derivative.isnan().any()
-    # The cap to float32's absolute resolution of values of size `softcap`.
+    assert torch.isfinite(capped).all() and torch.isfinite(accurate).all()
+    # The cap to float32's absolute resolution of values of size `softcap`; `accurate_tanh` (the tile
+    # kernel's) to a few ulps relative, small arguments included.
     assert (capped.double() - exact).abs().max() <= 4 * torch.finfo(torch.float32).eps * softcap
-    # The derivative to float32's relative precision, also where 1 - tanh^2 would cancel to 0, down to
-    # its underflow (then exactly 0).
-    representable = exact_derivative > 1e-30
-    rel = ((derivative.double() - exact_derivative).abs() / exact_derivative)[representable]
-    assert rel.max() <= 1e-5
-    assert (derivative.double()[~representable] <= 1e-30).all()
+    nonzero = exact != 0
+    assert (accurate == 0)[~nonzero].all()
+    assert ((accurate.double() - exact).abs() / exact.abs())[nonzero].max() <= 4 * torch.finfo(
+        torch.float32
+    ).eps
+    _check_derivative(derivative, exact_derivative)
     assert (capped[x == math.inf] == softcap).all() and (capped[x == -math.inf] == -softcap).all()
+
+
+def test_torch_head_chain_rule_matches_float64_at_saturation():
+    """`_options.head_chain_rule`: the scale into the gradient weights, the cap's derivative from a tile
+    holding `folded` z, as the kernels' `soft_cap_derivative`."""
+    from fusedkd._options import head_chain_rule
+
+    scale, softcap, folded = 3.0, 30.0, 0.1  # the tile holds folded * z; tanh's argument is scale z / c
+    z = torch.tensor([s * v * softcap / scale for v in EXTREMES for s in (1.0, -1.0)], dtype=torch.float64)
+    tile = (folded * z).float()
+    w_distill, w_ce = torch.tensor([0.5, -2.0]), torch.tensor([1.5, 0.25])
+    head = fusedkd.HeadTransform(scale, softcap)
+    out = torch.empty_like(tile)
+    got_distill, got_ce, derivative = head_chain_rule(head, w_distill, w_ce, tile, folded, out)
+    assert derivative is out
+    assert torch.equal(got_distill, w_distill * scale) and torch.equal(got_ce, w_ce * scale)
+    _check_derivative(derivative, 1.0 / torch.cosh(tile.double() / folded * scale / softcap) ** 2)
+    # No cap: no derivative; a scale of 1: the weights as given.
+    assert head_chain_rule(fusedkd.HeadTransform(scale), w_distill, None, tile)[1:] == (None, None)
+    same = head_chain_rule(fusedkd.HeadTransform(1.0, softcap), w_distill, w_ce)
+    assert same[0] is w_distill and same[1] is w_ce and same[2] is None
 
 
 @pytest.mark.parametrize(

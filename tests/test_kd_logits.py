@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from _helpers import DEVICE, FP32_RTOL, assert_close, reference_kd_loss, rel_err
+from _helpers import BACKENDS, DEVICE, FP32_RTOL, assert_close, reference_kd_loss, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -18,18 +18,6 @@ import fusedkd
 from fusedkd import kernels
 from fusedkd.logits import KDLoss, kd_loss
 
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    # The torch backend as on large shapes: many chunks of a few groups of rows, partial last ones.
-    pytest.param("torch", id="torch-small-tiles", marks=pytest.mark.small_tiles(3)),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(
-            kernels.unavailable_reason(DEVICE) is not None, reason=str(kernels.unavailable_reason(DEVICE))
-        ),
-    ),
-]
 DIVERGENCES = [
     pytest.param("forward_kl", 0.5, id="fkl"),
     pytest.param("reverse_kl", 0.5, id="rkl"),
@@ -336,33 +324,6 @@ def test_backward_twice_through_retained_graph(backend):
 
 def good_logits(n=6, vocab=50):
     return torch.randn(n, vocab), torch.randn(n, vocab), torch.randint(0, vocab, (n,))
-
-
-BAD = [
-    # kd_loss's own (the arguments every loss shares: tests/test_contract.py)
-    # (positional overrides, options, exception, message fragment)
-    (dict(teacher_logits=torch.randn(5, 50)), {}, ValueError, "same leading"),
-    (dict(teacher_logits=torch.randn(6, 60)), {}, ValueError, "vocab_size="),
-    (dict(), dict(vocab_size=51), ValueError, "larger than the last dimension of student_logits"),
-    (dict(student_logits=torch.randint(0, 3, (6, 50))), {}, TypeError, "student_logits must be float32"),
-    (dict(teacher_logits=[1.0]), {}, TypeError, "teacher_logits must be a torch.Tensor"),
-    (dict(student_logits=torch.randn(())), {}, ValueError, "at least 1 dimension"),
-]
-
-
-@pytest.mark.parametrize("overrides,options,exception,message", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_bad_input_raises_clearly(overrides, options, exception, message):
-    student, teacher, labels = good_logits()
-    args = dict(student_logits=student, teacher_logits=teacher, labels=labels) | overrides
-    with pytest.raises(exception, match=message):
-        kd_loss(args["student_logits"], args["teacher_logits"], args["labels"], **options)
-
-
-def test_bad_module_options_fail_at_construction():
-    with pytest.raises(ValueError, match="temperature"):
-        KDLoss(0.5, -1.0)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        KDLoss(backend="gpu")
 
 
 class NewStorages(TorchDispatchMode):

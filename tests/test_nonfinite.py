@@ -127,10 +127,45 @@ def _compare(run, reference_run, reduction: str, n_grads: int) -> None:
         _check(grads[i], ref_grads[i], f"{reduction} gradient {i}")
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("poison", LINEAR_POISONS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+REDUCTIONS = ["mean", "none"]
+
+
+def nonfinite_cases(backends, poisons, crossed: dict[str, tuple[str, ...]]) -> list:
+    """(backend, divergence, poison, reduction) parameters: every poison on every backend. A backend
+    named in `crossed` runs every divergence with every poison, and with every reduction for the
+    names in its tuple ("reduction"); otherwise the divergences and reductions are dealt out in turn
+    (each backend still meets each of them, and each poison several divergences across backends)."""
+    out, turn = [], 0
+    for backend in backends:
+        full = crossed.get(backend.id)
+        for poison in poisons:
+            divergences = DIVERGENCES if full is not None else [DIVERGENCES[turn % len(DIVERGENCES)]]
+            for divergence in divergences:
+                if full is not None and "reduction" in full:
+                    reductions = REDUCTIONS
+                else:
+                    reductions = [REDUCTIONS[turn % len(REDUCTIONS)]]
+                turn += 1
+                for reduction in reductions:
+                    out.append(
+                        pytest.param(
+                            backend.values[0],
+                            divergence,
+                            poison,
+                            reduction,
+                            id=f"{backend.id}-{divergence}-{poison}-{reduction}",
+                            marks=backend.marks,
+                        )
+                    )
+    return out
+
+
+# Every (divergence, poison, reduction) on the torch backend; every (divergence, poison) on Triton's
+# fused kernels, whose one gradient kernel serves every reduction; the other backends dealt out.
+@pytest.mark.parametrize(
+    "backend,divergence,poison,reduction",
+    nonfinite_cases(LINEAR_BACKENDS, LINEAR_POISONS, {"torch": ("reduction",), "triton": ()}),
+)
 def test_fused_linear_nonfinite(backend, divergence, poison, reduction):
     inputs, labels = _linear_inputs(poison), _labels()
 
@@ -155,10 +190,11 @@ def test_fused_linear_nonfinite(backend, divergence, poison, reduction):
     )
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("poison", LOGITS_POISONS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("backend", BACKENDS)
+# Triton's kd_loss forms G in its forward kernel for "mean" and in its backward kernel for "none": both.
+@pytest.mark.parametrize(
+    "backend,divergence,poison,reduction",
+    nonfinite_cases(BACKENDS, LOGITS_POISONS, {"torch": ("reduction",), "triton": ("reduction",)}),
+)
 def test_kd_logits_nonfinite(backend, divergence, poison, reduction):
     inputs, labels = _logits_inputs(poison), _labels()
 
@@ -180,10 +216,43 @@ def test_kd_logits_nonfinite(backend, divergence, poison, reduction):
 TOPK_POISONS = ["student_nan", "student_inf", "student_weight_nan", "ignored_nan", "bias_neginf"]
 
 
-@pytest.mark.parametrize("poison", TOPK_POISONS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
-@pytest.mark.parametrize("tail,alpha", [("bucket", 0.6), ("renormalize", 0.6), ("renormalize", 1.0)])
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "torch"])
+TOPK_TAILS = [("bucket", 0.6), ("renormalize", 0.6), ("renormalize", 1.0)]
+
+
+def topk_nonfinite_cases() -> list:
+    """Every (tail, divergence, poison) on the torch backend; uncompacted, each poison once, the tails
+    and divergences dealt out in turn."""
+    out = []
+    for i, poison in enumerate(TOPK_POISONS):
+        for tail, alpha in TOPK_TAILS:
+            for divergence in ["forward_kl", "reverse_kl"]:
+                out.append(
+                    pytest.param(
+                        "torch",
+                        tail,
+                        alpha,
+                        divergence,
+                        poison,
+                        id=f"torch-{tail}-{alpha}-{divergence}-{poison}",
+                    )
+                )
+        tail, alpha = TOPK_TAILS[i % len(TOPK_TAILS)]
+        divergence = ["forward_kl", "reverse_kl"][i % 2]
+        out.append(
+            pytest.param(
+                "torch",
+                tail,
+                alpha,
+                divergence,
+                poison,
+                id=f"torch-uncompacted-{tail}-{alpha}-{divergence}-{poison}",
+                marks=pytest.mark.uncompacted,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("backend,tail,alpha,divergence,poison", topk_nonfinite_cases())
 def test_topk_nonfinite(backend, tail, alpha, divergence, poison):
     """The sparse top-k loss (torch backend; renormalize with alpha=1 reads only the k listed rows)."""
     hs, ws, bs = torch.randn(N, H_S) / H_S**0.5, torch.randn(VOCAB, H_S) * 2, torch.randn(VOCAB)

@@ -46,6 +46,7 @@ from fusedkd.kernels.config import (
 from fusedkd.kernels.gradient import launch_gradient
 from fusedkd.kernels.jsd import launch_jsd
 from fusedkd.kernels.statistics import NUM_STAT_FIELDS, launch_statistics
+from fusedkd.kernels.tl_utils import head_arguments
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -127,20 +128,6 @@ class _Problem:
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )
-
-
-def head_arguments(options: KDOptions) -> dict:
-    """Each head's transform (`KDOptions`) as the tile kernels take it: the logit scale a runtime float,
-    the soft cap a runtime float (1.0 when absent, unused) behind a STUDENT_SOFTCAP / TEACHER_SOFTCAP
-    constexpr."""
-    return dict(
-        student_logit_scale=options.student_logit_scale,
-        student_softcap=1.0 if options.student_softcap is None else options.student_softcap,
-        teacher_logit_scale=options.teacher_logit_scale,
-        teacher_softcap=1.0 if options.teacher_softcap is None else options.teacher_softcap,
-        STUDENT_SOFTCAP=options.student_softcap is not None,
-        TEACHER_SOFTCAP=options.teacher_softcap is not None,
-    )
 
 
 def _token_order(labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedkd._options import KDOptions
+from fusedkd._options import KDOptions, head_chain_rule
 from fusedkd.kernels import INTERPRETER
 from fusedkd.kernels.config import KernelConfig, gradient_group_width, gradient_programs, staging_dtype
 from fusedkd.kernels.statistics import (
@@ -448,10 +448,9 @@ def launch_gradient(
     """
     options, n, device = problem.options, problem.num_tokens, problem.device
     want_hidden, want_weight, want_bias = wanted
-    if options.student_logit_scale != 1.0:
-        # s = scale z (then capped): dloss/dz = scale dloss/ds, G being linear in the token weights.
-        weight_distill = weight_distill * options.student_logit_scale
-        weight_ce = None if weight_ce is None else weight_ce * options.student_logit_scale
+    # s = scale z (then capped): dloss/dz = scale dloss/ds, G being linear in the token weights; the
+    # kernel applies the cap's derivative.
+    weight_distill, weight_ce, _ = head_chain_rule(options.student_head, weight_distill, weight_ce)
     tile = config.gradient
     hidden, weight = problem.student_hidden, problem.student_weight
     vocab, student_dim = problem.vocab_size, hidden.shape[1]

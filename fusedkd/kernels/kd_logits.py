@@ -23,11 +23,11 @@ from fusedkd._autograd import (
     reduction_scale,
     unit_gradient_weights,
 )
-from fusedkd._options import KDOptions
+from fusedkd._options import KDOptions, head_chain_rule
 from fusedkd.kernels import launch_device
 from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
-from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, inverse_temperature
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, head_arguments, inverse_temperature
 
 # Fixed launch configuration (autotuning needs a GPU driver, docs/design.md §7): one row per program,
 # vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
@@ -77,11 +77,9 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
         student_logits.shape[-1],
         inverse_temperature(options),
         options.beta,
-        *head_scalars(options),
     )
     flags = dict(
-        STUDENT_SOFTCAP=options.student_softcap is not None,
-        TEACHER_SOFTCAP=options.teacher_softcap is not None,
+        **head_arguments(options),
         DIVERGENCE=DIVERGENCE_CODES[options.divergence],
         HAS_LABELS=has_labels,
         ACC_DTYPE=_acc_dtype(student_logits.dtype)[1],
@@ -89,25 +87,6 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
         num_warps=num_warps,
     )
     return leading, scalars, flags
-
-
-def head_scalars(options: KDOptions) -> tuple[float, float, float, float]:
-    """The heads' transforms as runtime floats (a soft cap's constexpr flag says whether it is used)."""
-    return (
-        options.student_logit_scale,
-        1.0 if options.student_softcap is None else options.student_softcap,
-        options.teacher_logit_scale,
-        1.0 if options.teacher_softcap is None else options.teacher_softcap,
-    )
-
-
-def head_weights(options: KDOptions, w_distill: torch.Tensor, w_ce: torch.Tensor | None):
-    """The gradient weights for the given logits z: with s = scale z, dloss/dz = scale dloss/ds (G is
-    linear in the weights; the soft cap's derivative is applied in the kernel)."""
-    scale = options.student_logit_scale
-    if scale == 1.0:
-        return w_distill, w_ce
-    return w_distill * scale, None if w_ce is None else w_ce * scale
 
 
 class KDLogitsFunction(torch.autograd.Function):
@@ -130,8 +109,8 @@ class KDLogitsFunction(torch.autograd.Function):
         if fuse_grad:
             grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=device)
             # Weights for an output gradient of 1; one element each (the kernel reads element 0).
-            w_distill, w_ce = head_weights(
-                options, *unit_gradient_weights(options, scale, num_tokens=1, dtype=dtype)
+            w_distill, w_ce, _ = head_chain_rule(
+                options.student_head, *unit_gradient_weights(options, scale, num_tokens=1, dtype=dtype)
             )
             if w_ce is None:
                 w_ce = torch.zeros_like(w_distill)
@@ -173,8 +152,8 @@ class KDLogitsFunction(torch.autograd.Function):
             return input_grads(ctx.needs_input_grad, {0: eager[0]})
 
         n = stats.shape[0]
-        w_distill, w_ce = head_weights(
-            options,
+        w_distill, w_ce, _ = head_chain_rule(
+            options.student_head,
             *gradient_weights(
                 options, scale, grad_loss, grad_divergence, grad_ce, num_tokens=n, dtype=stats.dtype
             ),

@@ -42,7 +42,8 @@ m_s, m_t the row maxima, a = (s - m_s) / T, b = (t - m_t) / T' (T' = 1 when temp
 The maxima and sums are online (docs/design.md §3, `tl_utils.running_max`): relative to a running shift,
 rescaled when it moves; A moves with the shifts as e^(-d_w) (A -/+ Z_w (d_b - d_a)). Gradients (§4),
 with the weights w_D, w_C times lambda_s (G is linear in them) and, for a soft-capped student, times
-d head / d(lambda z) = 1 / cosh^2 of tanh's argument:
+d head / d(lambda z) = 1 / cosh^2 of tanh's argument (the head's chain rule: `_options.head_chain_rule`
+in the launcher, `tl_utils.soft_cap_derivative` here):
 
     forward_kl  dD/ds = (q - p) / T
     reverse_kl  dD/ds = q ((a - b) - K) / T
@@ -76,15 +77,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedkd._options import KDOptions, head_factors
+from fusedkd._options import KDOptions, head_chain_rule, head_factors
 from fusedkd.kernels import INTERPRETER, launch_device
 from fusedkd.kernels.tl_utils import (
     DIVERGENCE_CODES,
     FORWARD_KL,
     JSD,
     REVERSE_KL,
+    accurate_tanh,
     round_to_bfloat16,
-    tanh_and_cosh2,
+    soft_cap_derivative,
 )
 
 # Vocabulary columns per step of a program, and warps: as `kd_logits` (one row per program, blocks of
@@ -101,8 +103,8 @@ def _head_and_derivative(x, in_vocab, mult, cap_mult, HAS_SOFTCAP: tl.constexpr)
     argument (the block itself, unused, without a cap)."""
     u = x * mult
     if HAS_SOFTCAP:
-        th, derivative = tanh_and_cosh2(u)
-        return tl.where(in_vocab, cap_mult * th, float("-inf")), derivative
+        derivative = soft_cap_derivative(u, 1.0)  # d tanh(u) / du
+        return tl.where(in_vocab, cap_mult * accurate_tanh(u), float("-inf")), derivative
     else:
         return u, u
 
@@ -158,7 +160,6 @@ def kd_tile_kernel(
     teacher_cap_mult,
     temperature,
     teacher_temperature,
-    student_logit_scale,
     beta,
     log_beta,
     log1m_beta,
@@ -321,13 +322,14 @@ def kd_tile_kernel(
 
     if WANT_GRAD:
         # Pass 3, against the previous pass's direction. G = w_D dD/ds + w_C dC/ds, the weights times
-        # lambda_s, the whole times the student cap's derivative; a NaN row where D is NaN.
-        w_scaled = tl.load(w_distill_ptr + row).to(tl.float32) * student_logit_scale
+        # lambda_s (by the launcher), the whole times the student cap's derivative; a NaN row where D
+        # is NaN.
+        w_scaled = tl.load(w_distill_ptr + row).to(tl.float32)
         coef_q = w_scaled / (temperature * sum_a)  # w_D / (T Z_a): e^(a - c_a) times it is w_D q / T
         w_ce = zero
         coef_plain = zero
         if HAS_CE_GRAD:
-            w_ce = tl.load(w_ce_ptr + row).to(tl.float32) * student_logit_scale
+            w_ce = tl.load(w_ce_ptr + row).to(tl.float32)
             coef_plain = w_ce / sum_s
         if DIVERGENCE == FORWARD_KL:
             coef_p = w_scaled / (temperature * sum_b)
@@ -424,6 +426,8 @@ def kd_tile_terms_triton(
     has_labels = labels is not None
     w_distill, w_ce = grad_weights if want_grad else (None, None)
     has_ce_grad = want_grad and has_labels and w_ce is not None
+    if want_grad:  # the student's logit scale, into the weights; the kernel applies its cap's derivative
+        w_distill, w_ce, _ = head_chain_rule(options.student_head, w_distill, w_ce)
     student_mult, student_cap_mult = head_factors(
         options.student_logit_scale, options.student_softcap, folded[0], 1.0
     )
@@ -460,7 +464,6 @@ def kd_tile_terms_triton(
             teacher_cap_mult,
             T,
             1.0 if teacher_tempered else T,
-            options.student_logit_scale,
             beta,
             math.log(beta),
             math.log1p(-beta),

@@ -147,15 +147,13 @@ def tanh(x):
 
 
 @triton.jit
-def tanh_and_cosh2(u):
-    """(tanh(u), 1 / cosh^2(u)) to a few ulps for every u (NaN for NaN, +-1 and 0 at +-inf).
+def accurate_tanh(u):
+    """tanh(u) to a few ulps for every u (NaN for NaN, +-1 at +-inf).
 
     With e = e^(-2|u|) in (0, 1]: tanh |u| = (1 - e) / (1 + e), whose 1 - e cancels for small |u|
     (relative error eps e / (1 - e), 2 eps at |u| = 0.2), so below 0.2 the odd Taylor series (the first
-    term left out, 1382 u^11 / 155925, is < 1e-9 relative there). 1 / cosh^2(u) = 4 e / (1 + e)^2
-    has no cancellation: exact where tanh saturates, 0 when e underflows (the right limit).
-    (`tanh` above, 2 sigmoid(2u) - 1, loses the low bits of small u: c tanh(x / c) would carry an
-    absolute error of c eps.)
+    term left out, 1382 u^11 / 155925, is < 1e-9 relative there). (`tanh` above, 2 sigmoid(2u) - 1,
+    loses the low bits of small u: c tanh(x / c) would carry an absolute error of c eps.)
     """
     au = tl.abs(u)
     e = tl.exp(-2.0 * au)
@@ -165,9 +163,7 @@ def tanh_and_cosh2(u):
     series = 0.13333333333333333 + u2 * series
     series = au * (1.0 + u2 * (-0.3333333333333333 + u2 * series))
     th = tl.where(au < 0.2, series, (1.0 - e) / (1.0 + e))
-    th = tl.where(u < 0.0, -th, th)
-    one_plus = 1.0 + e
-    return th, 4.0 * e / (one_plus * one_plus)
+    return tl.where(u < 0.0, -th, th)
 
 
 @triton.jit
@@ -188,10 +184,31 @@ def head_logits(x, in_vocab, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def soft_cap_derivative(x, softcap):
-    """d soft_cap(x) / dx = 1 - tanh^2(x / softcap) = 4 sigmoid(u) sigmoid(-u), u = 2 x / softcap: no
-    cancellation where tanh saturates (1 - tanh^2 would round to 0 long before it underflows)."""
-    u = 2.0 * x / softcap
-    return 4.0 * tl.sigmoid(u) * tl.sigmoid(-u)
+    """The soft cap's factor of the head's chain rule, in one place for every kernel (the torch code's
+    is `_options.head_chain_rule`, whose logit scale the launchers fold into the gradient weights):
+
+        d softcap tanh(x / softcap) / dx = 1 - tanh^2(u) = 1 / cosh^2(u) = 4 e / (1 + e)^2,
+
+    u = x / softcap, e = e^(-2|u|) in (0, 1]: no cancellation where tanh saturates (1 - tanh^2 would
+    round to 0 long before it underflows), 0 when e underflows (the right limit), NaN for NaN. With
+    softcap 1, the derivative of tanh at x."""
+    e = tl.exp(-2.0 * tl.abs(x / softcap))
+    one_plus = 1.0 + e
+    return 4.0 * e / (one_plus * one_plus)
+
+
+def head_arguments(options: KDOptions) -> dict:
+    """Each head's transform (`KDOptions`) as the kernels take it: the logit scale a runtime float, the
+    soft cap a runtime float (1.0 when absent, unused) behind a STUDENT_SOFTCAP / TEACHER_SOFTCAP
+    constexpr."""
+    return dict(
+        student_logit_scale=options.student_logit_scale,
+        student_softcap=1.0 if options.student_softcap is None else options.student_softcap,
+        teacher_logit_scale=options.teacher_logit_scale,
+        teacher_softcap=1.0 if options.teacher_softcap is None else options.teacher_softcap,
+        STUDENT_SOFTCAP=options.student_softcap is not None,
+        TEACHER_SOFTCAP=options.teacher_softcap is not None,
+    )
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fusedkd._options import KDOptions, head_factors
+from fusedkd._options import KDOptions, head_chain_rule, head_factors
 
 # Default working-set target of the logits-level loss, `teacher_topk` and the gathered-rows path of
 # the sparse top-k loss: one `chunk x V` compute-dtype tile (or a `chunk x k x H` input-dtype tile of
@@ -134,25 +134,16 @@ def gemm_scales(options: KDOptions, *, temper_teacher: bool) -> tuple[float, flo
 
 
 def finish_head(
-    x: torch.Tensor,
-    folded: float,
-    logit_scale: float,
-    softcap: float | None,
-    divisor: float,
-    derivative: torch.Tensor | None = None,
+    x: torch.Tensor, folded: float, logit_scale: float, softcap: float | None, divisor: float
 ) -> None:
     """In place: `x` = folded * z (z = W h + b) becomes head(z) / divisor, with head(z) = scale z, then
-    softcap tanh(. / softcap) when capped. `derivative`, when given (capped heads only), receives
-    d head / d(scale z) = 1 - tanh^2 = 1 / cosh^2 of tanh's argument: exact at saturation, where
-    1 - tanh^2 would cancel."""
+    softcap tanh(. / softcap) when capped. Its chain rule: `_options.head_chain_rule`, on the tile
+    before this call."""
     mult, cap_mult = head_factors(logit_scale, softcap, folded, divisor)
     if mult != 1.0:
         x.mul_(mult)
-    if softcap is None:
-        return
-    if derivative is not None:  # cosh overflows to inf past |x| ~ 89 (float32): 1 / inf^2 = 0, right
-        torch.cosh(x, out=derivative).square_().reciprocal_()
-    x.tanh_().mul_(cap_mult)
+    if softcap is not None:
+        x.tanh_().mul_(cap_mult)
 
 
 def grad_tile(options: KDOptions, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -246,13 +237,16 @@ def _group_terms(
     want_ce_grad = want_grad and labels is not None and w_ce is not None
     rows = torch.arange(n, device=s.device)
 
-    # Each head's transform: s = scale_s z_s, capped; t likewise (docs/design.md §2). A soft cap multiplies
-    # the gradient by its derivative 1 - tanh^2 (kept in a block of the group), the scale by itself
-    # (folded into the per-row gradient weights: G is linear in them).
+    # Each head's transform: s = scale_s z_s, capped; t likewise (docs/design.md §2). The student's chain
+    # rule (`head_chain_rule`): the scale into the per-row gradient weights, a soft cap's derivative
+    # 1 - tanh^2 into a block of the group, from the tile before `finish_head` overwrites it.
     cap_derivative = None
-    if want_grad and options.student_softcap is not None:
-        cap_derivative = scratch.block(3, n)
-    finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0, cap_derivative)
+    if want_grad:
+        out = scratch.block(3, n) if options.student_softcap is not None else None
+        w_distill, w_ce, cap_derivative = head_chain_rule(
+            options.student_head, w_distill, w_ce, s, folded[0], out
+        )
+    finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0)
     finish_head(
         t,
         folded[1],
@@ -260,9 +254,6 @@ def _group_terms(
         options.teacher_softcap,
         T if teacher_tempered else 1.0,
     )
-    if want_grad and options.student_logit_scale != 1.0:
-        w_distill = w_distill * options.student_logit_scale
-        w_ce = None if w_ce is None else w_ce * options.student_logit_scale
 
     # Relative to the row maxima, as log_softmax does: the likely tokens' log-probabilities stay exact
     # even for logits of magnitude 1e4 (docs/design.md §6). A row whose maximum is not finite (a NaN or +inf

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedkd._options import KDOptions, SupportOptions, compute_dtype
+from fusedkd._options import KDOptions, SupportOptions, apply_head, compute_dtype, head_chain_rule
 from fusedkd.torch_backend import streamed, tiles
 from fusedkd.torch_backend.tiles import (
     MAX_CHUNK,
@@ -175,12 +175,15 @@ def _tile_group(
     rows = torch.arange(n, device=s.device)
 
     # The student's head transform (logit scale, soft cap), finished on the tile `project` scaled by
-    # `tiles.gemm_scales`; the gradient gets the scale (in the row weights) and the cap's derivative.
-    cap_derivative = scratch.block(3, n) if want_grad and options.student_softcap is not None else None
-    tiles.finish_head(s, folded, options.student_logit_scale, options.student_softcap, 1.0, cap_derivative)
-    if want_grad and options.student_logit_scale != 1.0:
-        w_distill = w_distill * options.student_logit_scale
-        w_ce = None if w_ce is None else w_ce * options.student_logit_scale
+    # `tiles.gemm_scales`; its chain rule (`head_chain_rule`) from the tile before: the scale into the
+    # row weights, the cap's derivative into a block of the group.
+    cap_derivative = None
+    if want_grad:
+        out = scratch.block(3, n) if options.student_softcap is not None else None
+        w_distill, w_ce, cap_derivative = head_chain_rule(
+            options.student_head, w_distill, w_ce, s, folded, out
+        )
+    tiles.finish_head(s, folded, options.student_logit_scale, options.student_softcap, 1.0)
 
     # Relative to the row maximum (docs/design.md §6); `bad`: the row is not a distribution (§9).
     bad = tiles.subtract_row_max(s)
@@ -261,19 +264,16 @@ def _sparse_chunk(
     s_support = torch.bmm(support_weight, hidden[:, :, None])[:, :, 0]
     if bias is not None:
         s_support = s_support + bias[ids]
-    # The student's head transform on the k logits: s = c tanh(scale z / c) (or scale z).
-    s_support = s_support.to(dtype) * options.student_logit_scale
-    cap_derivative = None
-    if options.student_softcap is not None:
-        cap = options.student_softcap
-        cap_derivative = (s_support / cap).cosh().square().reciprocal()  # 1 - tanh^2, exact at saturation
-        s_support = cap * torch.tanh(s_support / cap)
+    # The student's head transform on the k logits z: s = c tanh(scale z / c) (or scale z).
+    s_support = s_support.to(dtype)
+    if grads is not None:  # its chain rule: d/dz = scale (1 - tanh^2) d/ds
+        w_distill, _, cap_derivative = head_chain_rule(options.student_head, grad_weights[0], None, s_support)
+    s_support = apply_head(s_support, options.student_logit_scale, options.student_softcap)
     a_support = s_support / T
     terms = _renormalized_terms(a_support, log_p, options.divergence, grads is not None)
     if grads is not None:
         grad_hidden, grad_weight, grad_bias = grads
-        # d/dz = scale (1 - tanh^2) d/ds
-        g_support = terms.g_support.mul_((grad_weights[0] * (options.student_logit_scale / T))[:, None])
+        g_support = terms.g_support.mul_((w_distill / T)[:, None])
         if cap_derivative is not None:
             g_support.mul_(cap_derivative)  # [c, k]
         if valid is not None:  # rows that do not count feed nothing, whatever they hold
