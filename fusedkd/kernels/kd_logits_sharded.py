@@ -32,10 +32,10 @@ from fusedkd._autograd import (
     reduction_scale,
     unit_gradient_weights,
 )
-from fusedkd._options import KDOptions
+from fusedkd._options import KDOptions, head_chain_rule
 from fusedkd._shard import VocabShard
 from fusedkd.kernels import launch_device
-from fusedkd.kernels.kd_logits import _acc_dtype, _launch_args, head_weights
+from fusedkd.kernels.kd_logits import _acc_dtype, _launch_args
 from fusedkd.kernels.kd_logits_backward import (
     NUM_STATS,
     STAT_AUX,
@@ -237,7 +237,7 @@ def _gradient(student_logits, teacher_logits, labels, options, shard, stats, w_d
     grad = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
     n = stats.shape[0]
     if shard.rows and n:
-        w_distill, w_ce = head_weights(options, w_distill, w_ce)
+        w_distill, w_ce, _ = head_chain_rule(options.student_head, w_distill, w_ce)  # the cap: in the kernel
         if w_ce is None:
             w_ce = torch.zeros_like(w_distill)
         leading, scalars, flags = _launch_args(

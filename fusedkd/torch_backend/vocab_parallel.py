@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from fusedkd._options import KDOptions
+from fusedkd._options import KDOptions, head_chain_rule
 from fusedkd._shard import VocabShard
 from fusedkd.torch_backend.tiles import fill_gradient_rows, finish_head
 
@@ -87,9 +87,11 @@ def sharded_tile_terms(
     c = s.shape[0]
     want_grad = grad_weights is not None
     derivative = None
-    if want_grad and options.student_softcap is not None:
-        derivative = torch.empty_like(s)
-    finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0, derivative)
+    if want_grad:  # the head transform's chain rule, from the tile before the transform
+        w_distill, w_ce, derivative = head_chain_rule(
+            options.student_head, *grad_weights, tile=s, folded=folded[0]
+        )
+    finish_head(s, folded[0], options.student_logit_scale, options.student_softcap, 1.0)
     finish_head(
         t, folded[1], options.teacher_logit_scale, options.teacher_softcap, T if teacher_tempered else 1.0
     )
@@ -165,8 +167,8 @@ def sharded_tile_terms(
     if not want_grad:
         return divergence, ce, None
 
-    # G of this rank's columns, from the global numbers (docs/design.md §4).
-    w_distill, w_ce = grad_weights
+    # G of this rank's columns, from the global numbers (docs/design.md §4), with respect to z (the
+    # weights carry the logit scale, `derivative` the soft cap's factor).
     if options.divergence == "forward_kl":  # (q - p) / T
         grad = log_q.exp_().sub_(p)
     elif options.divergence == "reverse_kl":  # q (log q - log p - D) / T
@@ -179,8 +181,6 @@ def sharded_tile_terms(
         if owned is not None and shard.rows:  # the one-hot, on the label's owner (no host sync)
             column = (labels - shard.offset).clamp(0, shard.rows - 1)[:, None]
             grad.scatter_add_(1, column, torch.where(owned, -w_ce, 0.0)[:, None].to(grad.dtype))
-    if options.student_logit_scale != 1.0:
-        grad.mul_(options.student_logit_scale)
     if derivative is not None:
         grad.mul_(derivative)
     fill_gradient_rows(grad, distill_bad, valid)
