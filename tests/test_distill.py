@@ -304,7 +304,7 @@ def test_gradient_accumulation_takes_the_same_steps(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, monkeypatch):
+def test_activation_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, monkeypatch):
     from transformers.models.qwen3 import modeling_qwen3
 
     calls = []
@@ -319,7 +319,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny, tmp_path, m
     assert main(run_args(tiny, plain, "--eval_samples", "0", steps=3)) == 0
     plain_calls = len(calls)
     assert (
-        main(run_args(tiny, recomputed, "--eval_samples", "0", "--gradient_checkpointing", "true", steps=3))
+        main(run_args(tiny, recomputed, "--eval_samples", "0", "--activation_checkpointing", "true", steps=3))
         == 0
     )
     # the student's layer runs again in every backward (1 layer x 3 steps)
