@@ -648,6 +648,23 @@ def test_run_distills_a_scaled_logits_student(tiny, tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in train)
 
 
+def test_heads_padded_to_different_sizes_distill_over_the_shared_rows(tiny, tmp_path, monkeypatch):
+    from fusedkd.integrations import hf
+
+    seen = []
+    loss = hf.fused_linear_kd_loss
+
+    def record(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, **options):
+        seen.append((student_weight.shape[0], teacher_weight.shape[0], options["vocab_size"]))
+        return loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, **options)
+
+    monkeypatch.setattr(hf, "fused_linear_kd_loss", record)
+    args = set_option(run_args(tiny, tmp_path / "run", steps=1), "--student", tiny["student_padded_head"])
+    assert main([*args, "--vocab_size", "300"]) == 0
+    assert seen == [(364, 300, 300)]  # the student's 64 padding rows are left out of the loss
+    assert all(math.isfinite(r["eval_kl"]) for r in records(tmp_path / "run", "eval"))
+
+
 def test_fresh_run_starts_clean_over_a_dead_attempts_metrics(tiny, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
