@@ -1,16 +1,17 @@
-"""The recipe's command line and package structure: help text, option checks, an acyclic import graph."""
+"""The recipe's command line and package structure: help text, mode defaults, the size of the package, the
+path from the script to the loss, an acyclic import graph."""
 
 from __future__ import annotations
 
-import argparse
 import ast
-import re
+import inspect
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 import fusedkd.distill
-from fusedkd.distill.cli import build_parser, main
+from fusedkd.distill.cli import MODE_DEFAULTS, DistillArguments, main, parse
 
 PACKAGE = Path(fusedkd.distill.__file__).parent
 
@@ -67,47 +68,68 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_distill_package_import_graph_is_acyclic():
     graph = import_graph()
-    assert {"cli", "recipe", "run", "errors", "runtime"} <= set(graph)
-    assert "recipe" in graph["cli"] and "run" in graph["cli"]  # the graph does see function-level imports
+    assert {"cli", "default", "data", "errors", "models", "offline", "trainer"} <= set(graph)
+    assert (
+        "default" in graph["cli"] and "trainer" in graph["cli"]
+    )  # the graph does see function-level imports
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     assert graph["errors"] == set()
 
 
-def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+def test_the_recipe_is_small_and_three_hops_from_the_script_to_the_loss():
+    from fusedkd.distill.trainer import DistillTrainer
+    from fusedkd.integrations.hf import KDTrainer
+
+    # the recipe's code; its chat templates (templates/*.jinja, TRL's) are data, not counted here
+    code = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in PACKAGE.glob("*.py"))
+    assert code <= 2000, f"the recipe has grown to {code} lines"
+    # 1. the script builds a DistillTrainer and trains it; 2. the Trainer calls KDTrainer.compute_loss, whose
+    # _kd_loss (not overridden by the recipe) 3. calls fused_linear_kd_loss
+    run_source = inspect.getsource(fusedkd.distill.cli.run)
+    assert "DistillTrainer(" in run_source and "trainer.train(" in run_source
+    assert issubclass(DistillTrainer, KDTrainer) and "_kd_loss" not in DistillTrainer.__dict__
+    assert "fused_linear_kd_loss(" in inspect.getsource(KDTrainer._kd_loss)
 
 
-def test_every_option_has_help_text_and_shows_its_default():
-    parser = build_parser()
-    text = parser.format_help()
-    assert _options(parser)
-    for action in _options(parser):
-        flag = action.option_strings[0]
-        assert action.help and action.help.strip(), f"{flag} has no help text"
-        help_text = parser._get_formatter()._expand_help(action)
-        assert "(default:" in help_text, (flag, help_text)
-        if action.default not in (None, False):
-            assert f"(default: {action.default})" in help_text, (flag, help_text)
-        assert flag in text
+def test_every_option_has_help_text():
+    for option in fields(DistillArguments):
+        assert option.metadata.get("help", "").strip(), f"--{option.name} has no help text"
 
 
-def test_help_exits_zero(capsys):
+def test_help_exits_zero_and_lists_the_recipe_and_the_trainer_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "--teacher-topk" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        "--teacher_topk" in out
+        and "--per_device_train_batch_size" in out
+        and "--gradient_accumulation_steps" in out
+    )
 
 
-def test_mode_dependent_and_shared_defaults_agree_with_the_modules():
-    from fusedkd.distill.cli import MODE_DEFAULTS
-    from fusedkd.distill.offline import PART_TOKENS
+def test_mode_defaults_fill_only_what_was_not_given(tmp_path):
+    from fusedkd.distill.default import TeacherRecipe
+    from fusedkd.distill.trainer import DistillTrainingArguments
 
-    parser = build_parser()
-    assert parser.get_default("topk_part_tokens") == PART_TOKENS
-    actions = {action.dest: action for action in _options(parser)}
-    for name, values in MODE_DEFAULTS.items():
-        help_text = actions[name].help
-        numbers = {float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", help_text)}
-        for value in values:
-            assert value is None or value in numbers, (name, value, help_text)
-        assert "real runs" in help_text and "default" in help_text
+    recipe = TeacherRecipe()
+    out = ["--output_dir", str(tmp_path / "out")]
+    distill, training, mode = parse(out)
+    assert mode == "default" and distill.seq_len == recipe.seq_len == 128
+    assert (training.learning_rate, training.per_device_train_batch_size, training.max_steps) == (
+        recipe.lr,
+        16,
+        100,
+    )
+    assert training.warmup_steps == recipe.warmup_ratio
+    real = ["--teacher", "t", "--student", "s", "--dataset", "d", *out]
+    distill, training, mode = parse(real)
+    assert (
+        mode == "distill" and distill.seq_len == 1024 and training.lr_scheduler_type == "cosine_with_min_lr"
+    )
+    defaults = {f.name: f.default for f in fields(DistillTrainingArguments)}
+    for name, (value, _) in MODE_DEFAULTS.items():
+        assert getattr(distill if name == "seq_len" else training, name) == value
+        assert name == "seq_len" or defaults[name] == value
+    distill, training, _ = parse([*real, "--learning_rate", "1e-4", "--seq_len", "64", "--max_steps", "7"])
+    assert (training.learning_rate, distill.seq_len, training.max_steps) == (1e-4, 64, 7)

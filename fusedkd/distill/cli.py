@@ -1,315 +1,303 @@
-"""``python -m fusedkd.distill``: the command line of the distillation recipe.
+"""``python -m fusedkd.distill``: distill a teacher into a student with `KDTrainer` (see docs/distill.md).
 
-Without ``--teacher`` / ``--student`` it runs the embedded default (`recipe`); with them, a real run
-(`run`). Exit codes: 0 done, 2 bad input (one ``error:`` line on stderr, nothing saved is touched),
-130 stopped by Ctrl-C / SIGTERM after saving a checkpoint.
+`DistillArguments` and the Trainer's own (`trainer.DistillTrainingArguments`), by ``HfArgumentParser``
+from flags or a YAML file; without ``--teacher`` / ``--student``, the embedded default (`default`). Exit
+codes: 0 done, 2 bad input (one ``error:`` line), 130 stopped by SIGTERM / Ctrl-C (after a checkpoint).
+To the loss: `run` trains a `trainer.DistillTrainer`, whose ``compute_loss`` (`KDTrainer`'s) calls
+``_kd_loss``, which calls ``fusedkd.fused_linear_kd_loss``.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
+import random
 import sys
-from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+import torch
 
-# Options whose default depends on the mode: (real runs, embedded default). None in argparse = "not given".
-MODE_DEFAULTS: dict[str, tuple[object, object]] = {
-    "lr": (2e-5, 3e-3),
-    "batch_size": (8, 16),
-    "seq_len": (1024, 128),
-    "max_steps": (None, 100),
-    "warmup_ratio": (0.03, 0.05),
+from fusedkd.distill.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, first_line
+
+# Options whose default depends on the mode: {name: (real runs, embedded default)}.
+MODE_DEFAULTS = {
+    "learning_rate": (2e-5, 3e-3), "per_device_train_batch_size": (8, 16), "seq_len": (1024, 128),
+    "max_steps": (-1, 100), "warmup_steps": (0.03, 0.05),
+}  # fmt: skip
+# What the embedded default takes (it brings its own models, data and schedule otherwise).
+DEFAULT_MODE_OPTIONS = {
+    *MODE_DEFAULTS,
+    *"output_dir seed weight_decay max_grad_norm logging_steps disable_tqdm use_cpu bf16 log_level".split(),
+    *"divergence alpha temperature beta backend cache_dir".split(),
 }
-
-# Options that only real runs take (the embedded default brings its own models and corpus).
-REAL_RUN_ONLY = (
-    "dataset",
-    "dataset_config",
-    "split",
-    "text_field",
-    "eval_dataset",
-    "eval_split",
-    "eval_samples",
-    "eval_every",
-    "topk_tail",
-    "max_samples",
-    "loss_only_on_response",
-    "pack",
-    "vocab_size",
-    "resume",
-    "fsdp",
-    "shard_teacher",
-    "teacher_topk",
-    "topk_cache",
-    "topk_part_tokens",
-    "gradient_checkpointing",
-    "epochs",
-    "grad_accum",
-    "save_every",
-    "dist_timeout",
-)
+# What a resumed run must share with the run that wrote the checkpoint (with the training data's hash).
+RESUME_SETTINGS = (
+    "teacher student vocab_size seq_len pack loss_only_on_response chat_template divergence alpha"
+    " temperature beta teacher_topk topk_tail learning_rate per_device_train_batch_size seed max_steps"
+    " gradient_accumulation_steps num_train_epochs weight_decay warmup_steps lr_scheduler_type"
+    " max_grad_norm world_size bf16"
+).split()
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default: the value, "off" for a flag, or the help's own words.
-
-    An option whose default is None (it depends on the mode, or means "not given") says in its help text
-    what applies, as ``(default: ...)``; the others get ``(default: <value>)`` appended.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is argparse.SUPPRESS or "(default:" in text:
-            return text
-        if action.default is False and action.nargs == 0:
-            return text + " (default: off)"
-        return super()._get_help_string(action)
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, as for every other bad input
-        raise UsageError(message)
+@dataclass
+class DistillArguments:
+    """The recipe's own options (``TrainingArguments`` holds the Trainer's)."""
+
+    teacher: str | None = _option(None, "teacher: Hub name or local directory (none: the embedded default)")
+    student: str | None = _option(None, "student to train, with the teacher's tokenizer")
+    vocab_size: int | None = _option(None, "distill over the first N head rows (heads of different sizes)")
+    dataset: str | None = _option(None, "Hub dataset, or local .json/.jsonl/.txt (file or directory)")
+    dataset_config: str | None = _option(None, "configuration of a Hub dataset")
+    split: str = _option("train", "split of a Hub --dataset")
+    text_field: str = _option("text", "text field of a record (else: chat 'messages' / prompt-completion)")
+    eval_dataset: str | None = _option(None, "evaluation data, as --dataset (none: held out from --dataset)")
+    eval_split: str = _option("test", "split of a Hub --eval_dataset")
+    eval_samples: int = _option(64, "evaluation samples (0: no evaluation)")
+    max_samples: int | None = _option(None, "use at most N training samples")
+    seq_len: int | None = _option(None, "tokens per sequence (default: 1024; 128 for the embedded default)")
+    pack: bool = _option(False, "pack samples into full --seq_len blocks")
+    loss_only_on_response: bool = _option(False, "plain text: only '### Assistant:' turns are targets")
+    chat_template: str = _option("auto", "chat masks from: auto, tokenizer, qwen3, llama3, gemma, a .jinja")
+    num_proc: int = _option(1, "processes that tokenize (datasets.map)")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _option("forward_kl", "the divergence")
+    alpha: float = _option(0.5, "weight of the distillation term (1 - alpha: cross-entropy)")
+    temperature: float = _option(1.0, "softmax temperature of the distillation term")
+    beta: float = _option(0.5, "JSD mixture weight (--divergence jsd)")
+    backend: Literal["auto", "torch", "tiles", "triton"] = _option("auto", "the loss backend")
+    teacher_topk: int | None = _option(None, "offline teacher: distill from its cached top-K")
+    topk_cache: str | None = _option(None, "directory of the top-k cache (with --teacher_topk)")
+    topk_part_tokens: int = _option(1 << 20, "tokens per part of the top-k cache (a process's unit of work)")
+    topk_tail: Literal["bucket", "renormalize"] = _option("bucket", "the teacher's mass outside its top-k")
+    shard_teacher: bool = _option(False, "shard the teacher's layers with FSDP2 (torchrun; lm_head whole)")
+    resume: bool = _option(False, "continue the run in --output_dir from its last checkpoint")
+    cache_dir: str | None = _option(None, "cache (default: $FUSEDKD_CACHE_DIR, else ~/.cache/fusedkd)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m fusedkd.distill",
-        description=(
-            "Distill a causal LM teacher into a smaller student with fusedkd's fused loss (no "
-            "[tokens x vocab] logits). Without --teacher/--student: the embedded default, a real "
-            "distillation of a scaled-down Qwen3-4B -> Qwen3-0.6B pair on the Python standard library's "
-            "source, on the CPU in minutes. Options marked 'real runs' need --teacher and --student."
-        ),
-        formatter_class=_HelpFormatter,
-    )
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--teacher",
-        help="teacher: Hugging Face model name or local directory (default: none, the embedded default)",
-    )
-    models.add_argument(
-        "--student",
-        help="student to train, same tokenizer as the teacher (default: none, the embedded default)",
-    )
-    models.add_argument(
-        "--vocab-size",
-        type=int,
-        help="real runs: distill over the first N vocabulary rows, for heads of different sizes "
-        "(default: the heads' common size)",
-    )
+def parse(argv: list[str] | None = None):
+    """``(DistillArguments, DistillTrainingArguments, mode)`` from flags or one YAML file, the options left
+    at their defaults set for the mode (`MODE_DEFAULTS`); `UsageError` on bad input."""
+    from transformers import HfArgumentParser
 
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset",
-        help="real runs: Hugging Face dataset name, or local .json / .jsonl / .txt file or directory; "
-        "records hold plain text (--text-field), chat 'messages', or 'prompt' + 'completion' (default: none)",
-    )
-    data.add_argument(
-        "--dataset-config", help="real runs: configuration name of a Hub dataset (default: none)"
-    )
-    data.add_argument("--split", default="train", help="real runs: split of a Hub --dataset")
-    data.add_argument(
-        "--text-field", default="text", help="real runs: field of a plain-text record that holds the text"
-    )
-    data.add_argument(
-        "--eval-dataset",
-        help="real runs: evaluation data, as --dataset (default: --eval-samples held out from --dataset)",
-    )
-    data.add_argument("--eval-split", default="test", help="real runs: split of a Hub --eval-dataset")
-    data.add_argument(
-        "--eval-samples", type=int, default=64, help="real runs: evaluation samples (0: no evaluation)"
-    )
-    data.add_argument(
-        "--max-samples", type=int, help="real runs: use at most N training samples (default: all)"
-    )
-    data.add_argument(
-        "--seq-len", type=int, help="tokens per sequence (default: 1024 for real runs, 128 for the default)"
-    )
-    data.add_argument(
-        "--loss-only-on-response",
-        action="store_true",
-        help="real runs, plain-text records: only '### Assistant:' turns are targets (chat records always "
-        "train on the assistant turns only)",
-    )
-    data.add_argument(
-        "--pack", action="store_true", help="real runs: pack samples into full --seq-len blocks"
-    )
+    from fusedkd.distill.trainer import DistillTrainingArguments
 
-    loss = parser.add_argument_group("distillation loss")
-    loss.add_argument(
-        "--divergence",
-        default="forward_kl",
-        choices=("forward_kl", "reverse_kl", "jsd"),
-        help="distillation divergence: KL(teacher||student), KL(student||teacher) or JSD(--beta)",
-    )
-    loss.add_argument(
-        "--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: CE)"
-    )
-    loss.add_argument(
-        "--temperature", type=float, default=1.0, help="softmax temperature of the distillation term"
-    )
-    loss.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight (--divergence jsd)")
-    loss.add_argument(
-        "--backend", default="auto", choices=("auto", "torch", "tiles", "triton"), help="fusedkd loss backend"
-    )
-    loss.add_argument(
-        "--teacher-topk",
-        type=int,
-        help="real runs, offline teacher: distill from the teacher's cached top-K, 1 <= K <= vocabulary "
-        "(default: none, the teacher runs online)",
-    )
-    loss.add_argument(
-        "--topk-cache",
-        help="real runs: directory of the top-k cache, built on first use (default: none; needed with "
-        "--teacher-topk)",
-    )
-    loss.add_argument(
-        "--topk-part-tokens",
-        type=int,
-        default=1 << 20,
-        help="real runs: tokens per part of the top-k cache (the unit of work of one process, and what "
-        "a resumed build keeps)",
-    )
-    loss.add_argument(
-        "--topk-tail",
-        default="bucket",
-        choices=("bucket", "renormalize"),
-        help="real runs: how the teacher's mass outside its top-k is treated",
-    )
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # one line and exit 2, as for every other bad input
+            raise UsageError(message)
 
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument(
-        "--lr", type=float, help="peak learning rate (default: 2e-5 for real runs, 3e-3 for the default)"
-    )
-    optim.add_argument(
-        "--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on norms, biases)"
-    )
-    optim.add_argument(
-        "--warmup-ratio",
-        type=float,
-        help="fraction of steps of linear warmup (default: 0.03 for real runs, 0.05 for the default)",
-    )
-    optim.add_argument(
-        "--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr"
-    )
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping threshold")
-    optim.add_argument(
-        "--batch-size",
-        type=int,
-        help="sequences per micro-batch per process (default: 8 for real runs, 16 for the default)",
-    )
-    optim.add_argument(
-        "--grad-accum", type=int, default=1, help="real runs: micro-batches per optimizer step"
-    )
-    optim.add_argument(
-        "--max-steps",
-        type=int,
-        help="optimizer steps, overrides --epochs (default: from --epochs for real runs, 100 for the "
-        "default)",
-    )
-    optim.add_argument(
-        "--epochs", type=float, default=1.0, help="real runs: passes over the data (without --max-steps)"
-    )
-    optim.add_argument("--seed", type=int, default=0, help="seed of the data order, held-out draw and init")
-
-    system = parser.add_argument_group("system")
-    system.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available"
-    )
-    system.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16"),
-        help="bf16: bf16 autocast (fp32 master weights; the logit projections in bf16); auto: bf16 on CUDA",
-    )
-    system.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="real runs: recompute each student layer in backward",
-    )
-    system.add_argument(
-        "--fsdp", action="store_true", help="real runs: shard the student with FSDP2 (under torchrun)"
-    )
-    system.add_argument(
-        "--shard-teacher",
-        action="store_true",
-        help="real runs: shard the teacher's layers too (FSDP2, under torchrun; lm_head replicated)",
-    )
-    system.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=120.0,
-        help="real runs under torchrun: minutes a collective may wait (building a top-k cache, saving)",
-    )
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", help="run directory (default: runs/<mode>-<time>)")
-    output.add_argument(
-        "--resume",
-        action="store_true",
-        help="real runs: continue the run in --output-dir from its checkpoint",
-    )
-    output.add_argument(
-        "--save-every",
-        type=int,
-        default=500,
-        help="real runs: checkpoint every N steps (0: only on Ctrl-C)",
-    )
-    output.add_argument(
-        "--eval-every", type=int, default=0, help="real runs: evaluate every N steps (0: only at the end)"
-    )
-    output.add_argument("--log-every", type=int, default=1, help="log metrics every N steps")
-    output.add_argument("--no-progress", action="store_true", help="no progress bar")
-    output.add_argument(
-        "--cache-dir",
-        help="cache of the embedded default (default: $FUSEDKD_CACHE_DIR, else $XDG_CACHE_HOME/fusedkd, "
-        "else ~/.cache/fusedkd)",
-    )
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and complete the arguments: mode-dependent defaults filled in, `args.mode` set."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = [name for name in ("teacher", "student") if getattr(args, name)]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = Parser((DistillArguments, DistillTrainingArguments), prog="python -m fusedkd.distill")
+    try:
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            argv = yaml_flags(argv[0])
+        distill, training, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (ValueError, TypeError, OSError) as exc:  # TrainingArguments' own checks
+        raise UsageError(first_line(exc)) from None
+    if rest:
+        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+    given = [name for name in ("teacher", "student") if getattr(distill, name)]
     if len(given) == 1:
         missing = "student" if given == ["teacher"] else "teacher"
         raise UsageError(f"--{given[0]} needs --{missing} too (or neither, for the embedded default)")
-    args.mode = "real" if given else "default"
-    if args.mode == "real" and not args.dataset:
+    mode = "distill" if given else "default"
+    # every option as it is when not given (the output directory aside: under torchrun it must be given)
+    baseline = parser.parse_args_into_dataclasses(["--output_dir", training.output_dir])
+    changed = [
+        option.name
+        for options, default in zip((distill, training), baseline)
+        for option in dataclasses.fields(options)
+        if option.init and getattr(options, option.name) != getattr(default, option.name)
+    ]
+    misplaced = [f"--{name}" for name in changed if name not in DEFAULT_MODE_OPTIONS]
+    if mode == "default" and misplaced:
+        raise UsageError(f"{', '.join(misplaced)}: only for real runs (with --teacher and --student)")
+    if mode == "distill" and not distill.dataset:
+        raise UsageError("a real run needs --dataset (a Hugging Face dataset name, or local json/jsonl/txt)")
+    for name, values in MODE_DEFAULTS.items():
+        if name not in changed:
+            setattr(distill if hasattr(distill, name) else training, name, values[mode == "default"])
+    _ = training.device  # under torchrun this joins the processes: from here world_size is right
+    return distill, training, mode
+
+
+def yaml_flags(path: str) -> list[str]:
+    """A YAML config (``option: value``) as the flags it stands for: its values are converted and checked
+    as the command line's are (``3e-3`` is a float, not YAML 1.1's string)."""
+    import json
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read the config {path!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"the config {path!r} must map option names to values")
+    flags = []
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        as_text = [json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
+        flags += [f"--{key}", *(text.lower() if text in ("True", "False") else text for text in as_text)]
+    return flags
+
+
+def check_options(distill: DistillArguments) -> None:
+    """`UsageError` for option values no run can use, before anything is loaded."""
+    for name in ("alpha", "beta"):
+        if not 0.0 <= getattr(distill, name) <= 1.0:
+            raise UsageError(f"--{name} must be in [0, 1], got {getattr(distill, name)}")
+    if not distill.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {distill.temperature}")
+    for name, least in (("seq_len", 2), ("eval_samples", 0), ("max_samples", 1), ("num_proc", 1),
+                        ("topk_part_tokens", 1), ("teacher_topk", 1)):  # fmt: skip
+        if getattr(distill, name) is not None and getattr(distill, name) < least:
+            why = " (one input and one target token)" if name == "seq_len" else ""
+            raise UsageError(f"--{name} must be at least {least}{why}, got {getattr(distill, name)}")
+    if (distill.teacher_topk is None) != (distill.topk_cache is None):
+        raise UsageError("--teacher_topk K and --topk_cache DIR go together (the offline teacher mode)")
+    if distill.teacher_topk is not None and distill.divergence == "jsd":
+        raise UsageError("--teacher_topk supports --divergence forward_kl or reverse_kl, not jsd")
+    if distill.teacher_topk is not None and distill.shard_teacher:
         raise UsageError(
-            "a real run needs --dataset (a Hugging Face dataset name, or local json / jsonl / txt)"
+            "--shard_teacher has no effect with --teacher_topk: training never loads the teacher"
         )
-    if args.mode == "default":
-        misplaced = [name for name in REAL_RUN_ONLY if getattr(args, name) != parser.get_default(name)]
-        if misplaced:
-            flags = ", ".join("--" + name.replace("_", "-") for name in misplaced)
+
+
+def say(training, message: str) -> None:  # on the main process only
+    if training.process_index == 0:
+        print(message, flush=True)
+
+
+def tokenized(records: list, tokenizer, distill, training, what: str):
+    """`data.tokenize` (the main process first, the others from its cache), its report printed;
+    `UsageError` if nothing is left."""
+    from fusedkd.distill.data import tokenize
+    from fusedkd.distill.default import default_cache_dir
+
+    cache = Path(distill.cache_dir).expanduser() if distill.cache_dir else default_cache_dir()
+    names = ("seq_len", "pack", "loss_only_on_response", "chat_template", "num_proc")
+    options = {name: getattr(distill, name) for name in names} | {"cache_dir": cache / "tokenized"}
+    with training.main_process_first(local=False, desc=f"tokenizing the {what} data"):
+        samples, report = tokenize(records, tokenizer, **options)
+    if report.kept == 0:
+        raise UsageError(report.nothing_left(what, distill.seq_len))
+    say(training, f"{what}: {report.summary(distill.seq_len)}")
+    if report.unmaskable:
+        say(training, f"warning: dropped {len(report.unmaskable)} {what} chat records: {report.named()}")
+    return samples
+
+
+def split_records(distill: DistillArguments, seed: int) -> tuple[list, list]:
+    """(training records, evaluation records): from --eval_dataset, or --eval_samples held out at random."""
+    from fusedkd.distill.data import load_records
+
+    load = dict(text_field=distill.text_field, config_name=distill.dataset_config)
+    records = load_records(distill.dataset, split=distill.split, **load)
+    if distill.eval_samples and distill.eval_dataset:
+        held_out = load_records(distill.eval_dataset, split=distill.eval_split, **load)
+        return records[: distill.max_samples], held_out[: distill.eval_samples]
+    if distill.eval_samples >= len(records):
+        raise UsageError(
+            f"the dataset has {len(records)} samples, too few to hold out --eval_samples "
+            f"{distill.eval_samples}; lower it, or pass --eval_dataset"
+        )
+    held = set(random.Random(seed).sample(range(len(records)), distill.eval_samples))
+    training = [r for i, r in enumerate(records) if i not in held]
+    return training[: distill.max_samples], [records[i] for i in sorted(held)]
+
+
+def run(distill: DistillArguments, training) -> int:
+    """A real run (see docs/distill.md); returns the exit code."""
+    from fusedkd.distill import models, offline
+    from fusedkd.distill.data import Collator, training_template
+    from fusedkd.distill.report import format_table
+    from fusedkd.distill.trainer import DistillTrainer, MetricsLog, StopOnSignal, TopKTrainer, check_settings
+
+    check_options(distill)
+    models.quiet_transformers()
+    output_dir, main = Path(training.output_dir).expanduser(), training.process_index == 0
+    teacher_tokenizer = models.load_tokenizer(distill.teacher, role="teacher")
+    tokenizer = models.load_tokenizer(distill.student, role="student")
+    models.check_tokenizers(teacher_tokenizer, tokenizer)  # before any weights load
+    records, eval_records = split_records(distill, training.seed)
+    if any("messages" in r for r in records + eval_records):
+        say(training, f"chat template: {training_template(tokenizer, distill.chat_template)[1]}")
+    train_samples = tokenized(records, tokenizer, distill, training, "training")
+    eval_samples = (
+        tokenized(eval_records, tokenizer, distill, training, "evaluation") if eval_records else None
+    )
+    settings = {k: getattr(distill if hasattr(distill, k) else training, k) for k in RESUME_SETTINGS}
+    settings["data"] = train_samples.fingerprint()
+    checkpoint = check_settings(output_dir, settings, distill.resume, main)
+
+    probe = train_samples[0]["input_ids"][: models.PROBE_TOKENS].unsqueeze(0)
+    student = models.load_model(distill.student, role="student")
+    models.check_linear_head(student.to(training.device), "student", probe)
+    student.config.use_cache = False
+    rows_student, teacher = student.get_output_embeddings().weight.shape[0], None
+    if distill.teacher_topk is None:
+        options = dict(dtype=torch.bfloat16 if training.bf16 else None, device=training.device, probe=probe)
+        teacher = models.load_teacher(distill.teacher, shard=distill.shard_teacher, **options)
+        rows_teacher = teacher.get_output_embeddings().weight.shape[0]
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(os.path.expanduser(distill.teacher))
+        rows_teacher = config.get_text_config().vocab_size
+    vocab = models.check_vocabularies(tokenizer, rows_teacher, rows_student, distill.vocab_size)
+    metrics = MetricsLog(output_dir / "metrics.jsonl", fresh=checkpoint is None, is_main=main)
+    common = dict(model=student, args=training, train_dataset=train_samples, eval_dataset=eval_samples)
+    common |= dict(data_collator=Collator(tokenizer.pad_token_id or 0), eval_vocab=vocab)
+    common |= dict(callbacks=[stop := StopOnSignal(), metrics])
+    loss = dict(divergence=distill.divergence, alpha=distill.alpha, temperature=distill.temperature)
+    if teacher is not None:
+        options = dict(beta=distill.beta, vocab_size=vocab, backend=distill.backend)
+        trainer = DistillTrainer(teacher_model=teacher, **options, **loss, **common)
+    else:
+        if distill.teacher_topk > vocab:
             raise UsageError(
-                f"{flags}: only for real runs (with --teacher and --student), not the embedded default"
+                f"--teacher_topk {distill.teacher_topk} is larger than the vocabulary ({vocab} rows); "
+                f"use at most {vocab}"
             )
-    index = 0 if args.mode == "real" else 1
-    for name, pair in MODE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, pair[index])
-    if (args.teacher_topk is None) != (args.topk_cache is None):
-        raise UsageError("--teacher-topk K and --topk-cache DIR go together (the offline teacher mode)")
-    return args
+        cache = offline.teacher_topk_cache(distill, training, train_samples, tokenizer, records, vocab, probe)
+        loss |= dict(tail=distill.topk_tail, vocab_size=vocab, backend=distill.backend)
+        trainer = TopKTrainer(topk=cache, loss_options=loss, **common)
+    before = trainer.evaluate() if eval_samples is not None and checkpoint is None else None
+    say(training, f"training; metrics in {metrics.path}" + (f", resuming {checkpoint}" if checkpoint else ""))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.received:
+        where = f"at step {trainer.state.global_step}: checkpoint saved in {output_dir}"
+        say(training, f"stopped by {stop.received} {where}; continue with the same command and --resume")
+        return EXIT_INTERRUPTED
+    trainer.save_model(str(output_dir / "final"))
+    if main:
+        tokenizer.save_pretrained(output_dir / "final")
+    say(training, f"student saved to {output_dir / 'final'}")
+    if eval_samples is not None:
+        after = trainer.evaluate()
+        rows = [("teacher", after["eval_teacher_ppl"], None, None)] if "eval_teacher_ppl" in after else []
+        for name, result in (("student before", before), ("student after", after)):
+            if result is not None:
+                scores = [result.get(f"eval_{key}") for key in ("student_ppl", "agreement", "kl")]
+                rows.append((name, *scores))
+        say(training, format_table(rows, tokens=after["eval_tokens"]))
+    return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0, 2 for bad input, 130 when interrupted)."""
     try:
-        args = parse_args(argv)
-        if args.mode == "default":
-            from fusedkd.distill.recipe import run_default
+        distill, training, mode = parse(argv)
+        if mode == "default":
+            from fusedkd.distill.default import run_default
 
-            return run_default(args)
-        from fusedkd.distill.run import run_distillation
-
-        return run_distillation(args)
+            return run_default(distill, training)
+        return run(distill, training)
     except UsageError as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             print(f"error: {exc}", file=sys.stderr)

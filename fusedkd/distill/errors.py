@@ -1,7 +1,4 @@
-"""Exit codes and the one exception the recipe raises for bad input.
-
-Every module of the recipe may import this one; it imports nothing of the recipe.
-"""
+"""Exit codes and the one exception the recipe raises for bad input (this module imports none of it)."""
 
 from __future__ import annotations
 
@@ -10,9 +7,11 @@ EXIT_USAGE = 2  # bad input: one ``error: ...`` line on stderr, nothing already 
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C / SIGTERM (a real run saves a checkpoint first)
 
 
-class UsageError(Exception):
-    """Bad input (a missing model, an unusable dataset, an unwritable directory, conflicting options).
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (another library's, for a one-line error), or its type."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
-    `fusedkd.distill.cli.main` prints ``error: <message>`` on one line to stderr and returns `EXIT_USAGE`,
-    before anything already saved is touched. The message says what is wrong and, when it can, what to do.
-    """
+
+class UsageError(Exception):
+    """Bad input: `cli.main` prints ``error: <message>`` (what is wrong and, when it can, what to do) on one
+    line and returns `EXIT_USAGE`, before anything already saved is touched."""

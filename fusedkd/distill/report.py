@@ -1,40 +1,25 @@
-"""The results table: perplexity, next-token agreement with the teacher, KL to the teacher."""
+"""The results table: perplexity, top-1 next-token agreement with the teacher, KL to the teacher."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
-Row = tuple[str, float, float | None, float | None]  # (model, perplexity, agreement, KL(teacher || model))
-
-
-def format_table(rows: Sequence[Row], *, tokens: int, title: str | None = None) -> str:
-    """A Markdown table of evaluation rows (agreement in %, KL in nats per token; "-" where not applicable).
-
-    Example:
-        >>> print(format_table([("teacher", 12.345, None, None), ("student", 20.0, 0.5, 0.25)], tokens=1000))
-        | model   | perplexity | top-1 agreement with teacher | KL(teacher ‖ model) |
-        |---------|-----------:|-----------------------------:|--------------------:|
-        | teacher |      12.35 |                            - |                   - |
-        | student |      20.00 |                        50.0% |              0.2500 |
-        <BLANKLINE>
-        evaluated on 1,000 held-out target tokens
-    """
+def format_table(rows: list[tuple], *, tokens: int) -> str:
+    """A Markdown table of ``(model, perplexity, agreement or None, KL or None)`` rows (agreement in %, KL in
+    nats per token, "-" where it does not apply), and the number of held-out target tokens evaluated."""
     header = ("model", "perplexity", "top-1 agreement with teacher", "KL(teacher ‖ model)")
-    cells = [
+    cells = [header] + [
         (
             name,
             f"{ppl:.2f}",
-            "-" if agreement is None else f"{100 * agreement:.1f}%",
+            "-" if agree is None else f"{100 * agree:.1f}%",
             "-" if kl is None else f"{kl:.4f}",
         )
-        for name, ppl, agreement, kl in rows
+        for name, ppl, agree, kl in rows
     ]
-    widths = [max(len(header[i]), *(len(row[i]) for row in cells)) for i in range(len(header))]
-
-    def line(values: Sequence[str]) -> str:
-        padded = [values[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
-    lines = ([title, ""] if title else []) + [line(header), rule] + [line(row) for row in cells]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])]) + " |"
+        for row in cells
+    ]
+    lines.insert(1, "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|")
     return "\n".join(lines) + f"\n\nevaluated on {tokens:,} held-out target tokens"

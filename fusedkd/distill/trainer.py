@@ -1,437 +1,310 @@
-"""The training loop shared by every mode (online teacher, cached top-k teacher, hard labels only).
-
-One optimizer step takes the global batch of `data.BatchPlan` (``batch_size`` samples per micro-batch,
-``grad_accum`` micro-batches per process, every process). The summed loss of each micro-batch is
-divided by the number of target tokens of the whole global batch (one all-reduce of counts per step),
-so the step is the mean over its target tokens however the batch is split across micro-batches and
-processes: one process with batch 8 and two with batch 4 take the same step. AdamW (no weight decay
-on norms and biases), a linear warmup then a cosine decay to ``min_lr_ratio * lr``, gradient-norm
-clipping.
-
-Ctrl-C (SIGINT) or SIGTERM: the step in flight finishes, a checkpoint is written and the run stops
-with `TrainResult.interrupted`; every process stops at the same step (the stop flag rides on the
-per-step all-reduce). A second signal, a second or more later, aborts at once (a signal forwarded by
-``torchrun`` right after the terminal's own is not taken for a second one).
+"""What the recipe adds to ``transformers.Trainer``: `DistillTrainer` (`KDTrainer`, the online teacher)
+and `TopKTrainer` (the offline one), both with `ChunkedEvaluation`; the callbacks `StopOnSignal` (SIGTERM
+or Ctrl-C: checkpoint, then stop), `MetricsLog` and `ThreadTuner`; `check_settings` (a saved run is never
+overwritten, a resume never changes its settings). The loop, optimizer, schedule, clipping, accumulation,
+token normalization across processes, DDP / FSDP2 of the student and the checkpoints (with RNG states and
+data position: a resume is exact) are the Trainer's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fusedkd.distill.checkpoint import (
-    CHECKPOINT_NAME,
-    check_resumable,
-    read_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from fusedkd.distill.data import Batch, BatchPlan, TokenizedSamples, collate
-from fusedkd.distill.distributed import DistContext, all_reduce_sum, is_fsdp
+from fusedkd.distill.data import IGNORE_INDEX, Collator
 from fusedkd.distill.errors import UsageError
+from fusedkd.distill.models import lm_head
+from fusedkd.integrations._common import backbone_hidden_states, head_options, head_parameters
+from fusedkd.integrations.hf import KDTrainer
+from fusedkd.torch_backend.tiles import default_chunk_size
 
 METRICS_NAME = "metrics.jsonl"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimization settings of one training run."""
-
-    lr: float
-    batch_size: int
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_every: int = 0
-    save_every: int = 0
-    log_every: int = 1
-
-    def check(self) -> None:
-        """`UsageError` for values no run can use."""
-        positive = (
-            ("--lr", self.lr),
-            ("--batch-size", self.batch_size),
-            ("--grad-accum", self.grad_accum),
-            ("--log-every", self.log_every),
-        )
-        for name, value in positive:
-            if not value > 0:
-                raise UsageError(f"{name} must be > 0, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
-        for name, value in (("--warmup-ratio", self.warmup_ratio), ("--min-lr-ratio", self.min_lr_ratio)):
-            if not 0.0 <= value <= 1.0:
-                raise UsageError(f"{name} must be in [0, 1], got {value}")
-        for name, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every)):
-            if value < 0:
-                raise UsageError(f"{name} must be >= 0 (0: never), got {value}")
-
-    def total_steps(self, plan: BatchPlan) -> int:
-        if plan.steps_per_epoch < 1:
-            raise UsageError(
-                f"the training set has {plan.num_samples} samples, fewer than one global batch of "
-                f"{plan.global_batch} (batch size x grad accumulation x processes); use a smaller batch"
-            )
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, int(self.epochs * plan.steps_per_epoch))
+COSINE_TO_10 = {"min_lr_rate": 0.1}  # the cosine schedule ends at 10% of the peak learning rate
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup over `warmup_steps`, then cosine from 1 to `min_ratio` at the last step.
-
-    Example:
-        >>> f = warmup_cosine(total_steps=10, warmup_steps=2, min_ratio=0.1)
-        >>> [round(f(s), 3) for s in (0, 1, 2, 9)]
-        [0.5, 1.0, 1.0, 0.1]
-    """
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return multiplier
-
-
-class MetricsLog:
-    """Append-only JSON-lines log of a run (written by rank 0): one record per logged step or evaluation."""
-
-    def __init__(self, path: Path | None, enabled: bool) -> None:
-        self.path = path if enabled else None
-
-    def write(self, record: dict) -> None:
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def drop_after(self, step: int) -> None:
-        """Forget records of steps after `step` (done by a run killed after its last checkpoint)."""
-        if self.path is None or not self.path.is_file():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-class StopFlag:
-    """Set by the first SIGINT / SIGTERM; a second one at least `abort_after` seconds later aborts."""
-
-    def __init__(self, abort_after: float = 1.0) -> None:
-        self.requested = False
-        self.first_at = 0.0
-        self.abort_after = abort_after
-
-    def request(self) -> None:
-        self.requested = True
-        self.first_at = time.monotonic()
-
-    def handle(self, signum, frame) -> None:
-        if not self.requested:
-            self.request()
-            print(
-                f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                "(signal again to abort without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
-        elif time.monotonic() - self.first_at >= self.abort_after:
-            raise KeyboardInterrupt
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
-    """Install the SIGINT / SIGTERM handlers of a training run (main thread only) for its duration."""
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {sig: signal.signal(sig, flag.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _option(default, help: str, **kwargs):
+    return field(metadata={"help": help}, **(kwargs or {"default": default}))
 
 
 @dataclass
-class TrainResult:
-    steps_done: int
-    total_steps: int
-    interrupted: bool
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+class DistillTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the recipe's defaults: one epoch, 3% warmup, cosine to 10% of the peak, a
+    log every step; the collator's columns kept (its ``index`` keys the top-k cache)."""
+
+    output_dir: str | None = _option(None, "run directory (default: runs/<time>)")
+    learning_rate: float = _option(2e-5, "peak learning rate (3e-3 for the embedded default)")
+    num_train_epochs: float = _option(1.0, "passes over the data (without --max_steps)")
+    warmup_steps: float = _option(0.03, "warmup steps, or a fraction of all steps if < 1")
+    lr_scheduler_type: str = _option("cosine_with_min_lr", "learning-rate schedule")
+    lr_scheduler_kwargs: dict | str | None = _option(
+        None, "schedule options", default_factory=COSINE_TO_10.copy
+    )
+    logging_steps: float = _option(1, "log every N steps")
+    remove_unused_columns: bool = _option(False, "False: the recipe's collator builds the inputs")
+
+    def __post_init__(self):
+        if self.output_dir is None:  # each process would pick its own: under torchrun they must agree
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("under torchrun, pass --output_dir (every process writes to the same one)")
+            self.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        # Without an accelerator, the CPU: said explicitly, or the Trainer does not join torchrun's processes.
+        self.use_cpu = self.use_cpu or not torch.accelerator.is_available()
+        super().__post_init__()
 
 
-TeacherInputs = Callable[[Batch], dict]
-Evaluator = Callable[[], dict]
+def _logits(hidden: torch.Tensor, model, vocab: int) -> torch.Tensor:
+    """float32 logits of `hidden` through the model's head transform: in the autocast dtype inside an
+    autocast region (as in training), else in the hidden states' dtype."""
+    head = lm_head(model)
+    weight, bias = head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
+    if not torch.is_autocast_enabled(hidden.device.type):
+        weight, bias = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    return head.transform(F.linear(hidden, weight, bias).float())
 
 
-class Trainer:
-    """Runs `objective` over `samples` with `config`; see the module docstring.
+class ChunkedEvaluation:
+    """``evaluate()`` without ``[tokens x vocab]`` logits: per target token of the evaluation samples, the
+    student's (and the teacher's) cross-entropy, their top-1 agreement and KL(teacher || student) at
+    temperature 1, from the logits of one token chunk at a time. The samples are split across processes
+    (every process the same number of batches, dead rows padding the last) and the sums reduced."""
 
-    Args:
-        objective: the module whose ``forward(input_ids, attention_mask, labels, **teacher_inputs(batch))``
-            returns summed ``(loss, distill or None, ce)``: a `objectives` module, possibly wrapped
-            (DDP, FSDP2) by `distributed.wrap_objective`.
-        samples: the training samples; pad_id: the padding token id (masked by the attention mask).
-        teacher_inputs: the extra keyword tensors of a micro-batch (the teacher's hidden states and head,
-            cached top-k, or nothing); called under no_grad and autocast.
-        output_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (None: neither).
-        settings: values a resume must match (stored in the checkpoint, with the optimization settings).
-        checkpoints: False for runs that are never resumed (the embedded default's): no checkpoint at
-            all, not even on Ctrl-C.
-        evaluate: called every ``eval_every`` steps and at the end; returns metrics to log.
-        autocast_dtype: torch.bfloat16 for bf16 autocast, None for full precision.
-        before_step: called with the step number before every optimizer step (the default's
-            `threads.ThreadTuner`).
-    """
+    eval_vocab: int
+    teacher_model = None
 
-    def __init__(
-        self,
-        objective: torch.nn.Module,
-        samples: TokenizedSamples,
-        config: TrainConfig,
-        ctx: DistContext,
-        *,
-        pad_id: int,
-        teacher_inputs: TeacherInputs | None = None,
-        output_dir: Path | None = None,
-        settings: dict | None = None,
-        evaluate: Evaluator | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        checkpoints: bool = True,
-        progress: bool = True,
-        description: str = "train",
-        before_step: Callable[[int], object] | None = None,
-    ) -> None:
-        config.check()
-        self.objective = objective
-        self.samples = samples
-        self.config = config
-        self.ctx = ctx
-        self.pad_id = pad_id
-        self.teacher_inputs = teacher_inputs or (lambda batch: {})
-        self.output_dir = output_dir
-        self.checkpoints = checkpoints
-        # Settings a resume must match: everything that changes the losses (not eval / save / log cadence).
-        cadence = ("eval_every", "save_every", "log_every")
-        self.settings = dict(settings or {})
-        self.settings.update({f"train.{k}": v for k, v in asdict(config).items() if k not in cadence})
-        self.evaluate_fn = evaluate
-        self.autocast_dtype = autocast_dtype
-        self.progress = progress and ctx.is_main
-        self.description = description
-        self.before_step = before_step
-        self.plan = BatchPlan(
-            num_samples=len(samples),
-            batch_size=config.batch_size,
-            grad_accum=config.grad_accum,
-            world_size=ctx.world_size,
-            seed=config.seed,
-        )
-        self.total_steps = config.total_steps(self.plan)
-        self.parameters = [p for p in objective.parameters() if p.requires_grad]
-        # no weight decay on norms and biases (1-D parameters)
-        groups = [
-            {"params": [p for p in self.parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in self.parameters if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas)
-        warmup = round(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, warmup, config.min_lr_ratio)
-        )
-        self.metrics = MetricsLog(None if output_dir is None else output_dir / METRICS_NAME, ctx.is_main)
-        self.step = 0
-        self.has_distill_term = True
+    def _hidden(self, wrapper, model, inputs: dict) -> torch.Tensor:
+        # Through the wrapper's forward (FSDP2 gathers the parameters there), as the loss does.
+        return self._forward_redirection(wrapper, model, backbone_hidden_states, model, **inputs)
 
-    @property
-    def checkpoint_path(self) -> Path | None:
-        if self.output_dir is None or not self.checkpoints:
-            return None
-        return self.output_dir / CHECKPOINT_NAME
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
-
-    def resume(self) -> int:
-        """Continue from ``output_dir/checkpoint.pt``; return the step it was written at."""
-        if self.checkpoint_path is None:
-            raise UsageError("--resume needs an --output-dir holding a checkpoint")
-        state = read_checkpoint(self.checkpoint_path)
-        check_resumable(state, self.settings, self.ctx)
-        self.step = restore_checkpoint(
-            state, model=self.objective, optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx
-        )
-        self.metrics.drop_after(self.step)
-        return self.step
-
-    def save(self) -> None:
-        if self.checkpoint_path is not None:
-            save_checkpoint(
-                self.checkpoint_path,
-                model=self.objective,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                step=self.step,
-                settings=self.settings,
-                ctx=self.ctx,
-            )
-
-    def _record(self, record: dict, history: list[dict]) -> None:
-        history.append(record)
-        self.metrics.write(record)
-
-    def evaluate(self) -> dict:
-        """Run the evaluation callback now (every process must call it); returns its metrics."""
-        # Under FSDP2 the root's parameters (embedding, lm_head) are gathered only inside its forward;
-        # evaluation reads the lm_head outside it, so gather them for its duration.
-        fsdp = is_fsdp(self.objective)
-        if fsdp:
-            self.objective.unshard()
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        samples = eval_dataset if eval_dataset is not None else self.eval_dataset
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
+        modes = [(m, m.training) for m in (student, teacher) if m is not None]
+        for model, _ in modes:
+            model.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.args.device)  # CE s, CE t, agree, KL, tokens
+        args = self.args
+        size, rank, world = args.per_device_eval_batch_size, args.process_index, args.world_size
+        collate, chunk = Collator(pad_id=0), default_chunk_size(self.eval_vocab)
         try:
-            return self.evaluate_fn()
-        finally:
-            if fsdp:
-                self.objective.reshard()
-
-    def _micro_step(self, batch: Batch, scale: float, sync: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its (loss, distill, ce) sums, detached."""
-        batch = batch.to(self.ctx.device)
-        with torch.no_grad(), self.autocast():
-            extra = self.teacher_inputs(batch)
-        if is_fsdp(self.objective):
-            self.objective.set_requires_gradient_sync(sync)
-            context = nullcontext()
-        else:
-            context = (
-                nullcontext() if sync or not hasattr(self.objective, "no_sync") else self.objective.no_sync()
-            )
-        with context:
-            with self.autocast():
-                loss, distill, ce = self.objective(
-                    batch.input_ids, batch.attention_mask, batch.labels, **extra
+            for first in range(0, len(samples), size * world):
+                rows = [first + rank * size + i for i in range(size)]
+                batch = collate(
+                    [dict(samples[min(i, len(samples) - 1)], live=i < len(samples)) for i in rows]
                 )
-            (loss * scale).backward()
-        self.has_distill_term = distill is not None
-        if distill is None:
-            distill = torch.zeros((), device=loss.device)
-        return torch.stack([loss.detach().float(), distill.detach().float(), ce.detach().float()])
+                inputs = {k: batch[k].to(self.args.device) for k in ("input_ids", "attention_mask")}
+                labels = batch["labels"][:, 1:].to(self.args.device)
+                valid = labels != IGNORE_INDEX
+                with self.accelerator.autocast():
+                    hidden = self._hidden(self.model, student, inputs)[:, :-1][valid]
+                    if teacher is not None:
+                        teacher_hidden = self._hidden(self.teacher_model, teacher, inputs)[:, :-1][valid]
+                labels = labels[valid]
+                for start in range(0, labels.numel(), chunk):
+                    part = slice(start, start + chunk)
+                    with self.accelerator.autocast():  # the student's logits as training has them
+                        logits = _logits(hidden[part], student, self.eval_vocab)
+                    sums[0] += F.cross_entropy(logits, labels[part], reduction="sum").double()
+                    sums[4] += logits.shape[0]
+                    if teacher is None:
+                        continue
+                    teacher_logits = _logits(teacher_hidden[part], teacher, self.eval_vocab)
+                    sums[1] += F.cross_entropy(teacher_logits, labels[part], reduction="sum").double()
+                    sums[2] += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+                    log_p = F.log_softmax(teacher_logits, -1)
+                    sums[3] += (log_p.exp() * (log_p - F.log_softmax(logits, -1))).sum().double()
+        finally:
+            for model, mode in modes:
+                model.train(mode)
+        ce, teacher_ce, agree, kl, tokens = self.accelerator.reduce(sums, "sum").tolist()
+        metrics = {"tokens": int(tokens), "student_ppl": math.exp(ce / tokens) if tokens else math.nan}
+        if teacher is not None and tokens:
+            metrics |= {"teacher_ppl": math.exp(teacher_ce / tokens), "agreement": agree / tokens}
+            metrics["kl"] = kl / tokens
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
-    def _train_record(
-        self, sums: torch.Tensor, targets: float, lr: float, grad_norm: torch.Tensor, tokens_per_s: float
-    ) -> dict:
-        loss, distill, ce = (all_reduce_sum(sums, self.ctx) / max(targets, 1.0)).tolist()
-        record = {"event": "train", "step": self.step, "loss": loss}
-        if self.has_distill_term:
-            record["kd"] = distill
-        record.update(
-            ce=ce, lr=lr, grad_norm=float(grad_norm), target_tokens=int(targets), tokens_per_s=tokens_per_s
+
+class DistillTrainer(ChunkedEvaluation, KDTrainer):
+    """`KDTrainer` (``fused_linear_kd_loss`` against the online teacher) with `ChunkedEvaluation`."""
+
+    def __init__(self, *args, eval_vocab: int, **kwargs) -> None:
+        self.eval_vocab = eval_vocab
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "index"}  # the top-k cache's key, unused here
+        # transformers 5 autocasts through accelerate's wrapper of the model's forward, which the loss's
+        # forward redirection replaces: the mixed-precision context is entered here instead.
+        with self.accelerator.autocast():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class TopKTrainer(ChunkedEvaluation, Trainer):
+    """The offline teacher: ``fused_linear_topk_kd_loss`` against the teacher's cached top-k (`topk`:
+    ``index, length, device -> (ids, logprobs)``, `offline.CachedTopK`). `loss_options`: divergence,
+    temperature, alpha, tail, vocab_size, backend. The reduction follows the Trainer's, as `KDTrainer`'s."""
+
+    def __init__(self, *args, topk, loss_options: dict, eval_vocab: int, **kwargs) -> None:
+        from fusedkd.integrations._common import ForwardRedirection
+
+        self.topk, self.loss_options, self.eval_vocab = topk, loss_options, eval_vocab
+        self._forward_redirection = ForwardRedirection()
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():  # as `DistillTrainer.compute_loss`
+            loss = self._forward_redirection(
+                model, student, self._topk_loss, student, inputs, num_items_in_batch
+            )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # the count is global; DDP averages gradients
+        return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+
+    def _topk_loss(self, student, inputs, num_items_in_batch):
+        from fusedkd.topk import fused_linear_topk_kd_loss
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        hidden = backbone_hidden_states(student, input_ids=ids, attention_mask=mask)[:, :-1]
+        ids, logprobs = self.topk(inputs["index"], ids.shape[1], hidden.device)
+        weight, bias = head_parameters(student, hidden.dtype)
+        loss = fused_linear_topk_kd_loss(
+            hidden, weight, ids[:, :-1], logprobs[:, :-1], inputs["labels"][:, 1:], student_bias=bias,
+            reduction="mean" if num_items_in_batch is None else "sum", **self.loss_options,
+            **head_options(student, "student"),
+        )  # fmt: skip
+        count = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(loss.device)
+        return loss if count is None else loss / count
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or Ctrl-C (SIGINT) during training: finish the step, save a checkpoint, stop (`received`);
+    under torchrun every process stops at the same step (the flag is all-reduced after each step)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received, self.previous = None, {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = torch.tensor([float(self.received is not None)], device=args.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if stop.item():
+            self.received = self.received or "SIGTERM"  # another process got it
+            control.should_save, control.should_training_stop = True, True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog(TrainerCallback):
+    """``metrics.jsonl`` in the output directory (rank 0): one JSON object per log. A fresh run starts it
+    empty; a resumed one keeps its records up to the checkpoint's step: a dead attempt's later ones go."""
+
+    def __init__(self, path: Path, *, fresh: bool, is_main: bool) -> None:
+        self.path = path
+        if fresh and is_main:
+            path.unlink(missing_ok=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
+            self.path.write_text("".join(kept), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+
+
+class ThreadTuner(TrainerCallback):
+    """CPU intra-op threads at whichever of 1 or all runs `probe` (a forward) faster, re-timed every
+    `every` steps: on a shared 2-core machine a preempted thread stalls every parallel region (a step of
+    the default's student took 3.5 s with 2 threads, 0.33 s with 1 while another job ran). The choice
+    changes float summation order, so only the embedded default uses it, never real runs or tests."""
+
+    def __init__(self, probe, every: int = 25) -> None:
+        self.probe, self.every = probe, every
+        self.max_threads = self.threads = torch.get_num_threads()
+        self.steps_at: dict[int, int] = {}
+
+    def _time(self, threads: int) -> float:
+        torch.set_num_threads(threads)
+        self.probe()  # warm-up
+        start = time.perf_counter()
+        self.probe()
+        return time.perf_counter() - start
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and self.max_threads > 1:
+            timings = {threads: self._time(threads) for threads in (1, self.max_threads)}
+            self.threads = min(timings, key=timings.get)
+            torch.set_num_threads(self.threads)
+        self.steps_at[self.threads] = self.steps_at.get(self.threads, 0) + 1
+
+    def summary(self) -> str:
+        """E.g. ``"1 thread for 25 steps, 2 threads for 175 steps"``."""
+        return ", ".join(f"{n} thread{'s' * (n > 1)} for {k} steps" for n, k in sorted(self.steps_at.items()))
+
+
+def check_settings(output_dir: Path, settings: dict, resume: bool, is_main: bool) -> str | None:
+    """The checkpoint to resume from (None for a fresh run, whose `settings` are saved); `UsageError` for a
+    fresh run over a saved one, or a resume whose settings differ from those it was started with."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    saved = output_dir / "distill_settings.json"
+    if resume:
+        if checkpoint is None or not saved.is_file():
+            raise UsageError(f"--resume: --output_dir {str(output_dir)!r} holds no checkpoint to continue")
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        keys = sorted(before.keys() | settings.keys())
+        changed = [
+            f"{k} {before.get(k)!r} (now {settings.get(k)!r})"
+            for k in keys
+            if before.get(k) != settings.get(k)
+        ]
+        if changed:
+            raise UsageError(
+                f"--resume: the run in {str(output_dir)!r} was started with other settings: "
+                f"{', '.join(changed)}; resume with the same settings, or start a new --output_dir"
+            )
+        return checkpoint
+    if checkpoint or (output_dir / "final").exists():
+        what = "a checkpoint" if checkpoint else "a finished run"
+        raise UsageError(
+            f"--output_dir {str(output_dir)!r} already holds {what}; pass --resume to continue it, or choose "
+            "another --output_dir"
         )
-        return record
-
-    def train(self) -> TrainResult:
-        """Run from `self.step` (0, or where `resume` left off) to the last step, or to a stop signal."""
-        from tqdm.auto import tqdm
-
-        history: list[dict] = []
-        started = time.perf_counter()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=self.description,
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        interrupted = False
-        window_tokens, window_start = 0, time.perf_counter()
-        with stop_on_signals() as stop:
-            while self.step < self.total_steps:
-                if self.before_step is not None:
-                    self.before_step(self.step)
-                batches = [
-                    collate(self.samples, indices, pad_id=self.pad_id)
-                    for indices in self.plan.micro_batches(self.step, self.ctx.rank)
-                ]
-                # one all-reduce per step: target tokens (the loss denominator), input tokens, stop flag
-                counts = [
-                    sum(b.num_targets for b in batches),
-                    sum(int(b.attention_mask.sum()) for b in batches),
-                    float(stop.requested),
-                ]
-                counts = torch.tensor(counts, dtype=torch.float64, device=self.ctx.device)
-                targets, tokens, stops = all_reduce_sum(counts, self.ctx).tolist()
-                if stops > 0:
-                    interrupted = True
-                    break
-                scale = self.ctx.world_size / max(targets, 1.0)
-                sums = torch.zeros(3, device=self.ctx.device)
-                for m, batch in enumerate(batches):
-                    sums += self._micro_step(batch, scale, sync=m == len(batches) - 1)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                window_tokens += int(tokens)
-
-                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    record = self._train_record(
-                        sums, targets, lr, grad_norm, window_tokens / (now - window_start)
-                    )
-                    record["elapsed_s"] = now - started
-                    window_tokens, window_start = 0, now
-                    self._record(record, history)
-                    bar.set_postfix(
-                        {k: f"{record[k]:.4f}" for k in ("loss", "kd", "ce") if k in record}
-                        | {"tok/s": f"{record['tokens_per_s']:.0f}"},
-                        refresh=False,
-                    )
-                bar.update(1)
-
-                if self.config.save_every and self.step % self.config.save_every == 0:
-                    self.save()
-                last = self.step == self.total_steps
-                if self.evaluate_fn is not None and (
-                    last or (self.config.eval_every and self.step % self.config.eval_every == 0)
-                ):
-                    record = {"event": "eval", "step": self.step, **self.evaluate()}
-                    self._record(record, history)
-                    if self.progress:
-                        bar.write(" ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "event"))
-            if interrupted:
-                self.save()
-        bar.close()
-        return TrainResult(
-            steps_done=self.step,
-            total_steps=self.total_steps,
-            interrupted=interrupted,
-            history=history,
-            seconds=time.perf_counter() - started,
-        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            saved.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--output_dir {str(output_dir)!r} is not writable: {exc.strerror or exc}") from None
+    return None

@@ -70,6 +70,9 @@ class KDTrainer(Trainer):
             cross-entropy (at temperature 1).
         divergence: ``"forward_kl"`` ``KL(p_teacher || p_student)``, ``"reverse_kl"`` or ``"jsd"``.
         beta: JSD mixture weight in [0, 1] (``"jsd"`` only; 0 is forward KL, 1 reverse KL).
+        vocab_size: distill over the first ``vocab_size`` rows of both heads (heads padded to
+            different sizes over one tokenizer); None: all rows, which must then match.
+        backend: the loss backend (``"auto"``, ``"torch"``, ``"tiles"``, ``"triton"``).
         *args, **kwargs: those of ``transformers.Trainer``. ``compute_loss_func`` is not accepted
             (the loss is this trainer's), nor ``args.label_smoothing_factor > 0``.
 
@@ -87,6 +90,8 @@ class KDTrainer(Trainer):
         alpha: float = 0.5,
         divergence: str = "forward_kl",
         beta: float = 0.5,
+        vocab_size: int | None = None,
+        backend: str = "auto",
         **trainer_kwargs,
     ):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -104,6 +109,8 @@ class KDTrainer(Trainer):
         check_head(teacher_model, "teacher_model")
         self.temperature = float(temperature)
         self.divergence = divergence
+        self.vocab_size = vocab_size
+        self.backend = backend
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if self.args.label_smoothing_factor != 0:
             raise ValueError(
@@ -163,6 +170,8 @@ class KDTrainer(Trainer):
             temperature=self.temperature,
             alpha=self.alpha,
             reduction="mean" if num_items_in_batch is None else "sum",
+            vocab_size=self.vocab_size,
+            backend=self.backend,
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             # Each model's logit scale and soft cap, from its config.
