@@ -149,10 +149,7 @@ class DistillTrainer(ChunkedEvaluation, KDTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "index"}  # the top-k cache's key, unused here
-        # transformers 5 autocasts through accelerate's wrapper of the model's forward, which the loss's
-        # forward redirection replaces: the mixed-precision context is entered here instead.
-        with self.accelerator.autocast():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 class TopKTrainer(ChunkedEvaluation, Trainer):

@@ -126,9 +126,12 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Through the wrapper's forward: DDP's prepare_for_backward, FSDP's unsharding of the head.
         unwrapped = self.accelerator.unwrap_model(model)
-        loss = self._forward_redirection(
-            model, unwrapped, self._kd_loss, unwrapped, inputs, num_items_in_batch
-        )
+        # transformers 5 autocasts through accelerate's wrapper of the model's forward, which the forward
+        # redirection replaces for this call: the mixed-precision context (bf16=True) is entered here.
+        with self.accelerator.autocast():
+            loss = self._forward_redirection(
+                model, unwrapped, self._kd_loss, unwrapped, inputs, num_items_in_batch
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: the count is over all processes, DDP averages the gradients.
             tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
