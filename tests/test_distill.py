@@ -264,28 +264,37 @@ def test_sigterm_saves_and_resume_is_bitwise_and_refuses_changed_settings(
     assert all(torch.equal(tensor, reference[name]) for name, tensor in weights(stopped / "final").items())
 
 
+# The recipe's run in a subprocess that SIGKILLs itself right after its step-4 checkpoint is written, before
+# step 5: a kill between checkpoints, at a known step whatever the machine's speed (no handler runs).
+_KILLED_AFTER_STEP_4 = """
+import os, runpy, signal, sys
+import transformers
+save = transformers.Trainer._save_checkpoint
+def save_then_die(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    if self.state.global_step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+transformers.Trainer._save_checkpoint = save_then_die
+sys.argv = ["fusedkd.distill", *sys.argv[1:]]
+runpy.run_module("fusedkd.distill", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny, tmp_path):
-    import time
-
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(checkpointed(tiny, straight, "--max_steps", "12", save_steps=4)) == 0
     command = [
         sys.executable,
-        "-m",
-        "fusedkd.distill",
+        "-c",
+        _KILLED_AFTER_STEP_4,
         *checkpointed(tiny, killed, "--max_steps", "12", save_steps=4),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    complete = killed / "checkpoint-4" / "trainer_state.json"
-    deadline = time.monotonic() + 240
-    while not complete.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # past the checkpoint, before the next one (4 steps later)
-    process.kill()  # SIGKILL: no handler runs, nothing is saved
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (killed / "final").exists()
+    process = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert (killed / "checkpoint-4").is_dir() and not (killed / "checkpoint-8").exists()
+    assert not (killed / "final").exists()
     assert main(checkpointed(tiny, killed, "--max_steps", "12", "--resume", save_steps=4)) == 0
     assert losses(killed) == losses(straight)
     reference = weights(straight / "final")
