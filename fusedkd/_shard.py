@@ -41,6 +41,48 @@ class VocabShard:
         """How many counted rows rank `rank`'s block holds."""
         return max(0, min(self.block, self.vocab - rank * self.block))
 
+    def realigned(self, local: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+        """This rank's counted rows, [offset, offset + self.rows) along `dim`, of a tensor of `rows` rows
+        there sharded as ``Shard(dim)`` splits it (`local`: this rank's block of it), when its blocks are
+        not this shard's (a teacher head padded to another size than the student's): the rows other
+        ranks hold are exchanged point to point, at most |block difference| x rank rows per rank."""
+        blocks = shard_offsets(rows, self.world)
+        mine_offset, mine_rows = blocks[self.rank]
+        shape = list(local.shape)
+        shape[dim] = self.rows
+        out = local.new_empty(shape)
+        ops, landings = [], []
+        dist = torch.distributed
+        for peer in range(self.world):
+            peer_offset, peer_rows = blocks[peer]
+            # The rows of mine that `peer` holds.
+            first, last = max(self.offset, peer_offset), min(self.offset + self.rows, peer_offset + peer_rows)
+            if last > first:
+                target = out.narrow(dim, first - self.offset, last - first)
+                if peer == self.rank:
+                    target.copy_(local.narrow(dim, first - peer_offset, last - first))
+                else:
+                    buffer = torch.empty_like(target, memory_format=torch.contiguous_format)
+                    ops.append(
+                        dist.P2POp(dist.irecv, buffer, dist.get_global_rank(self.group, peer), self.group)
+                    )
+                    landings.append((target, buffer))
+            # The rows of `peer` that I hold.
+            wanted_offset = min(self.vocab, peer * self.block)
+            first, last = (
+                max(wanted_offset, mine_offset),
+                min(wanted_offset + self.rows_of(peer), mine_offset + mine_rows),
+            )
+            if peer != self.rank and last > first:
+                piece = local.narrow(dim, first - mine_offset, last - first).contiguous()
+                ops.append(dist.P2POp(dist.isend, piece, dist.get_global_rank(self.group, peer), self.group))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        for target, buffer in landings:
+            target.copy_(buffer)
+        return out
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[world, *x.shape]``: every rank's `x`, in rank order (= vocabulary order), on every rank."""
         out = x.new_empty((self.world, *x.shape))

@@ -104,30 +104,32 @@ def _plain_labels(labels, mesh):
     return labels.to_local()
 
 
-def _shard(mesh, rows_by_name: dict[str, int], vocab: int) -> VocabShard:
-    """This rank's block: the same rows of every head (equal blocks: ceil(rows / world) for each)."""
+def _shard(mesh, rows: int, vocab: int) -> VocabShard:
+    """This rank's block of a head (or logits) of `rows` rows over `mesh`, `vocab` of them counted."""
     world = mesh.size()
     rank = mesh.get_local_rank()
-    blocks = {name: shard_offsets(rows, world) for name, rows in rows_by_name.items()}
-    first_name, first = next(iter(blocks.items()))
-    for name, layout in blocks.items():
-        if [offset for offset, _ in layout] != [offset for offset, _ in first]:
-            raise ValueError(
-                f"{first_name} ({rows_by_name[first_name]} rows) and {name} ({rows_by_name[name]} rows) are "
-                f"split into different vocabulary blocks over the mesh's {world} ranks; pad both to one "
-                f"number of rows (and pass vocab_size=) so that each rank holds the same vocabulary entries"
-            )
-    offset, rows = first[rank]
-    block = max(r for _, r in first)
+    layout = shard_offsets(rows, world)
+    offset, block_rows = layout[rank]
     return VocabShard(
         group=mesh.get_group(),
         rank=rank,
         world=world,
         offset=offset,
-        rows=max(0, min(rows, vocab - offset)),
-        block=max(1, block),
+        rows=max(0, min(block_rows, vocab - offset)),
+        block=max(1, max(r for _, r in layout)),
         vocab=vocab,
     )
+
+
+def _teacher_block(shard: VocabShard, local, rows: int, student_rows: int, dim: int):
+    """The teacher's rows (or entries) of this rank's student block: its own block's first `shard.rows`
+    when both split alike, else moved from the ranks that hold them (`VocabShard.realigned`)."""
+    if local is None:
+        return None
+    world = shard.world
+    if [o for o, _ in shard_offsets(rows, world)] == [o for o, _ in shard_offsets(student_rows, world)]:
+        return local.narrow(dim, 0, shard.rows) if local.shape[dim] != shard.rows else local
+    return shard.realigned(local.detach(), rows, dim)
 
 
 def _check_same_tokens(shard: VocabShard, labels: torch.Tensor | None, n: int, device: torch.device) -> None:
@@ -262,15 +264,17 @@ def linear_kd(
     vocab = resolve_vocab_size(options.vocab_size, global_rows)
     options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
     labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_hidden")
-    shard = _shard(mesh, global_rows, vocab)
+    shard = _shard(mesh, global_rows["student_weight"], vocab)
     _check_same_tokens(shard, labels, sh.reshape(-1, sh.shape[-1]).shape[0], sh.device)
     tensors = (
         sh.reshape(-1, sh.shape[-1]),
         first_rows(sw, shard.rows),
         contiguous(first_rows(sb, shard.rows)),
         th.reshape(-1, th.shape[-1]),
-        first_rows(tw, shard.rows),
-        contiguous(first_rows(tb, shard.rows)),
+        _teacher_block(shard, tw, global_rows["teacher_weight"], global_rows["student_weight"], 0),
+        contiguous(
+            _teacher_block(shard, tb, global_rows["teacher_weight"], global_rows["student_weight"], 0)
+        ),
         labels,
     )
     if options.check_finite:
@@ -325,7 +329,10 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
     vocab = resolve_vocab_size(options.vocab_size, global_entries, unit="entries")
     options = options.resolve(vocab_size=vocab, has_labels=labels is not None)
     labels = prepare_labels(labels, leading_shape, vocab, options, shape_name="student_logits")
-    shard = _shard(mesh, global_entries, vocab)
+    shard = _shard(mesh, global_entries["student_logits"], vocab)
+    local_teacher = _teacher_block(
+        shard, local_teacher, global_entries["teacher_logits"], global_entries["student_logits"], -1
+    )
     _check_same_tokens(shard, labels, math.prod(leading_shape), local_student.device)
     if options.check_finite:
         named = {

@@ -23,7 +23,7 @@ import fusedkd
 COLLECTIVES = (
     "all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce", "broadcast", "reduce",
     "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "scatter",
-    "gather", "isend", "irecv", "batch_isend_irecv",
+    "gather", "batch_isend_irecv",
 )  # fmt: skip
 FUNCTIONAL = tuple(
     f"{name}{suffix}"
@@ -37,6 +37,7 @@ def make_inputs(case: dict) -> dict:
     """The case's full (unsharded) tensors, from its seed: identical in every process."""
     g = torch.Generator().manual_seed(case["seed"])
     shape, vocab, hs, ht = case["shape"], case["rows"], case.get("hs", 12), case.get("ht", 20)
+    teacher_vocab = case.get("teacher_rows", vocab)
     scale = case.get("logit_scale", 1.0)
     labels = torch.randint(0, case.get("vocab_size") or vocab, shape, generator=g)
     ignore = torch.rand(shape, generator=g) < case.get("ignore", 0.25)
@@ -44,15 +45,15 @@ def make_inputs(case: dict) -> dict:
     out = dict(labels=labels)
     if case["kind"] == "logits":
         out["student_logits"] = torch.randn(*shape, vocab, generator=g) * 3 * scale
-        out["teacher_logits"] = torch.randn(*shape, vocab, generator=g) * 3 * scale
+        out["teacher_logits"] = torch.randn(*shape, teacher_vocab, generator=g) * 3 * scale
     else:
         out["student_hidden"] = torch.randn(*shape, hs, generator=g)
         out["student_weight"] = torch.randn(vocab, hs, generator=g) * scale / math.sqrt(hs) * 3
         out["teacher_hidden"] = torch.randn(*shape, ht, generator=g)
-        out["teacher_weight"] = torch.randn(vocab, ht, generator=g) * scale / math.sqrt(ht) * 3
+        out["teacher_weight"] = torch.randn(teacher_vocab, ht, generator=g) * scale / math.sqrt(ht) * 3
         if case.get("bias"):
             out["student_bias"] = torch.randn(vocab, generator=g)
-            out["teacher_bias"] = torch.randn(vocab, generator=g)
+            out["teacher_bias"] = torch.randn(teacher_vocab, generator=g)
     for name, (index, value) in case.get("poke", {}).items():  # non-finite entries
         out[name][index] = value
     dtype = getattr(torch, case.get("dtype", "float32"))

@@ -199,6 +199,27 @@ CASES = {
         poke={"teacher_logits": ((0, 3), -math.inf)},
         options=dict(divergence="reverse_kl", alpha=1.0),
     ),
+    # Heads (and logits) padded to different sizes: the teacher's rows of each student block are moved
+    # point to point from the ranks that hold them.
+    "realign_linear": dict(
+        kind="linear",
+        seed=35,
+        shape=(11,),
+        rows=61,
+        teacher_rows=64,
+        vocab_size=61,
+        bias=True,
+        options=dict(vocab_size=61, divergence="jsd", beta=0.3),
+    ),
+    "realign_logits": dict(
+        kind="logits",
+        seed=36,
+        shape=(11,),
+        rows=45,
+        teacher_rows=48,
+        vocab_size=45,
+        options=dict(vocab_size=45, divergence="reverse_kl"),
+    ),
     # Ranks passing different labels: every rank raises (none waits in a collective).
     "raises_labels_differ": dict(kind="linear", seed=34, shape=(6,), rows=31, perturb_rank=1),
 }
@@ -206,6 +227,25 @@ for case in CASES.values():
     case.setdefault("options", {})["backend"] = "torch"
 # The fused Triton kernels (Triton's interpreter on a CPU): their passes' per-split states cross the ranks.
 TRITON_CASES = {
+    "triton_realign_linear": dict(
+        kind="linear",
+        seed=49,
+        shape=(11,),
+        rows=61,
+        teacher_rows=64,
+        vocab_size=61,
+        bias=True,
+        options=dict(vocab_size=61, temperature=2.0),
+    ),
+    "triton_realign_logits": dict(
+        kind="logits",
+        seed=58,
+        shape=(11,),
+        rows=45,
+        teacher_rows=48,
+        vocab_size=45,
+        options=dict(vocab_size=45, divergence="jsd"),
+    ),
     "triton_empty_block": dict(
         kind="linear", seed=47, shape=(9,), rows=4, bias=True, options=dict(divergence="jsd")
     ),
@@ -397,7 +437,9 @@ def test_equal_to_one_process(sharded, plain, name):
         assert torch.isnan(expected["out0"]).all()  # the rule: a NaN input in a counted token stays a NaN
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "memory" and not n.startswith("raises_")])
+@pytest.mark.parametrize(
+    "name", [n for n in CASES if n != "memory" and not n.startswith(("raises_", "realign", "triton_realign"))]
+)
 def test_collectives_are_per_token_numbers(sharded, name):
     """Per chunk: one gather of 6 numbers per token and one of 2; per call of the fused linear loss one
     all-reduce of the hidden-state gradient [N, H_s]; nothing else (no head or logits gather)."""
@@ -485,7 +527,7 @@ def test_refusals_name_the_layout(sharded):
     assert "backend='tiles' does not run vocabulary-parallel" in messages["tiles"]
     assert "teacher_logits must be a DTensor placed (Shard(-1),)" in messages["logits_replicated"]
     assert "labels must be in [0, 11)" in messages["labels_range"]
-    assert "different vocabulary blocks" in messages["blocks"]
+    assert messages["blocks"] is None  # heads padded to different sizes: accepted, the teacher's rows moved
 
 
 def test_integrations_keep_tensor_parallel_heads_sharded(sharded):
@@ -558,3 +600,19 @@ def test_different_labels_raise_on_every_rank(sharded):
     for rank, result in enumerate(results):
         error = result["raises_labels_differ"].get("error", "")
         assert "hold different tokens, labels or devices" in error, (rank, error)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "realign" in n])
+def test_heads_padded_differently_move_only_the_teachers_misaligned_rows(sharded, name):
+    """Student and teacher split into different blocks: besides the per-token gathers (and the all-reduce
+    of dh), each rank exchanges the teacher's rows of its student block point to point; nothing is
+    gathered whole."""
+    world, results = sharded
+    case = CASES[name]
+    n = math.prod(case["shape"])
+    for rank, result in enumerate(results):
+        log = result[name]["collectives"]
+        assert {entry for entry, _ in log} <= {"all_gather", "all_reduce", "batch_isend_irecv"}, (rank, log)
+        exchanges = 2 if case.get("bias") else 1  # one per teacher tensor: the weight (logits), the bias
+        assert sum(entry == "batch_isend_irecv" for entry, _ in log) == exchanges, (rank, log)
+        assert max(size for entry, size in log if entry == "all_gather") <= 8 * n, (rank, log)
