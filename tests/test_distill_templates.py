@@ -1,4 +1,4 @@
-"""Chat masks the way TRL makes them: the recipe's shipped training templates (``{% generation %}`` markers)
+"""Chat masks the way TRL makes them: TRL's training templates, reused (``{% generation %}`` markers)
 for Qwen3, Llama 3 and Gemma, chosen when the tokenizer's own template is recognised, and the tokenization
 cache of ``datasets.map`` (fast, no training)."""
 
@@ -11,7 +11,7 @@ import pytest
 from test_distill_data import TEXTS, pair
 
 from fusedkd.distill import data
-from fusedkd.distill.data import TEMPLATES, load_records, tokenize, training_template
+from fusedkd.distill.data import load_records, tokenize, training_template, training_template_path
 from fusedkd.distill.default import train_bpe_tokenizer
 from fusedkd.distill.errors import UsageError
 
@@ -51,10 +51,10 @@ REASONING = [
 ]
 
 
-def test_qwen3_reasoning_in_an_earlier_turn_is_masked_with_the_shipped_template(tmp_path):
+def test_qwen3_reasoning_in_an_earlier_turn_is_masked_with_trls_training_template(tmp_path):
     tokenizer = family_tokenizer("qwen3.jinja", ["<|im_start|>", "<|im_end|>", "<think>", "</think>"])
     template, source = training_template(tokenizer)
-    assert template == (TEMPLATES / "qwen3.jinja").read_text() and "shipped qwen3" in source
+    assert template == training_template_path("qwen3").read_text() and "TRL's qwen3" in source
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": REASONING}])
     samples, report = tokenize(load_records(path), tokenizer, seq_len=512)
     assert report.kept == 1 and not report.unmaskable
@@ -78,10 +78,10 @@ def test_qwen3_reasoning_in_an_earlier_turn_is_masked_with_the_shipped_template(
     assert where == f"{path}:1" and "dropped or rewrote assistant message 1" in why and report.kept == 0
 
 
-def test_llama3_trims_the_content_and_its_shipped_template_masks_it(tmp_path):
+def test_llama3_trims_the_content_and_trls_training_template_masks_it(tmp_path):
     special = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tokenizer = family_tokenizer("llama3.jinja", special, bos_token="<|begin_of_text|>")
-    assert "shipped llama3" in training_template(tokenizer)[1]
+    assert "TRL's llama3" in training_template(tokenizer)[1]
     messages = [{"role": "user", "content": " what is 4 plus 4?\n"}, {"role": "assistant", "content": "8.\n"}]
     samples, report = tokenize(load_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])),
                                tokenizer, seq_len=512)  # fmt: skip
@@ -91,7 +91,7 @@ def test_llama3_trims_the_content_and_its_shipped_template_masks_it(tmp_path):
 
 def test_gemma_masks_its_model_turns_and_a_conversation_it_refuses_is_dropped_and_named(tmp_path):
     tokenizer = family_tokenizer("gemma.jinja", ["<start_of_turn>", "<end_of_turn>"], bos_token="<bos>")
-    assert "shipped gemma" in training_template(tokenizer)[1]
+    assert "TRL's gemma" in training_template(tokenizer)[1]
     opening = [{"role": "assistant", "content": "Hello, I add."}, *REASONING[2:]]
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": REASONING[2:]}, {"messages": opening}])
     samples, report = tokenize(load_records(path), tokenizer, seq_len=512)
@@ -102,17 +102,36 @@ def test_gemma_masks_its_model_turns_and_a_conversation_it_refuses_is_dropped_an
 
 def test_template_choice_by_name_file_or_the_tokenizers_own(tmp_path):
     tokenizer = family_tokenizer("qwen3.jinja", ["<|im_start|>", "<|im_end|>"])
-    assert training_template(tokenizer, "llama3")[0] == (TEMPLATES / "llama3.jinja").read_text()
+    assert training_template(tokenizer, "llama3")[0] == training_template_path("llama3").read_text()
     custom = tmp_path / "mine.jinja"
     custom.write_text("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")
     assert training_template(tokenizer, str(custom)) == (custom.read_text(), str(custom))
     assert training_template(tokenizer, "tokenizer")[0] == tokenizer.chat_template
     tokenizer.chat_template = custom.read_text()  # a template with markers of its own is used as it is
     assert training_template(tokenizer) == (custom.read_text(), "the tokenizer's")
-    with pytest.raises(UsageError, match="--chat_template must be auto, tokenizer, qwen3, llama3, gemma"):
+    with pytest.raises(
+        UsageError, match="--chat_template: auto, tokenizer, qwen3, llama3, gemma or a .jinja"
+    ):
         training_template(tokenizer, "mistral")
     with pytest.raises(UsageError, match="cannot read it"):
         training_template(tokenizer, str(tmp_path / "missing.jinja"))
+
+
+def test_without_trl_the_tokenizers_template_is_masked_by_prefix_diff(monkeypatch):
+    """TRL's training templates are reused from its package: without TRL, `auto` falls back to the
+    tokenizer's own template (prefix-diff), and naming a family says what is missing."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a)
+    )
+    tokenizer = family_tokenizer("qwen3.jinja", ["<|im_start|>", "<|im_end|>", "<think>", "</think>"])
+    assert training_template_path("qwen3") is None
+    assert training_template(tokenizer) == (tokenizer.chat_template, training_template(tokenizer)[1])
+    assert "prefix-diff" in training_template(tokenizer)[1]
+    with pytest.raises(UsageError, match="needs TRL"):
+        training_template(tokenizer, "qwen3")
 
 
 def test_tokenization_runs_in_processes_and_is_cached(tmp_path, monkeypatch):

@@ -4,8 +4,7 @@
 from flags or a YAML file; without ``--teacher`` / ``--student``, the embedded default (`default`). Exit
 codes: 0 done, 2 bad input (one ``error:`` line), 130 stopped by SIGTERM / Ctrl-C (after a checkpoint).
 To the loss: `run` trains a `trainer.DistillTrainer`, whose ``compute_loss`` (`KDTrainer`'s) calls
-``_kd_loss``, which calls ``fusedkd.fused_linear_kd_loss``.
-"""
+``_kd_loss``, which calls ``fusedkd.fused_linear_kd_loss``."""
 
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 Plain text trains on every token (with ``loss_only_on_response``, on its ``### Assistant:`` turns); chat
 records (``messages``, or ``prompt`` + ``completion``) on their assistant turns, masked as TRL does: by a
-template's ``{% generation %}`` markers (the tokenizer's, or one shipped in ``templates/``), else by a
-prefix-diff of renderings. A record no template can mask is dropped, counted and named (``file:line``).
-"""
+template's ``{% generation %}`` markers (the tokenizer's, or TRL's training template of its family), else by a
+prefix-diff of renderings. A record no template can mask is dropped, counted and named (``file:line``)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,8 +22,7 @@ from fusedkd.distill.errors import UsageError, first_line
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
 TURN_MARKER = re.compile(r"###\s*(Human|Assistant)\s*:")  # openassistant-guanaco turns
-TEMPLATES = Path(__file__).with_name("templates")
-# The shipped training templates, and what in a tokenizer's own template identifies its family.
+# The families whose training templates TRL ships, and what in a tokenizer's own template identifies them.
 TEMPLATE_SIGNATURES = {
     "qwen3": ("<|im_start|>", "<think>", "last_query_index"),
     "llama3": ("<|start_header_id|>", "<|eot_id|>"),
@@ -138,34 +137,45 @@ def _messages(value: object, where: str, default_role: str) -> list[dict]:
 def training_template(tokenizer, choice: str = "auto") -> tuple[str | None, str]:
     """The chat template that masks chat records, and what it is (for the log).
 
-    `choice`: ``auto`` (the tokenizer's if it has ``{% generation %}`` markers; else the shipped training
+    `choice`: ``auto`` (the tokenizer's if it has ``{% generation %}`` markers; else TRL's training
     template of its family, Qwen3, Llama 3 or Gemma, if recognised and rendering a probe conversation the
-    same; else the tokenizer's, masked by prefix-diff), ``tokenizer``, a shipped name, or a .jinja file.
-    """
+    same; else the tokenizer's, masked by prefix-diff), ``tokenizer``, a family's name, or a .jinja file."""
     own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
     if choice in TEMPLATE_SIGNATURES or choice.endswith(".jinja"):
-        path = TEMPLATES / f"{choice}.jinja" if choice in TEMPLATE_SIGNATURES else Path(choice).expanduser()
+        path = training_template_path(choice) if choice in TEMPLATE_SIGNATURES else Path(choice).expanduser()
+        if path is None:
+            raise UsageError(f"--chat_template {choice} needs TRL (pip install trl), or pass a .jinja")
         try:
             return path.read_text(encoding="utf-8"), str(path)
         except OSError as exc:
             raise UsageError(f"--chat_template {choice!r}: cannot read it: {exc.strerror or exc}") from None
     if choice not in ("auto", "tokenizer"):
         raise UsageError(
-            f"--chat_template must be auto, tokenizer, qwen3, llama3, gemma or a .jinja file: {choice!r}"
+            f"--chat_template: auto, tokenizer, qwen3, llama3, gemma or a .jinja, not {choice!r}"
         )
     if choice == "tokenizer" or own is None or GENERATION_TAG.search(own):
         return own, "the tokenizer's"
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     for name, signature in TEMPLATE_SIGNATURES.items():
-        shipped = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+        if (path := training_template_path(name)) is None:  # no TRL: the tokenizer's, by prefix-diff
+            break
+        shipped = path.read_text(encoding="utf-8")
         render = partial(tokenizer.apply_chat_template, probe, tokenize=False)
         try:
             same = all(s in own for s in signature) and render() == render(chat_template=shipped)
         except Exception:  # a template that cannot render the probe is not the family's
             same = False
         if same:
-            return shipped, f"the shipped {name} training template (the tokenizer's is {name}'s)"
+            return shipped, f"TRL's {name} training template (the tokenizer's is {name}'s)"
     return own, "the tokenizer's (no generation markers: assistant turns located by prefix-diff)"
+
+
+def training_template_path(name: str) -> Path | None:
+    """TRL's training template of a model family (``{% generation %}`` markers), reused as TRL ships it
+    (``trl/chat_templates/<name>_training.jinja``); None when TRL is not installed."""
+    spec = importlib.util.find_spec("trl")
+    folder = Path(spec.origin).parent / "chat_templates" if spec and spec.origin else None
+    return None if folder is None else folder / f"{name}_training.jinja"
 
 
 class RecordError(Exception):
@@ -254,8 +264,7 @@ def response_spans(text: str) -> list[tuple[int, int]]:
     Example:
         >>> text = "### Human: hi ### Assistant: hello ### Human: bye ### Assistant: ciao"
         >>> [text[a:b] for a, b in response_spans(text)]
-        [' hello', ' ciao']
-    """
+        [' hello', ' ciao']"""
     markers, spans = list(TURN_MARKER.finditer(text)), []
     for i, marker in enumerate(markers):
         if marker.group(1) == "Assistant":
@@ -381,8 +390,7 @@ def tokenize(records: list, tokenizer, *, seq_len: int, loss_only_on_response: b
         >>> tokenizer = train_bpe_tokenizer(["hello world"] * 10, vocab_size=280)
         >>> samples, report = tokenize(["hello world", ""], tokenizer, seq_len=16)
         >>> report.kept, report.too_short, tokenizer.decode(samples[0]["input_ids"])
-        (1, 1, 'hello world<|endoftext|>')
-    """
+        (1, 1, 'hello world<|endoftext|>')"""
     import datasets
 
     if seq_len < 2:
@@ -457,8 +465,7 @@ class Collator:
     Example:
         >>> samples = TokenizedSamples.from_lists([([5, 6, 0], [False, True, True]), ([7, 0], [False, True])])
         >>> Collator(pad_id=0)([samples[0], samples[1]])["labels"].tolist()
-        [[-100, 6, 0], [-100, 0, -100]]
-    """
+        [[-100, 6, 0], [-100, 0, -100]]"""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id

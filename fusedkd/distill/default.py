@@ -6,8 +6,7 @@ library's source (`TRAIN_MODULES`) and cached; a scaled-down Qwen3-0.6B student 
 `trainer.DistillTrainer` for 100 steps and, as the baseline, trained on hard labels by a plain
 ``transformers.Trainer`` with the same steps, batches, data order and schedule; the table compares them
 on 5 held-out modules. On a CPU the thread count follows machine load (`trainer.ThreadTuner`), which
-changes float summation order: the numbers differ by a few percent between runs on a shared machine.
-"""
+changes float summation order: the numbers differ by a few percent between runs on a shared machine."""
 
 from __future__ import annotations
 

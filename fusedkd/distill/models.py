@@ -2,8 +2,7 @@
 head whole and loaded by rank 0 only), the startup head check, and what identifies tokenizers and weights.
 
 The loss needs each model's final hidden states (`hidden_states`: the base model only, no logits) and its
-lm_head's weight and bias, with the head transform (logit scale, soft cap) its config declares.
-"""
+lm_head's weight and bias, with the head transform (logit scale, soft cap) its config declares."""
 
 from __future__ import annotations
 
@@ -130,8 +129,7 @@ def load_teacher(name_or_path: str, *, dtype, device: torch.device, probe: torch
     With `shard` (``--shard_teacher``, under torchrun) only rank 0 loads the checkpoint; every process
     builds the model with its parameters on the meta device (buffers real: the rotary frequencies are
     not in a checkpoint), shards it (`shard_teacher`), allocates its shards and receives their values
-    from rank 0 (``broadcast_from_rank0``): no other process ever holds the whole teacher.
-    """
+    from rank 0 (``broadcast_from_rank0``): no other process ever holds the whole teacher."""
     if not shard:
         teacher = load_model(name_or_path, role="teacher", dtype=dtype).to(device)
         check_linear_head(teacher, "teacher", probe)  # on the device: the teacher may be large

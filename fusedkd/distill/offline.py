@@ -5,8 +5,7 @@ The samples are cut into parts of about a million tokens (`sample_parts`); proce
 parts ``r, r + n, ...`` (`fusedkd.topk.teacher_topk` into ``DIR/part-NNNNN``), then rank 0 writes
 ``DIR/manifest.json``. A build that dies keeps its finished parts. A cache is reused only if built from
 the same inputs (`cache_identity`: the teacher's weights, not its path; tokenizer, data, K, ...); else
-the run stops, naming what changed, rather than overwrite it.
-"""
+the run stops, naming what changed, rather than overwrite it."""
 
 from __future__ import annotations
 

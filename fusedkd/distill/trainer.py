@@ -3,8 +3,7 @@ and `TopKTrainer` (the offline one), both with `ChunkedEvaluation`; the callback
 or Ctrl-C: checkpoint, then stop), `MetricsLog` and `ThreadTuner`; `check_settings` (a saved run is never
 overwritten, a resume never changes its settings). The loop, optimizer, schedule, clipping, accumulation,
 token normalization across processes, DDP / FSDP2 of the student and the checkpoints (with RNG states and
-data position: a resume is exact) are the Trainer's.
-"""
+data position: a resume is exact) are the Trainer's."""
 
 from __future__ import annotations
 
