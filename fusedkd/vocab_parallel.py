@@ -45,7 +45,7 @@ from fusedkd._inputs import (
 )
 from fusedkd._options import KDOptions
 from fusedkd._shard import VocabShard, shard_offsets
-from fusedkd._values import counted_tokens
+from fusedkd._values import check_values, counted_tokens
 
 SUPPORTED = (
     "vocabulary-parallel inputs are: for fused_linear_kd_loss, both heads (and biases) DTensors placed "
@@ -135,7 +135,8 @@ def _teacher_block(shard: VocabShard, local, rows: int, student_rows: int, dim: 
 def _check_same_tokens(shard: VocabShard, labels: torch.Tensor | None, n: int, device: torch.device) -> None:
     """Every rank must hold the same tokens and labels, on the same kind of device (their chunks, kernel
     grids and collectives pair up): one gather of (token count, label checksum, no-labels flag, the
-    device's multiprocessors) per call, compared on every rank, so that all raise together."""
+    device's multiprocessors) per call, compared on every rank (`_values.check_values`), so that all raise
+    together."""
     checksum = torch.zeros((), dtype=torch.int64, device=device)
     if labels is not None:  # a position-weighted sum: a label moved, changed or masked changes it
         weights = torch.arange(1, labels.numel() + 1, device=device, dtype=torch.int64) % 1_000_003
@@ -146,13 +147,15 @@ def _check_same_tokens(shard: VocabShard, labels: torch.Tensor | None, n: int, d
     fields = (n, int(labels is None), processors)
     mine = torch.cat([torch.tensor(fields, dtype=torch.int64, device=device), checksum.reshape(1)])
     every = shard.gather(mine)
-    if not bool((every == every[0]).all()):
-        raise ValueError(
-            "the ranks of the vocabulary-parallel mesh hold different tokens, labels or devices (token "
-            f"count, no-labels flag, multiprocessors, label checksum per rank: {every.tolist()}): every "
-            "rank of a tensor-parallel group must pass the same hidden states (or logits rows) and labels, "
-            "on the same kind of device"
-        )
+    # Eager on a CPU (every rank raises, having compared the same numbers); an asynchronous device-side
+    # assertion on an accelerator, so that the check costs no host synchronization.
+    check_values(
+        (every != every[0]).any().reshape(1),
+        "the ranks of the vocabulary-parallel mesh hold different tokens, labels or devices: every rank of "
+        "a tensor-parallel group must pass the same hidden states (or logits rows) and labels, on the same "
+        "kind of device",
+        lambda: f"token count, no-labels flag, multiprocessors, label checksum per rank: {every.tolist()}",
+    )
 
 
 def _refuse_plain_hidden(weight_name: str, weight, hidden_name: str) -> None:

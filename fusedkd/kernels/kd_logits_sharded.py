@@ -32,7 +32,7 @@ from fusedkd._autograd import (
     reduction_scale,
     unit_gradient_weights,
 )
-from fusedkd._options import KDOptions, head_chain_rule
+from fusedkd._options import KDOptions, apply_head, head_chain_rule
 from fusedkd._shard import VocabShard
 from fusedkd.kernels import launch_device
 from fusedkd.kernels.kd_logits import _acc_dtype, _launch_args
@@ -151,9 +151,7 @@ def _label_logits(student_logits, labels, options: KDOptions, shard: VocabShard,
         leading = student_logits.shape[:-1]
         rows = torch.unravel_index(torch.arange(labels.numel(), device=labels.device), leading)
         z = student_logits[(*rows, index)]
-    z = z.to(dtype) * options.student_logit_scale
-    if options.student_softcap is not None:
-        z = options.student_softcap * torch.tanh(z / options.student_softcap)
+    z = apply_head(z.to(dtype), options.student_logit_scale, options.student_softcap)
     return torch.where(owned, z, 0.0)
 
 
