@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import pathlib
 import pkgutil
 
 import pytest
@@ -40,3 +41,14 @@ def test_public_callables_document_every_parameter(name):
         return  # modules document their options by pointing at the function they wrap
     for parameter in inspect.signature(obj).parameters:
         assert parameter in doc, f"fusedkd.{name} does not document {parameter!r}"
+
+
+def test_no_module_is_over_500_lines():
+    """A module over 500 lines does more than one job: split it (docs/design.md §8)."""
+    root = pathlib.Path(fusedkd.__file__).parent
+    long = {
+        str(path.relative_to(root)): count
+        for path in root.rglob("*.py")
+        if (count := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, f"modules over 500 lines: {long}"

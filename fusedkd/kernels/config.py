@@ -17,10 +17,14 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fusedkd.kernels import INTERPRETER
+
+if TYPE_CHECKING:
+    from fusedkd.kernels.fused_linear_kd import _Problem
 
 AUTOTUNE_ENV = "FUSEDKD_AUTOTUNE"
 
@@ -296,3 +300,22 @@ def select_config(
                 continue
         _TUNED[key] = min(timings, key=timings.get) if timings else default_config(dtype)
     return _TUNED[key]
+
+
+def combine_partials(problem: _Problem, config: KernelConfig, partial: torch.Tensor, empty) -> torch.Tensor:
+    """A pass's per-split states [splits, fields, N] of this rank, and every other rank's after them in
+    vocabulary order: [all splits, fields, N], which the merge kernels combine exactly as they combine one
+    rank's splits (docs/design.md §10). Each rank's splits are padded to the most any rank has with the
+    states of no vocabulary entry (`empty`, one value per field), which merging leaves unchanged."""
+    shard = problem.shard
+    n = problem.num_tokens
+    most = max(
+        statistics_layout(n, shard.rows_of(rank), config, problem.multiprocessors)[0]
+        if shard.rows_of(rank)
+        else 0
+        for rank in range(shard.world)
+    )
+    padded = partial.new_empty((most, partial.shape[1], n))
+    padded[: partial.shape[0]] = partial
+    padded[partial.shape[0] :] = torch.tensor(empty, dtype=partial.dtype, device=partial.device)[:, None]
+    return shard.gather(padded).flatten(0, 1)

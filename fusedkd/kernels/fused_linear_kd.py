@@ -299,7 +299,7 @@ def fused_linear_kd(
 
     `shard`: the heads are this rank's block of a vocabulary-parallel head (`fusedkd.vocab_parallel`),
     `labels` global vocabulary indices: each pass's per-split states are gathered from every rank and
-    merged as one rank's splits are (`statistics.combine_partials`), the label's logit and one-hot on the
+    merged as one rank's splits are (`config.combine_partials`), the label's logit and one-hot on the
     rank that owns it, and the hidden-state gradient summed over the ranks.
     """
     _check_supported(student_hidden, teacher_hidden)

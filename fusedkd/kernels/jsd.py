@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedkd.kernels.config import KernelConfig, statistics_layout
+from fusedkd.kernels.config import KernelConfig, combine_partials, statistics_layout
 from fusedkd.kernels.statistics import (
     MERGE_BLOCK,
     STAT_DIVERGENCE,
@@ -27,7 +27,6 @@ from fusedkd.kernels.statistics import (
     STAT_LOGZ_TEACHER_T,
     STAT_M_STUDENT,
     STAT_M_TEACHER,
-    combine_partials,
 )
 from fusedkd.kernels.tl_utils import inverse_temperature, logaddexp, logits_tile, park_tile, unpark_tile
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedkd.kernels.config import KernelConfig, statistics_layout
+from fusedkd.kernels.config import KernelConfig, combine_partials, statistics_layout
 from fusedkd.kernels.tl_utils import (
     DIVERGENCE_CODES,
     FORWARD_KL,
@@ -126,35 +126,19 @@ def merge_states(
         kl_acc = shift_kl_accumulator(
             kl_acc, z_teacher_t, m_teacher, m_student, new_m_teacher, new_m_student, inv_temperature
         ) + shift_kl_accumulator(
-            part_kl,
-            part_z_teacher_t,
-            part_m_teacher,
-            part_m_student,
-            new_m_teacher,
-            new_m_student,
+            part_kl, part_z_teacher_t, part_m_teacher, part_m_student, new_m_teacher, new_m_student,
             inv_temperature,
-        )
+        )  # fmt: skip
     elif DIVERGENCE == REVERSE_KL:
         # The teacher's logits relative to t at the student's top token (finite: fold_statistics).
         # Ties keep the earlier column, like argmax.
         new_teacher_at_top = tl.where(part_m_student > m_student, part_teacher_at_top, teacher_at_top)
         kl_acc = shift_kl_accumulator(
-            kl_acc,
-            z_student_t,
-            m_student,
-            teacher_at_top,
-            new_m_student,
-            new_teacher_at_top,
-            inv_temperature,
+            kl_acc, z_student_t, m_student, teacher_at_top, new_m_student, new_teacher_at_top, inv_temperature
         ) + shift_kl_accumulator(
-            part_kl,
-            part_z_student_t,
-            part_m_student,
-            part_teacher_at_top,
-            new_m_student,
-            new_teacher_at_top,
+            part_kl, part_z_student_t, part_m_student, part_teacher_at_top, new_m_student, new_teacher_at_top,
             inv_temperature,
-        )
+        )  # fmt: skip
         teacher_at_top = new_teacher_at_top
     if SEPARATE_CE:
         _, z_student_plain = merge_lse(m_student, z_student_plain, part_m_student, part_z_student_plain, 1.0)
@@ -163,15 +147,9 @@ def merge_states(
     _, z_student_t = merge_lse(m_student, z_student_t, part_m_student, part_z_student_t, inv_temperature)
     _, z_teacher_t = merge_lse(m_teacher, z_teacher_t, part_m_teacher, part_z_teacher_t, inv_temperature)
     return (
-        new_m_student,
-        z_student_t,
-        z_student_plain,
-        new_m_teacher,
-        z_teacher_t,
-        kl_acc,
-        label_logit,
+        new_m_student, z_student_t, z_student_plain, new_m_teacher, z_teacher_t, kl_acc, label_logit,
         teacher_at_top,
-    )
+    )  # fmt: skip
 
 
 @triton.jit
@@ -464,25 +442,6 @@ def merge_statistics_kernel(
     if HAS_LABELS:
         # CE = LSE(s) - s_y = (m_s - s_y) + log Z_s
         tl.store(ce_ptr + rows, (m_student - label_logit) + logz_student_plain, mask=mask)
-
-
-def combine_partials(problem: _Problem, config: KernelConfig, partial: torch.Tensor, empty) -> torch.Tensor:
-    """A pass's per-split states [splits, fields, N] of this rank, and every other rank's after them in
-    vocabulary order: [all splits, fields, N], which the merge kernels combine exactly as they combine one
-    rank's splits (docs/design.md §10). Each rank's splits are padded to the most any rank has with the
-    states of no vocabulary entry (`empty`, one value per field), which merging leaves unchanged."""
-    shard = problem.shard
-    n = problem.num_tokens
-    most = max(
-        statistics_layout(n, shard.rows_of(rank), config, problem.multiprocessors)[0]
-        if shard.rows_of(rank)
-        else 0
-        for rank in range(shard.world)
-    )
-    padded = partial.new_empty((most, partial.shape[1], n))
-    padded[: partial.shape[0]] = partial
-    padded[partial.shape[0] :] = torch.tensor(empty, dtype=partial.dtype, device=partial.device)[:, None]
-    return shard.gather(padded).flatten(0, 1)
 
 
 def launch_statistics(problem: _Problem, config: KernelConfig):
