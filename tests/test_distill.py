@@ -443,14 +443,23 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "case",
-    # The unknown Hub dataset takes the datasets library ~20 s to give up on, offline.
-    [pytest.param(c, marks=pytest.mark.slow) if c == "unknown dataset" else c for c in CASES],
-)
-def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, monkeypatch, capsys):
+def _offline(monkeypatch) -> None:
+    """The Hub offline for this test. huggingface_hub and datasets read HF_HUB_OFFLINE and
+    HF_DATASETS_OFFLINE once, at import, so the variables alone come too late once they are imported
+    (an unknown dataset then takes ~20 s of retries to fail): their read values are patched too."""
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch)
     args, expected = bad_input_cases(tiny, tmp_path)[case]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -917,7 +926,14 @@ def test_topk_cache_built_by_two_processes_and_resumed_equals_one_process_build(
         args = run_args(tiny, tmp_path / run, *common, "--topk_cache", str(cache), steps=1)
         return torchrun(nproc, args, tmp_path)
 
-    build(1, one, "run-one")
+    # The one-process build runs here (a torchrun start costs seconds), on one thread like each of
+    # torchrun's processes (OMP_NUM_THREADS=1), so that the teacher's logits round alike.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(run_args(tiny, tmp_path / "run-one", *common, "--topk_cache", str(one), steps=1)) == 0
+    finally:
+        torch.set_num_threads(threads)
     parts = sorted(p.name for p in one.iterdir() if p.name.startswith("part-"))
     assert len(parts) >= 4
     printed = build(2, two, "run-two")
