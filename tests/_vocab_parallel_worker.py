@@ -9,7 +9,6 @@ produces, and gathers the gradients whole (after the recording) for rank 0 to sa
 from __future__ import annotations
 
 import math
-import os
 import sys
 import traceback
 
@@ -271,9 +270,10 @@ def run_integration(mesh) -> dict:
     return out
 
 
-def main(rank: int, world: int, cases_path: str, out_path: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def main(rank: int, world: int, cases_path: str, out_path: str, rendezvous: str) -> None:
+    # A file rendezvous (a fresh path per launch): no TCP port to pick, so none can be taken by
+    # another launch between picking and binding it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -296,10 +296,5 @@ def main(rank: int, world: int, cases_path: str, out_path: str, port: int) -> No
 
 
 if __name__ == "__main__":
-    world_size, cases_file, out_file, master_port = (
-        int(sys.argv[1]),
-        sys.argv[2],
-        sys.argv[3],
-        int(sys.argv[4]),
-    )
-    torch.multiprocessing.spawn(main, args=(world_size, cases_file, out_file, master_port), nprocs=world_size)
+    world, cases_file, out_file, rendezvous_file = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    torch.multiprocessing.spawn(main, args=(world, cases_file, out_file, rendezvous_file), nprocs=world)

@@ -10,7 +10,6 @@ largest tensor must be its block's tile: memory per rank proportional to V / P.
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -370,12 +369,6 @@ if TRITON_SKIP is None:
     CASES.update(TRITON_CASES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def sharded(request, tmp_path_factory):
     """(world size, [per-rank results]) of every case, from one launch of the worker."""
@@ -383,7 +376,8 @@ def sharded(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"vp{world}")
     cases_path, out_path = directory / "cases.pt", directory / "out.pt"
     torch.save(CASES, cases_path)
-    command = [sys.executable, str(WORKER), str(world), str(cases_path), str(out_path), str(_free_port())]
+    rendezvous = directory / "rendezvous"
+    command = [sys.executable, str(WORKER), str(world), str(cases_path), str(out_path), str(rendezvous)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return world, torch.load(out_path, weights_only=False)
@@ -558,8 +552,8 @@ def test_tensor_parallel_example_runs():
     """examples/tensor_parallel_kd.py under torchrun on 2 CPU processes: it checks itself against one."""
     example = Path(__file__).parents[1] / "examples" / "tensor_parallel_kd.py"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(_free_port()), str(example), "--vocab", "20011", "--tokens", "128",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example),
+        "--vocab", "20011", "--tokens", "128",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
