@@ -16,6 +16,11 @@ import torch  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") == "1" and torch.cuda.is_available():
     raise RuntimeError("TRITON_INTERPRET=1 is set on a machine with CUDA: unset it to test the real kernels")
 
+# Under pytest-xdist (`-n auto`), the workers share the cores: each takes its part of them rather than
+# all of them, so that they do not oversubscribe the CPU.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
