@@ -819,9 +819,7 @@ def correctness_step(check: Check, refs: References, dtype, backend: str) -> dic
     else:
         from fusedkd._dispatch import tiles_chunk_size
 
-        chunk = options.get("chunk_size") or tiles_chunk_size(
-            check.args.vocab, None, 2 if dtype == torch.bfloat16 else 4
-        )
+        chunk = options.get("chunk_size") or tiles_chunk_size(check.args.vocab, None)
         fields.update(tiles_chunk=chunk, tiles_chunks=math.ceil(counted / chunk))
     fields["ok"] = ok
     return fields

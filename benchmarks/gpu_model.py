@@ -90,6 +90,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from fusedkd import _dispatch  # noqa: E402
 from fusedkd.kernels import config as kernel_config  # noqa: E402
 from fusedkd.kernels import statistics as kernel_statistics  # noqa: E402
 
@@ -731,35 +732,36 @@ def trl_extra_memory(shapes: Shapes) -> float:
 
 # --- fusedkd's tile path (what backend="auto" runs on CUDA when its tiles fit the budget) ------------
 #
-# Being built as this model is written (not in the code yet): its budget rule and constants below are
-# the design's, not imported. Per chunk of c tokens: the student's and the teacher's projections on
-# cuBLAS (bf16 inputs, float32 [c, V] tiles out, the bias folded into the GEMM), one Triton
-# element-wise kernel (pass 1: per-row online log-sum-exps of s/T, t/T and of s at T = 1 and the KL
-# sums; pass 2: re-reads both tiles and writes G = dloss/dlogits in bf16; the JSD a third read for its
-# mixture), then dh = G W_s and dW_s += G^T h_s on cuBLAS (into a float32 dW, beta = 1). Nothing is
-# recomputed: 2 N V (H_t + 3 H_s) FLOPs, the unavoidable.
+# `backend="tiles"` (`fusedkd.kernels.kd_tile`, `torch_backend.fused_linear_kd.stream`). Per chunk of c
+# tokens: the student's and the teacher's projections on cuBLAS (bf16 inputs, float32 [c, V] tiles
+# out, the bias folded into the GEMM), one Triton element-wise kernel (pass 1: per-row online
+# log-sum-exps of s/T, t/T and of s at T = 1 and the KL sums; pass 2: re-reads both tiles and writes
+# G = dloss/dlogits in bf16 into the student tile's own bytes; the JSD a third read for its mixture),
+# then dh = G W_s and dW_s += G^T h_s on cuBLAS (into a float32 dW, beta = 1: `accumulate_float32`).
+# Nothing is recomputed: 2 N V (H_t + 3 H_s) FLOPs, the unavoidable.
 
-# Default budget for the chunk's tiles and G (the float32 dW, V x H_s x 4, is on top): 1.5 GiB, so that
-# at V = 151,936 a chunk is 1,024 tokens (1.5 GiB / (10 B x V) = 1,060, rounded down to a multiple
-# of 128). Design choice of the path being built; `--tile-budget-mib` varies it.
-TILE_BUDGET_BYTES = 1536 * 2**20
-TILE_ENTRY_BYTES = 2 * 4 + 2  # the float32 s and t tiles and the bf16 G, per (token, vocabulary) entry
-TILE_CHUNK_MULTIPLE = 128  # chunks in whole 128-row GEMM tiles (assumption: cuBLAS's M tile)
-MIN_TILE_CHUNK = 128  # below one 128-row tile the auto path takes the fused kernels (assumption)
+# The code's budget rule, imported: the chunk's tiles (the float32 dW, V x H_s x 4, is on top) within
+# `_dispatch.TILES_MEMORY_BUDGET` (1,200 MiB: at V = 151,936, 1,200 MiB / (8 B x V) = 1,035 tokens,
+# rounded down to 1,024), and auto takes the fused kernels below `_dispatch.MIN_TILES_CHUNK` tokens.
+# `--tile-budget-mib` varies the budget.
+TILE_BUDGET_BYTES = _dispatch.TILES_MEMORY_BUDGET
+TILE_ENTRY_BYTES = 2 * 4  # the float32 s and t tiles per (token, vocabulary) entry; G is over s's bytes
+TILE_CHUNK_MULTIPLE = 64  # `_dispatch.tiles_chunk_size` rounds chunks down to multiples of 64 tokens
+MIN_TILE_CHUNK = _dispatch.MIN_TILES_CHUNK
 TILE_ROW_STATS = 8  # float32 per-row statistics and losses of a chunk (assumption; negligible)
 
 
 def tile_chunk(shapes: Shapes, budget: float = TILE_BUDGET_BYTES) -> int:
-    """Tokens per chunk of the tile path under `budget` bytes of tiles + G (0: the budget does not
+    """Tokens per chunk of the tile path under `budget` bytes of tiles (0: the budget does not
     allow the tile path: auto runs the fused kernels)."""
-    chunk = int(budget // (shapes.vocab * TILE_ENTRY_BYTES)) // TILE_CHUNK_MULTIPLE * TILE_CHUNK_MULTIPLE
+    chunk = _dispatch.tiles_chunk_size(shapes.vocab, int(budget))
     if chunk < MIN_TILE_CHUNK:
         return 0
     return min(chunk, shapes.tokens)
 
 
 def tile_extra_memory(shapes: Shapes, budget: float = TILE_BUDGET_BYTES) -> float:
-    """The chunk's two float32 tiles and bf16 G, the float32 dW (V x H_s x 4), the row statistics."""
+    """The chunk's two float32 tiles (G in s's bytes), the float32 dW (V x H_s x 4), the row statistics."""
     chunk = tile_chunk(shapes, budget)
     return (
         chunk * shapes.vocab * TILE_ENTRY_BYTES
@@ -1239,7 +1241,7 @@ def main(argv=None) -> int:
         "--tile-budget-mib",
         type=float,
         default=TILE_BUDGET_BYTES / 2**20,
-        help="the tile path's budget for a chunk's float32 tiles and bf16 G (0: auto runs the fused kernels)",
+        help="the tile path's budget for a chunk's float32 tiles (0: auto runs the fused kernels)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per (gpu, n, divergence, method")
     parser.add_argument("--detail", action="store_true", help="every kernel's counts, bound and time")

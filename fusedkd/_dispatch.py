@@ -17,15 +17,16 @@ from fusedkd._options import KDOptions, check_backend
 TILES_BYTES_PER_ENTRY = 10
 # Its default budget for those tiles, and the smallest chunk worth running it with (below that the
 # weight-gradient GEMM, which reads and writes all of dW once per chunk, is bound by memory traffic).
-TILES_MEMORY_BUDGET = 3 * 2**29  # 1.5 GiB: 1,024-token chunks at V = 151,936 with a 16-bit G
+TILES_MEMORY_BUDGET = 1200 * 2**20  # 1,024-token chunks at V = 151,936 (1,187 MiB of tiles)
 MIN_TILES_CHUNK = 256
 
 
-def tiles_chunk_size(vocab_size: int, memory_budget: int | None, grad_bytes: int = 2) -> int:
-    """Tokens per chunk of the tiles backend: two float32 tiles and G within `memory_budget` bytes
-    (default `TILES_MEMORY_BUDGET`), a multiple of 64 when it is at least 64."""
+def tiles_chunk_size(vocab_size: int, memory_budget: int | None) -> int:
+    """Tokens per chunk of the tiles backend: its two float32 tiles (G is written over the student's)
+    within `memory_budget` bytes (default `TILES_MEMORY_BUDGET`), a multiple of 64 when it is at least
+    64."""
     budget = TILES_MEMORY_BUDGET if memory_budget is None else memory_budget
-    chunk = budget // max(1, vocab_size * (8 + grad_bytes))
+    chunk = budget // max(1, vocab_size * 8)
     return int(chunk // 64 * 64 if chunk >= 64 else max(1, chunk))
 
 

@@ -102,8 +102,8 @@ def fused_linear_kd_loss(
             entry). Without it, a NaN or +inf in a counted token's logits makes that token's loss and the
             gradients it feeds NaN (docs/design.md §9). Reads a flag on the host: a synchronization.
         memory_budget: bytes of logit tiles the ``"tiles"`` backend may hold: its chunk of c tokens
-            holds two float32 ``c x V`` tiles and G (16-bit for 16-bit heads), 10 bytes per entry
-            (default 1.5 GiB: 1,024-token chunks at V = 151,936). ``"auto"`` takes the fused kernels
+            holds two float32 ``c x V`` tiles, 8 bytes per entry, G written over the student's
+            (default 1,200 MiB: 1,024-token chunks at V = 151,936). ``"auto"`` takes the fused kernels
             instead when fewer than 256 tokens fit. The ``"torch"`` backend sizes its chunks by
             ``chunk_size``.
         shift_labels: take ``labels`` as Hugging Face causal LMs do, unshifted (``labels[..., i]`` is the
@@ -191,10 +191,7 @@ def linear_kd(
         elif backend == "tiles":  # the torch backend's chunks, each chunk's tiles in one Triton pass
             from fusedkd.kernels.kd_tile import kd_tile_terms_triton
 
-            grad_bytes = 2 if inputs.student_weight.dtype == torch.bfloat16 else 4
-            chunk = options.chunk_size or tiles_chunk_size(
-                options.vocab_size, options.memory_budget, grad_bytes
-            )
+            chunk = options.chunk_size or tiles_chunk_size(options.vocab_size, options.memory_budget)
             outputs = torch_linear_kd.fused_linear_kd(
                 *tensors, options, chunk_size=chunk, tile_terms=kd_tile_terms_triton
             )

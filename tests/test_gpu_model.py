@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import gpu_model  # noqa: E402
 
+from fusedkd import _dispatch  # noqa: E402
+
 GPUS = [gpu_model.H100, gpu_model.H200]
 
 
@@ -153,8 +155,12 @@ def test_tile_path_chunk_and_memory_follow_the_budget():
     chunk = gpu_model.tile_chunk(shapes)
     assert chunk >= 1024 and chunk % gpu_model.TILE_CHUNK_MULTIPLE == 0
     assert chunk * v * gpu_model.TILE_ENTRY_BYTES <= gpu_model.TILE_BUDGET_BYTES
-    # Extra memory: two float32 c x V tiles, a bf16 c x V G, the float32 V x H_s dW, the row statistics.
-    assert gpu_model.tile_extra_memory(shapes) == chunk * v * (2 * 4 + 2) + v * hs * 4 + chunk * 8 * 4
+    # The model's budget and chunk are the code's.
+    assert gpu_model.TILE_BUDGET_BYTES == _dispatch.TILES_MEMORY_BUDGET
+    assert chunk == _dispatch.tiles_chunk_size(v, None)
+    # Extra memory: two float32 c x V tiles (G over the student's), the float32 V x H_s dW, the row
+    # statistics.
+    assert gpu_model.tile_extra_memory(shapes) == chunk * v * 2 * 4 + v * hs * 4 + chunk * 8 * 4
     # Half the budget, at most half the chunk; a chunk never exceeds N.
     assert gpu_model.tile_chunk(shapes, gpu_model.TILE_BUDGET_BYTES / 2) <= chunk // 2
     assert gpu_model.tile_chunk(gpu_model.Shapes(512)) == 512

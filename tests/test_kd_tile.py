@@ -367,6 +367,46 @@ def test_grad_out(divergence, dtype):
     _assert_matches(kernel[2], torch_terms[2].to(dtype).double(), "G vs kd_tile_terms", rtol=bound)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_grad_in_the_student_tiles_bytes(divergence, dtype):
+    """G written into the student tile's own storage (`s.view(dtype)[:, :V]`, as the tiles backend
+    does: no buffer for G) equals G into a separate buffer, bit for bit, over several blocks per row
+    (each block of G lands on columns of s that earlier blocks read); other overlaps are refused."""
+    from fusedkd.kernels.kd_tile import kd_tile_terms_triton
+
+    c, vocab = 6, 1021  # 4 blocks of 256 per row, the last one partial
+    options = _options(divergence, 2.5, vocab=vocab, heads=dict(student_softcap=30.0))
+    folded = tiles.gemm_scales(options, temper_teacher=True)
+    z_s, z_t = _logits(c, vocab, "random")
+    z_s[2, 700] = math.nan  # a NaN row stays NaN, and leaves the other rows alone
+    s, t = _tiles(z_s, z_t, folded)
+    labels = torch.randint(0, vocab, (c,))
+    grad_weights = _weights(c, True, True)
+    valid = torch.tensor([True, True, True, False, True, True])
+    run = dict(teacher_tempered=True, folded=folded, valid=valid, block_v=256)
+
+    separate = torch.empty(c, vocab, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = kd_tile_terms_triton(
+            s.clone(), t.clone(), labels, options, grad_weights, grad_out=separate, **run
+        )
+        s_in, t_in = s.clone(), t.clone()
+        in_s = s_in.view(dtype)[:, :vocab]
+        got = kd_tile_terms_triton(s_in, t_in, labels, options, grad_weights, grad_out=in_s, **run)
+    assert got[2] is in_s and in_s.stride() == (2 * vocab, 1)
+    assert all(_same(a, b) for a, b in zip(got, expected))
+    assert _same(t_in, t)  # the teacher's tile untouched
+    assert _same(s_in[:, (vocab + 1) // 2 :], s[:, (vocab + 1) // 2 :])  # s past G's bytes untouched
+
+    # G over the teacher's bytes, or over the second half of the student's, would be read after written.
+    s_bad, t_bad = s.clone(), t.clone()
+    for bad in (t_bad.view(dtype)[:, :vocab], s_bad.view(dtype)[:, vocab:]):
+        with pytest.raises(ValueError, match="grad_out shares a tile's memory"):
+            kd_tile_terms_triton(s_bad, t_bad, labels, options, grad_weights, grad_out=bad, **run)
+
+
 def _same(a, b):
     """Equal, NaN where NaN."""
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])

@@ -85,7 +85,7 @@ def test_auto_rule(monkeypatch):
     assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16) == "triton"  # kd_loss: no tiles to make
     assert _dispatch.resolve_backend("auto", cuda, torch.float64, has_tiles=True) == "torch"
     assert _dispatch.resolve_backend("auto", cpu, torch.float32, has_tiles=True) == "torch"
-    # The default budget gives 1,024-token chunks at Qwen3's vocabulary with a 16-bit G.
+    # The default budget gives 1,024-token chunks at Qwen3's vocabulary (two float32 tiles, G over one).
     assert _dispatch.tiles_chunk_size(151_936, None) == 1024
     assert _dispatch.tiles_chunk_size(151_936, 2**28) < _dispatch.MIN_TILES_CHUNK
     with pytest.raises(ValueError, match="backend='tiles' is fused_linear_kd_loss's"):

@@ -11,16 +11,22 @@ Grid and passes. One program per row (grid `(c,)`), walking its vocabulary in BL
 
     pass 1  reads s, t         running maxima, Z_a, Z_b (Z_s), the one-pass KL accumulator A (§3),
                                the student's top column (JSD) -> D (forward / reverse KL) and C
-    pass 2  reads s, t         JSD only: KL(p || m), KL(q || m), which need the final LSEs (§3)
-    pass 3  reads s, t, writes G   (only when `grad_weights` is given; §4)
+                               (right to left; JSD: left to right, ties keep the first column)
+    pass 2  reads s, t         JSD only, right to left: KL(p || m), KL(q || m) (the final LSEs, §3)
+    pass 3  reads s, t, writes G   left to right, only when `grad_weights` is given (§4)
 
 plus one scalar load per row of the label's logit (labels) and of s, t at the top column (JSD); a row
-that does not count reads nothing and writes its zero G row.
+that does not count reads nothing and writes its zero G row. So a float32 tile element is read 2
+times (KL) or 3 times (JSD) and G written once: 20 bytes per (token, vocabulary entry) for the KL with
+a float32 G (18 with a 16-bit G), 8 without a gradient, 28 (26) for the JSD, 16 without. Successive
+passes walk the row in opposite directions, each starting on the blocks the previous one read last.
 
-so a float32 tile element is read 2 times (KL) or 3 times (JSD) and G written once: 20 bytes per
-(token, vocabulary entry) for the KL with a float32 G (18 with a 16-bit `grad_out`), 8 without a
-gradient, 28 (26) for the JSD, 16 without. Successive passes walk the row in opposite directions, so each pass
-starts on the blocks the previous one read last (the likeliest still in the L2 cache).
+G in the student tile's own bytes. A 16-bit G may be written into the storage of `s` itself
+(`grad_out = s.view(torch.bfloat16)[:, :V]`: row r of G is the first half of row r's bytes, row
+stride 2V), so that a chunk costs its two float32 tiles and nothing more. Pass 3 walks left to right:
+block j of G (bytes [2j, 2j + 2 BLOCK_V)) lands on float32 columns [j/2, (j + BLOCK_V)/2), all read
+already. Only block 0 overlaps the columns it reads itself, and there threads store over other threads'
+columns: a barrier between its loads and its store (`G_IN_S`).
 
 The math, per row (docs/design.md §2-§4). The tiles hold `folded * z` (z = W h + b, `tiles.gemm_scales`);
 each head is finished as `tiles.finish_head` does:
@@ -172,12 +178,14 @@ def kd_tile_kernel(
     HAS_SOFTCAP_T: tl.constexpr,
     HAS_VALID: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    G_IN_S: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One program per row of the [c, V] tiles: D [c], C [c] and, when WANT_GRAD, the row of G.
 
     `g_ptr` may be `s_ptr` or `t_ptr` (G in place of a tile): each block of G is stored after its
-    block of s and t was read, by the one program that reads that row.
+    block of s and t was read, by the one program that reads that row. With G_IN_S, `g_ptr` is a
+    16-bit view of s's storage, G's row r in the first half of s's row r (module docstring).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
@@ -198,7 +206,7 @@ def kd_tile_kernel(
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
 
-    # Pass 1, left to right. Shifts c_s, c_t (running maxima, 0 while -inf); a - c_a = (s - c_s) / T,
+    # Pass 1. Shifts c_s, c_t (running maxima, 0 while -inf); a - c_a = (s - c_s) / T,
     # b - c_b = (t - c_t) / T'. Sums Z_a = sum e^(a - c_a), Z_b = sum e^(b - c_b), Z_s = sum e^(s - c_s).
     # KL accumulator relative to the shifts (docs/design.md §3):
     #   forward A = sum e^(b - c_b) ((b - c_b) - (a - c_a));  shifts moving by (d_a, d_b):
@@ -215,7 +223,9 @@ def kd_tile_kernel(
     kl_acc = zero
     top_s = tl.zeros([], tl.int32)  # JSD: the column of the student's (first) maximum
     for i in range(0, num_blocks):
-        v = _block_start(i, num_blocks, BLOCK_V, False) + cols
+        # Right to left, so that pass 3 (left to right) starts on the blocks read last; the JSD's pass
+        # 1 left to right (ties of the student's maximum keep the first column), its pass 2 right to left.
+        v = _block_start(i, num_blocks, BLOCK_V, DIVERGENCE != JSD) + cols
         in_vocab = v < vocab
         x_s = tl.load(s_row + v, mask=in_vocab, other=neg_inf)
         x_t = tl.load(t_row + v, mask=in_vocab, other=neg_inf)
@@ -321,9 +331,9 @@ def kd_tile_kernel(
         tl.store(ce_ptr + row, 0.0)
 
     if WANT_GRAD:
-        # Pass 3, against the previous pass's direction. G = w_D dD/ds + w_C dC/ds, the weights times
-        # lambda_s (by the launcher), the whole times the student cap's derivative; a NaN row where D
-        # is NaN.
+        # Pass 3, left to right (against the previous pass; G_IN_S needs it). G = w_D dD/ds + w_C dC/ds,
+        # the weights times lambda_s (by the launcher), the whole times the student cap's derivative; a
+        # NaN row where D is NaN.
         w_scaled = tl.load(w_distill_ptr + row).to(tl.float32)
         coef_q = w_scaled / (temperature * sum_a)  # w_D / (T Z_a): e^(a - c_a) times it is w_D q / T
         w_ce = zero
@@ -334,7 +344,7 @@ def kd_tile_kernel(
         if DIVERGENCE == FORWARD_KL:
             coef_p = w_scaled / (temperature * sum_b)
         for i in range(0, num_blocks):
-            v = _block_start(i, num_blocks, BLOCK_V, DIVERGENCE != JSD) + cols
+            v = _block_start(i, num_blocks, BLOCK_V, False) + cols
             in_vocab = v < vocab
             x_s = tl.load(s_row + v, mask=in_vocab, other=neg_inf)
             x_t = tl.load(t_row + v, mask=in_vocab, other=neg_inf)
@@ -371,6 +381,9 @@ def kd_tile_kernel(
             g = tl.where(distill_good, g, float("nan"))
             if ROUND_BF16:
                 g = round_to_bfloat16(g)
+            if G_IN_S:
+                if i == 0:  # every thread's loads of block 0 before any store over them
+                    tl.debug_barrier()
             tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
 
 
@@ -395,7 +408,9 @@ def kd_tile_terms_triton(
     (w_distill [c], w_ce [c] or None); `teacher_tempered`, `folded`, `valid` as `kd_tile_terms`.
     G is written into `grad_out` ([c, V], float32, bfloat16 or float16, cast on store) when given, else
     over `tiles.grad_tile(options, s, t)` (the student's tile for forward KL, the teacher's otherwise),
-    and returned. Unlike `kd_tile_terms`, the tiles themselves are otherwise left as they are.
+    and returned. `grad_out` may be a separate tensor, or `s.view(dtype)[:, :V]` for a 16-bit dtype: G
+    in the first half of each row of the student's tile (which it leaves undefined; module docstring).
+    Unlike `kd_tile_terms`, the tiles themselves are otherwise left as they are.
     `block_v`: vocabulary columns per step (a power of two; default min(MAX_BLOCK_V, V rounded up)).
     `scratch`: `kd_tile_terms`' scratch blocks, taken for a drop-in call and not needed here.
     """
@@ -416,6 +431,7 @@ def kd_tile_terms_triton(
     for name, x in (("s", s), ("t", t), ("grad_out", grad_out if want_grad else None)):
         if x is not None and vocab > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit column stride, got strides {x.stride()}")
+    g_in_s = want_grad and _check_grad_storage(grad_out, s, t)
 
     divergence = torch.empty(c, dtype=torch.float32, device=s.device)
     ce = torch.empty(c, dtype=torch.float32, device=s.device)
@@ -445,28 +461,9 @@ def kd_tile_terms_triton(
     g_arg = grad_out if want_grad else s
     with launch_device(s):
         kd_tile_kernel[(c,)](
-            s,
-            t,
-            g_arg,
-            s.stride(0),
-            t.stride(0),
-            g_arg.stride(0),
-            labels_arg,
-            valid_arg,
-            w_distill_arg,
-            w_ce_arg,
-            divergence,
-            ce,
-            vocab,
-            student_mult,
-            student_cap_mult,
-            teacher_mult,
-            teacher_cap_mult,
-            T,
-            1.0 if teacher_tempered else T,
-            beta,
-            math.log(beta),
-            math.log1p(-beta),
+            s, t, g_arg, s.stride(0), t.stride(0), g_arg.stride(0), labels_arg, valid_arg, w_distill_arg,
+            w_ce_arg, divergence, ce, vocab, student_mult, student_cap_mult, teacher_mult, teacher_cap_mult,
+            T, 1.0 if teacher_tempered else T, beta, math.log(beta), math.log1p(-beta),
             DIVERGENCE=DIVERGENCE_CODES[options.divergence],
             HAS_LABELS=has_labels,
             SEPARATE_CE=has_labels and T != 1.0,
@@ -476,7 +473,27 @@ def kd_tile_terms_triton(
             HAS_SOFTCAP_T=options.teacher_softcap is not None,
             HAS_VALID=valid is not None,
             ROUND_BF16=INTERPRETER and want_grad and grad_out.dtype == torch.bfloat16,
+            G_IN_S=g_in_s,
             BLOCK_V=block_v,
             num_warps=8 if block_v >= 2048 else 4,
-        )
+        )  # fmt: skip
     return divergence, ce, grad_out if want_grad else None
+
+
+def _check_grad_storage(grad_out: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether `grad_out` is G in the student tile's own bytes (`s.view(dtype)[:, :V]`, 16-bit); raises
+    for any other overlap with a tile than that or the tile itself, which the kernel would corrupt."""
+    if grad_out.untyped_storage().data_ptr() not in {x.untyped_storage().data_ptr() for x in (s, t)}:
+        return False
+    start, stride = grad_out.data_ptr(), grad_out.stride(0)
+    if grad_out.dtype == torch.float32 and any(
+        (start, stride) == (x.data_ptr(), x.stride(0)) for x in (s, t)
+    ):
+        return False  # a tile itself
+    if grad_out.element_size() == 2 and (start, 2 * stride) == (s.data_ptr(), 4 * s.stride(0)):
+        return True
+    raise ValueError(
+        "grad_out shares a tile's memory: it must be a separate tensor, a tile itself, or the student "
+        f"tile's bytes as 16 bits (s.view(torch.bfloat16)[:, :V]); got {grad_out.dtype} with strides "
+        f"{grad_out.stride()} over tiles with strides {s.stride()}"
+    )

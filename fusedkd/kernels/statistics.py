@@ -278,7 +278,7 @@ def statistics_kernel(
 ):
     # Persistent programs (one per multiprocessor) take the tasks (token block, split) in order:
     # task = pid, pid + P, ... Consecutive tasks are the splits of one token block (grouped raster,
-    # fused_linear_kd.statistics_task), so the programs running together share a few hidden-state
+    # config.statistics_task), so the programs running together share a few hidden-state
     # tiles (L2-resident) and walk the splits' weight tiles in step (each read from HBM once per
     # wave, then from L2). Both logit tiles are parked in the program's own scratch.
     pid = tl.program_id(0)

@@ -44,8 +44,29 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
+def accumulate_float32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+    """``out = a @ b`` (`first`) or ``out += a @ b``: 16-bit a, b into a float32 `out`. On CUDA one GEMM
+    whose float32 accumulator is added to `out` in place (cuBLAS, beta = 1: no product tensor); where
+    that is not available, by blocks of WEIGHT_ROWS rows of `out` (`mm_float32`), so that the float32
+    products stay small."""
+    if a.is_cuda and _FLOAT32_OUT.get("addmm", True):
+        try:
+            torch.addmm(out, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=out)
+            return
+        except (RuntimeError, TypeError):  # an older torch, or no such kernel
+            _FLOAT32_OUT["addmm"] = False
+    for row in range(0, out.shape[0], WEIGHT_ROWS):
+        block = slice(row, min(out.shape[0], row + WEIGHT_ROWS))
+        product = mm_float32(a[block], b)
+        if first:
+            out[block].copy_(product)
+        else:
+            out[block].add_(product)
+
+
 _FLOAT32_OUT: dict[str, bool] = {}
-# Vocabulary rows per weight-gradient GEMM of a 16-bit G (its float32 product: 64 MiB at H_s = 1024).
+# Vocabulary rows per weight-gradient GEMM of a 16-bit G without an in-place float32 GEMM (its float32
+# product: 64 MiB at H_s = 1024).
 WEIGHT_ROWS = 16384
 
 
@@ -69,9 +90,9 @@ def stream(
 
     `tile_terms` computes a chunk's divergence, cross-entropy and G from its two logit tiles:
     `tiles.kd_tile_terms` (torch element-wise passes), or the tiles backend's one Triton kernel
-    (`fusedkd.kernels.kd_tile.kd_tile_terms_triton`), which writes G straight in a 16-bit weight's dtype
-    so that the two gradient products run as 16-bit GEMMs (`grad_in_weight_dtype`: it is handed a
-    16-bit buffer for G, `grad_out`).
+    (`fusedkd.kernels.kd_tile.kd_tile_terms_triton`), which writes G straight in a bfloat16 weight's
+    dtype so that the two gradient products run as 16-bit GEMMs (`grad_in_weight_dtype`), into the
+    student tile's own bytes (`grad_out`, row stride 2V): a chunk costs its two float32 tiles only.
 
     `valid` ([N] bool or None): which tokens count, when ignored ones are streamed too
     (`Tokens.uncompacted_valid`); their hidden states must then be zero rows (`Tokens.zero_ignored`).
@@ -106,11 +127,7 @@ def stream(
     student_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     scratch = Scratch(chunk, vocab, dtype, device)
-    extra = {}
-    if grad_in_weight_dtype and grad_weights is not None and student_weight.dtype == torch.bfloat16:
-        grad_buffer = torch.empty(chunk, vocab, dtype=student_weight.dtype, device=device)
-    else:
-        grad_buffer = None
+    g_in_s = grad_in_weight_dtype and grad_weights is not None and student_weight.dtype == torch.bfloat16
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         count = rows.stop - rows.start
@@ -118,8 +135,7 @@ def stream(
         chunk_weights = select_rows(grad_weights, rows)
         s = project(student_tile[:count], hidden, student_weight, student_bias, student_scale)
         t = project(teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, teacher_scale)
-        if grad_buffer is not None:
-            extra["grad_out"] = grad_buffer[:count]
+        extra = {"grad_out": s.view(torch.bfloat16)[:, :vocab]} if g_in_s else {}
         divergence[rows], ce[rows], grad = tile_terms(
             s,
             t,
@@ -142,15 +158,8 @@ def stream(
                     torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
                 else:
                     grad_weight.addmm_(grad.T, hidden.to(dtype))
-            else:  # a 16-bit G: 16-bit GEMMs accumulated into the float32 weight gradient, by blocks
-                # of vocabulary rows so that their float32 products stay small (WEIGHT_ROWS x H_s)
-                for first in range(0, vocab, WEIGHT_ROWS):
-                    block = slice(first, min(vocab, first + WEIGHT_ROWS))
-                    product = mm_float32(grad[:, block].T, hidden)
-                    if start == 0:
-                        grad_weight[block].copy_(product)
-                    else:
-                        grad_weight[block].add_(product)
+            else:  # a 16-bit G: 16-bit GEMMs accumulated into the float32 weight gradient
+                accumulate_float32(grad_weight, grad.T, hidden, first=start == 0)
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0, dtype=dtype))
         del grad
