@@ -169,3 +169,27 @@ def once_differentiable(backward):
         return tuple(out)
 
     return wrapper
+
+
+def gradient_scale(
+    options: KDOptions, weight_distill: torch.Tensor, weight_ce: torch.Tensor | None, staged_dtype
+) -> torch.Tensor:
+    """The power of two G is multiplied by before its cast to fp16 (and divided by after the products):
+    a [1] float32 device tensor, no host sync; 1 for other dtypes. The weights are those of dD/ds and
+    dC/ds after the head's chain rule (`_options.head_chain_rule`); the fused gradient kernel and the
+    tiles backend both use it.
+
+    |G| <= bound = max_i (|w_D,i| c / T + |w_C,i|), with c = 1 for the KL and a small multiple for the
+    log-ratio factors of the reverse KL and the JSD; the scale maps the bound to [2^-1, 2^0), so the
+    largest entries of G stay far below fp16's maximum (65504) while the small ones, scaled by 1 / N
+    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (docs/design.md §6).
+    """
+    one = torch.ones(1, dtype=torch.float32, device=weight_distill.device)
+    if staged_dtype != torch.float16:
+        return one
+    bound = weight_distill.abs() / options.temperature
+    if weight_ce is not None:
+        bound = bound + weight_ce.abs()
+    largest = bound.max().reshape(1) if bound.numel() else one
+    exponent = torch.ceil(torch.log2(largest.clamp(min=2.0**-100)))
+    return torch.exp2(-exponent).clamp(max=2.0**100)

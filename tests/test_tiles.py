@@ -52,16 +52,17 @@ def test_tiles_match_the_float64_reference(options, chunk_size):
 
 
 @TRITON
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_tiles_with_16_bit_heads_are_as_exact_as_the_naive_recipe(divergence, monkeypatch):
-    """bfloat16 heads: G is written in bfloat16 and both gradient products are 16-bit GEMMs (the
-    weight's accumulated into float32, here by blocks of 300 vocabulary rows). The error against
-    float64 stays within a few times the naive bfloat16 recipe's own (which rounds its logits, softmax
-    and gradients to bfloat16)."""
+def test_tiles_with_16_bit_heads_are_as_exact_as_the_naive_recipe(divergence, dtype, monkeypatch):
+    """16-bit heads: G is written in their dtype over the student's tile (fp16 scaled by a power of
+    two) and both gradient products are 16-bit GEMMs (the weight's accumulated into float32, here by
+    blocks of 300 vocabulary rows). The error against float64 stays within a few times the naive
+    16-bit recipe's own (which rounds its logits, softmax and gradients to 16 bits)."""
     from fusedkd.torch_backend import fused_linear_kd
 
     monkeypatch.setattr(fused_linear_kd, "WEIGHT_ROWS", 300)
-    case = make_case(dtype=torch.bfloat16, logit_scale=0.5)
+    case = make_case(dtype=dtype, logit_scale=0.5)
     options = dict(divergence=divergence, temperature=2.0, alpha=0.5)
     values, grads = run_loss(tiles(chunk_size=7), case, **options)
     naive_values, naive_grads = run_loss(reference.fused_linear_kd_loss, case, **options)
@@ -69,7 +70,7 @@ def test_tiles_with_16_bit_heads_are_as_exact_as_the_naive_recipe(divergence, mo
     for ours, naive, exact, what in zip(
         values + grads, naive_values + naive_grads, exact_values + exact_grads, "lhwb"
     ):
-        bound = max(3 * rel_err(naive, exact), 4 * 2.0**-8)
+        bound = max(3 * rel_err(naive, exact), 4 * torch.finfo(dtype).eps)
         assert rel_err(ours, exact) <= bound, what
 
 

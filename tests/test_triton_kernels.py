@@ -325,12 +325,19 @@ def test_auto_backend_is_triton_on_cuda():
     assert fusedkd._dispatch.resolve_backend("auto", DEVICE) == "triton"
 
 
-def test_fp16_gradient_does_not_underflow(monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "reduction"), [("triton", "mean"), ("triton", "none"), ("tiles", "none")]
+)
+def test_fp16_gradient_does_not_underflow(backend, reduction, monkeypatch):
     """fp16: G is scaled by a power of two before its cast (and unscaled in float32 after the products),
     so entries of G below fp16's smallest normal (6e-5, and its smallest subnormal 6e-8), as at
     N >= 16k under reduction "mean", still add up right. Without the scale they flush to zero or to
-    one subnormal step, and the hidden-state gradient is far off."""
+    one subnormal step, and the hidden-state gradient is far off. The fused kernels' gradient pass and
+    the tiles backend (G in fp16 over the student's tile) alike; "none" takes the output gradient into
+    G through the per-token weights (under "mean" the tiles backend forms G for an output gradient of 1
+    in the forward, whose entries are not small here)."""
     from fusedkd.kernels import gradient
+    from fusedkd.torch_backend import fused_linear_kd
 
     # Weights of magnitude ~512 and hidden states ~1/512: logits of magnitude ~1, and grad_h = G W_s
     # of magnitude ~1e-4 (representable) from entries of G of ~2e-8 (not).
@@ -338,8 +345,10 @@ def test_fp16_gradient_does_not_underflow(monkeypatch):
     case.student_hidden = (case.student_hidden.detach() / 512).requires_grad_(True)
     case.teacher_weight = case.teacher_weight.detach() / 512  # teacher logits ~1 too: G has no large entries
     seed = [torch.tensor(2.0**-12, device=DEVICE)]
-    options = dict(divergence="forward_kl", temperature=2.0, alpha=1.0)  # no CE: its one-hot term is large
-    _, grads = run_loss(fused("triton"), case, grad_outputs=seed, **options)
+    if reduction == "none":  # the same weights as "mean" under the seed
+        seed = [torch.full((41,), 2.0**-12 / 41, device=DEVICE)]
+    options = dict(divergence="forward_kl", temperature=2.0, alpha=1.0, reduction=reduction)  # no CE
+    _, grads = run_loss(fused(backend), case, grad_outputs=seed, **options)
     _, exact = run_loss(reference.fused_linear_kd_loss, as_float64(case), grad_outputs=seed, **options)
     assert exact[0].abs().max() > 6.1e-5  # the hidden-state gradient itself is a normal fp16 number
     assert rel_err(grads[0], exact[0]) <= 1e-2  # fp16 G and output (eps 1e-3), sums over V
@@ -350,10 +359,11 @@ def test_fp16_gradient_does_not_underflow(monkeypatch):
     assert scale.item() == 2.0**19  # a power of two: bound 2^-20 (1/T + 1) = 1.5 * 2^-20, scaled to 0.75
     assert gradient.gradient_scale(options_mean, weights, weights, torch.bfloat16).item() == 1.0
 
-    monkeypatch.setattr(
-        gradient, "gradient_scale", lambda *args: torch.ones(1, dtype=torch.float32, device=DEVICE)
-    )
-    _, unscaled = run_loss(fused("triton"), case, grad_outputs=seed, **options)
+    for module in (gradient, fused_linear_kd):
+        monkeypatch.setattr(
+            module, "gradient_scale", lambda *args: torch.ones(1, dtype=torch.float32, device=DEVICE)
+        )
+    _, unscaled = run_loss(fused(backend), case, grad_outputs=seed, **options)
     assert rel_err(unscaled[0], exact[0]) > 0.1  # the test can fail: without the scale G underflows
 
 

@@ -38,7 +38,7 @@ Work split:
   rows once per update, each long after the L2 would have evicted them (132 programs stream distinct
   vocabulary groups), so they are loaded with the evict_first hint, which keeps them from displacing
   what is re-read soon: the parked tile, the staged G, the hidden states.
-* fp16: G is multiplied by a power of two before its cast (`gradient_scale`) and the
+* fp16: G is multiplied by a power of two before its cast (`_autograd.gradient_scale`) and the
   products are divided by it in float32, so G does not underflow fp16 at N >= 16k under "mean".
 * The alternative, one pass owning token blocks for grad_student_hidden and one owning vocabulary
   blocks for grad_student_weight, would be deterministic but recomputes both models' logits twice:
@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedkd._options import KDOptions, head_chain_rule
+from fusedkd._autograd import gradient_scale
+from fusedkd._options import head_chain_rule
 from fusedkd.kernels import INTERPRETER
 from fusedkd.kernels.config import KernelConfig, gradient_group_width, gradient_programs, staging_dtype
 from fusedkd.kernels.statistics import (
@@ -411,28 +412,6 @@ def gradient_kernel(
                     mask=mask,
                 )
             tl.debug_barrier()
-
-
-def gradient_scale(
-    options: KDOptions, weight_distill: torch.Tensor, weight_ce: torch.Tensor | None, staged_dtype
-) -> torch.Tensor:
-    """The power of two G is multiplied by before its cast to fp16 (and divided by after the products):
-    a [1] float32 device tensor, no host sync; 1 for other dtypes.
-
-    |G| <= bound = max_i (|w_D,i| c / T + |w_C,i|), with c = 1 for the KL and a small multiple for the
-    log-ratio factors of the reverse KL and the JSD; the scale maps the bound to [2^-1, 2^0), so the
-    largest entries of G stay far below fp16's maximum (65504) while the small ones, scaled by 1 / N
-    under reduction "mean", no longer underflow fp16's 6e-8 at N >= 16k (docs/design.md §6).
-    """
-    one = torch.ones(1, dtype=torch.float32, device=weight_distill.device)
-    if staged_dtype != torch.float16:
-        return one
-    bound = weight_distill.abs() * inverse_temperature(options)
-    if weight_ce is not None:
-        bound = bound + weight_ce.abs()
-    largest = bound.max().reshape(1) if bound.numel() else one
-    exponent = torch.ceil(torch.log2(largest.clamp(min=2.0**-100)))
-    return torch.exp2(-exponent).clamp(max=2.0**100)
 
 
 def launch_gradient(

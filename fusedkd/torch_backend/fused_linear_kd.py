@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from fusedkd._options import KDOptions, compute_dtype
+from fusedkd._autograd import gradient_scale
+from fusedkd._options import KDOptions, compute_dtype, head_chain_rule
 from fusedkd._shard import VocabShard
 from fusedkd.torch_backend import streamed, tiles
 from fusedkd.torch_backend.tiles import (
@@ -90,7 +91,7 @@ def stream(
 
     `tile_terms` computes a chunk's divergence, cross-entropy and G from its two logit tiles:
     `tiles.kd_tile_terms` (torch element-wise passes), or the tiles backend's one Triton kernel
-    (`fusedkd.kernels.kd_tile.kd_tile_terms_triton`), which writes G straight in a bfloat16 weight's
+    (`fusedkd.kernels.kd_tile.kd_tile_terms_triton`), which writes G straight in a 16-bit weight's
     dtype so that the two gradient products run as 16-bit GEMMs (`grad_in_weight_dtype`), into the
     student tile's own bytes (`grad_out`, row stride 2V): a chunk costs its two float32 tiles only.
 
@@ -127,7 +128,15 @@ def stream(
     student_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     teacher_tile = torch.empty(chunk, vocab, dtype=dtype, device=device)
     scratch = Scratch(chunk, vocab, dtype, device)
-    g_in_s = grad_in_weight_dtype and grad_weights is not None and student_weight.dtype == torch.bfloat16
+    # A 16-bit head's G: in its dtype, in the student tile's own bytes. fp16 G is multiplied by a power of
+    # two (through the token weights, G being linear in them), so that its small entries do not flush to
+    # zero at large N under "mean", and the products are divided by it in float32 (`gradient_scale`).
+    g_dtype = student_weight.dtype if grad_in_weight_dtype and grad_weights is not None else None
+    g_dtype = g_dtype if g_dtype in (torch.bfloat16, torch.float16) else None
+    g_scale = None
+    if g_dtype == torch.float16:
+        g_scale = gradient_scale(options, *head_chain_rule(options.student_head, *grad_weights)[:2], g_dtype)
+        grad_weights = tuple(None if w is None else w * g_scale for w in grad_weights)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         count = rows.stop - rows.start
@@ -135,7 +144,7 @@ def stream(
         chunk_weights = select_rows(grad_weights, rows)
         s = project(student_tile[:count], hidden, student_weight, student_bias, student_scale)
         t = project(teacher_tile[:count], teacher_hidden[rows], teacher_weight, teacher_bias, teacher_scale)
-        extra = {"grad_out": s.view(torch.bfloat16)[:, :vocab]} if g_in_s else {}
+        extra = {"grad_out": s.view(g_dtype)[:, :vocab]} if g_dtype is not None else {}
         divergence[rows], ce[rows], grad = tile_terms(
             s,
             t,
@@ -149,7 +158,9 @@ def stream(
             **extra,
         )
         if grad is not None:
-            if student_weight.dtype == grad.dtype:
+            if g_scale is not None:
+                grad_hidden[rows] = (mm_float32(grad, student_weight) / g_scale).to(grad_hidden.dtype)
+            elif student_weight.dtype == grad.dtype:
                 torch.mm(grad, student_weight, out=grad_hidden[rows])
             else:
                 grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
@@ -163,6 +174,10 @@ def stream(
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0, dtype=dtype))
         del grad
+    if grads is not None and g_scale is not None:  # exact: a power of two
+        for grad in grads[1:]:
+            if grad is not None:
+                grad.div_(g_scale)
     return divergence, ce, grads
 
 
