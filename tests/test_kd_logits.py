@@ -389,7 +389,7 @@ def test_triton_kernels_compile_for_a_gpu():
 
         rows = {"student_ptr": "*bf16", "student_row_offsets_ptr": "*i64", "student_stride_v": "i32",
                 "teacher_ptr": "*fp16", "teacher_row_offsets_ptr": "*i64", "teacher_stride_v": "i32",
-                "labels_ptr": "*i64", "ignore_index": "i32"}
+                "labels_ptr": "*i64", "token_index_ptr": "*i64", "num_valid_ptr": "*i64"}
         tail = {"vocab_size": "i32", "grad_cols": "i32", "inv_temperature": "fp64", "beta": "fp32",
                 "student_logit_scale": "fp32", "student_softcap": "fp32", "teacher_logit_scale": "fp32",
                 "teacher_softcap": "fp32"}

@@ -46,7 +46,7 @@ from fusedkd.kernels.config import (
 from fusedkd.kernels.gradient import launch_gradient
 from fusedkd.kernels.jsd import launch_jsd
 from fusedkd.kernels.statistics import NUM_STAT_FIELDS, launch_statistics
-from fusedkd.kernels.tl_utils import head_arguments
+from fusedkd.kernels.tl_utils import head_arguments, token_order
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -128,15 +128,6 @@ class _Problem:
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )
-
-
-def _token_order(labels: torch.Tensor | None, options: KDOptions, n: int, device: torch.device):
-    """(token_index [N] int64 with the valid tokens first, num_valid [1] int64): no host sync."""
-    if labels is None:
-        return torch.arange(n, device=device), torch.full((1,), n, dtype=torch.int64, device=device)
-    ignored = labels == options.ignore_index
-    token_index = torch.sort(ignored.to(torch.uint8), stable=True).indices
-    return token_index, (n - ignored.sum()).reshape(1)
 
 
 def _statistics(problem: _Problem, config: KernelConfig):
@@ -261,7 +252,8 @@ def _make_problem(*inputs, shard: VocabShard | None = None) -> _Problem:
     """inputs: the seven tensors of `fused_linear_kd` (student_hidden ... labels), then the options."""
     *tensors, labels, options = inputs
     hidden = tensors[0]
-    token_index, num_valid = _token_order(labels, options, hidden.shape[0], hidden.device)
+    ignored = None if labels is None else labels == options.ignore_index
+    token_index, num_valid = token_order(ignored, hidden.shape[0], hidden.device)
     return _Problem(*tensors, labels, token_index, num_valid, options, shard=shard)
 
 

@@ -27,7 +27,7 @@ from fusedkd._options import KDOptions, head_chain_rule
 from fusedkd.kernels import launch_device
 from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
-from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, head_arguments, inverse_temperature
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, head_arguments, inverse_temperature, token_order
 
 # Fixed launch configuration (autotuning needs a GPU driver, docs/design.md §7): one row per program,
 # vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
@@ -55,9 +55,10 @@ def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
     """Arguments shared by both kernels: row addressing, labels, sizes, scalars and flags.
 
-    Labels arrive contiguous int64 (`kd_logits` converts any other layout). The temperature goes to
-    the kernels as 1/T (`tl_utils.inverse_temperature`, as for the fused kernels), a float64 argument
-    that the kernels round once to their accumulation dtype (so float64 rows keep float64 precision).
+    Labels arrive contiguous int64 (`kd_logits` converts any other layout). As for the fused kernels,
+    the tokens that count come as `tl_utils.token_order`'s (token_index, num_valid), and the
+    temperature as 1/T (`tl_utils.inverse_temperature`), a float64 argument that the kernels round once
+    to their accumulation dtype (so float64 rows keep float64 precision).
     """
     has_labels = labels is not None
     student_offsets = row_offsets(student_logits)
@@ -70,7 +71,11 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
         row_offsets(teacher_logits),
         teacher_logits.stride(-1),
         labels if has_labels else student_offsets,  # never read without labels
-        options.ignore_index,
+        *token_order(
+            labels == options.ignore_index if has_labels else None,
+            student_offsets.numel(),
+            student_logits.device,
+        ),
     )
     scalars = (
         options.vocab_size,

@@ -24,6 +24,7 @@ from fusedkd.kernels.tl_utils import (
     head_logits,
     logaddexp,
     soft_cap_derivative,
+    token_of,
     zero_row,
 )
 
@@ -127,7 +128,8 @@ def kd_logits_backward_kernel(
     teacher_row_offsets_ptr,
     teacher_stride_v,
     labels_ptr,
-    ignore_index,
+    token_index_ptr,
+    num_valid_ptr,
     stats_ptr,
     grad_ptr,
     w_distill_ptr,
@@ -150,16 +152,17 @@ def kd_logits_backward_kernel(
 ):
     """One program per token row: G from the saved statistics, with per-row weights (w_stride 0 or 1).
 
-    `grad_ptr` is a contiguous [N, grad_cols] tensor; ignored rows get zeros.
+    `grad_ptr` is a contiguous [N, grad_cols] tensor; ignored rows get zeros. Tokens by
+    `tl_utils.token_order`, as the forward kernel.
     """
-    row = tl.program_id(0).to(tl.int64)
+    row, counts = token_of(token_index_ptr, num_valid_ptr)
     grad_row = grad_ptr + row * grad_cols
+    if not counts:
+        zero_row(grad_row, grad_cols, BLOCK_V)
+        return
     label = -1
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
-        if label == ignore_index:
-            zero_row(grad_row, grad_cols, BLOCK_V)
-            return
     stats_row = stats_ptr + row * NUM_STATS
     kd_logits_grad_row(
         student_ptr + tl.load(student_row_offsets_ptr + row),

@@ -22,7 +22,15 @@ from fusedkd.kernels.kd_logits_backward import (
     STAT_SHIFT_TEACHER,
     kd_logits_grad_row,
 )
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, head_logits, logaddexp, running_max, zero_row
+from fusedkd.kernels.tl_utils import (
+    FORWARD_KL,
+    REVERSE_KL,
+    head_logits,
+    logaddexp,
+    running_max,
+    token_of,
+    zero_row,
+)
 
 
 @triton.jit
@@ -34,7 +42,8 @@ def kd_logits_forward_kernel(
     teacher_row_offsets_ptr,
     teacher_stride_v,
     labels_ptr,
-    ignore_index,
+    token_index_ptr,
+    num_valid_ptr,
     stats_ptr,
     divergence_ptr,
     ce_ptr,
@@ -61,24 +70,25 @@ def kd_logits_forward_kernel(
 
     Rows are addressed through int64 element offsets, so any leading-dimension strides work (a
     `logits[:, :-1]` view needs no copy). Labels are contiguous int64 (kd_logits.py makes them so).
-    Ignored rows get zeros everywhere.
+    Program p takes token `token_index[p]`, which counts iff p < num_valid (`tl_utils.token_order`,
+    the fused kernels' convention); ignored rows get zeros everywhere.
     """
-    row = tl.program_id(0).to(tl.int64)
+    row, counts = token_of(token_index_ptr, num_valid_ptr)
     stats_row = stats_ptr + row * NUM_STATS
     grad_row = grad_ptr + row * grad_cols
     zero = tl.zeros([], ACC_DTYPE)
     inv_t = (tl.zeros([], tl.float64) + inv_temperature).to(ACC_DTYPE)  # 1/T, rounded once to ACC_DTYPE
+    if not counts:
+        for column in range(0, NUM_STATS):
+            tl.store(stats_row + column, zero)
+        tl.store(divergence_ptr + row, zero)
+        tl.store(ce_ptr + row, zero)
+        if FUSE_GRAD:
+            zero_row(grad_row, grad_cols, BLOCK_V)
+        return
     label = -1
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
-        if label == ignore_index:
-            for column in range(0, NUM_STATS):
-                tl.store(stats_row + column, zero)
-            tl.store(divergence_ptr + row, zero)
-            tl.store(ce_ptr + row, zero)
-            if FUSE_GRAD:
-                zero_row(grad_row, grad_cols, BLOCK_V)
-            return
 
     student_row = student_ptr + tl.load(student_row_offsets_ptr + row)
     teacher_row = teacher_ptr + tl.load(teacher_row_offsets_ptr + row)

@@ -47,7 +47,7 @@ from fusedkd.kernels.kd_logits_backward import (
     kd_logits_backward_kernel,
 )
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, head_logits, logaddexp
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, head_logits, logaddexp, token_of
 from fusedkd.torch_backend.vocab_parallel import combine_maxima
 
 # The statistics' columns as Python ints, for indexing them from torch.
@@ -66,7 +66,8 @@ def kd_logits_sums_kernel(
     teacher_row_offsets_ptr,
     teacher_stride_v,
     labels_ptr,
-    ignore_index,
+    token_index_ptr,
+    num_valid_ptr,
     stats_ptr,
     sums_ptr,
     vocab_size,
@@ -88,14 +89,13 @@ def kd_logits_sums_kernel(
     global statistics `stats_ptr` ([N, NUM_STATS]): sums[row] = (sum p (log p - log q), 0) (forward KL),
     (sum q (log q - log p), 0) (reverse KL) or (sum p (log p - log m), sum q (log q - log m)) (JSD).
     Ignored rows get zeros. (`grad_cols` is part of the shared argument list and not used.)"""
-    row = tl.program_id(0).to(tl.int64)
+    row, counts = token_of(token_index_ptr, num_valid_ptr)
     out = sums_ptr + row * 2
     zero = tl.zeros([], ACC_DTYPE)
-    if HAS_LABELS:
-        if tl.load(labels_ptr + row) == ignore_index:
-            tl.store(out, zero)
-            tl.store(out + 1, zero)
-            return
+    if not counts:
+        tl.store(out, zero)
+        tl.store(out + 1, zero)
+        return
     inv_t = (tl.zeros([], tl.float64) + inv_temperature).to(ACC_DTYPE)
     stats_row = stats_ptr + row * NUM_STATS
     shift_s = tl.load(stats_row + STAT_SHIFT_STUDENT)

@@ -93,6 +93,8 @@ from fusedkd.kernels.tl_utils import (
     accurate_tanh,
     round_to_bfloat16,
     soft_cap_derivative,
+    token_of,
+    token_order,
 )
 
 # Vocabulary columns per step of a program, and warps: as `kd_logits` (one row per program, blocks of
@@ -154,7 +156,8 @@ def kd_tile_kernel(
     stride_t,
     stride_g,
     labels_ptr,
-    valid_ptr,
+    token_index_ptr,
+    num_valid_ptr,
     w_distill_ptr,
     w_ce_ptr,
     divergence_ptr,
@@ -176,7 +179,6 @@ def kd_tile_kernel(
     HAS_CE_GRAD: tl.constexpr,
     HAS_SOFTCAP_S: tl.constexpr,
     HAS_SOFTCAP_T: tl.constexpr,
-    HAS_VALID: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     G_IN_S: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -187,21 +189,20 @@ def kd_tile_kernel(
     block of s and t was read, by the one program that reads that row. With G_IN_S, `g_ptr` is a
     16-bit view of s's storage, G's row r in the first half of s's row r (module docstring).
     """
-    row = tl.program_id(0).to(tl.int64)
+    row, counts = token_of(token_index_ptr, num_valid_ptr)  # `valid` as `tl_utils.token_order`
     cols = tl.arange(0, BLOCK_V)
     num_blocks = tl.cdiv(vocab, BLOCK_V)
     neg_inf = float("-inf")
     g_row = g_ptr + row * stride_g
 
-    if HAS_VALID:
-        if tl.load(valid_ptr + row) == 0:  # never read: 0, 0 and a zero G row
-            tl.store(divergence_ptr + row, 0.0)
-            tl.store(ce_ptr + row, 0.0)
-            if WANT_GRAD:
-                for i in range(0, num_blocks):
-                    v = i * BLOCK_V + cols
-                    tl.store(g_row + v, tl.zeros([BLOCK_V], g_ptr.dtype.element_ty), mask=v < vocab)
-            return
+    if not counts:  # never read: 0, 0 and a zero G row
+        tl.store(divergence_ptr + row, 0.0)
+        tl.store(ce_ptr + row, 0.0)
+        if WANT_GRAD:
+            for i in range(0, num_blocks):
+                v = i * BLOCK_V + cols
+                tl.store(g_row + v, tl.zeros([BLOCK_V], g_ptr.dtype.element_ty), mask=v < vocab)
+        return
 
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
@@ -455,14 +456,15 @@ def kd_tile_terms_triton(
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     # Tensors a flag leaves unread get a stand-in pointer.
     labels_arg = labels.to(torch.int64).contiguous() if has_labels else divergence
-    valid_arg = valid.contiguous().view(torch.uint8) if valid is not None else divergence
+    token_index, num_valid = token_order(None if valid is None else ~valid, c, s.device)
     w_distill_arg = w_distill.contiguous() if want_grad else divergence
     w_ce_arg = w_ce.contiguous() if has_ce_grad else divergence
     g_arg = grad_out if want_grad else s
     with launch_device(s):
         kd_tile_kernel[(c,)](
-            s, t, g_arg, s.stride(0), t.stride(0), g_arg.stride(0), labels_arg, valid_arg, w_distill_arg,
-            w_ce_arg, divergence, ce, vocab, student_mult, student_cap_mult, teacher_mult, teacher_cap_mult,
+            s, t, g_arg, s.stride(0), t.stride(0), g_arg.stride(0), labels_arg, token_index, num_valid,
+            w_distill_arg, w_ce_arg, divergence, ce, vocab, student_mult, student_cap_mult, teacher_mult,
+            teacher_cap_mult,
             T, 1.0 if teacher_tempered else T, beta, math.log(beta), math.log1p(-beta),
             DIVERGENCE=DIVERGENCE_CODES[options.divergence],
             HAS_LABELS=has_labels,
@@ -471,7 +473,6 @@ def kd_tile_terms_triton(
             HAS_CE_GRAD=has_ce_grad,
             HAS_SOFTCAP_S=options.student_softcap is not None,
             HAS_SOFTCAP_T=options.teacher_softcap is not None,
-            HAS_VALID=valid is not None,
             ROUND_BF16=INTERPRETER and want_grad and grad_out.dtype == torch.bfloat16,
             G_IN_S=g_in_s,
             BLOCK_V=block_v,

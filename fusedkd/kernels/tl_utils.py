@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import triton
 import triton.language as tl
 
@@ -273,6 +274,26 @@ def logaddexp(x, y):
     smaller = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     both_empty = larger == float("-inf")
     return tl.where(both_empty, larger, larger + tl.log(1.0 + tl.exp(smaller - larger)))
+
+
+def token_order(ignored: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_index [N] int64, num_valid [1] int64): every kernel's convention for the N tokens (rows)
+    that count, those not `ignored` ([N] bool; all N for None, e.g. without labels): position
+    p < num_valid holds a counted token, the counted ones first and in order, the ignored ones after.
+    A stable sort on the device: no host sync."""
+    if ignored is None:
+        return torch.arange(n, device=device), torch.full((1,), n, dtype=torch.int64, device=device)
+    ignored = ignored.reshape(-1)
+    token_index = torch.sort(ignored.to(torch.uint8), stable=True).indices
+    return token_index, (n - ignored.sum()).reshape(1)
+
+
+@triton.jit
+def token_of(token_index_ptr, num_valid_ptr):
+    """(token, counts) of this program's position (one program per token): `token_order`'s token at
+    position `program_id(0)`, and whether it counts."""
+    position = tl.program_id(0)
+    return tl.load(token_index_ptr + position), position < tl.load(num_valid_ptr)
 
 
 @triton.jit
