@@ -405,6 +405,21 @@ def test_grad_in_the_student_tiles_bytes(divergence, dtype):
     for bad in (t_bad.view(dtype)[:, :vocab], s_bad.view(dtype)[:, vocab:]):
         with pytest.raises(ValueError, match="grad_out shares a tile's memory"):
             kd_tile_terms_triton(s_bad, t_bad, labels, options, grad_weights, grad_out=bad, **run)
+    # Slices of one buffer that do not overlap are apart: accepted, and the same results.
+    buffer = torch.empty(3, c, vocab)
+    buffer[0], buffer[1] = s, t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = kd_tile_terms_triton(
+            buffer[0],
+            buffer[1],
+            labels,
+            options,
+            grad_weights,
+            grad_out=buffer[2].view(dtype)[:, :vocab],
+            **run,
+        )
+    assert all(_same(a, b) for a, b in zip(got, expected))
 
 
 def _same(a, b):

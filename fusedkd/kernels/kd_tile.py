@@ -1,11 +1,10 @@
 """One Triton kernel for a chunk's two logit tiles: per-token divergence, cross-entropy and G.
 
-The GPU tile path of the fused linear loss computes, per chunk of c tokens, the student's and the
-teacher's logits once, on cuBLAS, into float32 `c x V` tiles (`torch_backend.fused_linear_kd.stream`);
-`kd_tile_terms_triton` then replaces `torch_backend.tiles.kd_tile_terms` (~15 element-wise torch kernels
-per tile) by one launch that reads both tiles and writes D [c], C [c] and G = dloss/dz [c, V], after
-which dh = G W_s and dW_s += G^T h_s run on cuBLAS again. Same arguments, same results (to rounding),
-same non-finite rule (docs/design.md §9).
+The GPU tile path of the fused linear loss (`torch_backend.fused_linear_kd.stream`) computes each
+chunk's student and teacher logits once, on cuBLAS, into float32 `c x V` tiles; `kd_tile_terms_triton`
+replaces `tiles.kd_tile_terms` (~15 element-wise torch kernels) by one launch that reads both tiles and
+writes D [c], C [c] and G = dloss/dz [c, V] for the cuBLAS products dh = G W_s and dW_s += G^T h_s.
+Same arguments, results (to rounding) and non-finite rule (docs/design.md §9).
 
 Grid and passes. One program per row (grid `(c,)`), walking its vocabulary in BLOCK_V columns:
 
@@ -24,9 +23,9 @@ passes walk the row in opposite directions, each starting on the blocks the prev
 G in the student tile's own bytes. A 16-bit G may be written into the storage of `s` itself
 (`grad_out = s.view(torch.bfloat16)[:, :V]`: row r of G is the first half of row r's bytes, row
 stride 2V), so that a chunk costs its two float32 tiles and nothing more. Pass 3 walks left to right:
-block j of G (bytes [2j, 2j + 2 BLOCK_V)) lands on float32 columns [j/2, (j + BLOCK_V)/2), all read
-already. Only block 0 overlaps the columns it reads itself, and there threads store over other threads'
-columns: a barrier between its loads and its store (`G_IN_S`).
+block j of G lands on the float32 columns of blocks j/2 to (j + 1)/2, which the program read in that
+pass's iterations j/2 to j; but a thread stores over other threads' columns, so each store waits at a
+CTA barrier until every thread has made the loads of its iteration (`G_IN_S`).
 
 The math, per row (docs/design.md §2-§4). The tiles hold `folded * z` (z = W h + b, `tiles.gemm_scales`);
 each head is finished as `tiles.finish_head` does:
@@ -61,18 +60,17 @@ in the launcher, `tl_utils.soft_cap_derivative` here):
 Non-finite rows (§9), as `tiles.subtract_row_max` / `fill_gradient_rows`: a row that does not count
 (`valid` False) is never read: 0, 0 and a zero G row. A counted row whose transformed student logits
 hold a NaN or +inf, or are all -inf, gets D = C = NaN and a NaN G row; one whose teacher's do gets
-D = NaN and a NaN G row, C as computed. The test: a row is a distribution iff its sum of
-exponentials relative to its maximum is >= 1/2 (it is >= 1, the maximum's own term being e^0): a NaN
-entry makes the sum NaN (whether or not `tl.max` drops it: it drops NaN on the GPU and under the interpreter,
-np.nanmax), +inf makes it NaN (inf - inf), a row of -inf 0. The running maximum is merged across
-blocks with `tl.maximum(..., propagate_nan=ALL)` (np.maximum under the interpreter), so a NaN that
-does reach it stays. -inf entries are exact zero probabilities: a term whose weight is 0 is 0
-(`tl.where(weight > 0, ...)`), as `nansum` / `_zero_where_unweighted` make it in `tiles`.
+D = NaN and a NaN G row, C as computed. The test: a row is a distribution iff its sum of exponentials
+relative to its maximum is >= 1/2 (>= 1 for one: the maximum's own term is e^0); a NaN entry makes the
+sum NaN (whether or not `tl.max` drops it, as it does on the GPU and under the interpreter), +inf
+makes it NaN (inf - inf), a row of -inf 0. The running maximum is merged with `tl.maximum(...,
+propagate_nan=ALL)`, so a NaN that reaches it stays. -inf entries are exact zero probabilities: a term
+of weight 0 is 0 (`tl.where(weight > 0, ...)`), as in `tiles`.
 
-Specialization: T, beta, the scales and the caps are runtime float32 arguments; the constexprs are the
-structural flags. The chunk's row count is the grid, not an argument, so a new chunk size never
-recompiles. V and the row strides keep Triton's divisibility-by-16 specialization on purpose: it lets
-the masked row loads vectorize, and both are fixed by the model (at most two variants per run).
+Specialization: T, beta, the scales and the caps are runtime float32 arguments, the constexprs the
+structural flags; the chunk's row count is the grid, so a new chunk size never recompiles. V and the
+row strides keep Triton's divisibility-by-16 specialization on purpose (vectorized masked row loads;
+both fixed by the model: at most two variants per run).
 """
 
 from __future__ import annotations
@@ -97,8 +95,7 @@ from fusedkd.kernels.tl_utils import (
     token_order,
 )
 
-# Vocabulary columns per step of a program, and warps: as `kd_logits` (one row per program, blocks of
-# up to 2048 entries over 8 warps). Not yet timed on a GPU.
+# Vocabulary columns per step, and warps, as `kd_logits` (up to 2048 on 8 warps); not yet timed on a GPU.
 MAX_BLOCK_V = 2048
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -382,9 +379,8 @@ def kd_tile_kernel(
             g = tl.where(distill_good, g, float("nan"))
             if ROUND_BF16:
                 g = round_to_bfloat16(g)
-            if G_IN_S:
-                if i == 0:  # every thread's loads of block 0 before any store over them
-                    tl.debug_barrier()
+            if G_IN_S:  # every thread's loads of blocks <= i done before any store over them
+                tl.debug_barrier()
             tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
 
 
@@ -432,12 +428,11 @@ def kd_tile_terms_triton(
     for name, x in (("s", s), ("t", t), ("grad_out", grad_out if want_grad else None)):
         if x is not None and vocab > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit column stride, got strides {x.stride()}")
-    g_in_s = want_grad and _check_grad_storage(grad_out, s, t)
-
     divergence = torch.empty(c, dtype=torch.float32, device=s.device)
     ce = torch.empty(c, dtype=torch.float32, device=s.device)
     if c == 0:
         return divergence, ce, grad_out if want_grad else None
+    g_in_s = want_grad and _check_grad_storage(grad_out, s, t)
 
     T = options.temperature
     has_labels = labels is not None
@@ -456,7 +451,7 @@ def kd_tile_terms_triton(
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     # Tensors a flag leaves unread get a stand-in pointer.
     labels_arg = labels.to(torch.int64).contiguous() if has_labels else divergence
-    token_index, num_valid = token_order(None if valid is None else ~valid, c, s.device)
+    token_index, num_valid = token_order(None if valid is None else valid.logical_not(), c, s.device)
     w_distill_arg = w_distill.contiguous() if want_grad else divergence
     w_ce_arg = w_ce.contiguous() if has_ce_grad else divergence
     g_arg = grad_out if want_grad else s
@@ -483,18 +478,23 @@ def kd_tile_terms_triton(
 
 def _check_grad_storage(grad_out: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> bool:
     """Whether `grad_out` is G in the student tile's own bytes (`s.view(dtype)[:, :V]`, 16-bit); raises
-    for any other overlap with a tile than that or the tile itself, which the kernel would corrupt."""
-    if grad_out.untyped_storage().data_ptr() not in {x.untyped_storage().data_ptr() for x in (s, t)}:
-        return False
-    start, stride = grad_out.data_ptr(), grad_out.stride(0)
-    if grad_out.dtype == torch.float32 and any(
-        (start, stride) == (x.data_ptr(), x.stride(0)) for x in (s, t)
-    ):
-        return False  # a tile itself
-    if grad_out.element_size() == 2 and (start, 2 * stride) == (s.data_ptr(), 4 * s.stride(0)):
+    for any other overlap of the three than that or a tile itself, which the kernel would corrupt."""
+
+    def span(x):  # [first, last) byte of x's elements
+        last = sum((n - 1) * d for n, d in zip(x.shape, x.stride()))
+        return x.data_ptr(), x.data_ptr() + x.element_size() * (last + 1)
+
+    (g0, g1), (s0, s1), (t0, t1) = span(grad_out), span(s), span(t)
+    if (g1 <= s0 or s1 <= g0) and (g1 <= t0 or t1 <= g0):
+        return False  # apart from both tiles
+    tiles_apart = t1 <= s0 or s1 <= t0
+    layout = (grad_out.dtype, g0, grad_out.stride())
+    if tiles_apart and layout in {(x.dtype, x.data_ptr(), x.stride()) for x in (s, t)}:
+        return False  # a tile itself: G in place of it, element by element
+    if tiles_apart and grad_out.element_size() == 2 and (g0, 2 * grad_out.stride(0)) == (s0, 4 * s.stride(0)):
         return True
     raise ValueError(
-        "grad_out shares a tile's memory: it must be a separate tensor, a tile itself, or the student "
-        f"tile's bytes as 16 bits (s.view(torch.bfloat16)[:, :V]); got {grad_out.dtype} with strides "
-        f"{grad_out.stride()} over tiles with strides {s.stride()}"
+        "grad_out shares a tile's memory: it must be apart from both tiles, a tile itself, or the student "
+        f"tile's bytes as 16 bits (s.view(torch.bfloat16)[:, :V]), the tiles apart; got {grad_out.dtype} "
+        f"with strides {grad_out.stride()} over tiles with strides {s.stride()}, {t.stride()}"
     )

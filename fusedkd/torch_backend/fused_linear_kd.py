@@ -40,6 +40,8 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and _FLOAT32_OUT.get(a.device.type, True):
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):  # an older torch, or no such kernel
             _FLOAT32_OUT[a.device.type] = False
     return torch.mm(a, b).float()
@@ -54,6 +56,8 @@ def accumulate_float32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, f
         try:
             torch.addmm(out, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=out)
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):  # an older torch, or no such kernel
             _FLOAT32_OUT["addmm"] = False
     for row in range(0, out.shape[0], WEIGHT_ROWS):
