@@ -22,7 +22,7 @@ per call plus 1 s). The plan comes to ~390 s (6.5 min), written in the first lin
   machine      versions, GPU, float32 matmul precision, the plan                                     10 s
   gemm         cuBLAS bf16 GEMMs as the tile path runs them, at N = 1,024 (its chunk) and 16,384:
                the teacher's and the student's logits [N, H] x [H, V], dh = G W_s [N, V] x [V, H_s],
-               dW = G^T h_s [V, N] x [N, H_s] (float32 out, `mm_float32`); measured TFLOP/s next to
+               dW += G^T h_s [V, N] x [N, H_s] (into float32 dW); measured TFLOP/s next to
                the model's assumed cuBLAS rate (peak x efficiency)                             8 x 2 s
   compile      the first call of backend="tiles" and of "triton" (bf16, N = 1,024) against a second
                call: compile time, reported apart from the timed rows                         20 + 75 s
@@ -538,30 +538,34 @@ def gemm_shapes(check: Check, n: int) -> list[tuple[str, tuple[int, int, int]]]:
         ("teacher logits h_t W_t^T", (n, a.teacher_hidden, a.vocab)),
         ("student logits h_s W_s^T", (n, a.student_hidden, a.vocab)),
         ("dh = G W_s", (n, a.vocab, a.student_hidden)),
-        ("dW = G^T h_s (float32 out)", (a.vocab, n, a.student_hidden)),
+        ("dW += G^T h_s (float32 dW)", (a.vocab, n, a.student_hidden)),
     ]
 
 
 def gemm_step(check: Check, name: str, n: int) -> dict:
-    """One bf16 GEMM as the tile path runs it (`tiles.project`, `torch.mm`, `mm_float32`)."""
-    from fusedkd.torch_backend.fused_linear_kd import mm_float32
+    """One bf16 GEMM as the tile path runs it: the projections into a float32 tile (`tiles.project`),
+    dh = G W_s and dW += G^T h_s (`tiles.accumulate_float32`) with G in the student tile's bytes (a
+    bf16 view of a float32 [n, V] tile: row stride 2V)."""
+    from fusedkd.torch_backend.tiles import accumulate_float32, project
 
     torch, a = check.torch, check.args
     student_weight, teacher_weight = check.weights()
     g = check.generator(7)
-    if name.startswith("teacher"):
-        hidden = check.randn((n, a.teacher_hidden), a.teacher_hidden**-0.5, g)
-        fn = lambda: hidden @ teacher_weight.T  # noqa: E731
-    elif name.startswith("student"):
-        hidden = check.randn((n, a.student_hidden), a.student_hidden**-0.5, g)
-        fn = lambda: hidden @ student_weight.T  # noqa: E731
-    elif name.startswith("dh"):
-        grad = check.randn((n, a.vocab), 1e-4, g)
-        fn = lambda: torch.mm(grad, student_weight)  # noqa: E731
+    f32 = dict(dtype=torch.float32, device=check.device)
+    if name.startswith(("teacher", "student")):
+        weight = teacher_weight if name.startswith("teacher") else student_weight
+        hidden = check.randn((n, weight.shape[1]), weight.shape[1] ** -0.5, g)
+        tile = torch.empty((n, a.vocab), **f32)
+        fn = lambda: project(tile, hidden, weight, None)  # noqa: E731
     else:
-        grad = check.randn((n, a.vocab), 1e-4, g)
-        hidden = check.randn((n, a.student_hidden), a.student_hidden**-0.5, g)
-        fn = lambda: mm_float32(grad.T, hidden)  # noqa: E731
+        grad = torch.empty((n, a.vocab), **f32).view(check.dtype)[:, : a.vocab]
+        grad.copy_(check.randn((n, a.vocab), 1e-4, g))
+        if name.startswith("dh"):
+            fn = lambda: torch.mm(grad, student_weight)  # noqa: E731
+        else:
+            hidden = check.randn((n, a.student_hidden), a.student_hidden**-0.5, g)
+            dw = torch.zeros((a.vocab, a.student_hidden), **f32)
+            fn = lambda: accumulate_float32(dw, grad.T, hidden, first=False)  # noqa: E731
     (m, k, cols) = dict(gemm_shapes(check, n))[name]
     samples = time_op(torch, fn, repeats=10 if check.cuda else 2, warmup=3 if check.cuda else 1)
     ms = statistics.median(samples)

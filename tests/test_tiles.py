@@ -59,9 +59,9 @@ def test_tiles_with_16_bit_heads_are_as_exact_as_the_naive_recipe(divergence, dt
     two) and both gradient products are 16-bit GEMMs (the weight's accumulated into float32, here by
     blocks of 300 vocabulary rows). The error against float64 stays within a few times the naive
     16-bit recipe's own (which rounds its logits, softmax and gradients to 16 bits)."""
-    from fusedkd.torch_backend import fused_linear_kd
+    from fusedkd.torch_backend import tiles as torch_tiles
 
-    monkeypatch.setattr(fused_linear_kd, "WEIGHT_ROWS", 300)
+    monkeypatch.setattr(torch_tiles, "WEIGHT_ROWS", 300)
     case = make_case(dtype=dtype, logit_scale=0.5)
     options = dict(divergence=divergence, temperature=2.0, alpha=0.5)
     values, grads = run_loss(tiles(chunk_size=7), case, **options)

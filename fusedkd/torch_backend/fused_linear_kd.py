@@ -25,54 +25,14 @@ from fusedkd.torch_backend import streamed, tiles
 from fusedkd.torch_backend.tiles import (
     Scratch,
     Tokens,
+    accumulate_float32,
     default_chunk_size,
     kd_tile_terms,
+    mm_float32,
     project,
     select_rows,
 )
 from fusedkd.torch_backend.vocab_parallel import sharded_tile_terms
-
-
-def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of two 16-bit matrices as float32: on CUDA a 16-bit GEMM whose float32 accumulator is
-    written out as is (cuBLAS, ``out_dtype``); where that is not available, the 16-bit product, rounded
-    once to 16 bits, in float32."""
-    if a.is_cuda and _FLOAT32_OUT.get(a.device.type, True):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # an older torch, or no such kernel
-            _FLOAT32_OUT[a.device.type] = False
-    return torch.mm(a, b).float()
-
-
-def accumulate_float32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
-    """``out = a @ b`` (`first`) or ``out += a @ b``: 16-bit a, b into a float32 `out`. On CUDA one GEMM
-    whose float32 accumulator is added to `out` in place (cuBLAS, beta = 1: no product tensor); where
-    that is not available, by blocks of WEIGHT_ROWS rows of `out` (`mm_float32`), so that the float32
-    products stay small."""
-    if a.is_cuda and _FLOAT32_OUT.get("addmm", True):
-        try:
-            torch.addmm(out, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=out)
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # an older torch, or no such kernel
-            _FLOAT32_OUT["addmm"] = False
-    for row in range(0, out.shape[0], WEIGHT_ROWS):
-        block = slice(row, min(out.shape[0], row + WEIGHT_ROWS))
-        product = mm_float32(a[block], b)
-        if first:
-            out[block].copy_(product)
-        else:
-            out[block].add_(product)
-
-
-_FLOAT32_OUT: dict[str, bool] = {}
-# Vocabulary rows per weight-gradient GEMM of a 16-bit G without an in-place float32 GEMM (its float32
-# product: 64 MiB at H_s = 1024).
-WEIGHT_ROWS = 16384
 
 
 def stream(

@@ -91,6 +91,49 @@ class Scratch:
         return self._blocks[index][:rows]
 
 
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two 16-bit matrices as float32: on CUDA a 16-bit GEMM whose float32 accumulator is
+    written out as is (cuBLAS, ``out_dtype``); where that is not available, the 16-bit product, rounded
+    once to 16 bits, in float32."""
+    if a.is_cuda and _FLOAT32_OUT.get("mm", True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):  # an older torch, or no such kernel
+            _FLOAT32_OUT["mm"] = False
+    return torch.mm(a, b).float()
+
+
+def accumulate_float32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+    """``out = a @ b`` (`first`) or ``out += a @ b``: 16-bit a, b into a float32 `out`. On CUDA one GEMM
+    whose float32 accumulator is added to `out` in place (cuBLAS, beta = 1: no product tensor); where
+    that is not available, by blocks of WEIGHT_ROWS rows of `out` (`mm_float32`), so that the float32
+    products stay small."""
+    if a.is_cuda and _FLOAT32_OUT.get("addmm", True):
+        try:
+            torch.addmm(out, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=out)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):  # an older torch, or no such kernel
+            _FLOAT32_OUT["addmm"] = False
+    for row in range(0, out.shape[0], WEIGHT_ROWS):
+        block = slice(row, min(out.shape[0], row + WEIGHT_ROWS))
+        product = mm_float32(a[block], b)
+        if first:
+            out[block].copy_(product)
+        else:
+            out[block].add_(product)
+
+
+# Which float32-output GEMMs this torch offers on the device (tried once, then remembered).
+_FLOAT32_OUT: dict[str, bool] = {}
+# Vocabulary rows per weight-gradient GEMM of a 16-bit G without an in-place float32 GEMM (its float32
+# product: 64 MiB at H_s = 1024).
+WEIGHT_ROWS = 16384
+
+
 def project(
     out: torch.Tensor,
     hidden: torch.Tensor,
@@ -98,10 +141,24 @@ def project(
     bias: torch.Tensor | None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """out <- scale * (hidden @ weight.T + bias): a logit tile. The GEMM runs in the inputs' dtype (its
-    result rounded to it, as torch.nn.functional.linear), into `out`, a tile in the compute dtype; the
-    scale rides in the GEMM (alpha, beta)."""
+    """out <- scale * (hidden @ weight.T + bias): a logit tile in the compute dtype; the scale rides in
+    the GEMM (alpha, beta). 16-bit inputs into a float32 tile: on CUDA one GEMM whose float32 result is
+    the tile (cuBLAS, ``out_dtype``: the logits unrounded, as the fused kernels keep them, and no copy);
+    elsewhere the GEMM's result is rounded to the inputs' dtype (as torch.nn.functional.linear) and
+    copied into the tile."""
     direct = weight.dtype == out.dtype
+    sixteen_bit = hidden.dtype == weight.dtype and weight.element_size() == 2 and out.dtype == torch.float32
+    if sixteen_bit and hidden.is_cuda and _FLOAT32_OUT.get("project", True):
+        added = out if bias is None else bias.float()  # beta = 0 ignores `out`'s old contents
+        try:
+            return torch.addmm(
+                added, hidden, weight.T, beta=0.0 if bias is None else scale, alpha=scale,
+                out_dtype=torch.float32, out=out,
+            )  # fmt: skip
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):  # an older torch, or no such kernel
+            _FLOAT32_OUT["project"] = False
     if bias is not None:
         if direct:
             return torch.addmm(bias, hidden, weight.T, beta=scale, alpha=scale, out=out)
