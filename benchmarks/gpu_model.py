@@ -745,8 +745,8 @@ def trl_extra_memory(shapes: Shapes) -> float:
 # rounded down to 1,024), and auto takes the fused kernels below `_dispatch.MIN_TILES_CHUNK` tokens.
 # `--tile-budget-mib` varies the budget.
 TILE_BUDGET_BYTES = _dispatch.TILES_MEMORY_BUDGET
-TILE_ENTRY_BYTES = 2 * 4  # the float32 s and t tiles per (token, vocabulary) entry; G is over s's bytes
-TILE_CHUNK_MULTIPLE = 64  # `_dispatch.tiles_chunk_size` rounds chunks down to multiples of 64 tokens
+TILE_ENTRY_BYTES = _dispatch.TILES_BYTES_PER_ENTRY  # the float32 s and t tiles; G is over s's bytes
+TILE_CHUNK_MULTIPLE = _dispatch.TILES_CHUNK_MULTIPLE
 MIN_TILE_CHUNK = _dispatch.MIN_TILES_CHUNK
 TILE_ROW_STATS = 8  # float32 per-row statistics and losses of a chunk (assumption; negligible)
 

@@ -13,21 +13,23 @@ import torch
 from fusedkd._options import KDOptions, check_backend
 
 # The tiles backend's working set per (token, vocabulary entry) of a chunk: the student's and the
-# teacher's float32 logit tiles and G (16-bit for 16-bit heads; float32 otherwise, 12 bytes).
-TILES_BYTES_PER_ENTRY = 10
+# teacher's float32 logit tiles; G is written over the student's (16-bit heads) or a tile (float32).
+TILES_BYTES_PER_ENTRY = 8
 # Its default budget for those tiles, and the smallest chunk worth running it with (below that the
 # weight-gradient GEMM, which reads and writes all of dW once per chunk, is bound by memory traffic).
 TILES_MEMORY_BUDGET = 1200 * 2**20  # 1,024-token chunks at V = 151,936 (1,187 MiB of tiles)
 MIN_TILES_CHUNK = 256
+TILES_CHUNK_MULTIPLE = 64  # chunks are rounded down to whole multiples of this many tokens
 
 
 def tiles_chunk_size(vocab_size: int, memory_budget: int | None) -> int:
     """Tokens per chunk of the tiles backend: its two float32 tiles (G is written over the student's)
-    within `memory_budget` bytes (default `TILES_MEMORY_BUDGET`), a multiple of 64 when it is at least
-    64."""
+    within `memory_budget` bytes (default `TILES_MEMORY_BUDGET`), a multiple of TILES_CHUNK_MULTIPLE
+    when it is at least that."""
     budget = TILES_MEMORY_BUDGET if memory_budget is None else memory_budget
-    chunk = budget // max(1, vocab_size * 8)
-    return int(chunk // 64 * 64 if chunk >= 64 else max(1, chunk))
+    chunk = budget // max(1, vocab_size * TILES_BYTES_PER_ENTRY)
+    multiple = TILES_CHUNK_MULTIPLE
+    return int(chunk // multiple * multiple if chunk >= multiple else max(1, chunk))
 
 
 def resolve_backend(

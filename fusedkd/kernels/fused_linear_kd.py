@@ -46,7 +46,7 @@ from fusedkd.kernels.config import (
 from fusedkd.kernels.gradient import launch_gradient
 from fusedkd.kernels.jsd import launch_jsd
 from fusedkd.kernels.statistics import NUM_STAT_FIELDS, launch_statistics
-from fusedkd.kernels.tl_utils import head_arguments, token_order
+from fusedkd.kernels.tl_utils import head_arguments, label_order
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -252,8 +252,7 @@ def _make_problem(*inputs, shard: VocabShard | None = None) -> _Problem:
     """inputs: the seven tensors of `fused_linear_kd` (student_hidden ... labels), then the options."""
     *tensors, labels, options = inputs
     hidden = tensors[0]
-    ignored = None if labels is None else labels == options.ignore_index
-    token_index, num_valid = token_order(ignored, hidden.shape[0], hidden.device)
+    token_index, num_valid = label_order(labels, options.ignore_index, hidden.shape[0], hidden.device)
     return _Problem(*tensors, labels, token_index, num_valid, options, shard=shard)
 
 

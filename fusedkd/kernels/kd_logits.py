@@ -27,7 +27,7 @@ from fusedkd._options import KDOptions, head_chain_rule
 from fusedkd.kernels import launch_device
 from fusedkd.kernels.kd_logits_backward import NUM_STATS, kd_logits_backward_kernel
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
-from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, head_arguments, inverse_temperature, token_order
+from fusedkd.kernels.tl_utils import DIVERGENCE_CODES, head_arguments, inverse_temperature, label_order
 
 # Fixed launch configuration (autotuning needs a GPU driver, docs/design.md §7): one row per program,
 # vocabulary blocks of up to 2048 entries over 8 warps. Compiled for sm_90 this uses 56-64 registers
@@ -52,11 +52,12 @@ def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
+def _launch_args(student_logits, teacher_logits, labels, options: KDOptions, order):
     """Arguments shared by both kernels: row addressing, labels, sizes, scalars and flags.
 
     Labels arrive contiguous int64 (`kd_logits` converts any other layout). As for the fused kernels,
-    the tokens that count come as `tl_utils.token_order`'s (token_index, num_valid), and the
+    the tokens that count come as `order`, `tl_utils.label_order`'s (token_index, num_valid), computed
+    once per call, and the
     temperature as 1/T (`tl_utils.inverse_temperature`), a float64 argument that the kernels round once
     to their accumulation dtype (so float64 rows keep float64 precision).
     """
@@ -71,11 +72,7 @@ def _launch_args(student_logits, teacher_logits, labels, options: KDOptions):
         row_offsets(teacher_logits),
         teacher_logits.stride(-1),
         labels if has_labels else student_offsets,  # never read without labels
-        *token_order(
-            labels == options.ignore_index if has_labels else None,
-            student_offsets.numel(),
-            student_logits.device,
-        ),
+        *order,
     )
     scalars = (
         options.vocab_size,
@@ -100,12 +97,9 @@ class KDLogitsFunction(torch.autograd.Function):
         n = student_logits[..., 0].numel()
         dtype = _acc_dtype(student_logits.dtype)[0]
         device = student_logits.device
-        leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
-        if labels is None:
-            num_valid = torch.full((), n, dtype=torch.int64, device=device)
-        else:
-            num_valid = (labels != options.ignore_index).sum()
-        scale = reduction_scale(num_valid, options.reduction, dtype)
+        order = label_order(labels, options.ignore_index, n, device)
+        leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options, order)
+        scale = reduction_scale(order[1].reshape(()), options.reduction, dtype)
 
         stats = torch.empty(n, NUM_STATS, dtype=dtype, device=device)
         divergence = torch.empty(n, dtype=dtype, device=device)
@@ -138,7 +132,7 @@ class KDLogitsFunction(torch.autograd.Function):
         loss = options.distill_weight * divergence + options.ce_weight * ce
 
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student_logits, teacher_logits, labels, stats, scale)
+        ctx.save_for_backward(student_logits, teacher_logits, labels, stats, scale, *order)
         ctx.options = options
         ctx.eager = EagerGradients([grad] if fuse_grad else None)
         return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
@@ -146,7 +140,7 @@ class KDLogitsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_divergence, grad_ce):
-        student_logits, teacher_logits, labels, stats, scale = ctx.saved_tensors
+        student_logits, teacher_logits, labels, stats, scale, *order = ctx.saved_tensors
         options: KDOptions = ctx.options
         if not ctx.needs_input_grad[0] or no_output_grad(grad_loss, grad_divergence, grad_ce):
             return input_grads(ctx.needs_input_grad, {})
@@ -165,7 +159,7 @@ class KDLogitsFunction(torch.autograd.Function):
         )
         if w_ce is None:
             w_ce = torch.zeros_like(w_distill)
-        leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options)
+        leading, scalars, flags = _launch_args(student_logits, teacher_logits, labels, options, order)
         grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
         if n > 0:
             with launch_device(student_logits):

@@ -47,7 +47,7 @@ from fusedkd.kernels.kd_logits_backward import (
     kd_logits_backward_kernel,
 )
 from fusedkd.kernels.kd_logits_forward import kd_logits_forward_kernel
-from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, head_logits, logaddexp, token_of
+from fusedkd.kernels.tl_utils import FORWARD_KL, REVERSE_KL, head_logits, label_order, logaddexp, token_of
 from fusedkd.torch_backend.vocab_parallel import combine_maxima
 
 # The statistics' columns as Python ints, for indexing them from torch.
@@ -155,7 +155,7 @@ def _label_logits(student_logits, labels, options: KDOptions, shard: VocabShard,
     return torch.where(owned, z, 0.0)
 
 
-def _global_statistics(student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard):
+def _global_statistics(student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard, order):
     """(stats [N, NUM_STATS] with the global shifts and log-sums, label logits [N] or None, student bad
     [N], teacher bad [N]): passes 1 and its gather."""
     n = math.prod(student_logits.shape[:-1])
@@ -172,7 +172,7 @@ def _global_statistics(student_logits, teacher_logits, labels, options: KDOption
             kernel_labels = torch.where(
                 labels == options.ignore_index, labels, (labels - shard.offset).clamp(0, shard.rows - 1)
             )
-        leading, scalars, flags = _launch_args(student_logits, teacher_logits, kernel_labels, block)
+        leading, scalars, flags = _launch_args(student_logits, teacher_logits, kernel_labels, block, order)
         stats = torch.empty(n, NUM_STATS, dtype=dtype, device=device)
         scratch = torch.empty(n, dtype=dtype, device=device)
         with launch_device(student_logits):
@@ -212,13 +212,13 @@ def _global_statistics(student_logits, teacher_logits, labels, options: KDOption
     return stats, label_logit
 
 
-def _divergence(student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard, stats):
+def _divergence(student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard, stats, order):
     """Pass 2 and its gather: the per-row divergence [N] (equal on every rank); completes `stats`' AUX."""
     n = stats.shape[0]
     sums = torch.zeros(n, 2, dtype=stats.dtype, device=stats.device)
     if shard.rows and n:
         leading, scalars, flags = _launch_args(
-            student_logits, teacher_logits, labels, _block_options(options, shard)
+            student_logits, teacher_logits, labels, _block_options(options, shard), order
         )
         with launch_device(student_logits):
             kd_logits_sums_kernel[(n,)](*leading, stats, sums, *scalars, **flags)
@@ -230,7 +230,9 @@ def _divergence(student_logits, teacher_logits, labels, options: KDOptions, shar
     return totals[:, 0]
 
 
-def _gradient(student_logits, teacher_logits, labels, options, shard, stats, w_distill, w_ce, w_stride):
+def _gradient(
+    student_logits, teacher_logits, labels, options, shard, stats, order, w_distill, w_ce, w_stride
+):
     """Pass 3: G of this rank's block, in the student logits' dtype and shape."""
     grad = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
     n = stats.shape[0]
@@ -239,7 +241,7 @@ def _gradient(student_logits, teacher_logits, labels, options, shard, stats, w_d
         if w_ce is None:
             w_ce = torch.zeros_like(w_distill)
         leading, scalars, flags = _launch_args(
-            student_logits, teacher_logits, labels, _block_options(options, shard)
+            student_logits, teacher_logits, labels, _block_options(options, shard), order
         )
         with launch_device(student_logits):
             kd_logits_backward_kernel[(n,)](
@@ -253,11 +255,13 @@ class ShardedKDLogitsFunction(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_logits, labels, options: KDOptions, shard: VocabShard):
         n = math.prod(student_logits.shape[:-1])
         device = student_logits.device
-        stats, label_logit = _global_statistics(student_logits, teacher_logits, labels, options, shard)
+        # The tokens that count, in the kernels' order: once for every launch, forward and backward.
+        order = label_order(labels, options.ignore_index, n, device)
+        stats, label_logit = _global_statistics(student_logits, teacher_logits, labels, options, shard, order)
         # The backward kernel forms the one-hot by comparing columns with the label: a label another rank
         # owns becomes an index no column matches.
         block_labels = shard.local_labels(labels, options.ignore_index)
-        divergence = _divergence(student_logits, teacher_logits, block_labels, options, shard, stats)
+        divergence = _divergence(student_logits, teacher_logits, block_labels, options, shard, stats, order)
         valid = (
             torch.ones(n, dtype=torch.bool, device=device)
             if labels is None
@@ -273,10 +277,12 @@ class ShardedKDLogitsFunction(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0] and options.reduction != "none":
             weights = unit_gradient_weights(options, scale, num_tokens=1, dtype=stats.dtype)
-            grad = _gradient(student_logits, teacher_logits, block_labels, options, shard, stats, *weights, 0)
+            grad = _gradient(
+                student_logits, teacher_logits, block_labels, options, shard, stats, order, *weights, 0
+            )
         loss = options.distill_weight * divergence + options.ce_weight * ce
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student_logits, teacher_logits, block_labels, stats, scale)
+        ctx.save_for_backward(student_logits, teacher_logits, block_labels, stats, scale, *order)
         ctx.options, ctx.shard = options, shard
         ctx.eager = EagerGradients(None if grad is None else [grad])
         return tuple(reduce(x, options.reduction, scale) for x in (loss, divergence, ce))
@@ -284,7 +290,7 @@ class ShardedKDLogitsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_divergence, grad_ce):
-        student_logits, teacher_logits, labels, stats, scale = ctx.saved_tensors
+        student_logits, teacher_logits, labels, stats, scale, *order = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or no_output_grad(grad_loss, grad_divergence, grad_ce):
             return input_grads(ctx.needs_input_grad, {})
         eager = ctx.eager.take(grad_loss, grad_divergence, grad_ce)
@@ -299,7 +305,9 @@ class ShardedKDLogitsFunction(torch.autograd.Function):
             num_tokens=stats.shape[0],
             dtype=stats.dtype,
         )
-        grad = _gradient(student_logits, teacher_logits, labels, ctx.options, ctx.shard, stats, *weights, 1)
+        grad = _gradient(
+            student_logits, teacher_logits, labels, ctx.options, ctx.shard, stats, order, *weights, 1
+        )
         return input_grads(ctx.needs_input_grad, {0: grad})
 
 

@@ -288,6 +288,11 @@ def token_order(ignored: torch.Tensor | None, n: int, device) -> tuple[torch.Ten
     return token_index, (n - ignored.sum()).reshape(1)
 
 
+def label_order(labels: torch.Tensor | None, ignore_index: int, n: int, device):
+    """`token_order` of the tokens whose label is not `ignore_index` (all N without labels)."""
+    return token_order(None if labels is None else labels == ignore_index, n, device)
+
+
 @triton.jit
 def token_of(token_index_ptr, num_valid_ptr):
     """(token, counts) of this program's position (one program per token): `token_order`'s token at
