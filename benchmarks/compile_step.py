@@ -107,13 +107,19 @@ def main(argv=None) -> int:
         repeats=args.repeats,
     )
     row["compiled_over_eager"] = row["compiled_ms"] / row["eager_ms"]
+    # The spread of the step-by-step ratios (each compiled step over the eager step just before it):
+    # what a ratio near 1 has to be read against on a shared or noisy machine.
+    pairs = sorted(c / e for c, e in zip(compiled_times, eager_times))
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+    row["pair_ratio_quartiles"] = [round(q, 4) for q in quartiles]
     if args.json:
         print(json.dumps(row))
     else:
         print(
             f"{row['device']}, backend={row['backend']}, N={row['tokens']}, V={row['vocab']}: eager "
             f"{row['eager_ms']:.1f} ms, compiled ({row['compiler']}) {row['compiled_ms']:.1f} ms, "
-            f"ratio {row['compiled_over_eager']:.3f}; first compiled call "
+            f"ratio {row['compiled_over_eager']:.3f} (step by step: quartiles "
+            f"{', '.join(f'{q:.3f}' for q in row['pair_ratio_quartiles'])}); first compiled call "
             f"{row['first_compiled_call_s']:.1f} s"
         )
     return 0

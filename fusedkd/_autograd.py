@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -86,21 +87,43 @@ def unit_gradient_weights(
     return gradient_weights(options, scale, one, None, None, num_tokens=num_tokens, dtype=dtype, valid=valid)
 
 
+_UNIT_OUTPUT_GRADIENT = threading.local()
+
+
+@contextlib.contextmanager
+def unit_output_gradient():
+    """A context whose losses are differentiated once, towards their loss alone, with an output gradient
+    of exactly 1 (`fusedkd._compile`'s ops: ``torch.autograd.grad(loss, inputs)`` on a scalar loss).
+    The gradients their forwards form are then final: `EagerGradients.take` hands them out as they are,
+    not multiplied by 1 (a pass over dW; the op's own backward scales them by the real output gradient,
+    once, as the eager backward does). Read when a Function's forward runs, in the calling thread."""
+    previous = getattr(_UNIT_OUTPUT_GRADIENT, "active", False)
+    _UNIT_OUTPUT_GRADIENT.active = True
+    try:
+        yield
+    finally:
+        _UNIT_OUTPUT_GRADIENT.active = previous
+
+
 class EagerGradients:
     """Gradients formed in the forward for an output gradient of 1 on the loss, handed out once.
 
     The backward takes them when only the loss received a gradient (a scalar, for reductions "mean"
-    and "sum"): they are scaled in place by it. A second backward through a retained graph, or a
-    gradient on ``distill`` / ``ce``, gets None and must recompute.
+    and "sum"): they are scaled in place by it (unless formed under `unit_output_gradient`, where it
+    is 1). A second backward through a retained graph, or a gradient on ``distill`` / ``ce``, gets None
+    and must recompute.
     """
 
     def __init__(self, grads: Sequence[torch.Tensor | None] | None):
         self._grads = None if grads is None else tuple(grads)
+        self._unit = getattr(_UNIT_OUTPUT_GRADIENT, "active", False)
 
     def take(self, grad_loss, grad_distill, grad_ce) -> tuple[torch.Tensor | None, ...] | None:
         if self._grads is None or grad_loss is None or grad_distill is not None or grad_ce is not None:
             return None
-        grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in self._grads)
+        grads = self._grads
+        if not self._unit:
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         self._grads = None
         return grads
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from fusedkd import _autograd
 from fusedkd._options import KDOptions, LogitsKDOptions, TopKOptions
 
 # The options a compiled call uses, by key: filled while the compiler traces, read by the ops.
@@ -120,7 +121,10 @@ def _eager(name: str, tensors: tuple, key: str, grad_outputs: tuple | None, eage
     want = grad_outputs is not None or eager_grads
     leaves = [None if s is None else s.detach().requires_grad_(want) for s in students]
     named.update(zip(loss.student_names, leaves))
-    with _autograd_on():
+    # An output gradient of 1 on the loss alone (`eager_grads`): the gradients its forward forms are
+    # final, handed out unscaled; this op's backward scales them by the real one.
+    unit = _autograd.unit_output_gradient() if grad_outputs is None else contextlib.nullcontext()
+    with _autograd_on(), unit:
         values = loss.eager(named, options)
         values = tuple(v.reshape(-1) if options.reduction == "none" else v for v in values)
         grads = ()

@@ -189,3 +189,16 @@ def test_compile_step_benchmark_runs():
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["backend"] == "torch"
+
+
+def test_compile_python_calls_benchmark_runs():
+    """benchmarks/compile_python_calls.py, briefly: one row per region, eager and compiled."""
+    import json
+
+    command = [sys.executable, "benchmarks/compile_python_calls.py", "--calls", "1000", "--repeats", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=WORKTREE_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["region"] for r in rows] == ["eager", "compiled"]
+    assert all(r["calls_ms"] > 0 and r["straight_line_ms"] > 0 for r in rows)
+    assert rows[0]["frame_hook_installed"] in (False, None)  # outside any compiled region

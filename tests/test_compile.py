@@ -70,7 +70,8 @@ MODULES = {
 def _run(step, student, inputs):
     out = step(*inputs)
     outputs = out if isinstance(out, tuple) else (out,)
-    total = sum(w * o.sum() for w, o in zip((1.0, 0.3, 0.7), outputs))
+    # An output gradient other than 1 on the loss: the ops form the gradients for 1 and scale them once.
+    total = sum(w * o.sum() for w, o in zip((1.7, 0.3, 0.7), outputs))
     params = list(student.parameters())
     grads = torch.autograd.grad(total, params)
     return [o.detach() for o in outputs], list(grads)
@@ -108,6 +109,10 @@ def test_compiled_step_is_one_graph_with_the_eager_results(backend, kind, form, 
     values, grads = _run(compiled, student, inputs)
     for a, b in zip(values + grads, eager_values + eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Nothing of the compiled call carries over: the eager step again gives its own gradients.
+    _, again = _run(step, student, inputs)
+    for a, b in zip(again, eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -128,3 +133,16 @@ def test_options_are_checked_when_the_compiler_traces():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="temperature must be finite and > 0"):
         torch.compile(step, fullgraph=True, backend="aot_eager")(*_inputs())
+
+
+def test_forward_formed_gradients_are_scaled_unless_the_output_gradient_is_one():
+    from fusedkd._autograd import EagerGradients, unit_output_gradient
+
+    grad_loss = torch.tensor(2.5)
+    scaled = EagerGradients([torch.ones(3), None])
+    with unit_output_gradient():
+        unit = EagerGradients([torch.ones(3), None])
+    assert scaled.take(grad_loss, None, None)[0].tolist() == [2.5] * 3
+    assert unit.take(grad_loss, None, None)[0].tolist() == [1.0] * 3
+    assert unit.take(grad_loss, None, None) is None  # handed out once
+    assert EagerGradients([torch.ones(3)]).take(grad_loss, None, None)[0].tolist() == [2.5] * 3
