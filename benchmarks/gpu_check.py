@@ -17,7 +17,7 @@ on the GPU: the two heads once, the hidden states and labels once per N (shared 
 
 Steps, in order, and the time each is budgeted on a fresh H100 (empty Triton / inductor caches; the
 estimates in `BUDGET_S` and `FIRST_CALL_S`, padded; a timing row's is 3x the model's predicted time
-per call plus 1 s). The plan comes to ~390 s (6.5 min), written in the first line:
+per call plus 1 s). The plan comes to ~430 s (7.2 min), written in the first line:
 
   machine      versions, GPU, float32 matmul precision, the plan                                     10 s
   gemm         cuBLAS bf16 GEMMs as the tile path runs them, at N = 1,024 (its chunk) and 16,384:
@@ -36,6 +36,10 @@ per call plus 1 s). The plan comes to ~390 s (6.5 min), written in the first lin
                float32); >= 2 updates is checked. A second call on the same inputs must give a
                bitwise-identical dW (dh and the loss reported too; the fused pass adds dh atomically).
                                                                                   30 + 50 + 15 + 10 s
+  topk         fused_linear_topk_kd_loss (tail "bucket", forward KL + CE, k = 64) at the same N in bf16:
+               backend "tiles" (the student's tile on cuBLAS, two Triton passes) against float64 within
+               3x the torch backend's bf16 error (floor 2^-6), dW bitwise on a second call; "tiles" and
+               "torch" timed (median of 3 calls, forward + backward) and their ratio                 40 s
   timing       per (N, method): forward and backward timed apart with CUDA events (median of
                --repeats 5), the first call apart (first_call_ms, first_call_extra_s), extra memory
                (peak allocated minus what was held before, minus the student's gradients), the
@@ -128,8 +132,10 @@ BUDGET_S = {
     "correctness float32 triton": 50.0,
     "correctness bfloat16 tiles": 15.0,
     "correctness bfloat16 triton": 10.0,
+    "topk": 40.0,  # the top-k tile kernels' first calls, the references, 2 x 3 timed calls
     "profile": 15.0,
 }
+TOPK_K = 64  # teacher tokens per position in the top-k step (8 in the dry run)
 # Added to a timing row's estimate: the first call of a method not compiled by the compile step.
 FIRST_CALL_S = {
     "liger": 90.0,  # torch.compile of Liger's chunk function (inductor)
@@ -543,10 +549,10 @@ def gemm_shapes(check: Check, n: int) -> list[tuple[str, tuple[int, int, int]]]:
 
 
 def gemm_step(check: Check, name: str, n: int) -> dict:
-    """One bf16 GEMM as the tile path runs it: the projections into a float32 tile (`tiles.project`),
-    dh = G W_s and dW += G^T h_s (`tiles.accumulate_float32`) with G in the student tile's bytes (a
+    """One bf16 GEMM as the tile path runs it: the projections into a float32 tile (`gemm.project`),
+    dh = G W_s and dW += G^T h_s (`gemm.accumulate_float32`) with G in the student tile's bytes (a
     bf16 view of a float32 [n, V] tile: row stride 2V)."""
-    from fusedkd.torch_backend.tiles import accumulate_float32, project
+    from fusedkd.torch_backend.gemm import accumulate_float32, project
 
     torch, a = check.torch, check.args
     student_weight, teacher_weight = check.weights()
@@ -829,6 +835,75 @@ def correctness_step(check: Check, refs: References, dtype, backend: str) -> dic
     return fields
 
 
+# --- step: the top-k loss's tile path -----------------------------------------------------------------
+
+
+def topk_step(check: Check) -> dict:
+    """`fused_linear_topk_kd_loss` (tail "bucket", forward KL + CE) at the correctness check's N, bf16:
+    backend "tiles" (the student's float32 tile on cuBLAS, two Triton passes) against float64 (the
+    torch backend on the same bf16-rounded inputs), within 3x the torch backend's own bf16 error (floor
+    2^-6); a second call's dW bitwise equal; then both backends timed (3 calls each, forward + backward)."""
+    torch, fusedkd = check.torch, check.fusedkd
+    x = correctness_inputs(check, torch.bfloat16)
+    k = 8 if check.args.dry_run else TOPK_K
+    ids, logprobs = fusedkd.teacher_topk(x["teacher_hidden"], x["teacher_weight"], k, temperature=TEMPERATURE)
+    x = dict(student_hidden=x["student_hidden"], student_weight=x["student_weight"], labels=x["labels"])
+
+    def run(backend, dtype):
+        y = _trainable({k_: (v.to(dtype) if v.is_floating_point() else v) for k_, v in x.items()})
+        loss = fusedkd.fused_linear_topk_kd_loss(
+            y["student_hidden"], y["student_weight"], ids, logprobs, y["labels"],
+            temperature=TEMPERATURE, alpha=ALPHA, backend=backend,
+        )  # fmt: skip
+        loss.backward()
+        return loss.detach(), y["student_hidden"].grad, y["student_weight"].grad
+
+    synchronize(torch)
+    started = time.perf_counter()
+    first = run("tiles", torch.bfloat16)
+    synchronize(torch)
+    first_call_s = time.perf_counter() - started
+    second = run("tiles", torch.bfloat16)
+    exact = run("torch", torch.float64)
+    same = run("torch", torch.bfloat16)
+    terms, ok = {}, True
+    for what, ours, ex, sm in zip(("loss", "dh", "dW"), first, exact, same):
+        err, torch_err = rel_err(ours, ex), rel_err(sm, ex)
+        allowed = max(3.0 * torch_err, 2.0**-6)
+        finite = bool(torch.isfinite(ours).all())
+        terms[what] = dict(
+            error_vs_float64=err, torch_backend_error=torch_err, allowed=allowed, finite=finite,
+            ok=finite and err <= allowed,
+        )  # fmt: skip
+        ok = ok and terms[what]["ok"]
+    exact = same = None
+    times = {}
+    for backend in ("tiles", "torch"):
+        calls = []
+        for _ in range(3):
+            synchronize(torch)
+            started = time.perf_counter()
+            run(backend, torch.bfloat16)
+            synchronize(torch)
+            calls.append(time.perf_counter() - started)
+        times[backend] = 1e3 * statistics.median(calls)
+    dw_repeat = bool(torch.equal(first[2], second[2]))
+    return dict(
+        n=check.args.check_tokens,
+        k=k,
+        counted_tokens=int((x["labels"] != -100).sum().item()),
+        tail="bucket",
+        reference="torch backend in float64 on the bf16 inputs",
+        first_call_s=first_call_s,
+        terms=terms,
+        dw_bitwise_repeat=dw_repeat,
+        tiles_ms=times["tiles"],
+        torch_ms=times["torch"],
+        tiles_over_torch=times["tiles"] / times["torch"],
+        ok=ok and dw_repeat,
+    )
+
+
 # --- step: timing --------------------------------------------------------------------------------------
 
 
@@ -1104,6 +1179,13 @@ def describe(r: dict) -> str:
             f"(worst error / allowed {worst:.2f}, dW bitwise repeat {r['dw_bitwise_repeat']}{extra}, "
             f"first call {r['first_call_s']:.1f} s)"
         )
+    if step == "topk":
+        worst = max(t["error_vs_float64"] / t["allowed"] for t in r["terms"].values())
+        return (
+            f"{head} tiles bf16 N={r['n']} k={r['k']}: {'ok' if r['ok'] else 'FAILED'} (worst error / "
+            f"allowed {worst:.2f}, dW bitwise repeat {r['dw_bitwise_repeat']}); {r['tiles_ms']:.1f} ms "
+            f"against the torch backend's {r['torch_ms']:.1f} ms ({r['tiles_over_torch']:.2f}x)"
+        )
     if step == "timing":
         ratio = r.get("measured_over_predicted")
         return (
@@ -1160,6 +1242,7 @@ def plan(check: Check) -> list[tuple[str, float]]:
     steps += [(f"gemm N={n}", 4 * BUDGET_S["gemm"]) for n in a.gemm_tokens]
     steps += [("compile tiles", BUDGET_S["compile tiles"]), ("compile triton", BUDGET_S["compile triton"])]
     steps += [(name, BUDGET_S[name]) for name in BUDGET_S if name.startswith("correctness")]
+    steps += [("topk", BUDGET_S["topk"])]
     for n in a.tokens:
         methods = a.methods + (a.peers if n == a.compare_tokens else [])
         steps += [(f"timing N={n} {m}", row_estimate(check, m, n)) for m in methods]
@@ -1180,7 +1263,7 @@ def print_readable(check: Check, records: list[dict], targets: dict | None) -> N
         "student gradients (trl: divergence only, no CE)"
     )
     for record in records:  # again, next to the table: the lines a reader wants first
-        if record["step"] in ("gemm", "compile", "correctness") or record["status"] == "failed":
+        if record["step"] in ("gemm", "compile", "correctness", "topk") or record["status"] == "failed":
             log(describe(record))
     for line in table(check):
         log(line)
@@ -1255,6 +1338,8 @@ def main(argv=None) -> int:
             )
     refs.by_dtype.clear()
     free_memory(torch)
+    check.step("topk", BUDGET_S["topk"], lambda: topk_step(check), n=args.check_tokens)
+    free_memory(torch)
 
     for n in args.tokens:
         x = check.inputs(n)  # once per N, shared by every method
@@ -1279,9 +1364,9 @@ def main(argv=None) -> int:
     counts = {}
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    correctness = [r for r in records if r["step"] == "correctness"]
+    correctness = [r for r in records if r["step"] in ("correctness", "topk")]
     correctness_failed = [
-        f"{r['backend']} {r['dtype']}"
+        f"{r.get('backend', 'topk tiles')} {r.get('dtype', 'bfloat16')}"
         for r in correctness
         if r["status"] == "failed" or not r.get("ok", True)
     ]

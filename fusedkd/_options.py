@@ -242,10 +242,13 @@ class KDOptions:
     shift_labels: bool = False
     memory_budget: int | None = None
 
-    # What the loss accepts: its divergences, whether it has Triton kernels, the models with a head.
+    # What the loss accepts: its divergences, whether it has fused Triton kernels ("triton") and a tile
+    # path ("tiles": logit tiles it projects from a head, one Triton pass over them), the models with a
+    # head.
     LOSS: ClassVar[str] = "this loss"
     DIVERGENCES: ClassVar[tuple[str, ...]] = DIVERGENCES
     HAS_TRITON: ClassVar[bool] = True
+    HAS_TILES: ClassVar[bool] = True
     ROLES: ClassVar[tuple[str, ...]] = ("student", "teacher")
     # Fields the loss does not take as keyword arguments (they keep their defaults).
     NOT_OPTIONS: ClassVar[tuple[str, ...]] = ()
@@ -253,7 +256,7 @@ class KDOptions:
     def __post_init__(self) -> None:
         check_choice("divergence", self.divergence, self.DIVERGENCES)
         check_choice("reduction", self.reduction, REDUCTIONS)
-        check_backend(self.backend, has_triton=self.HAS_TRITON, loss=self.LOSS)
+        check_backend(self.backend, has_triton=self.HAS_TRITON, has_tiles=self.HAS_TILES, loss=self.LOSS)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         if self.vocab_size is not None:
@@ -360,6 +363,7 @@ class LogitsKDOptions(KDOptions):
     """The options of `kd_loss`: `KDOptions` less `memory_budget` (its inputs are the logits)."""
 
     LOSS: ClassVar[str] = "kd_loss"
+    HAS_TILES: ClassVar[bool] = False
     NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("memory_budget",)
 
 
@@ -374,21 +378,27 @@ class TopKOptions(KDOptions):
     DIVERGENCES: ClassVar[tuple[str, ...]] = TOPK_DIVERGENCES
     HAS_TRITON: ClassVar[bool] = False
     ROLES: ClassVar[tuple[str, ...]] = ("student",)
-    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("beta", "memory_budget")
+    NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("beta",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("tail", self.tail, TAILS)
 
 
-def check_backend(backend: str, *, has_triton: bool = True, loss: str = "this loss") -> str:
-    """`backend` is one of `BACKENDS`, and not "triton" for a loss without Triton kernels."""
+def check_backend(
+    backend: str, *, has_triton: bool = True, has_tiles: bool = True, loss: str = "this loss"
+) -> str:
+    """`backend` is one of `BACKENDS`, and one the loss has: "triton" (its fused Triton kernels) and
+    "tiles" (logit tiles it projects from a head) only where it has them."""
     check_choice("backend", backend, BACKENDS)
-    if backend in ("triton", "tiles") and not has_triton:
-        raise ValueError(
-            f"{loss} has no Triton kernel: use backend='torch' or 'auto' (the token-chunked PyTorch "
-            "backend, on any device)"
+    offered = ["auto", "torch"] + ["triton"] * has_triton + ["tiles"] * has_tiles
+    if backend not in offered:
+        what = (
+            "no fused Triton kernels"
+            if backend == "triton"
+            else "no logit tiles to make (backend='tiles' projects a head into them: the fused linear losses)"
         )
+        raise ValueError(f"{loss} has {what}; its backends are {', '.join(map(repr, offered))}")
     return backend
 
 

@@ -183,7 +183,7 @@ def linear_kd(
     )
     device, options = inputs.student_hidden.device, inputs.options
     with autocast_off(device):
-        backend = backend_for(options, device, inputs.student_hidden.dtype, has_tiles=True)
+        backend = backend_for(options, device, inputs.student_hidden.dtype)
         if backend == "triton":
             from fusedkd.kernels.fused_linear_kd import fused_linear_kd
 

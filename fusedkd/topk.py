@@ -43,7 +43,7 @@ import torch
 
 from fusedkd import _compile
 from fusedkd._autograd import autocast_off
-from fusedkd._dispatch import backend_for, shaped_outputs
+from fusedkd._dispatch import TOPK_TILES_BYTES_PER_ENTRY, backend_for, shaped_outputs, tiles_chunk_size
 from fusedkd._inputs import prepare_teacher_topk, prepare_topk_kd
 from fusedkd._options import TopKOptions
 from fusedkd.torch_backend import teacher_topk as torch_teacher_topk
@@ -157,6 +157,7 @@ def fused_linear_topk_kd_loss(
     student_softcap: float | None = None,
     check_finite: bool = False,
     shift_labels: bool = False,
+    memory_budget: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Distillation loss against a sparse top-k teacher (offline distillation), fused with the lm_head.
 
@@ -201,13 +202,22 @@ def fused_linear_topk_kd_loss(
         tail: ``"bucket"`` or ``"renormalize"`` (above).
         student_bias: optional ``[V_s]`` lm_head bias.
         vocab_size: use only the first ``vocab_size`` rows of the head (padded heads).
-        backend: ``"auto"`` or ``"torch"`` (token-chunked PyTorch on any device; there is no Triton
-            kernel for this loss, and ``"triton"`` raises).
+        backend: ``"auto"`` (default): on CUDA with Triton, ``"tiles"`` when chunks of at least 256
+            tokens fit `memory_budget`, else ``"torch"``; elsewhere ``"torch"``. ``"torch"``: the
+            token-chunked PyTorch backend, exact on any device. ``"tiles"``: per chunk of tokens, the
+            student's float32 logit tile on the GEMM and two Triton passes over it
+            (`fusedkd.kernels.topk_tile`; on a CPU, Triton's interpreter). There are no fused Triton
+            kernels for this loss: ``"triton"`` raises.
         return_components: also return ``(loss, distill, ce)`` with
             ``loss = alpha * T^2 * distill + (1 - alpha) * ce``.
-        chunk_size: tokens per chunk (default: one ``chunk x V`` float32 tile of
-            `fusedkd.torch_backend.tiles.LINEAR_TILE_BYTES`, 64 MiB; with ``tail="renormalize"`` and no
-            cross-entropy, gathered ``[chunk, k, H]`` head rows of `fusedkd.torch_backend.tiles.TILE_BYTES`).
+        chunk_size: tokens per chunk (default: for ``"tiles"``, from `memory_budget`; for ``"torch"``,
+            one ``chunk x V`` float32 tile of `fusedkd.torch_backend.tiles.LINEAR_TILE_BYTES`, 64 MiB;
+            with ``tail="renormalize"`` and no cross-entropy, gathered ``[chunk, k, H]`` head rows of
+            `fusedkd.torch_backend.tiles.TILE_BYTES`).
+        memory_budget: bytes of logit tile the ``"tiles"`` backend may hold: its chunk of c tokens
+            keeps one float32 ``c x V`` tile (G is written into its bytes), so ``c = memory_budget /
+            (4 V)``, rounded down to a multiple of 64. Default `fusedkd._dispatch.TILES_MEMORY_BUDGET`
+            (1,200 MiB: 2,048-token chunks at V = 151,936).
         check_finite: check the student's hidden states (of the positions that count), head and bias
             first and raise a ValueError naming the tensor and the first bad token or row (NaN or inf;
             -inf allowed in the bias). Without it, such a token's loss and gradients are NaN
@@ -246,12 +256,24 @@ def fused_linear_topk_kd_loss(
 
 
 def topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, options: TopKOptions):
-    """`fused_linear_topk_kd_loss` with its options already validated: the checks, then the PyTorch
-    backend (the only one of this loss)."""
+    """`fused_linear_topk_kd_loss` with its options already validated: the checks, then the backend:
+    the PyTorch backend's chunks, each chunk's logit tile through torch element-wise passes, or, for the
+    tiles backend, through two Triton passes (`fusedkd.kernels.topk_tile`) with chunks from
+    `memory_budget`."""
     inputs = prepare_topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias, options)
-    device = inputs.student_hidden.device
-    backend_for(inputs.options, device, inputs.student_hidden.dtype)  # checks the request: always torch
+    device, options = inputs.student_hidden.device, inputs.options
     with autocast_off(device):
+        backend = backend_for(
+            options, device, inputs.student_hidden.dtype, tile_bytes_per_entry=TOPK_TILES_BYTES_PER_ENTRY
+        )
+        chunk_size, tile_terms = options.chunk_size, None
+        if backend == "tiles":
+            from fusedkd.kernels.topk_tile import topk_tile_terms_triton as tile_terms
+
+            if chunk_size is None:
+                chunk_size = tiles_chunk_size(
+                    options.vocab_size, options.memory_budget, TOPK_TILES_BYTES_PER_ENTRY
+                )
         outputs = torch_topk_kd.fused_linear_topk_kd(
             inputs.student_hidden,
             inputs.student_weight,
@@ -259,9 +281,10 @@ def topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias,
             inputs.ids,
             inputs.logprobs,
             inputs.labels,
-            inputs.options,
+            options,
             inputs.support,
-            chunk_size=inputs.options.chunk_size,
+            chunk_size=chunk_size,
+            tile_terms=tile_terms,
         )
     return shaped_outputs(outputs, inputs.options, inputs.leading_shape)
 

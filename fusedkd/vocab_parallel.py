@@ -370,4 +370,4 @@ def _backend(options: KDOptions, device: torch.device, dtype: torch.dtype) -> st
             "backend='tiles' does not run vocabulary-parallel; use backend='auto', 'torch' or 'triton' "
             "with sharded heads"
         )
-    return backend_for(options, device, dtype)
+    return backend_for(options, device, dtype, allow_tiles=False)

@@ -156,7 +156,7 @@ TOPK = [
     (dict(student_hidden=torch.randn(6, 9)), ValueError, "student_weight must be"),
     (dict(divergence="jsd"), ValueError, "divergence must be one of 'forward_kl', 'reverse_kl'"),
     (dict(tail="drop"), ValueError, "tail must be one of 'bucket', 'renormalize'"),
-    (dict(backend="triton"), ValueError, "no Triton kernel"),
+    (dict(backend="triton"), ValueError, "has no fused Triton kernels"),
     (dict(vocab_size=40, labels=None, alpha=1.0), ValueError, r"ids must be token ids in \[0, 40\)"),
 ]
 OWN = [

@@ -161,6 +161,12 @@ TRITON = pytest.param(
     id="triton",
     marks=pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason())),
 )
+# The top-k loss's tile path: its chunks' tiles through `fusedkd.kernels.topk_tile` (the interpreter here).
+TILES = pytest.param(
+    "tiles",
+    id="tiles",
+    marks=pytest.mark.skipif(_triton_skip_reason() is not None, reason=str(_triton_skip_reason())),
+)
 DENSE_VARIANTS = [
     pytest.param(dict(divergence="forward_kl"), id="fkl"),
     pytest.param(dict(divergence="reverse_kl"), id="rkl"),
@@ -200,7 +206,7 @@ LOSSES = {
         fusedkd.fused_linear_topk_kd_loss,
         reference_topk_kd_loss,
         make_topk,
-        TORCH_BACKENDS,
+        [*TORCH_BACKENDS, TILES],
         TOPK_VARIANTS,
         TOPK_VARIANTS,
     ),

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
-STEPS = ("machine", "gemm", "compile", "correctness", "timing", "targets", "profile", "summary")
+STEPS = ("machine", "gemm", "compile", "correctness", "topk", "timing", "targets", "profile", "summary")
 STATUSES = {"ok", "skipped", "failed"}
 
 
@@ -85,6 +85,10 @@ def test_gpu_check_dry_run(tmp_path):
         assert set(check["terms"]) == {"loss", "dh", "dW"}
     assert all(checks[(d, "triton")]["dw_updates"] >= 2 for d in ("float32", "bfloat16"))
     assert all(checks[(d, "tiles")]["tiles_chunks"] >= 2 for d in ("float32", "bfloat16"))
+
+    topk = by_step["topk"][0]
+    assert topk["ok"] and topk["dw_bitwise_repeat"] and set(topk["terms"]) == {"loss", "dh", "dW"}, topk
+    assert topk["tiles_ms"] > 0 and topk["torch_ms"] > 0 and topk["tiles_over_torch"] > 0
 
     rows = {(r["method"], r["n"]): r for r in by_step["timing"]}
     ok = {key: r for key, r in rows.items() if r["status"] == "ok"}

@@ -59,9 +59,9 @@ def test_tiles_with_16_bit_heads_are_as_exact_as_the_naive_recipe(divergence, dt
     two) and both gradient products are 16-bit GEMMs (the weight's accumulated into float32, here by
     blocks of 300 vocabulary rows). The error against float64 stays within a few times the naive
     16-bit recipe's own (which rounds its logits, softmax and gradients to 16 bits)."""
-    from fusedkd.torch_backend import tiles as torch_tiles
+    from fusedkd.torch_backend import gemm
 
-    monkeypatch.setattr(torch_tiles, "WEIGHT_ROWS", 300)
+    monkeypatch.setattr(gemm, "WEIGHT_ROWS", 300)
     case = make_case(dtype=dtype, logit_scale=0.5)
     options = dict(divergence=divergence, temperature=2.0, alpha=0.5)
     values, grads = run_loss(tiles(chunk_size=7), case, **options)
@@ -75,8 +75,9 @@ def test_tiles_with_16_bit_heads_are_as_exact_as_the_naive_recipe(divergence, dt
 
 
 def test_auto_rule(monkeypatch):
-    """auto: tiles on CUDA when a 256-token chunk fits the budget, else the fused kernels; torch on a
-    CPU and for float64; "tiles" refused by the losses that have no logit tiles to make."""
+    """auto: tiles on CUDA when a 256-token chunk fits the budget, else the fused kernels (the top-k loss:
+    the PyTorch backend); torch on a CPU and for float64; "tiles" refused by the loss that has no logit
+    tiles to make, "triton" by the one without fused kernels."""
     monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16, has_tiles=True) == "tiles"
@@ -89,7 +90,15 @@ def test_auto_rule(monkeypatch):
     # The default budget gives 1,024-token chunks at Qwen3's vocabulary (two float32 tiles, G over one).
     assert _dispatch.tiles_chunk_size(151_936, None) == 1024
     assert _dispatch.tiles_chunk_size(151_936, 2**28) < _dispatch.MIN_TILES_CHUNK
-    with pytest.raises(ValueError, match="backend='tiles' is fused_linear_kd_loss's"):
+    with pytest.raises(ValueError, match="kd_loss has no logit tiles to make"):
         fusedkd.kd_loss(torch.randn(3, 9), torch.randn(3, 9), torch.tensor([1, 2, 3]), backend="tiles")
+    # The top-k loss: a tile path (one tile: twice the dense loss's chunk) and no fused kernels, so auto
+    # takes the tiles on CUDA when they fit and the PyTorch backend when they do not.
+    assert _dispatch.tiles_chunk_size(151_936, None, _dispatch.TOPK_TILES_BYTES_PER_ENTRY) == 2048
+    topk = dict(has_triton=False, has_tiles=True)
+    assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16, **topk) == "tiles"
+    assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16, **topk, tiles_fit=False) == "torch"
+    with pytest.raises(ValueError, match="fused_linear_topk_kd_loss has no fused Triton kernels"):
+        fusedkd.FusedLinearTopKKDLoss(backend="triton")
     with pytest.raises(ValueError, match="memory_budget must be a positive int"):
         fusedkd.FusedLinearKDLoss(memory_budget=0)

@@ -89,6 +89,7 @@ from fusedkd.kernels.tl_utils import (
     JSD,
     REVERSE_KL,
     accurate_tanh,
+    check_grad_storage,
     round_to_bfloat16,
     soft_cap_derivative,
     token_of,
@@ -432,7 +433,7 @@ def kd_tile_terms_triton(
     ce = torch.empty(c, dtype=torch.float32, device=s.device)
     if c == 0:
         return divergence, ce, grad_out if want_grad else None
-    g_in_s = want_grad and _check_grad_storage(grad_out, s, t)
+    g_in_s = want_grad and check_grad_storage(grad_out, s, t)
 
     T = options.temperature
     has_labels = labels is not None
@@ -474,27 +475,3 @@ def kd_tile_terms_triton(
             num_warps=8 if block_v >= 2048 else 4,
         )  # fmt: skip
     return divergence, ce, grad_out if want_grad else None
-
-
-def _check_grad_storage(grad_out: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether `grad_out` is G in the student tile's own bytes (`s.view(dtype)[:, :V]`, 16-bit); raises
-    for any other overlap of the three than that or a tile itself, which the kernel would corrupt."""
-
-    def span(x):  # [first, last) byte of x's elements
-        last = sum((n - 1) * d for n, d in zip(x.shape, x.stride()))
-        return x.data_ptr(), x.data_ptr() + x.element_size() * (last + 1)
-
-    (g0, g1), (s0, s1), (t0, t1) = span(grad_out), span(s), span(t)
-    if (g1 <= s0 or s1 <= g0) and (g1 <= t0 or t1 <= g0):
-        return False  # apart from both tiles
-    tiles_apart = t1 <= s0 or s1 <= t0
-    layout = (grad_out.dtype, g0, grad_out.stride())
-    if tiles_apart and layout in {(x.dtype, x.data_ptr(), x.stride()) for x in (s, t)}:
-        return False  # a tile itself: G in place of it, element by element
-    if tiles_apart and grad_out.element_size() == 2 and (g0, 2 * grad_out.stride(0)) == (s0, 4 * s.stride(0)):
-        return True
-    raise ValueError(
-        "grad_out shares a tile's memory: it must be apart from both tiles, a tile itself, or the student "
-        f"tile's bytes as 16 bits (s.view(torch.bfloat16)[:, :V]), the tiles apart; got {grad_out.dtype} "
-        f"with strides {grad_out.stride()} over tiles with strides {s.stride()}, {t.stride()}"
-    )

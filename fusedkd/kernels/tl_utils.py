@@ -293,6 +293,33 @@ def label_order(labels: torch.Tensor | None, ignore_index: int, n: int, device):
     return token_order(None if labels is None else labels == ignore_index, n, device)
 
 
+def check_grad_storage(grad_out: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None = None) -> bool:
+    """For a tile kernel writing G to `grad_out`: whether it is G in the student tile's own bytes
+    (`s.view(dtype)[:, :V]`, 16-bit: the kernel then walks each row left to right with a CTA barrier
+    before each store, `kd_tile`); raises for any other overlap with the tiles than that or a tile
+    itself, which the kernel would corrupt. `t`: the teacher's tile, None for the student's alone."""
+
+    def span(x):  # [first, last) byte of x's elements
+        last = sum((n - 1) * d for n, d in zip(x.shape, x.stride()))
+        return x.data_ptr(), x.data_ptr() + x.element_size() * (last + 1)
+
+    tiles = (s,) if t is None else (s, t)
+    (g0, g1), (s0, s1) = span(grad_out), span(s)
+    if all(g1 <= x0 or x1 <= g0 for x0, x1 in map(span, tiles)):
+        return False  # apart from every tile
+    tiles_apart = t is None or span(t)[1] <= s0 or s1 <= span(t)[0]
+    layout = (grad_out.dtype, g0, grad_out.stride())
+    if tiles_apart and layout in {(x.dtype, x.data_ptr(), x.stride()) for x in tiles}:
+        return False  # a tile itself: G in place of it, element by element
+    if tiles_apart and grad_out.element_size() == 2 and (g0, 2 * grad_out.stride(0)) == (s0, 4 * s.stride(0)):
+        return True
+    raise ValueError(
+        "grad_out shares a tile's memory: it must be apart from both tiles, a tile itself, or the student "
+        f"tile's bytes as 16 bits (s.view(torch.bfloat16)[:, :V]), the tiles apart; got {grad_out.dtype} "
+        f"with strides {grad_out.stride()} over tiles with strides {[x.stride() for x in tiles]}"
+    )
+
+
 @triton.jit
 def token_of(token_index_ptr, num_valid_ptr):
     """(token, counts) of this program's position (one program per token): `token_order`'s token at

@@ -6,8 +6,10 @@ loop, over shared tile arithmetic and one autograd Function.
 - `streamed`: the one autograd Function of every loss here (`StreamedFunction`: reduction, gradients
   formed in the forward or recomputed in the backward, one no-gradient path); a loss plugs in its
   chunk loop (`Streamed`).
-- `tiles`: chunk sizes, logit tiles (`project`), the per-row divergence, cross-entropy and gradient
-  of a tile (`kd_tile_terms`), the tokens that count (`Tokens`).
+- `tiles`: chunk sizes, the per-row divergence, cross-entropy and gradient of a tile
+  (`kd_tile_terms`), the tokens that count (`Tokens`).
+- `gemm`: a chunk's logit tile on the GEMM (`project`) and its gradient products
+  (`gradient_products`), 16-bit GEMMs with float32 results where the tiles backend runs them.
 - `fused_linear_kd`: `fused_linear_kd_loss` (hidden states and lm_head weights of both models).
 - `kd_logits`: `kd_loss` (logits the caller holds).
 - `topk_kd`: `fused_linear_topk_kd_loss` (a sparse top-k teacher).

@@ -1,6 +1,6 @@
 """`fused_linear_kd_loss` on the PyTorch backend: the dense fused linear loss and its autograd Function.
 
-Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once (`tiles.project`),
+Each chunk of `c` tokens computes its `c x V` student and teacher logit tiles once (`gemm.project`),
 into two buffers allocated once per call, derives the per-token divergence and cross-entropy and, when
 a gradient is wanted, the tile of G = dloss/dlogits (`tiles.kd_tile_terms`, docs/design.md §4), which is
 multiplied straight into grad_student_hidden and grad_student_weight. No tensor with N*V elements is
@@ -22,14 +22,12 @@ from fusedkd._autograd import gradient_scale
 from fusedkd._options import KDOptions, compute_dtype, head_chain_rule
 from fusedkd._shard import VocabShard
 from fusedkd.torch_backend import streamed, tiles
+from fusedkd.torch_backend.gemm import gradient_products, project
 from fusedkd.torch_backend.tiles import (
     Scratch,
     Tokens,
-    accumulate_float32,
     default_chunk_size,
     kd_tile_terms,
-    mm_float32,
-    project,
     select_rows,
 )
 from fusedkd.torch_backend.vocab_parallel import sharded_tile_terms
@@ -122,21 +120,7 @@ def stream(
             **extra,
         )
         if grad is not None:
-            if g_scale is not None:
-                grad_hidden[rows] = (mm_float32(grad, student_weight) / g_scale).to(grad_hidden.dtype)
-            elif student_weight.dtype == grad.dtype:
-                torch.mm(grad, student_weight, out=grad_hidden[rows])
-            else:
-                grad_hidden[rows] = grad.to(student_weight.dtype) @ student_weight
-            if grad.dtype == dtype:
-                if start == 0:
-                    torch.mm(grad.T, hidden.to(dtype), out=grad_weight)
-                else:
-                    grad_weight.addmm_(grad.T, hidden.to(dtype))
-            else:  # a 16-bit G: 16-bit GEMMs accumulated into the float32 weight gradient
-                accumulate_float32(grad_weight, grad.T, hidden, first=start == 0)
-            if grad_bias is not None:
-                grad_bias.add_(grad.sum(0, dtype=dtype))
+            gradient_products(grad, hidden, student_weight, grads, rows, dtype=dtype, g_scale=g_scale)
         del grad
     if grads is not None and g_scale is not None:  # exact: a power of two
         for grad in grads[1:]:

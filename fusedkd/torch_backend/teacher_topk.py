@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fusedkd._options import compute_dtype
-from fusedkd.torch_backend import tiles
+from fusedkd.torch_backend import gemm, tiles
 from fusedkd.torch_backend.tiles import MAX_CHUNK, MIN_CHUNK, finite
 
 
@@ -137,6 +137,6 @@ def _scaled_logits(
     in the inputs' dtype, as the losses do), head(z) = scale z, then softcap tanh(. / softcap) when
     capped. The GEMM carries scale / T, or tanh's argument scale / softcap (`tiles.gemm_scales`)."""
     folded = logit_scale / (temperature if softcap is None else softcap)
-    tiles.project(out, hidden, weight, bias, folded)
+    gemm.project(out, hidden, weight, bias, folded)
     tiles.finish_head(out, folded, logit_scale, softcap, temperature)
     return out

@@ -1,7 +1,7 @@
 r"""`fused_linear_topk_kd_loss` on the PyTorch backend: the loss against a sparse top-k teacher and its
 autograd Function.
 
-The student's logits are computed per token chunk into one reused `c x V` tile (`tiles.project`); the
+The student's logits are computed per token chunk into one reused `c x V` tile (`gemm.project`); the
 divergence on the teacher's support K and its gradient follow `fusedkd.topk`'s docstring. With
 tail="renormalize" and no cross-entropy only the k head rows ``W_s[ids]`` of each token are read.
 """
@@ -9,12 +9,15 @@ tail="renormalize" and no cross-entropy only the k head rows ``W_s[ids]`` of eac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from fusedkd._autograd import gradient_scale
 from fusedkd._options import KDOptions, SupportOptions, apply_head, compute_dtype, head_chain_rule
 from fusedkd.torch_backend import streamed, tiles
+from fusedkd.torch_backend.gemm import gradient_products, project
 from fusedkd.torch_backend.tiles import (
     MAX_CHUNK,
     MIN_CHUNK,
@@ -22,7 +25,6 @@ from fusedkd.torch_backend.tiles import (
     Tokens,
     default_chunk_size,
     finite,
-    project,
     select_rows,
 )
 
@@ -300,8 +302,16 @@ def stream(
     grad_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     need_bias_grad: bool = False,
     valid: torch.Tensor | None = None,
+    tile_terms: Callable | None = None,
+    grad_in_weight_dtype: bool = False,
 ):
     """Stream over token chunks. Returns (divergence [N], ce [N], grads or None).
+
+    `tile_terms` computes a chunk's divergence, cross-entropy and G from its logit tile: `_tile_chunk`
+    (torch element-wise passes, the default), or the tiles backend's two Triton passes
+    (`fusedkd.kernels.topk_tile.topk_tile_terms_triton`), which write G in a 16-bit weight's dtype
+    (`grad_in_weight_dtype`) into the tile's own bytes, so that both gradient products run as 16-bit
+    GEMMs (fp16: G times a power of two, divided out of the products, as the dense tiles backend).
 
     grads = (grad_hidden [N, H] input dtype, grad_weight [V, H] compute dtype, grad_bias [V] or None).
     `valid` ([N] bool or None): which tokens count when ignored ones are streamed too
@@ -331,6 +341,13 @@ def stream(
                 weight.shape[0], torch.finfo(dtype).bits // 8, tiles.LINEAR_TILE_BYTES
             )
     student_scale = tiles.gemm_scales(options, temper_teacher=False)[0]
+    tile_terms = _tile_chunk if tile_terms is None else tile_terms
+    g_dtype = weight.dtype if grad_in_weight_dtype and grad_weights is not None and not sparse else None
+    g_dtype = g_dtype if g_dtype in (torch.bfloat16, torch.float16) else None
+    g_scale = None
+    if g_dtype == torch.float16:
+        g_scale = gradient_scale(options, *head_chain_rule(options.student_head, *grad_weights)[:2], g_dtype)
+        grad_weights = tuple(None if w is None else w * g_scale for w in grad_weights)
     if not sparse and n > 0:
         # The logits tile and the scratch are allocated once and reused by every chunk.
         tile = torch.empty(min(n, chunk_size), weight.shape[0], dtype=dtype, device=device)
@@ -347,7 +364,8 @@ def stream(
             )  # fmt: skip
             continue
         s = project(tile[: rows.stop - rows.start], hidden[rows], weight, bias, student_scale)
-        chunk_divergence, chunk_ce, grad = _tile_chunk(
+        extra = {"grad_out": s.view(g_dtype)[:, : s.shape[1]]} if g_dtype is not None else {}
+        chunk_divergence, chunk_ce, grad = tile_terms(
             s,
             ids[rows],
             log_p,
@@ -358,22 +376,17 @@ def stream(
             scratch,
             student_scale,
             select_rows(valid, rows),
+            **extra,
         )
         divergence[rows] = chunk_divergence
         ce[rows] = chunk_ce
         if grad is not None:
-            grad_hidden, grad_weight, grad_bias = grads
-            if weight.dtype == grad.dtype:
-                torch.mm(grad, weight, out=grad_hidden[rows])
-            else:
-                grad_hidden[rows] = grad.to(weight.dtype) @ weight
-            if start == 0:
-                torch.mm(grad.T, hidden[rows].to(dtype), out=grad_weight)
-            else:
-                grad_weight.addmm_(grad.T, hidden[rows].to(dtype))
-            if grad_bias is not None:
-                grad_bias.add_(grad.sum(0))
+            gradient_products(grad, hidden[rows], weight, grads, rows, dtype=dtype, g_scale=g_scale)
         del grad
+    if grads is not None and g_scale is not None:  # exact: a power of two
+        for grad in grads[1:]:
+            if grad is not None:
+                grad.div_(g_scale)
     return divergence, ce, grads
 
 
@@ -389,6 +402,7 @@ def _compact_stream(
     chunk_size,
     grad_weights=None,
     need_bias_grad=False,
+    tile_terms: Callable | None = None,
 ):
     """`stream` over the tokens that count (`tokens`), per-token results scattered back to all N."""
     n = student_hidden.shape[0]
@@ -405,6 +419,8 @@ def _compact_stream(
         None if grad_weights is None else tuple(tokens.take(w) for w in grad_weights),
         need_bias_grad=need_bias_grad,
         valid=tokens.uncompacted_valid,
+        tile_terms=tile_terms,
+        grad_in_weight_dtype=tile_terms is not None,  # the tiles backend's kernels write G in 16 bits
     )
     divergence = torch.where(tokens.valid, tokens.put(divergence, n), 0.0)
     ce = torch.where(tokens.valid, tokens.put(ce, n), 0.0)
@@ -424,13 +440,16 @@ def fused_linear_topk_kd(
     support: SupportOptions,
     *,
     chunk_size: int | None = None,
+    tile_terms: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend entry point: checked, flattened inputs -> (loss, distill, ce), reduced per `options`.
 
     As `fusedkd._inputs.prepare_topk_kd` hands them: [N, H] hidden states, the [V, H] head, a [V] bias,
     [N, k] int64 ids and [N, k] log-probabilities, [N] int64 labels or None. `support.need_ce=False`
     skips the cross-entropy (returned as zeros) when neither the loss nor the caller uses it; with
-    tail="renormalize" the loss then touches only the k head rows W_s[ids] per token.
+    tail="renormalize" the loss then touches only the k head rows W_s[ids] per token. `tile_terms`: the
+    per-chunk arithmetic of the tile path (`stream`); the tiles backend passes its Triton kernels here
+    and its own chunk size.
     """
 
     def stream_chunks(tensors, tokens: Tokens, options: KDOptions, weights, needs):
@@ -447,6 +466,7 @@ def fused_linear_topk_kd(
             chunk_size,
             weights,
             need_bias_grad=student_bias is not None and needs[2],
+            tile_terms=tile_terms,
         )
 
     loss = streamed.Streamed(stream_chunks, students=(0, 1, 2), labels=5)
