@@ -291,12 +291,13 @@ def test_topk_cache_is_reused_for_the_same_teacher_at_another_path_and_refused_f
 def test_docs_say_the_torch_backend_weight_gradient_is_float32():
     import inspect
 
-    from fusedkd.torch_backend import fused_linear_kd
+    from fusedkd.torch_backend import fused_linear_kd, gemm
 
     # the torch backend: float32 logit tiles and weight gradient, G^T h on hidden states cast up to float32
     source = inspect.getsource(fused_linear_kd.stream)
     assert "grad_weight = allocate(student_weight.shape, dtype=dtype" in source
-    assert "torch.mm(grad.T, hidden.to(dtype), out=grad_weight)" in source
+    assert "gradient_products(grad, hidden, student_weight, grads, rows, dtype=dtype" in source
+    assert "torch.mm(grad.T, hidden.to(dtype), out=grad_weight)" in inspect.getsource(gemm.gradient_products)
     docs = (Path(__file__).parents[1] / "docs" / "distill.md").read_text()
     bf16 = docs.split("- **bf16**:")[1].split("\n- **")[0]
     assert "its gradient run in bf16" not in bf16
