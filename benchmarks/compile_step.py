@@ -6,11 +6,12 @@
 
 The step: a student layer (Linear + tanh) on [tokens, H_s] inputs, `fused_linear_kd_loss` against a
 fixed teacher, backward. It runs eagerly and compiled (`torch.compile(step, fullgraph=True)`, inductor
-by default), alternating, after warm-ups; each reports the median of `--repeats` steps and the first
-compiled call (the compile time) apart. Inside the compiled step the loss is one opaque op
-(`fusedkd._compile`), so the two should take the same time: the ratio compiled / eager is the number
-this prints. On a CPU the Triton backend runs in Triton's interpreter (TRITON_INTERPRET=1, set here
-when no GPU is present): its absolute times mean nothing, the ratio still does.
+by default), alternating (and which of the two goes first alternates too), after warm-ups; each
+reports the median of `--repeats` steps and the first compiled call (the compile time) apart. Inside
+the compiled step the loss is one opaque op (`fusedkd._compile`), so the two should take the same
+time: the ratio compiled / eager is the number this prints. On a CPU the Triton backend runs in
+Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is present): its absolute times mean
+nothing, the ratio still does.
 """
 
 from __future__ import annotations
@@ -89,9 +90,13 @@ def main(argv=None) -> int:
     first = timed(compiled, x, params, device)  # compiles
     timed(forward, x, params, device)  # warm-up
     eager_times, compiled_times = [], []
-    for _ in range(args.repeats):
-        eager_times.append(timed(forward, x, params, device))
-        compiled_times.append(timed(compiled, x, params, device))
+    for i in range(args.repeats):  # in turn first: neither pays for always following the other
+        if i % 2 == 0:
+            eager_times.append(timed(forward, x, params, device))
+            compiled_times.append(timed(compiled, x, params, device))
+        else:
+            compiled_times.append(timed(compiled, x, params, device))
+            eager_times.append(timed(forward, x, params, device))
     row = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         backend=args.backend,
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
         repeats=args.repeats,
     )
     row["compiled_over_eager"] = row["compiled_ms"] / row["eager_ms"]
-    # The spread of the step-by-step ratios (each compiled step over the eager step just before it):
+    # The spread of the step-by-step ratios (each compiled step over the eager step beside it):
     # what a ratio near 1 has to be read against on a shared or noisy machine.
     pairs = sorted(c / e for c, e in zip(compiled_times, eager_times))
     quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3

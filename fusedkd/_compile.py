@@ -131,7 +131,8 @@ def _eager(name: str, tensors: tuple, key: str, grad_outputs: tuple | None, eage
         if want:
             present = [x for x in leaves if x is not None]
             if grad_outputs is None:
-                found = torch.autograd.grad(values[0], present, allow_unused=True)
+                one = torch.ones_like(values[0])  # exactly 1: `unit_output_gradient`'s promise
+                found = torch.autograd.grad(values[0], present, one, allow_unused=True)
             else:
                 outputs = [(v, g) for v, g in zip(values, grad_outputs)]
                 found = torch.autograd.grad(

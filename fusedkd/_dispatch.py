@@ -55,6 +55,11 @@ def resolve_backend(
     fused Triton kernels (`has_triton`; O(N) memory) or, for a loss without them, the PyTorch backend;
     everywhere else the PyTorch backend. float64 stays on torch."""
     check_backend(backend, has_triton=has_triton, has_tiles=has_tiles)
+    if backend == "tiles" and dtype == torch.float64:
+        raise TypeError(
+            "backend='tiles' takes float32, bfloat16 or float16 inputs (its logit tiles are float32); the "
+            "inputs are torch.float64: use backend='torch' for float64"
+        )
     if backend == "torch" or (backend == "auto" and not (has_triton or has_tiles)):
         return "torch"
     from fusedkd import kernels  # imports Triton: only when it may run

@@ -422,3 +422,9 @@ class SupportOptions:
     tail: str
     precision: float
     need_ce: bool
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the loss reads only the k head rows W_s[ids] per token (renormalize, no cross-entropy):
+        no logit tile, on every backend."""
+        return self.tail == "renormalize" and not self.need_ce

@@ -267,7 +267,7 @@ def topk_kd(student_hidden, student_weight, ids, logprobs, labels, student_bias,
             options, device, inputs.student_hidden.dtype, tile_bytes_per_entry=TOPK_TILES_BYTES_PER_ENTRY
         )
         chunk_size, tile_terms = options.chunk_size, None
-        if backend == "tiles":
+        if backend == "tiles" and not inputs.support.sparse:  # (the sparse path has no tile)
             from fusedkd.kernels.topk_tile import topk_tile_terms_triton as tile_terms
 
             if chunk_size is None:

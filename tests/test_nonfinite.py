@@ -219,42 +219,48 @@ TOPK_POISONS = ["student_nan", "student_inf", "student_weight_nan", "ignored_nan
 TOPK_TAILS = [("bucket", 0.6), ("renormalize", 0.6), ("renormalize", 1.0)]
 
 
+TILES_MARKS = [m for b in BACKENDS if b.id == "triton" for m in b.marks]
+
+
 def topk_nonfinite_cases() -> list:
-    """Every (tail, divergence, poison) on the torch backend; uncompacted, each poison once, the tails
-    and divergences dealt out in turn."""
+    """Every (tail, divergence, poison) on the torch backend and on the tiles backend (its kernels;
+    renormalize with alpha=1 is the torch backend's sparse path there too); uncompacted, each poison
+    once per backend, the tails and divergences dealt out in turn."""
     out = []
-    for i, poison in enumerate(TOPK_POISONS):
-        for tail, alpha in TOPK_TAILS:
-            for divergence in ["forward_kl", "reverse_kl"]:
-                out.append(
-                    pytest.param(
-                        "torch",
-                        tail,
-                        alpha,
-                        divergence,
-                        poison,
-                        id=f"torch-{tail}-{alpha}-{divergence}-{poison}",
+    for backend, marks in (("torch", []), ("tiles", TILES_MARKS)):
+        for i, poison in enumerate(TOPK_POISONS):
+            for tail, alpha in TOPK_TAILS:
+                for divergence in ["forward_kl", "reverse_kl"]:
+                    out.append(
+                        pytest.param(
+                            backend,
+                            tail,
+                            alpha,
+                            divergence,
+                            poison,
+                            id=f"{backend}-{tail}-{alpha}-{divergence}-{poison}",
+                            marks=marks,
+                        )
                     )
+            tail, alpha = TOPK_TAILS[i % len(TOPK_TAILS)]
+            divergence = ["forward_kl", "reverse_kl"][i % 2]
+            out.append(
+                pytest.param(
+                    backend,
+                    tail,
+                    alpha,
+                    divergence,
+                    poison,
+                    id=f"{backend}-uncompacted-{tail}-{alpha}-{divergence}-{poison}",
+                    marks=[pytest.mark.uncompacted, *marks],
                 )
-        tail, alpha = TOPK_TAILS[i % len(TOPK_TAILS)]
-        divergence = ["forward_kl", "reverse_kl"][i % 2]
-        out.append(
-            pytest.param(
-                "torch",
-                tail,
-                alpha,
-                divergence,
-                poison,
-                id=f"torch-uncompacted-{tail}-{alpha}-{divergence}-{poison}",
-                marks=pytest.mark.uncompacted,
             )
-        )
     return out
 
 
 @pytest.mark.parametrize("backend,tail,alpha,divergence,poison", topk_nonfinite_cases())
 def test_topk_nonfinite(backend, tail, alpha, divergence, poison):
-    """The sparse top-k loss (torch backend; renormalize with alpha=1 reads only the k listed rows)."""
+    """The sparse top-k loss (renormalize with alpha=1 reads only the k listed rows)."""
     hs, ws, bs = torch.randn(N, H_S) / H_S**0.5, torch.randn(VOCAB, H_S) * 2, torch.randn(VOCAB)
     teacher = torch.log_softmax(torch.randn(N, VOCAB) * 3, dim=-1)
     logprobs, ids = teacher.topk(5, dim=-1)

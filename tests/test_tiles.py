@@ -100,5 +100,12 @@ def test_auto_rule(monkeypatch):
     assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16, **topk, tiles_fit=False) == "torch"
     with pytest.raises(ValueError, match="fused_linear_topk_kd_loss has no fused Triton kernels"):
         fusedkd.FusedLinearTopKKDLoss(backend="triton")
+    # float64 stays on torch: "tiles" refuses it up front, for both losses that have tiles.
+    h, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    labels, ids = torch.randint(0, 20, (5,)), torch.arange(3).repeat(5, 1)
+    with pytest.raises(TypeError, match="backend='tiles' takes float32, bfloat16 or float16 inputs"):
+        fusedkd.fused_linear_kd_loss(h, w, h, w, labels, backend="tiles")
+    with pytest.raises(TypeError, match="backend='tiles' takes float32, bfloat16 or float16 inputs"):
+        fusedkd.fused_linear_topk_kd_loss(h, w, ids, torch.full((5, 3), -2.0), labels, backend="tiles")
     with pytest.raises(ValueError, match="memory_budget must be a positive int"):
         fusedkd.FusedLinearKDLoss(memory_budget=0)

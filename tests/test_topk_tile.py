@@ -292,3 +292,92 @@ def test_gradient_products_read_only_gs_columns():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize(
+    "softcap, T, offset", [(30.0, 0.25, 0.0), (None, 2.0, -120.0)], ids=["capped-T0.25", "plain-low"]
+)
+def test_a_tail_of_raw_minus_inf(softcap, T, offset):
+    """Every tail entry raw -inf, so that pass 1 counts no tail entry: a capped head maps them to -cap
+    (e^(cap / T) would overflow at cap / T > 88), a plain one to zero probabilities (e^(-m) would
+    overflow for a row maximum below -88). G as the torch backend's, finite, on rows that are
+    distributions."""
+    from fusedkd.kernels.topk_tile import topk_tile_terms_triton
+
+    options, support, folded, z, ids, log_p, label_ids, weights = _setup(
+        "forward_kl", "bucket", T, softcap=softcap, vocab=61, k=8
+    )
+    z = z + offset
+    tail = torch.ones_like(z, dtype=torch.bool).scatter_(1, ids, False)
+    z[2:5] = torch.where(tail[2:5], -math.inf, z[2:5])
+    label_ids[2:5] = ids[2:5, 0]  # a finite cross-entropy
+    s = _tile(z, folded)
+    args = (s, ids, log_p, label_ids, options, support, weights, folded, None)
+    kernel, torch_terms = _run(topk_tile_terms_triton, *args, block_v=16), _run(_tile_chunk, *args)
+    _compare(kernel, torch_terms)
+    assert torch.isfinite(kernel[2]).all()
+
+
+def test_an_infinite_divergence_gives_the_torch_backends_gradient():
+    """Reverse KL against a teacher log-probability of -inf on the support: D = inf, and G on the support
+    is NaN on both paths (the tail's coefficient is not finite), finite elsewhere as there."""
+    from fusedkd.kernels.topk_tile import topk_tile_terms_triton
+
+    options, support, folded, z, ids, log_p, label_ids, weights = _setup("reverse_kl", "bucket", 2.0)
+    log_p[3, 5] = -math.inf
+    s = _tile(z, folded)
+    args = (s, ids, log_p, label_ids, options, support, weights, folded, None)
+    kernel, torch_terms = _run(topk_tile_terms_triton, *args, block_v=256), _run(_tile_chunk, *args)
+    assert kernel[0][3] == math.inf
+    _same_nan(kernel[2], torch_terms[2])
+
+
+def test_the_tiles_backend_runs_the_kernels_on_tiles_only(monkeypatch):
+    """backend="tiles" runs the two kernels over each chunk's tile, with chunks from `memory_budget`;
+    the sparse path (renormalize, no cross-entropy: no tile) keeps its own chunks of gathered rows."""
+    import fusedkd.kernels.topk_tile as topk_tile
+
+    chunks = []
+    original = topk_tile.topk_tile_terms_triton
+
+    def spy(s, *args, **kwargs):
+        chunks.append(s.shape[0])
+        return original(s, *args, **kwargs)
+
+    monkeypatch.setattr(topk_tile, "topk_tile_terms_triton", spy)
+    hidden, weight, bias, ids, log_p, labels = _topk_inputs(n=300, vocab=257)
+    budget = 64 * 257 * 4  # one 64-token tile
+    fusedkd.fused_linear_topk_kd_loss(
+        hidden, weight, ids, log_p, labels, backend="tiles", memory_budget=budget
+    )
+    counted = int((labels != -100).sum())
+    assert chunks == [64] * (counted // 64) + ([counted % 64] if counted % 64 else [])
+    chunks.clear()
+    streamed = []
+    from fusedkd.torch_backend import topk_kd
+
+    stream = topk_kd.stream
+    monkeypatch.setattr(
+        topk_kd, "stream", lambda *a, **k: (streamed.append(a[8]), stream(*a, **k))[1]
+    )  # its chunk_size
+    fusedkd.fused_linear_topk_kd_loss(
+        hidden, weight, ids, log_p, None, alpha=1.0, tail="renormalize", backend="tiles", memory_budget=budget
+    )
+    assert chunks == [] and streamed == [None]  # the sparse path sizes its own chunks
+
+
+def test_ignored_tokens_computed_with_weight_zero(monkeypatch):
+    """As on a GPU, ignored tokens streamed through the tiles (not compacted away): their rows count
+    for nothing, values and gradients as the float64 reference."""
+    from fusedkd.torch_backend import tiles as torch_tiles
+    from tests._helpers import reference_topk_kd_loss
+
+    monkeypatch.setattr(torch_tiles, "compacts_ignored", lambda device: False)
+    hidden, weight, bias, ids, log_p, labels = _topk_inputs()
+    options = dict(divergence="reverse_kl", tail="bucket", temperature=2.0, alpha=0.6, reduction="sum")
+    ours = _loss_and_grads(hidden, weight, bias, ids, log_p, labels, backend="tiles", chunk_size=8, **options)
+    as64 = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
+    loss = reference_topk_kd_loss(as64[0], as64[1], ids, log_p, labels, student_bias=as64[2], **options)
+    (loss * 1.7).backward()
+    for a, b in zip(ours, [loss.detach()] + [x.grad for x in as64]):
+        assert rel_err(a, b) <= FP32_RTOL

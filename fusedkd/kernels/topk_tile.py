@@ -287,6 +287,11 @@ def topk_tile_terms_triton(
         scale_t = torch.where(log_z_tail_t > -math.inf, (tail_rel / T - log_z_tail_t).exp(), 0.0)
         coef_t = w_distill / T * terms.c_tail * scale_t
     coef_1 = w_ce * (tail_rel - lse_1).exp()
+    # A tail pass 1 left empty (every entry raw -inf: e^(s - m) is 0 there, or the cap's derivative is)
+    # gets no coefficients: e^(-m) of m = -inf must not overflow into inf x 0.
+    empty_tail = tail_max == -math.inf
+    coef_t = coef_t.masked_fill(empty_tail, 0.0)
+    coef_1 = coef_1.masked_fill(empty_tail, 0.0)
     label_tail = torch.full((c,), -1, dtype=torch.int64, device=s.device)
     if need_ce:  # the label's -w_C: here in the tail, with the support's entries on the support
         label_tail = torch.where((ids == labels[:, None]).any(dim=1), -1, labels.to(torch.int64))
@@ -302,8 +307,12 @@ def topk_tile_terms_triton(
             num_warps=num_warps,
         )  # fmt: skip
 
-    # The support: w_D dD/da / T + w_C (softmax(s) - onehot(y)) on K, times the cap's derivative there.
+    # The support: w_D dD/da / T + w_C (softmax(s) - onehot(y)) on K, times the cap's derivative there;
+    # plus 0 x the tail's coefficient, as the torch backend's G (the tail's r_v, 0 on K, times it): NaN
+    # where that is not finite (an infinite divergence), as there.
     g_support = terms.g_support * (w_distill / T)[:, None]
+    if bucket:
+        g_support = g_support + 0.0 * (w_distill / T * terms.c_tail)[:, None]
     if need_ce:
         g_support = g_support + w_ce[:, None] * (support_rel - lse_1[:, None]).exp()
         g_support = g_support - torch.where(ids == labels[:, None], w_ce[:, None], 0.0)

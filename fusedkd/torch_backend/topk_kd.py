@@ -323,7 +323,7 @@ def stream(
     divergence = torch.zeros(n, dtype=dtype, device=device)
     ce = torch.zeros(n, dtype=dtype, device=device)
     grads = None
-    sparse = support.tail == "renormalize" and not support.need_ce
+    sparse = support.sparse
     if grad_weights is not None:
         # The tile path's first chunk writes grad_weight whole (no zero fill); the sparse path adds rows.
         allocate = torch.zeros if sparse or n == 0 else torch.empty
