@@ -381,3 +381,40 @@ def test_ignored_tokens_computed_with_weight_zero(monkeypatch):
     (loss * 1.7).backward()
     for a, b in zip(ours, [loss.detach()] + [x.grad for x in as64]):
         assert rel_err(a, b) <= FP32_RTOL
+
+
+def test_launcher_refuses_what_the_kernels_cannot_take_and_runs_an_empty_chunk():
+    from fusedkd.kernels.topk_tile import topk_tile_terms_triton
+
+    options, support, folded, z, ids, log_p, label_ids, weights = _setup("forward_kl", "bucket", 2.0, c=4)
+    s = _tile(z, folded)
+    args = (ids, log_p, label_ids, options, support, weights)
+    with pytest.raises(TypeError, match=r"\[c, V\] float32 tile"):
+        topk_tile_terms_triton(s.double(), *args)
+    with pytest.raises(ValueError, match="ids and log_p must be"):
+        topk_tile_terms_triton(s, ids[:3], *args[1:])
+    with pytest.raises(ValueError, match="grad_out must be a"):
+        topk_tile_terms_triton(s.clone(), *args, grad_out=torch.empty(4, 7))
+    with pytest.raises(ValueError, match="s must have unit column stride"):
+        topk_tile_terms_triton(torch.empty(s.shape[1], 4).T, *args)
+    empty = topk_tile_terms_triton(
+        s[:0], ids[:0], log_p[:0], label_ids[:0], options, support, tuple(w[:0] for w in weights)
+    )
+    assert empty[0].shape == empty[1].shape == (0,) and empty[2].shape == (0, s.shape[1])
+
+
+def test_the_sparse_path_under_tiles(monkeypatch):
+    """renormalize without cross-entropy under backend="tiles": the k head rows, a capped head, ignored
+    tokens streamed uncompacted; values and gradients as the float64 reference."""
+    from fusedkd.torch_backend import tiles as torch_tiles
+    from tests._helpers import reference_topk_kd_loss
+
+    monkeypatch.setattr(torch_tiles, "compacts_ignored", lambda device: False)
+    hidden, weight, bias, ids, log_p, labels = _topk_inputs()
+    options = dict(tail="renormalize", alpha=1.0, temperature=2.0, student_softcap=5.0, reduction="sum")
+    ours = _loss_and_grads(hidden, weight, bias, ids, log_p, labels, backend="tiles", **options)
+    as64 = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
+    loss = reference_topk_kd_loss(as64[0], as64[1], ids, log_p, labels, student_bias=as64[2], **options)
+    (loss * 1.7).backward()
+    for a, b in zip(ours, [loss.detach()] + [x.grad for x in as64]):
+        assert rel_err(a, b) <= FP32_RTOL
