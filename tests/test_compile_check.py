@@ -47,6 +47,9 @@ def test_every_kernel_compiles_at_qwen_shapes(bf16_rows):
         for kernel in ("kd_logits_forward_kernel", "kd_logits_backward_kernel"):
             assert (kernel, divergence) in compiled
     assert ("jsd_kernel", None) in compiled and ("merge_jsd_kernel", None) in compiled
+    # The tiles backend's: the dense loss's one pass per divergence, the top-k loss's two passes.
+    assert all(("kd_tile_kernel", divergence) in compiled for divergence in (0, 1, 2))
+    assert {("topk_tile_statistics_kernel", None), ("topk_tile_gradient_kernel", None)} <= compiled
     # Real launch specialization: unit strides and sizes arrive as constants, as on a GPU.
     assert all(row["specialized_ones"] > 0 for row in bf16_rows if row["kernel"] in DOT_KERNELS)
 

@@ -4,10 +4,11 @@
     python -m fusedkd.kernels.compile_check --dtypes bf16 --tokens 16384 --json
 
 Triton's interpreter (the CPU test path) neither type-checks nor lowers the kernels as the compiler
-does. This runs the backend's own launch code (`fused_linear_kd`, `kd_logits`) on meta tensors of
-the given shapes (Qwen3-4B -> Qwen3-0.6B by default: V = 151,936, H_t = 2560, H_s = 1024), with every
-kernel replaced by a recorder; then it binds each recorded launch with Triton's own launcher binder
-for the target (the same `create_function_from_signature` a real launch uses: the same stride == 1
+does. This runs the backend's own launch code (`fused_linear_kd`, `kd_logits`, the tiles backend's
+`kd_tile` and `topk_tile`) on meta tensors of the given shapes (Qwen3-4B -> Qwen3-0.6B by default:
+V = 151,936, H_t = 2560, H_s = 1024), with every kernel replaced by a recorder; then it binds each
+recorded launch with Triton's own launcher binder for the target (the same
+`create_function_from_signature` a real launch uses: the same stride == 1
 constants, divisibility-by-16 attributes and integer specializations; meta tensors sit at address 0,
 i.e. aligned like fresh CUDA allocations) and compiles it with the real compiler (Triton's bundled
 ptxas). For each kernel it reports registers, spilled bytes (ptxas), shared memory, the number of
@@ -37,6 +38,8 @@ FUSED_KERNELS = {
     "gradient": ("gradient_kernel",),
 }
 LOGITS_KERNELS = ("kd_logits_forward_kernel", "kd_logits_backward_kernel")
+TILE_KERNELS = ("kd_tile_kernel",)
+TOPK_TILE_KERNELS = ("topk_tile_statistics_kernel", "topk_tile_gradient_kernel")
 
 
 @contextlib.contextmanager
@@ -115,6 +118,36 @@ def kd_logits_launches(dtype: torch.dtype, divergence: str, tokens: int, vocab: 
             loss, _, _ = kd_logits.kd_logits(student, teacher, labels, options)
             if reduction == "none":
                 loss.sum().backward()
+    return recorded
+
+
+def tile_launches(dtype: torch.dtype, divergence: str, tokens: int, vocab: int):
+    """The launches of the tiles backend's kernels over one chunk: the dense loss's (`kd_tile`, both
+    tiles) and, for the KLs, the top-k loss's (`topk_tile`, tail "bucket", a soft-capped student); G in
+    the student tile's bytes for a 16-bit `dtype` (the heads' dtype), over the tile for float32."""
+    from fusedkd._options import KDOptions, SupportOptions, TopKOptions
+    from fusedkd.kernels import kd_tile, topk_tile
+
+    meta = dict(device="meta")
+    tiles = torch.empty(2, tokens, vocab, **meta)  # float32 tiles at distinct (meta) addresses
+    s, t = tiles[0], tiles[1]
+    grad_out = s.view(dtype)[:, :vocab] if dtype != torch.float32 else None
+    weights = (torch.empty(tokens, **meta), torch.empty(tokens, **meta))
+    labels = torch.empty(tokens, dtype=torch.int64, **meta)
+    recorded: list = []
+    with _recorded_launches(kd_tile, TILE_KERNELS, recorded):
+        options = KDOptions(divergence, 0.5, 2.0, 0.7, -100, "mean", vocab, True)
+        kd_tile.kd_tile_terms_triton(s, t, labels, options, weights, teacher_tempered=True, grad_out=grad_out)
+    if divergence in ("forward_kl", "reverse_kl"):
+        options = TopKOptions.of(dict(divergence=divergence, temperature=2.0, student_softcap=30.0))
+        options = options.resolve(vocab_size=vocab, has_labels=True)
+        support = SupportOptions("bucket", 2.0**-24, need_ce=True)
+        ids = torch.empty(tokens, 64, dtype=torch.int64, **meta)
+        log_p = torch.empty(tokens, 64, **meta)
+        with _recorded_launches(topk_tile, TOPK_TILE_KERNELS, recorded):
+            topk_tile.topk_tile_terms_triton(
+                s, ids, log_p, labels, options, support, weights, grad_out=grad_out
+            )
     return recorded
 
 
@@ -246,6 +279,7 @@ def compile_all(
         for divergence in divergences:
             launches = fused_linear_launches(dtype, divergence, tokens, vocab, student_dim, teacher_dim, sms)
             launches += kd_logits_launches(dtype, divergence, min(tokens, 64), vocab)
+            launches += tile_launches(dtype, divergence, min(tokens, 1024), vocab)
             for kernel, args, kwargs in launches:
                 key = (
                     kernel.__name__,
