@@ -97,7 +97,9 @@ def test_loop_spills_are_found_in_the_loops_only():
 def test_a_new_token_count_reuses_the_compiled_kernels():
     """Token counts are not specialized on (`do_not_specialize`): N and N + 1 tokens (and a count that
     is a multiple of 16 and one that is not) bind to the same specializations through Triton's own
-    launcher binder, so a training run whose batches vary in length compiles each kernel once."""
+    launcher binder, so a training run whose batches vary in length compiles each kernel once. The
+    tiles backend's kernels take the chunk's token count as their grid alone (a last, partial chunk
+    too)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = (
         "import json; from fusedkd.kernels.compile_check import specializations as s; "
@@ -109,4 +111,5 @@ def test_a_new_token_count_reuses_the_compiled_kernels():
     assert proc.returncode == 0, proc.stderr[-3000:]
     n, n_plus_one, other = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(n) >= 6  # statistics, merge, gradient kernels of both divergences
+    assert {"kd_tile_kernel", "topk_tile_statistics_kernel", "topk_tile_gradient_kernel"} <= {k for k, _ in n}
     assert n == n_plus_one == other

@@ -302,8 +302,9 @@ def specializations(
     sms: int = 132,
 ) -> list[tuple[str, str]]:
     """What Triton's launcher binder would compile, per launch of the fused linear loss and its gradient
-    (bf16; forward KL and JSD) at `tokens` tokens: (kernel name, its specialization). A launch with
-    another token count reuses the compiled kernel exactly when its specialization is the same."""
+    (bf16; forward KL and JSD) and of the tiles backend's kernels over a chunk of min(`tokens`, 1,024)
+    tokens, at `tokens` tokens: (kernel name, its specialization). A launch with another token count
+    reuses the compiled kernel exactly when its specialization is the same."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -314,6 +315,7 @@ def specializations(
         launches = fused_linear_launches(
             torch.bfloat16, divergence, tokens, vocab, student_dim, teacher_dim, sms
         )
+        launches += tile_launches(torch.bfloat16, divergence, min(tokens, 1024), vocab)
         for kernel, args, kwargs in launches:
             binder = create_function_from_signature(kernel.signature, kernel.params, backend)
             _, specialization, options = binder(*args, **kwargs)
