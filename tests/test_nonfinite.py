@@ -229,32 +229,23 @@ def topk_nonfinite_cases() -> list:
     out = []
     for backend, marks in (("torch", []), ("tiles", TILES_MARKS)):
         for i, poison in enumerate(TOPK_POISONS):
-            for tail, alpha in TOPK_TAILS:
-                for divergence in ["forward_kl", "reverse_kl"]:
-                    out.append(
-                        pytest.param(
-                            backend,
-                            tail,
-                            alpha,
-                            divergence,
-                            poison,
-                            id=f"{backend}-{tail}-{alpha}-{divergence}-{poison}",
-                            marks=marks,
-                        )
-                    )
+            kls = ("forward_kl", "reverse_kl")
+            cases = [(tail, alpha, d, False) for tail, alpha in TOPK_TAILS for d in kls]
             tail, alpha = TOPK_TAILS[i % len(TOPK_TAILS)]
-            divergence = ["forward_kl", "reverse_kl"][i % 2]
-            out.append(
-                pytest.param(
-                    backend,
-                    tail,
-                    alpha,
-                    divergence,
-                    poison,
-                    id=f"{backend}-uncompacted-{tail}-{alpha}-{divergence}-{poison}",
-                    marks=[pytest.mark.uncompacted, *marks],
+            cases.append((tail, alpha, kls[i % 2], True))
+            for tail, alpha, divergence, uncompacted in cases:
+                kind = f"{backend}-uncompacted" if uncompacted else backend
+                out.append(
+                    pytest.param(
+                        backend,
+                        tail,
+                        alpha,
+                        divergence,
+                        poison,
+                        id=f"{kind}-{tail}-{alpha}-{divergence}-{poison}",
+                        marks=[pytest.mark.uncompacted, *marks] if uncompacted else marks,
+                    )
                 )
-            )
     return out
 
 

@@ -90,8 +90,8 @@ from fusedkd.kernels.tl_utils import (
     REVERSE_KL,
     accurate_tanh,
     check_grad_storage,
-    round_to_bfloat16,
     soft_cap_derivative,
+    store_gradient,
     token_of,
     token_order,
 )
@@ -378,11 +378,7 @@ def kd_tile_kernel(
             if HAS_SOFTCAP_S:
                 g = g * cap_derivative
             g = tl.where(distill_good, g, float("nan"))
-            if ROUND_BF16:
-                g = round_to_bfloat16(g)
-            if G_IN_S:  # every thread's loads of blocks <= i done before any store over them
-                tl.debug_barrier()
-            tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
+            store_gradient(g_row, v, g, in_vocab, ROUND_BF16, G_IN_S)
 
 
 def kd_tile_terms_triton(

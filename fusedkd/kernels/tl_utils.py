@@ -371,3 +371,16 @@ def round_to_bfloat16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def store_gradient(g_row, v, g, mask, ROUND_BF16: tl.constexpr, G_IN_S: tl.constexpr):
+    """The tile kernels' last step: a block of G stored at columns `v` of its row `g_row`, cast to G's
+    dtype (rounded to bfloat16 first under the interpreter, `ROUND_BF16`, whose cast truncates); with
+    G in the student tile's own bytes (`G_IN_S`), after a CTA barrier: every thread's loads of the
+    blocks this store covers are done first (kd_tile.py's docstring)."""
+    if ROUND_BF16:
+        g = round_to_bfloat16(g)
+    if G_IN_S:
+        tl.debug_barrier()
+    tl.store(g_row + v, g.to(g_row.dtype.element_ty), mask=mask)

@@ -45,7 +45,7 @@ import triton.language as tl
 from fusedkd._options import KDOptions, SupportOptions, head_chain_rule, head_factors
 from fusedkd.kernels import INTERPRETER, launch_device
 from fusedkd.kernels.kd_tile import GRAD_DTYPES, MAX_BLOCK_V, _head_and_derivative
-from fusedkd.kernels.tl_utils import check_grad_storage, round_to_bfloat16, token_of, token_order
+from fusedkd.kernels.tl_utils import check_grad_storage, store_gradient, token_of, token_order
 
 
 @triton.jit
@@ -153,11 +153,7 @@ def topk_tile_gradient_kernel(
         if HAS_SOFTCAP:
             g = g * cap_derivative  # 0 at a raw -inf (a mark, or the tail's own); uncapped: e^(-inf)
         g = tl.where(bad, float("nan"), g)
-        if ROUND_BF16:
-            g = round_to_bfloat16(g)
-        if G_IN_S:  # every thread's loads of blocks <= i done before any store over them
-            tl.debug_barrier()
-        tl.store(g_row + v, g.to(g_ptr.dtype.element_ty), mask=in_vocab)
+        store_gradient(g_row, v, g, in_vocab, ROUND_BF16, G_IN_S)
 
 
 def topk_tile_terms_triton(
