@@ -15,9 +15,12 @@ Shapes: Qwen3-4B -> Qwen3-0.6B at their real sizes (V = 151,936, H_t = 2560, H_s
 down), bf16 for the timed rows, forward KL at T = 2 plus cross-entropy (alpha = 0.5). Inputs are made
 on the GPU: the two heads once, the hidden states and labels once per N (shared by every method at N).
 
-Steps, in order, and the time each is budgeted on a fresh H100 (empty Triton / inductor caches; the
-estimates in `BUDGET_S` and `FIRST_CALL_S`, padded; a timing row's is 3x the model's predicted time
-per call plus 1 s). The plan comes to ~430 s (7.2 min), written in the first line:
+Steps, and the time each is budgeted on a fresh H100 (empty Triton / inductor caches; the estimates
+in `BUDGET_S` and `FIRST_CALL_S`, padded; a timing row's is 3x the model's predicted time per call
+plus 1 s). The plan comes to ~430 s (7.2 min), written in the first line. They run in the order of
+`PHASES`, what a cut-off run must keep first: machine, gemm, compile, the float32 correctness of both
+backends, the comparison at N = 16,384 (timing rows, peers, targets, profile), the bf16 correctness,
+topk, then the other token counts' timing rows:
 
   machine      versions, GPU, float32 matmul precision, the plan                                     10 s
   gemm         cuBLAS bf16 GEMMs as the tile path runs them, at N = 1,024 (its chunk) and 16,384:
@@ -56,16 +59,21 @@ per call plus 1 s). The plan comes to ~430 s (7.2 min), written in the first lin
                the model's own verdicts beside them. Never refused by the budget                   0 s
   profile      one torch.profiler step of backend="tiles" at N = 16,384: the top 15 CUDA kernels by
                time, their calls and shares                                                       15 s
-  timing       the N = 32,768 rows, last: the first to go when time runs short
+  timing       the N = 4,096 and 32,768 rows, last: the first to go when time runs short
   summary      counts, the correctness verdict, the targets, what was skipped or failed; the table
                goes to stderr
 
 Guards. --max-minutes (default 8) skips a step, with a line saying so, when the time so far plus its
-estimate would pass the limit. Before each timing row the free GPU memory (`torch.cuda.mem_get_info`
-after emptying the cache) is compared with the row's need: the model's extra memory (gpu_model; naive:
-8 N V float32 bytes) plus the student's gradients, x 1.25, plus --memory-margin-mib (1024); a row that
-would not fit is skipped with a line saying so, and a `torch.cuda.OutOfMemoryError` is caught and
-reported as skipped too.
+estimate would pass the limit; gpu_check.sh also stops the run with SIGINT after 9 minutes (a step
+that overran its estimate), and an interrupted run still writes its summary line and table. A step
+that fails (a kernel fault included) is one "failed" line and the steps after it still run. Before
+each timing row the free GPU memory (`torch.cuda.mem_get_info` after emptying the cache) is compared
+with the row's need: the model's extra memory (gpu_model; naive: 8 N V float32 bytes) plus the
+student's gradients, x 1.25, plus --memory-margin-mib (1024); a row that would not fit is skipped with
+a line saying so, and a `torch.cuda.OutOfMemoryError` is caught and reported as skipped too. The lines
+of the steps that may run the tile path's GEMMs carry "float32_out_gemms": false for a float32-output
+cuBLAS GEMM this torch refused (`fusedkd.torch_backend.gemm` then falls back, slower); a gemm line
+with such a fallback fails.
 
 Notes. backend="tiles" (like the torch backend and Liger) forms the gradients in the forward (for an
 output gradient of 1): its forward holds nearly all its time, its backward only hands the gradients
@@ -107,6 +115,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 
@@ -357,6 +366,9 @@ def machine_info(torch, args) -> dict:
         "trl": _version("trl"),
         "dry_run": args.dry_run,
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        # Triton builds its launcher with a C compiler against Python.h on its first use.
+        "c_compiler": shutil.which("gcc") or shutil.which("clang") or shutil.which("cc"),
+        "python_h": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
         # The float32 correctness check wants IEEE float32 GEMMs and dots (no TF32): "highest".
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -391,12 +403,17 @@ def synchronize(torch) -> None:
 
 
 def free_memory(torch):
-    """Free device memory in bytes after releasing the allocator's cache; None on a CPU."""
+    """Free device memory in bytes after releasing the allocator's cache; None on a CPU, or when the
+    device cannot answer (a kernel fault is sticky: its step's line has the error, and the steps after
+    it must still get to write theirs)."""
     gc.collect()
     if not torch.cuda.is_available():
         return None
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info()[0]
+    try:
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info()[0]
+    except Exception:
+        return None
 
 
 def _pretend(spec: str | None, method: str, n: int) -> bool:
@@ -453,6 +470,8 @@ class Check:
             except Exception:  # a failed kernel: its error is in the line already
                 pass
         fields = {**ident, **fields}
+        if step in ("gemm", "compile", "correctness", "topk", "timing", "profile"):
+            fields["float32_out_gemms"] = float32_out()
         fields.setdefault("estimate_s", estimate_s)
         fields["elapsed_s"] = round(time.perf_counter() - started, 3)
         return self.report.emit(step, fields.pop("status", status), **fields)
@@ -574,6 +593,9 @@ def gemm_step(check: Check, name: str, n: int) -> dict:
             fn = lambda: accumulate_float32(dw, grad.T, hidden, first=False)  # noqa: E731
     (m, k, cols) = dict(gemm_shapes(check, n))[name]
     samples = time_op(torch, fn, repeats=10 if check.cuda else 2, warmup=3 if check.cuda else 1)
+    fallbacks = [what for what, available in float32_out().items() if not available]
+    if check.cuda and fallbacks:  # the tile path's numbers would time the slower fallback GEMMs
+        raise RuntimeError(f"cuBLAS float32-output GEMM unavailable, fallback taken for: {fallbacks}")
     ms = statistics.median(samples)
     flops = 2.0 * m * k * cols
     assumed = check.hardware.bf16_flops * check.hardware.cublas_mma_efficiency / 1e12
@@ -591,6 +613,14 @@ def gemm_step(check: Check, name: str, n: int) -> dict:
 
 
 # --- the losses ----------------------------------------------------------------------------------------
+
+
+def float32_out() -> dict:
+    """Which float32-output cuBLAS GEMMs the tile path found (`fusedkd.torch_backend.gemm`: False = it
+    fell back to a 16-bit product and a copy, slower, and with the logits rounded to 16 bits)."""
+    from fusedkd.torch_backend import gemm
+
+    return dict(gemm._FLOAT32_OUT)
 
 
 def liger_compiled(check: Check) -> bool:
@@ -638,6 +668,8 @@ def build_loss(check: Check, method: str, x: dict, liger_compile: bool = True):
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         except ImportError as exc:
             raise Skip(f"not installed ({_first_line(exc)})") from None
+        except Exception as exc:  # installed, but its import fails (a version skew of its dependencies)
+            raise Skip(f"does not import ({_first_line(exc)})") from None
         criterion = LigerFusedLinearJSDLoss(
             weight_hard_loss=1 - ALPHA,
             weight_soft_loss=ALPHA,
@@ -651,6 +683,8 @@ def build_loss(check: Check, method: str, x: dict, liger_compile: bool = True):
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
         except ImportError as exc:
             raise Skip(f"not installed ({_first_line(exc)})") from None
+        except Exception as exc:  # installed, but its import fails (a version skew of its dependencies)
+            raise Skip(f"does not import ({_first_line(exc)})") from None
 
         def trl_loss():
             divergence, _ = ChunkedDivergenceFunction.apply(sh, sw, None, th, tw, None, 0.0, TEMPERATURE)
@@ -1133,6 +1167,8 @@ def profile_step(check: Check, n: int, x: dict) -> dict:
         what = "CPU operators (self CPU time): no CUDA device, so no kernel times"
     timed.sort(key=lambda item: -item[0])
     total_us = sum(us for us, _ in timed)
+    if check.cuda and total_us == 0:  # the profiler's CUDA activity did not start (it only warns)
+        raise Skip("the profiler recorded no CUDA kernel time (CUPTI unavailable?)")
     top = [
         dict(kernel=e.key[:160], calls=e.count, total_ms=us / 1e3, share=us / total_us if total_us else None)
         for us, e in timed[:TOP_KERNELS]
@@ -1235,20 +1271,126 @@ def table(check: Check) -> list[str]:
 # --- main ----------------------------------------------------------------------------------------------
 
 
+# The order the steps run in: what a cut-off run must not lose first. The float32 correctness of both
+# backends, then the issue's comparison (N = --compare-tokens: the fusedkd rows, the peers, the targets,
+# the profile), then bf16 correctness, the top-k tiles, and the other token counts.
+PHASES = (
+    "gemm",
+    "compile",
+    "correctness float32",
+    "timing compared",
+    "correctness bfloat16",
+    "topk",
+    "timing",
+)
+
+
+def phase_tokens(args, phase: str) -> list[int]:
+    """The token counts of a timing phase."""
+    compared = phase == "timing compared"
+    return [n for n in args.tokens if (n == args.compare_tokens) == compared]
+
+
+def timing_methods(args, n: int) -> list[str]:
+    return args.methods + (args.peers if n == args.compare_tokens else [])
+
+
 def plan(check: Check) -> list[tuple[str, float]]:
-    """Every step and its estimate, in order (the timing rows' from the model's predictions)."""
+    """Every step and its estimate, in the order `run_phase` runs them (the timing rows' estimates
+    from the model's predictions)."""
     a = check.args
     steps = [("machine", BUDGET_S["machine"])]
-    steps += [(f"gemm N={n}", 4 * BUDGET_S["gemm"]) for n in a.gemm_tokens]
-    steps += [("compile tiles", BUDGET_S["compile tiles"]), ("compile triton", BUDGET_S["compile triton"])]
-    steps += [(name, BUDGET_S[name]) for name in BUDGET_S if name.startswith("correctness")]
-    steps += [("topk", BUDGET_S["topk"])]
-    for n in a.tokens:
-        methods = a.methods + (a.peers if n == a.compare_tokens else [])
-        steps += [(f"timing N={n} {m}", row_estimate(check, m, n)) for m in methods]
-        if n == a.compare_tokens:
-            steps += [("targets", 0.0), ("profile", BUDGET_S["profile"])]
+    for phase in PHASES:
+        if phase == "gemm":
+            steps += [(f"gemm N={n}", 4 * BUDGET_S["gemm"]) for n in a.gemm_tokens]
+        elif phase == "compile":
+            steps += [(f"compile {m}", BUDGET_S[f"compile {m}"]) for m in ("tiles", "triton")]
+        elif phase.startswith("correctness"):
+            steps += [(f"{phase} {b}", BUDGET_S[f"{phase} {b}"]) for b in ("tiles", "triton")]
+        elif phase == "topk":
+            steps += [("topk", BUDGET_S["topk"])]
+        else:
+            for n in phase_tokens(a, phase):
+                steps += [(f"timing N={n} {m}", row_estimate(check, m, n)) for m in timing_methods(a, n)]
+                if n == a.compare_tokens:
+                    steps += [("targets", 0.0), ("profile", BUDGET_S["profile"])]
     return steps
+
+
+class LazyInputs:
+    """One N's inputs, made on the device by the first step that needs them (so that a failure to
+    make them, out of memory included, is that step's line, not the end of the check)."""
+
+    def __init__(self, check: Check, n: int):
+        self.check, self.n, self.x = check, n, None
+
+    def __call__(self) -> dict:
+        if self.x is None:
+            self.x = self.check.inputs(self.n)
+        return self.x
+
+
+def run_phase(check: Check, phase: str) -> None:
+    """Run one of PHASES' steps, each writing its line; device memory released after."""
+    torch, args = check.torch, check.args
+    if phase == "gemm":
+        for n in args.gemm_tokens:
+            for name, _ in gemm_shapes(check, n):
+                check.step(
+                    "gemm", BUDGET_S["gemm"], lambda name=name, n=n: gemm_step(check, name, n), gemm=name, n=n
+                )
+    elif phase == "compile":
+        compile_n = args.tokens[0] if args.dry_run else 1024
+        inputs = LazyInputs(check, compile_n)
+        for method in ("tiles", "triton"):
+            check.step(
+                "compile",
+                BUDGET_S[f"compile {method}"],
+                lambda method=method: compile_step(check, method, inputs()),
+                method=method,
+                n=compile_n,
+                dtype="bfloat16",
+            )
+    elif phase.startswith("correctness"):
+        name = phase.split()[1]
+        dtype = getattr(torch, name)
+        refs = References()
+        for backend in ("tiles", "triton"):
+            estimate = BUDGET_S[f"{phase} {backend}"]
+            if backend != "tiles" and dtype not in refs.by_dtype:  # its references too
+                estimate += BUDGET_S[f"{phase} tiles"]
+            check.step(
+                "correctness",
+                estimate,
+                lambda backend=backend: correctness_step(check, refs, dtype, backend),
+                backend=backend,
+                dtype=name,
+                n=args.check_tokens,
+            )
+        refs.by_dtype.clear()
+    elif phase == "topk":
+        check.step("topk", BUDGET_S["topk"], lambda: topk_step(check), n=args.check_tokens)
+    else:
+        for n in phase_tokens(args, phase):
+            inputs = LazyInputs(check, n)  # once per N, shared by every method
+            for method in timing_methods(args, n):
+                line = check.step(
+                    "timing",
+                    row_estimate(check, method, n),
+                    lambda method=method, n=n, inputs=inputs: timing_step(check, method, n, inputs()),
+                    method=method,
+                    n=n,
+                )
+                check.rows.append(line)
+            if n == args.compare_tokens:
+                # Computed from the lines above (no device work): never refused by the budget.
+                check.step("targets", 0.0, lambda n=n: targets_step(check, n), guard=False, n=n)
+                check.step(
+                    "profile", BUDGET_S["profile"], lambda n=n, x=inputs: profile_step(check, n, x()), n=n
+                )
+            inputs = None  # this N's inputs go before the next N's are made
+            free_memory(torch)
+    free_memory(torch)
 
 
 def print_readable(check: Check, records: list[dict], targets: dict | None) -> None:
@@ -1301,64 +1443,13 @@ def main(argv=None) -> int:
         elapsed_s=round(time.perf_counter() - START, 3),
     )
 
-    for n in args.gemm_tokens:
-        for name, _ in gemm_shapes(check, n):
-            check.step(
-                "gemm", BUDGET_S["gemm"], lambda name=name, n=n: gemm_step(check, name, n), gemm=name, n=n
-            )
-    free_memory(torch)
-
-    compile_n = args.tokens[0] if args.dry_run else 1024
-    compile_inputs = check.inputs(compile_n)
-    for method in ("tiles", "triton"):
-        check.step(
-            "compile",
-            BUDGET_S[f"compile {method}"],
-            lambda method=method, x=compile_inputs: compile_step(check, method, x),
-            method=method,
-            n=compile_n,
-            dtype="bfloat16",
-        )
-    compile_inputs = None
-
-    refs = References()
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).replace("torch.", "")
-        for backend in ("tiles", "triton"):
-            estimate = BUDGET_S[f"correctness {name} {backend}"]
-            if backend != "tiles" and dtype not in refs.by_dtype:  # its references too
-                estimate += BUDGET_S[f"correctness {name} tiles"]
-            check.step(
-                "correctness",
-                estimate,
-                lambda dtype=dtype, backend=backend: correctness_step(check, refs, dtype, backend),
-                backend=backend,
-                dtype=name,
-                n=args.check_tokens,
-            )
-    refs.by_dtype.clear()
-    free_memory(torch)
-    check.step("topk", BUDGET_S["topk"], lambda: topk_step(check), n=args.check_tokens)
-    free_memory(torch)
-
-    for n in args.tokens:
-        x = check.inputs(n)  # once per N, shared by every method
-        methods = args.methods + (args.peers if n == args.compare_tokens else [])
-        for method in methods:
-            line = check.step(
-                "timing",
-                row_estimate(check, method, n),
-                lambda method=method, n=n, x=x: timing_step(check, method, n, x),
-                method=method,
-                n=n,
-            )
-            check.rows.append(line)
-        if n == args.compare_tokens:
-            # Computed from the lines above (no device work): never refused by the budget.
-            check.step("targets", 0.0, lambda n=n: targets_step(check, n), guard=False, n=n)
-            check.step("profile", BUDGET_S["profile"], lambda n=n, x=x: profile_step(check, n, x), n=n)
-        x = None  # this N's inputs go before the next N's are made
-        free_memory(torch)
+    interrupted = None
+    try:
+        for phase in PHASES:
+            run_phase(check, phase)
+    except KeyboardInterrupt:  # `timeout -s INT` in gpu_check.sh: the summary and the table still come
+        interrupted = f"interrupted after {time.perf_counter() - START:.0f} s"
+        log(interrupted)
 
     records = report.records
     counts = {}
@@ -1381,6 +1472,7 @@ def main(argv=None) -> int:
         skipped=[f"{_ident(r)}: {r['reason']}" for r in records if r["status"] == "skipped"],
         failed=[f"{_ident(r)}: {r.get('error')}" for r in records if r["status"] == "failed"],
         plan_total_s=sum(s for _, s in steps),
+        interrupted=interrupted,
         elapsed_s=round(time.perf_counter() - START, 3),
     )
     report.close()

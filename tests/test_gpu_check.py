@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -116,6 +117,22 @@ def test_gpu_check_dry_run(tmp_path):
 
     summary = by_step["summary"][0]
     assert summary["correctness_ok"] is True and len(summary["skipped"]) == 2
+    assert summary["interrupted"] is None
+
+    # The order of PHASES: float32 correctness, then the comparison at N = 32 (the dry run's
+    # --compare-tokens), then bf16 correctness, top-k and the other N, each group contiguous.
+    labels = []
+    for line in lines:
+        if line["step"] == "correctness":
+            label = f"correctness {line['dtype']}"
+        elif line["step"] in ("timing", "targets"):
+            label = f"{line['step']}@{line['n']}"
+        else:
+            label = line["step"]
+        if label != "profile" and (not labels or labels[-1] != label):
+            labels.append(label)
+    expected = ["correctness float32", "timing@32", "targets@32", "correctness bfloat16", "topk", "timing@16"]
+    assert labels == ["machine", "gemm", "compile", *expected, "summary"], labels
     assert "meas/pred" in stderr.split("summary")[-1]  # the table, after the last line, on stderr
 
 
@@ -133,3 +150,29 @@ def test_gpu_check_max_minutes_skips_every_step(tmp_path):
     assert {line["step"] for line in lines} == set(STEPS)
     targets = next(line for line in lines if line["step"] == "targets")
     assert targets["unjudged"] == 4 and targets["all_pass"] is None
+
+
+@pytest.mark.slow  # ~15 s: up to the first compile line
+def test_gpu_check_interrupted_run_still_writes_its_summary(tmp_path):
+    """SIGINT (gpu_check.sh's `timeout -s INT`) mid-run: the lines so far stay, and a summary line
+    saying so ends the file."""
+    output = tmp_path / "gpu_check.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--dry-run", "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line)["step"] == "compile":
+            proc.send_signal(signal.SIGINT)  # during the second compile step or the first correctness
+            break
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    check_well_formed(lines)
+    summary = lines[-1]
+    assert summary["interrupted"].startswith("interrupted after"), summary
+    assert not any(line["step"] in ("timing", "topk") for line in lines), [line["step"] for line in lines]
+    assert stderr.index("meas/pred") > stderr.index("interrupted after")  # the table still printed
