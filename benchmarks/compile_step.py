@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -42,8 +43,12 @@ def make_step(args, device):
     labels[: args.tokens // 8] = -100
     params = [*layer.parameters(), head]
 
+    if args.no_layer:
+        x.requires_grad_(True)
+        params = [head, x]
+
     def forward(x):
-        hidden = torch.tanh(layer(x))
+        hidden = x if args.no_layer else torch.tanh(layer(x))
         return fusedkd.fused_linear_kd_loss(
             hidden,
             head,
@@ -81,6 +86,11 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-hidden", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compiler", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--no-layer",
+        action="store_true",
+        help="the loss alone, on leaf hidden states (no student layer): the loss's part of the ratio",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +116,7 @@ def main(argv=None) -> int:
         student_hidden=args.student_hidden,
         teacher_hidden=args.teacher_hidden,
         threads=torch.get_num_threads(),
+        layer=not args.no_layer,
         eager_ms=1e3 * statistics.median(eager_times),
         compiled_ms=1e3 * statistics.median(compiled_times),
         first_compiled_call_s=first,
@@ -117,6 +128,13 @@ def main(argv=None) -> int:
     pairs = sorted(c / e for c, e in zip(compiled_times, eager_times))
     quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
     row["pair_ratio_quartiles"] = [round(q, 4) for q in quartiles]
+    # Their geometric mean and its 95% confidence interval (normal approximation on the log ratios):
+    # "no slower" needs the interval's upper end at or below 1, a slowdown its lower end above 1.
+    logs = [math.log(p) for p in pairs]
+    half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else math.inf
+    mean = statistics.fmean(logs)
+    row["pair_ratio_geomean"] = round(math.exp(mean), 4)
+    row["pair_ratio_ci95"] = [round(math.exp(mean - half), 4), round(math.exp(mean + half), 4)]
     if args.json:
         print(json.dumps(row))
     else:
@@ -124,7 +142,9 @@ def main(argv=None) -> int:
             f"{row['device']}, backend={row['backend']}, N={row['tokens']}, V={row['vocab']}: eager "
             f"{row['eager_ms']:.1f} ms, compiled ({row['compiler']}) {row['compiled_ms']:.1f} ms, "
             f"ratio {row['compiled_over_eager']:.3f} (step by step: quartiles "
-            f"{', '.join(f'{q:.3f}' for q in row['pair_ratio_quartiles'])}); first compiled call "
+            f"{', '.join(f'{q:.3f}' for q in row['pair_ratio_quartiles'])}; geometric mean "
+            f"{row['pair_ratio_geomean']:.4f}, 95% CI {row['pair_ratio_ci95'][0]:.4f}-"
+            f"{row['pair_ratio_ci95'][1]:.4f}); first compiled call "
             f"{row['first_compiled_call_s']:.1f} s"
         )
     return 0

@@ -176,19 +176,24 @@ def test_kd_only_smoke_measures_trls_chunked_divergence(tmp_path):
     assert max(losses) - min(losses) < FP32_RTOL * abs(losses[0]), losses
 
 
-def test_compile_step_benchmark_runs():
-    """benchmarks/compile_step.py on a tiny step (the aot_eager compiler: no code generation)."""
+@pytest.mark.parametrize("layer", [True, False])
+def test_compile_step_benchmark_runs(layer):
+    """benchmarks/compile_step.py on a tiny step (the aot_eager compiler: no code generation), with
+    and without the student layer; the pairs' geometric mean lies in its confidence interval."""
     import json
 
     command = [
         sys.executable, "benchmarks/compile_step.py", "--tokens", "32", "--vocab", "300",
-        "--student-hidden", "8", "--teacher-hidden", "12", "--repeats", "1", "--compiler", "aot_eager",
-        "--json",
+        "--student-hidden", "8", "--teacher-hidden", "12", "--repeats", "3", "--compiler", "aot_eager",
+        "--json", *([] if layer else ["--no-layer"]),
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=WORKTREE_ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["backend"] == "torch"
+    assert row["layer"] is layer
+    low, high = row["pair_ratio_ci95"]
+    assert 0 < low <= row["pair_ratio_geomean"] <= high
 
 
 def test_compile_python_calls_benchmark_runs():
