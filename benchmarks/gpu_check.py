@@ -1254,7 +1254,7 @@ def table(check: Check) -> list[str]:
         f"{'meas/pred':>9} {'extra MiB':>9} {'pred MiB':>8} {'first ms':>8}"
     ]
     lines.append("-" * len(lines[0]))
-    for r in check.rows:
+    for r in sorted(check.rows, key=lambda r: r["n"]):  # by N (they ran the compared N first); stable
         if r["status"] != "ok":
             lines.append(f"{r['n']:>6} {r['method']:<7} {r['status']}: {r.get('reason') or r.get('error')}")
             continue
