@@ -297,3 +297,85 @@ def test_fp16_teacher_overflow_is_nan_not_zero():
     t = t.half()
     loss = fusedkd.kd_loss(s, t.float(), divergence="jsd", reduction="none", alpha=1.0)
     assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all()
+
+
+TILES = LINEAR_BACKENDS[-1]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("torch", id="torch"), TILES])
+@pytest.mark.parametrize("loss", ["dense", "topk"])
+def test_bf16_cpu_gemm_keeps_a_nan_in_its_token(loss, backend):
+    """bfloat16 with an odd hidden size and an odd vocabulary: torch's CPU bfloat16 GEMM, with an odd
+    inner dimension, makes a row's product NaN when the next row holds a NaN (`gemm._nonfinite_rows`);
+    the poisoned token's loss and hidden-state gradient are NaN, its neighbours' are not."""
+    torch.manual_seed(3)
+    n, vocab, h = 33, 65, 5  # odd K for the projection (h) and for dh = G W (vocab)
+    hs = torch.randn(n, h)
+    hs[1, 0] = math.nan  # the token after token 0
+    ws, ht, wt = torch.randn(vocab, h), torch.randn(n, h), torch.randn(vocab, h)
+    labels = torch.randint(0, vocab, (n,))
+    student = [x.to(DEVICE, torch.bfloat16).requires_grad_(True) for x in (hs, ws)]
+    teacher = [x.to(DEVICE, torch.bfloat16) for x in (ht, wt)]
+    if loss == "dense":
+        out = fusedkd.fused_linear_kd_loss(*student, *teacher, labels, backend=backend, reduction="none")
+    else:
+        ids, logprobs = fusedkd.teacher_topk(*teacher, 6)
+        out = fusedkd.fused_linear_topk_kd_loss(
+            *student, ids, logprobs, labels, backend=backend, reduction="none"
+        )
+    grad_hidden = torch.autograd.grad(out.sum(), student[0])[0]
+    assert out.isnan().nonzero().flatten().tolist() == [1]
+    assert grad_hidden.isnan().any(-1).nonzero().flatten().tolist() == [1]
+
+
+NO_LABELS_CASES = [
+    pytest.param(loss, b.values[0], id=f"{loss}-{b.id}", marks=b.marks)
+    for b in LINEAR_BACKENDS
+    for loss in ("dense", "topk")
+    if not (loss == "topk" and b.values[0] == "triton")  # the top-k loss has no fused Triton kernels
+]
+
+
+@pytest.mark.parametrize("loss,backend", NO_LABELS_CASES)
+def test_no_labels_ce_component_stays_zero_on_a_nan_token(loss, backend):
+    """labels=None: no cross-entropy, so its component is 0 for every token, a NaN token's included
+    (its divergence is NaN), as in `fusedkd.reference` (the top-k loss has no fused Triton kernels)."""
+    hs, ws, _, ht, wt, _ = _linear_inputs("student_nan")
+    kw = dict(alpha=1.0, return_components=True, reduction="none")
+    if loss == "dense":
+        args = [x.to(DEVICE) for x in (hs, ws, ht, wt)]
+        loss_, distill, ce = fusedkd.fused_linear_kd_loss(*args, None, backend=backend, **kw)
+        ref = fusedkd.reference.fused_linear_kd_loss(*(x.double() for x in args), None, **kw)
+    else:
+        ids, logprobs = fusedkd.teacher_topk(ht.to(DEVICE), wt.to(DEVICE), 5)
+        args = [hs.to(DEVICE), ws.to(DEVICE), ids]
+        loss_, distill, ce = fusedkd.fused_linear_topk_kd_loss(
+            *args, logprobs, None, backend=backend, tail="bucket", **kw
+        )
+        ref = reference_topk_kd_loss(
+            args[0].double(), args[1].double(), ids, logprobs.double(), None, tail="bucket", **kw
+        )
+    for name, actual, expected in zip(("loss", "distill", "ce"), (loss_, distill, ce), ref):
+        _check(actual, expected, name)
+    assert torch.equal(ce, torch.zeros_like(ce)) and distill.isnan().nonzero().flatten().tolist() == [2]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS[1:])
+def test_nan_row_over_whole_blocks(backend, divergence):
+    """A NaN token whose logit row fills whole vocabulary blocks (no masked column in any block): the
+    reverse KL's argmax over an all-NaN block (Triton's interpreter raises there) and every other
+    divergence give that token NaN, the others their finite values."""
+    torch.manual_seed(5)
+    n, vocab, h = 4, 256, 8
+    hs, ws, ht, wt = torch.randn(n, h), torch.randn(vocab, h), torch.randn(n, h), torch.randn(vocab, h)
+    hs[1, 0] = math.nan
+    labels = torch.randint(0, vocab, (n,))
+    args = [x.to(DEVICE) for x in (hs, ws, ht, wt)]
+    out = fusedkd.fused_linear_kd_loss(
+        *args, labels.to(DEVICE), divergence=divergence, backend=backend, reduction="none"
+    )
+    ref = fusedkd.reference.fused_linear_kd_loss(
+        *(x.double() for x in args), labels.to(DEVICE), divergence=divergence, reduction="none"
+    )
+    _check(out, ref, divergence)

@@ -205,7 +205,9 @@ def fold_statistics(
         # A = sum_v e^(a_v) (a_v - (t_v - t_*)/T): weighted by the student, relative to its top token. A
         # teacher's -inf there (p = 0 where q is largest: D = +inf) is taken as 0, so that A is +inf, not
         # NaN; the saved t_* is that same value, which is all the merge and the gradient need.
-        tile_top = tl.argmax(s, axis=1)
+        # NaN entries left out of the argmax (the row's sums are NaN anyway, so is its loss): on the GPU
+        # tl.argmax skips them by its comparisons, Triton's interpreter raises on an all-NaN row.
+        tile_top = tl.argmax(tl.where(s == s, s, neg_inf), axis=1)
         tile_teacher_at_top = lse_shift(
             tl.sum(tl.where(offs_fold[None, :] == tile_top[:, None], t, 0.0), axis=1)
         )

@@ -263,7 +263,7 @@ def topk_tile_terms_triton(
         label_logit = raw_label.clone()
         tiles.finish_head(label_logit, folded, options.student_logit_scale, options.student_softcap, 1.0)
         ce.copy_(lse_1 - (label_logit - shift))
-    for x in (divergence, ce):
+    for x in (divergence, ce) if need_ce else (divergence,):  # no labels: C = 0, whatever the row
         x.masked_fill_(bad, math.nan)
         if valid is not None:
             x.masked_fill_(~valid, 0.0)

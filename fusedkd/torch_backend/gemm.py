@@ -8,7 +8,36 @@ in the weight's dtype) as 16-bit GEMMs accumulated in float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def _nonfinite_rows(a: torch.Tensor) -> torch.Tensor | None:
+    """The rows of `a` holding a NaN or inf when `a` is the left operand that torch's CPU bfloat16 GEMM
+    mishandles, else None.
+
+    With an odd inner dimension, torch 2.13's CPU bfloat16 GEMM (measured; float16 and float32 are
+    not affected) makes a row's product NaN when the row after it holds a NaN or inf: the neighbouring
+    token's logits or hidden-state gradient would be NaN, where only the poisoned token's may be
+    (docs/design.md §9). One `isfinite` pass over `a` finds such rows; the callers multiply them as zeros
+    and set their products to NaN, which is what a non-finite row of hidden states (its logits row is
+    not a distribution) or of G (a row the rule filled with NaN) leads to anyway."""
+    if a.device.type != "cpu" or a.dtype != torch.bfloat16 or a.shape[-1] % 2 == 0 or a.numel() == 0:
+        return None
+    bad = ~torch.isfinite(a).all(-1)
+    return bad if bool(bad.any()) else None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (into `out`), with `_nonfinite_rows`' rows of `a` NaN rows of the product."""
+    bad = _nonfinite_rows(a)
+    if bad is not None:
+        a = a.masked_fill(bad[:, None], 0)
+    product = torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    if bad is not None:
+        product[bad] = math.nan
+    return product
 
 
 def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -22,7 +51,7 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             raise
         except (RuntimeError, TypeError):  # an older torch, or no such kernel
             _FLOAT32_OUT["mm"] = False
-    return torch.mm(a, b).float()
+    return _mm(a, b).float()
 
 
 def accumulate_float32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
@@ -66,6 +95,11 @@ def project(
     the tile (cuBLAS, ``out_dtype``: the logits unrounded, as the fused kernels keep them, and no copy);
     elsewhere the GEMM's result is rounded to the inputs' dtype (as torch.nn.functional.linear) and
     copied into the tile."""
+    bad = _nonfinite_rows(hidden)
+    if bad is not None:  # torch's CPU bfloat16 GEMM would spread them to their neighbours' logits
+        project(out, hidden.masked_fill(bad[:, None], 0), weight, bias, scale)
+        out[bad] = math.nan
+        return out
     direct = weight.dtype == out.dtype
     sixteen_bit = hidden.dtype == weight.dtype and weight.element_size() == 2 and out.dtype == torch.float32
     if sixteen_bit and hidden.is_cuda and _FLOAT32_OUT.get("project", True):
@@ -118,9 +152,9 @@ def gradient_products(
     if g_scale is not None:
         grad_hidden[rows] = (mm_float32(grad, weight) / g_scale).to(grad_hidden.dtype)
     elif weight.dtype == grad.dtype:
-        torch.mm(grad, weight, out=grad_hidden[rows])
+        _mm(grad, weight, out=grad_hidden[rows])
     else:
-        grad_hidden[rows] = grad.to(weight.dtype) @ weight
+        grad_hidden[rows] = _mm(grad.to(weight.dtype), weight)
     if grad.dtype == dtype:
         if first:
             torch.mm(grad.T, hidden.to(dtype), out=grad_weight)

@@ -194,7 +194,8 @@ def _tile_group(
 
     def finish_values() -> None:
         divergence_out.masked_fill_(bad, math.nan)
-        ce_out.masked_fill_(bad, math.nan)
+        if labels is not None:  # no labels: C = 0, whatever the row
+            ce_out.masked_fill_(bad, math.nan)
         if valid is not None:
             divergence_out.masked_fill_(~valid, 0.0)
             ce_out.masked_fill_(~valid, 0.0)
