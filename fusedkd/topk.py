@@ -17,9 +17,10 @@ q = softmax(s / T) the student's full-vocabulary distribution (docs/design.md §
       forward_kl: D = sum_K p_j log(p_j / q_j) + p_tail log(p_tail / q_tail)
       reverse_kl: D = sum_K q_j log(q_j / p_j) + q_tail log(q_tail / p_tail)
   tau = eps (1 + sum_K p_j |log p_j|), with eps the relative precision of the log-probabilities (their
-  dtype's eps, at least float32's), bounds the rounding error of 1 - sum_K p_j: a tail that small is
-  not resolved by the data. The floor keeps reverse KL finite when the listed mass rounds to 1 (a
-  confident teacher, or renormalized log-probabilities) and changes forward KL by O(tau).
+  dtype's eps, at least the compute dtype's: float32's unless everything is float64), bounds the
+  rounding error of 1 - sum_K p_j: a tail that small is not resolved by the data. The floor keeps
+  reverse KL finite when the listed mass rounds to 1 (a confident teacher, or renormalized
+  log-probabilities) and changes forward KL by O(tau).
   By the chain rule of KL, D is the full KL minus the teacher-weighted KL inside the tail, so it does
   not exceed the dense loss, and it equals the dense loss when k = V (there is no tail outcome then).
 * ``tail="renormalize"``: both distributions are restricted to K and renormalized,
@@ -175,7 +176,8 @@ def fused_linear_topk_kd_loss(
       tau) and q_tail = sum_{v not in K} q_v; forward KL ``D = sum_K p_j log(p_j / q_j) + p_tail log(p_tail
       / q_tail)``, reverse KL ``D = sum_K q_j log(q_j / p_j) + q_tail log(q_tail / p_tail)``: the exact KL
       between the coarse-grained distributions (k + 1 outcomes), equal to the dense loss when k = V.
-      tau = eps (1 + sum_K p_j |log p_j|), eps the logprobs' dtype's precision (at least float32's), is
+      tau = eps (1 + sum_K p_j |log p_j|), eps the logprobs' dtype's precision (at least the compute dtype's:
+      float32's unless everything is float64), is
       the rounding error of 1 - sum_K p: a tail too small for the data to resolve (it keeps reverse KL
       finite for a confident teacher).
     * ``tail="renormalize"``: ``D = KL(p^ || q^)`` (forward) or ``KL(q^ || p^)`` (reverse) between the
