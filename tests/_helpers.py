@@ -263,6 +263,7 @@ def reference_topk_kd_loss(
             reduction=reduction,
             tail=tail,
             vocab_size=vocab_size,
+            return_components=return_components,  # components want ce even at alpha = 1
             student_head=HeadTransform.of("student", student_logit_scale, student_softcap),
         ),
     )

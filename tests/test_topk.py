@@ -544,3 +544,17 @@ def test_sparse_loss_allocates_no_tokens_by_vocab_tensor(options):
         (out[0] if isinstance(out, tuple) else out).sum().backward()
     assert largest.numel <= max(chunk * vocab, vocab * hidden_dim) < n * vocab, (largest.numel, largest.op)
     assert torch.isfinite(student_weight.grad).all()
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_components_at_alpha_one_carry_the_cross_entropy(tail):
+    """alpha = 1 with labels and return_components: the loss is the distillation alone, but the ce
+    component is still the cross-entropy, as the reference (and the dense loss) report it."""
+    vocab = 97
+    student, ids, logprobs, labels, _ = make_topk_case(vocab=vocab, k=7, dtype=torch.float64)
+    options = dict(temperature=2.0, alpha=1.0, tail=tail, return_components=True, reduction="none")
+    values, _ = run(fused_linear_topk_kd_loss, student, ids, logprobs, labels, **options)
+    expected, _ = run(reference_topk_kd_loss, student, ids, logprobs, labels, **options)
+    assert_close(values, expected, 1e-12, "values")
+    counted = labels.reshape(-1) != -100
+    assert (values[2].reshape(-1)[counted] > 0).all()  # a cross-entropy, not zeros
