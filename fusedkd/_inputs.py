@@ -216,6 +216,7 @@ def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         raise ValueError("shift_labels=True needs labels with a sequence dimension, got a 0-d tensor")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         return labels  # check_labels names the dtype
+    labels = labels.to(torch.int64)  # ignore_index in a narrower dtype (uint8: -100 -> 156) would wrap
     last = torch.full_like(labels[..., :1], ignore_index)
     return torch.cat([labels[..., 1:], last], dim=-1)
 

@@ -83,13 +83,25 @@ def check_temperature(temperature: float) -> float:
     return temperature
 
 
+# The logit scales and soft caps whose scaled logits float32 represents: the GEMMs take the scale as
+# their float32 alpha, and a cap c divides the logits by c before tanh (1/c, c x tanh in float32).
+LOGIT_SCALE_RANGE = (1e-6, 1e6)
+SOFTCAP_RANGE = (1e-3, 1e6)
+
+
 def check_logit_scale(name: str, value: float) -> float:
-    """A model's logit scale: a finite float > 0 (the logits are multiplied by it)."""
+    """A model's logit scale: a finite float > 0 in LOGIT_SCALE_RANGE (the logits are multiplied by it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    low, high = LOGIT_SCALE_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"{name} must be in [{low:g}, {high:g}], got {value:g}: beyond those, float32 cannot "
+            "represent the scaled logits"
+        )
     return value
 
 
@@ -102,6 +114,12 @@ def check_softcap(name: str, value: float | None) -> float | None:
     value = float(value)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be None or finite and > 0, got {value}")
+    low, high = SOFTCAP_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"{name} must be None or in [{low:g}, {high:g}], got {value:g}: beyond those, float32 cannot "
+            "represent the capped logits"
+        )
     return value
 
 
@@ -259,6 +277,8 @@ class KDOptions:
         check_backend(self.backend, has_triton=self.HAS_TRITON, has_tiles=self.HAS_TILES, loss=self.LOSS)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if not -(2**63) <= self.ignore_index < 2**63:
+            raise ValueError(f"ignore_index must fit in int64 (the labels' dtype), got {self.ignore_index}")
         if self.vocab_size is not None:
             check_vocab_size(self.vocab_size)
         if self.chunk_size is not None:

@@ -84,6 +84,7 @@ SHARED = [
     (dict(alpha=1.5), ValueError, r"alpha must be in \[0, 1\]"),
     (dict(alpha=-0.1), ValueError, "alpha"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64"),
     (dict(divergence="kl"), ValueError, "divergence must be one of"),
     (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
@@ -223,6 +224,11 @@ def _bad_head_options(side: str):
         (f"{side}_softcap", 0.0, ValueError, f"{side}_softcap must be None or finite and > 0"),
         (f"{side}_softcap", float("nan"), ValueError, f"{side}_softcap"),
         (f"{side}_softcap", "30", TypeError, f"{side}_softcap must be None or a positive float"),
+        # Finite, but past what float32 logits represent (NaN losses, or an overflow inside the GEMM).
+        (f"{side}_logit_scale", 1e300, ValueError, rf"{side}_logit_scale must be in \[1e-06, 1e\+06\]"),
+        (f"{side}_logit_scale", 1e-300, ValueError, rf"{side}_logit_scale must be in \[1e-06, 1e\+06\]"),
+        (f"{side}_softcap", 1e39, ValueError, rf"{side}_softcap must be None or in \[0.001, 1e\+06\]"),
+        (f"{side}_softcap", 1e-300, ValueError, rf"{side}_softcap must be None or in \[0.001, 1e\+06\]"),
     ]
 
 

@@ -89,6 +89,25 @@ def test_shift_labels_equals_shifting_by_hand():
         fusedkd.fused_linear_kd_loss(hs, ws, ht, wt, None, alpha=1.0, shift_labels=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_shift_labels_in_narrow_integer_dtypes(dtype):
+    """Labels of any integer dtype, shifted: the same loss as int64 labels. The last position's
+    ignore_index is not written in the labels' own dtype (uint8: -100 would wrap to 156, a token id
+    of this vocabulary, and that position would silently count; int8: 1000 would overflow)."""
+    vocab = 200
+    labels = torch.randint(0, 100, (2, 5))
+    s, t = torch.randn(2, 5, vocab), torch.randn(2, 5, vocab)
+    for ignore_index in (-100, 1000) if dtype != torch.uint8 else (-100,):
+        expected = fusedkd.kd_loss(
+            s, t, labels, shift_labels=True, ignore_index=ignore_index, reduction="none"
+        )
+        actual = fusedkd.kd_loss(
+            s, t, labels.to(dtype), shift_labels=True, ignore_index=ignore_index, reduction="none"
+        )
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+        assert (actual[:, -1] == 0).all()
+
+
 def test_shift_labels_on_a_hugging_face_model_matches_its_own_loss():
     """README's first example: `model.model(...)` hidden states, `lm_head.weight`, the model's own labels.
     With alpha=0 the loss is the plain cross-entropy, which the model computes itself from its logits."""
