@@ -153,6 +153,9 @@ def resolve_vocab_size(requested: int | None, sizes: dict[str, str | int], unit:
             f"{name}, which has {size} rows" if unit == "rows" else f"the last dimension of {name} ({size})"
         )
 
+    for name, size in sizes.items():
+        if size == 0:
+            raise ValueError(f"{described(name, size)}: an empty vocabulary (it needs at least one entry)")
     if requested is None:
         if len(set(sizes.values())) > 1:
             listed = " and ".join(described(name, size) for name, size in sizes.items())

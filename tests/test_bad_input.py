@@ -185,6 +185,21 @@ def test_mismatched_dtypes_outside_autocast_are_an_error(key):
         call(key, student_hidden=torch.randn(N, 8, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize(
+    "key,overrides,named",
+    [
+        ("linear", dict(student_weight=torch.randn(0, 8)), "student_weight, which has 0 rows: an empty"),
+        ("linear", dict(teacher_weight=torch.randn(0, 12)), "teacher_weight, which has 0 rows: an empty"),
+        ("logits", dict(student_logits=torch.randn(N, 0)), r"student_logits has vocabulary size 0"),
+        ("topk", dict(student_weight=torch.randn(0, 8)), "student_weight, which has 0 rows: an empty"),
+    ],
+)
+def test_an_empty_vocabulary_is_named(key, overrides, named):
+    """A head with no rows (logits with no entries): the tensor is named, not a vocab_size never passed."""
+    with pytest.raises(ValueError, match=named):
+        call(key, **overrides)
+
+
 def test_teacher_topk_bad_input():
     from fusedkd import teacher_topk
 
@@ -203,6 +218,8 @@ def test_teacher_topk_bad_input():
             teacher_topk(hidden, weight, **kwargs)
     with pytest.raises(ValueError, match="teacher_weight must be"):
         teacher_topk(hidden[:, :7], weight, 5)
+    with pytest.raises(ValueError, match="teacher_weight, which has 0 rows: an empty vocabulary"):
+        teacher_topk(hidden, weight[:0], 5)
     with pytest.raises(TypeError, match="teacher_hidden has dtype"):
         teacher_topk(hidden.double(), weight, 5)
     ids, _ = teacher_topk(hidden, weight, 5, vocab_size=40)  # a smaller vocab_size is fine
