@@ -30,7 +30,6 @@ Log-probabilities stored in float16 keep ~3 significant digits (bfloat16: ~2); t
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fusedkd._options import check_temperature
 
 MAGIC = b"FKDTOPK\0"
 VERSION = 1
@@ -146,10 +147,14 @@ class TopKCacheWriter:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if k > vocab_size:
             raise ValueError(f"k={k} is larger than vocab_size={vocab_size}")
+        if vocab_size > 2**31 - 1:
+            raise ValueError(
+                f"vocab_size must be at most 2**31 - 1 (ids are stored as int32), got {vocab_size}"
+            )
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        # The losses' own range (a cache of another temperature could not be used by them).
+        check_temperature(temperature)
         if not isinstance(teacher, str):
             raise TypeError(f"teacher must be a str (the teacher's name), got {type(teacher).__name__}")
         dtype_name = _dtype_name(logprob_dtype)
@@ -402,8 +407,16 @@ class TopKCache:
         if index["logprob_dtype"] not in LOGPROB_DTYPES:
             raise TopKCacheError(f"{index_path}: unknown logprob_dtype {index['logprob_dtype']!r}")
         shared = {key: index[key] for key in _SHARED_KEYS}
+        entries = index["shards"]
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("num_tokens"), int)
+            for e in entries
+        ):
+            raise TopKCacheError(
+                f"{index_path}: corrupt index: shards must be a list of {{name, num_tokens}} entries"
+            )
         self.shards: list[_Shard] = []
-        for position, entry in enumerate(index["shards"]):
+        for position, entry in enumerate(entries):
             shard = _Shard(self.directory / entry["name"], dict(shared, shard=position))
             if shard.num_tokens != entry["num_tokens"]:
                 raise TopKCacheError(

@@ -160,6 +160,18 @@ def test_missing_shard_and_missing_index_are_detected(cache_dir):
         TopKCache(cache_dir)
 
 
+@pytest.mark.parametrize(
+    "shards", ["x", [{"num_tokens": 20}], [{"name": 3, "num_tokens": 20}], [{"name": "shard-00000.fkdtopk"}]]
+)
+def test_corrupt_shard_list_in_the_index_is_detected(cache_dir, shards):
+    """A hand-edited or damaged index: TopKCacheError naming it, never a KeyError / TypeError."""
+    index_path = cache_dir / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps(dict(index, shards=shards)))
+    with pytest.raises(TopKCacheError, match="corrupt index: shards must be a list"):
+        TopKCache(cache_dir)
+
+
 def test_interrupted_writer_leaves_no_readable_cache(tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         with TopKCacheWriter(
@@ -220,6 +232,8 @@ def test_bad_reads(cache_dir):
         (dict(k=0), ValueError, "k must be a positive int"),
         (dict(k=400), ValueError, "k=400 is larger than vocab_size=301"),
         (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+        (dict(temperature=1e6), ValueError, r"temperature must be in \[0.001, 1000\]"),  # as the losses
+        (dict(k=4, vocab_size=2**32), ValueError, "vocab_size must be at most 2\\*\\*31 - 1"),
         (dict(teacher=3), TypeError, "teacher must be a str"),
         (
             dict(logprob_dtype=torch.float64),
