@@ -199,6 +199,19 @@ def _check_local_finite(
         raise ValueError("check_finite: another rank of the mesh found a NaN or an inf (see its error)")
 
 
+def _refuse_plain(name: str, others) -> None:
+    """`name` is a plain tensor: say whether another input is a DTensor (then it must be one too), or
+    that none is (then this is the wrong entry point)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(x, DTensor) for x in others):
+        raise ValueError(f"{name} is a plain tensor but another input is a DTensor. {SUPPORTED}")
+    raise ValueError(
+        f"{name} is a plain tensor and so is every other input: the vocabulary-parallel losses take "
+        f"DTensors (the public losses route DTensor inputs here; plain tensors run as usual). {SUPPORTED}"
+    )
+
+
 def linear_kd(
     student_hidden,
     student_weight,
@@ -221,7 +234,9 @@ def linear_kd(
         if isinstance(weight, DTensor) and not isinstance(hidden, DTensor):
             _refuse_plain_hidden(name, weight, name.replace("weight", "hidden"))
     if not isinstance(student_weight, DTensor):
-        raise ValueError(f"student_weight is a plain tensor but another input is a DTensor. {SUPPORTED}")
+        _refuse_plain(
+            "student_weight", (student_hidden, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+        )
     mesh = _check_mesh("student_weight", student_weight)
     named = {
         "student_weight": (student_weight, Shard(0)),
@@ -307,7 +322,7 @@ def logits_kd(student_logits, teacher_logits, labels, options: KDOptions):
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(student_logits, DTensor):
-        raise ValueError(f"student_logits is a plain tensor but another input is a DTensor. {SUPPORTED}")
+        _refuse_plain("student_logits", (teacher_logits,))
     mesh = _check_mesh("student_logits", student_logits)
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         last = Shard(x.dim() - 1) if isinstance(x, DTensor) else None

@@ -414,3 +414,25 @@ def test_torch_func_transforms_are_refused_with_the_alternative(transform):
             torch.func.vmap(loss)(student_hidden[None].expand(2, -1, -1))
         else:
             torch.func.grad(loss)(student_hidden)
+
+
+def test_vocab_parallel_entry_points_on_plain_tensors_say_so():
+    """`fusedkd.vocab_parallel`'s losses called on plain tensors only: the message says that no input
+    is a DTensor (not that "another input is"), and what they take."""
+    from fusedkd import vocab_parallel
+    from fusedkd._options import KDOptions
+
+    options = KDOptions.of(dict(alpha=1.0))
+    with pytest.raises(ValueError, match="student_logits is a plain tensor and so is every other input"):
+        vocab_parallel.logits_kd(torch.randn(2, 5), torch.randn(2, 5), None, options)
+    with pytest.raises(ValueError, match="student_weight is a plain tensor and so is every other input"):
+        vocab_parallel.linear_kd(
+            torch.randn(2, 3),
+            torch.randn(5, 3),
+            torch.randn(2, 4),
+            torch.randn(5, 4),
+            None,
+            None,
+            None,
+            options,
+        )
