@@ -263,7 +263,7 @@ class KDOptions:
     # What the loss accepts: its divergences, whether it has fused Triton kernels ("triton") and a tile
     # path ("tiles": logit tiles it projects from a head, one Triton pass over them), the models with a
     # head.
-    LOSS: ClassVar[str] = "this loss"
+    LOSS: ClassVar[str] = "fused_linear_kd_loss (FusedLinearKDLoss)"
     DIVERGENCES: ClassVar[tuple[str, ...]] = DIVERGENCES
     HAS_TRITON: ClassVar[bool] = True
     HAS_TILES: ClassVar[bool] = True
@@ -382,7 +382,7 @@ class KDOptions:
 class LogitsKDOptions(KDOptions):
     """The options of `kd_loss`: `KDOptions` less `memory_budget` (its inputs are the logits)."""
 
-    LOSS: ClassVar[str] = "kd_loss"
+    LOSS: ClassVar[str] = "kd_loss (KDLoss)"
     HAS_TILES: ClassVar[bool] = False
     NOT_OPTIONS: ClassVar[tuple[str, ...]] = ("memory_budget",)
 
@@ -394,7 +394,7 @@ class TopKOptions(KDOptions):
 
     tail: str = "bucket"
 
-    LOSS: ClassVar[str] = "fused_linear_topk_kd_loss"
+    LOSS: ClassVar[str] = "fused_linear_topk_kd_loss (FusedLinearTopKKDLoss)"
     DIVERGENCES: ClassVar[tuple[str, ...]] = TOPK_DIVERGENCES
     HAS_TRITON: ClassVar[bool] = False
     ROLES: ClassVar[tuple[str, ...]] = ("student",)

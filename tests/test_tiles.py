@@ -90,7 +90,7 @@ def test_auto_rule(monkeypatch):
     # The default budget gives 1,024-token chunks at Qwen3's vocabulary (two float32 tiles, G over one).
     assert _dispatch.tiles_chunk_size(151_936, None) == 1024
     assert _dispatch.tiles_chunk_size(151_936, 2**28) < _dispatch.MIN_TILES_CHUNK
-    with pytest.raises(ValueError, match="kd_loss has no logit tiles to make"):
+    with pytest.raises(ValueError, match=r"kd_loss \(KDLoss\) has no logit tiles to make"):
         fusedkd.kd_loss(torch.randn(3, 9), torch.randn(3, 9), torch.tensor([1, 2, 3]), backend="tiles")
     # The top-k loss: a tile path (one tile: twice the dense loss's chunk) and no fused kernels, so auto
     # takes the tiles on CUDA when they fit and the PyTorch backend when they do not.
@@ -98,7 +98,9 @@ def test_auto_rule(monkeypatch):
     topk = dict(has_triton=False, has_tiles=True)
     assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16, **topk) == "tiles"
     assert _dispatch.resolve_backend("auto", cuda, torch.bfloat16, **topk, tiles_fit=False) == "torch"
-    with pytest.raises(ValueError, match="fused_linear_topk_kd_loss has no fused Triton kernels"):
+    with pytest.raises(
+        ValueError, match=r"fused_linear_topk_kd_loss \(FusedLinearTopKKDLoss\) has no fused Triton kernels"
+    ):
         fusedkd.FusedLinearTopKKDLoss(backend="triton")
     # float64 stays on torch: "tiles" refuses it up front, for both losses that have tiles.
     h, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
