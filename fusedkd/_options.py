@@ -222,6 +222,10 @@ class HeadTransform:
 
     def __call__(self, projections: torch.Tensor) -> torch.Tensor:
         """The model's logits from its head's projections ``W h + b`` (not in place)."""
+        if not isinstance(projections, torch.Tensor):
+            raise TypeError(
+                f"a HeadTransform applies to a torch.Tensor of projections, got {type(projections).__name__}"
+            )
         return apply_head(projections, self.logit_scale, self.softcap)
 
 

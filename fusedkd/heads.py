@@ -38,6 +38,11 @@ def head_transform(config) -> HeadTransform:
             "from_pretrained(...)), not a dict: a dict's keys are not read, and a soft cap in it would be "
             "silently lost (make one with transformers.AutoConfig.for_model(**config_dict))"
         )
+    if isinstance(config, type):
+        raise TypeError(
+            f"head_transform takes a model's config object (model.config), not the class {config.__name__}: "
+            f"make one, e.g. {config.__name__}(), or transformers.AutoConfig.from_pretrained(...)"
+        )
     if not hasattr(config, "to_dict"):
         raise TypeError(
             f"head_transform takes a model's config object (model.config, a transformers.PretrainedConfig), "

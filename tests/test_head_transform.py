@@ -128,6 +128,7 @@ def test_head_transform_reads_a_config(attributes, expected):
         ),
         (dict(output_multiplier=2.0), "output_multiplier=2.0, a head multiplier fusedkd does not apply"),
         (dict(lm_head_multiplier=0.5), "lm_head_multiplier=0.5"),
+        (dict(logits_scaling=1e-320), r"config.logits_scaling must be in \[1e-06, 1e\+06\]"),
     ],
 )
 def test_head_transform_refuses_what_it_does_not_model(attributes, message):
@@ -136,3 +137,12 @@ def test_head_transform_refuses_what_it_does_not_model(attributes, message):
         fusedkd.head_transform(transformers.PretrainedConfig(**attributes))
     with pytest.raises(ValueError, match="role must be 'student' or 'teacher'"):
         fusedkd.HeadTransform().options("both")
+
+
+def test_head_transform_refuses_a_config_class_and_non_tensors():
+    transformers = pytest.importorskip("transformers", reason="the train extra is not installed")
+    with pytest.raises(TypeError, match="not the class Gemma2Config: make one"):
+        fusedkd.head_transform(transformers.Gemma2Config)
+    for head in (fusedkd.HeadTransform(), fusedkd.HeadTransform(2.0, 30.0)):
+        with pytest.raises(TypeError, match="applies to a torch.Tensor of projections, got list"):
+            head([1.0, 2.0])
