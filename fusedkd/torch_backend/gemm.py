@@ -29,11 +29,16 @@ def _nonfinite_rows(a: torch.Tensor) -> torch.Tensor | None:
     return bad if bool(bad.any()) else None
 
 
+def _zero_nonfinite_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`a` with `_nonfinite_rows`' rows zeroed, those rows or None): the caller's product is computed
+    from the first and has the second's rows set to NaN."""
+    bad = _nonfinite_rows(a)
+    return (a if bad is None else a.masked_fill(bad[:, None], 0)), bad
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` (into `out`), with `_nonfinite_rows`' rows of `a` NaN rows of the product."""
-    bad = _nonfinite_rows(a)
-    if bad is not None:
-        a = a.masked_fill(bad[:, None], 0)
+    a, bad = _zero_nonfinite_rows(a)
     product = torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     if bad is not None:
         product[bad] = math.nan
@@ -95,9 +100,9 @@ def project(
     the tile (cuBLAS, ``out_dtype``: the logits unrounded, as the fused kernels keep them, and no copy);
     elsewhere the GEMM's result is rounded to the inputs' dtype (as torch.nn.functional.linear) and
     copied into the tile."""
-    bad = _nonfinite_rows(hidden)
+    clean, bad = _zero_nonfinite_rows(hidden)
     if bad is not None:  # torch's CPU bfloat16 GEMM would spread them to their neighbours' logits
-        project(out, hidden.masked_fill(bad[:, None], 0), weight, bias, scale)
+        project(out, clean, weight, bias, scale)
         out[bad] = math.nan
         return out
     direct = weight.dtype == out.dtype

@@ -192,9 +192,11 @@ def _tile_group(
     if valid is not None:
         bad &= valid
 
+    need_ce = support.need_ce and labels is not None  # as the Triton launcher's
+
     def finish_values() -> None:
         divergence_out.masked_fill_(bad, math.nan)
-        if labels is not None:  # no labels: C = 0, whatever the row
+        if need_ce:  # no cross-entropy: C = 0, whatever the row
             ce_out.masked_fill_(bad, math.nan)
         if valid is not None:
             divergence_out.masked_fill_(~valid, 0.0)
@@ -202,7 +204,7 @@ def _tile_group(
 
     plain = z_plain = None
     ce_out.zero_()
-    if support.need_ce and labels is not None:
+    if need_ce:
         # C = LSE(s) - s_y;  dC/ds = softmax(s) - onehot(y)
         plain = torch.exp(s, out=scratch.block(0, n))
         z_plain = plain.sum(-1)
